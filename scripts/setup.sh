@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Sets up servetool on a fresh machine: Java 11+ for TorchServe's frontend, a virtualenv in .venv/
+# and the pinned Python packages. Usage: scripts/setup.sh [--test]   (idempotent)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { echo "setup: $*" >&2; }
+
+java_major() {
+  local v
+  v=$(java -version 2>&1 | sed -n 's/.*version "\([0-9][0-9]*\)\(\.\([0-9]*\)\)\{0,1\}.*/\1 \3/p' | head -1) || true
+  set -- $v
+  if [ "${1:-0}" = "1" ]; then echo "${2:-0}"; else echo "${1:-0}"; fi
+}
+
+if ! command -v java >/dev/null 2>&1 || [ "$(java_major)" -lt 11 ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    say "Java 11+ not found: installing openjdk-17-jre-headless with apt"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless >/dev/null
+  else
+    say "TorchServe needs Java 11 or newer. Install a JRE, e.g.: sudo apt-get install -y openjdk-17-jre-headless"
+    exit 1
+  fi
+fi
+say "java $(java_major) found"
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  say "Python 3.11+ is needed (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11"
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  "$PY" -m venv .venv
+fi
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+stamp=".venv/.installed${extras:+-test}"
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  say "installing Python packages (torch==2.13.0 CPU, torchserve 0.12.0, onnxruntime, ...)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  # torch is pinned exactly: an unpinned torch pulls a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c 'import torch, ts, model_archiver, onnxruntime; assert torch.__version__.startswith("2.13.0"), torch.__version__'
+  touch "$stamp"
+fi
+say "ready: $(.venv/bin/python -c 'import torch, ts; print("torch", torch.__version__, "torchserve", ts.__version__)')"

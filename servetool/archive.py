@@ -1,0 +1,121 @@
+"""Artifact + handler files + model-config.yaml -> model_store/NAME.mar (torch-model-archiver API).
+
+The archive is self-contained: the `handlers` package travels inside it, so it runs on a stock
+TorchServe with no servetool installed. It is built in a scratch folder, unpacked and pre-flighted
+there, and only then moved into the model store, so a broken build never replaces a good archive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import handlers
+from servetool import preflight
+from servetool.errors import ServetoolError
+from servetool.spec import ModelSpec
+
+HANDLER_PACKAGE = Path(handlers.__file__).resolve().parent
+ENTRY = HANDLER_PACKAGE / "entry.py"
+
+
+class ArchiveError(ServetoolError):
+    pass
+
+
+def handler_config(spec: ModelSpec, artifact_name: str) -> dict[str, Any]:
+    """What the handler reads at initialize (model-config.yaml, section `handler:`)."""
+    return {
+        "format": spec.format,
+        "artifact": artifact_name,
+        "task": spec.task,
+        "input_shape": list(spec.input_shape),
+        "input_dtype": spec.input_dtype,
+        "preprocess": spec.preprocess.as_dict(),
+        "labels": "labels.txt" if spec.labels else None,
+        "top_k": spec.top_k,
+    }
+
+
+def model_config(spec: ModelSpec, artifact_name: str) -> dict[str, Any]:
+    return {
+        "minWorkers": spec.min_workers,
+        "maxWorkers": spec.max_workers,
+        "batchSize": spec.batch_size,
+        "maxBatchDelay": spec.max_batch_delay_ms,
+        "responseTimeout": spec.response_timeout_s,
+        "handler": handler_config(spec, artifact_name),
+    }
+
+
+def build_archive(spec: ModelSpec, artifact: Path, model_store: Path, *, check: bool = True) -> Path:
+    """Write model_store/NAME.mar after a pre-flight of the very archive that will ship."""
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    model_store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"servetool-{spec.name}-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        extra = scratch / "extra"
+        shutil.copytree(HANDLER_PACKAGE, extra / "handlers",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if spec.labels:
+            shutil.copyfile(spec.labels, extra / "labels.txt")
+        config_file = scratch / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(model_config(spec, artifact.name), sort_keys=False))
+        out = scratch / "out"
+        out.mkdir()
+        generate_model_archive(ModelArchiverConfig(
+            model_name=spec.name, handler=str(ENTRY), version=spec.version,
+            serialized_file=str(artifact), extra_files=str(extra), export_path=str(out),
+            config_file=str(config_file), force=True,
+        ))
+        built = out / f"{spec.name}.mar"
+        if not built.is_file():
+            raise ArchiveError(f"torch-model-archiver wrote no {built.name}")
+        if check:
+            unpacked = scratch / "unpacked"
+            with zipfile.ZipFile(built) as zf:
+                zf.extractall(unpacked)
+            preflight.run(unpacked, spec)
+        target = model_store / built.name
+        # Same filesystem rename where possible, so a running server never sees half a file.
+        staged = model_store / f".{built.name}.partial"
+        shutil.copyfile(built, staged)
+        os.replace(staged, target)
+    return target
+
+
+def archive_digest(path: Path) -> str:
+    """A digest of what the archive holds, blind to zip timestamps and the manifest's build date,
+    so that re-packaging an unchanged model does not make deploy re-register it."""
+    h = hashlib.sha256()
+    with zipfile.ZipFile(path) as zf:
+        for name in sorted(zf.namelist()):
+            data = zf.read(name)
+            if name == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest.pop("createdOn", None)
+                data = json.dumps(manifest, sort_keys=True).encode()
+            h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+def archive_manifest(path: Path) -> dict[str, Any]:
+    """The MANIFEST.json and model-config.yaml of a built archive (for deploy's version checks)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))
+            config_name = manifest.get("model", {}).get("configFile")
+            config = yaml.safe_load(zf.read(config_name)) if config_name else {}
+    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        raise ArchiveError(f"{path}: not a model archive servetool can read: {exc}") from None
+    return {"manifest": manifest, "config": config or {}}

@@ -1,0 +1,277 @@
+"""servetool's command line: thin click commands that parse options and call plain functions."""
+
+from __future__ import annotations
+
+import functools
+import json
+import mimetypes
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from servetool import __version__
+from servetool.errors import ServetoolError
+from servetool.torchserve import DEFAULT_PORTS, ServerOptions
+
+RUN_DIR_DEFAULT = ".servetool"
+
+
+def _stderr(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def progress(message: str) -> None:
+    """Progress goes to stderr so that --json output on stdout stays parseable."""
+    _stderr(f"... {message}")
+
+
+def friendly_errors(func):
+    """Expected failures become one message and exit 1; never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ServetoolError as exc:
+            _stderr(f"error: {exc}")
+            sys.exit(1)
+        except KeyboardInterrupt:
+            _stderr("interrupted")
+            sys.exit(130)
+
+    return wrapper
+
+
+def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+
+
+def server_options(func):
+    """Where the server's files live and which addresses it takes."""
+    options = [
+        click.option("--run-dir", type=click.Path(path_type=Path), envvar="SERVETOOL_RUN_DIR",
+                      default=RUN_DIR_DEFAULT, show_default=True,
+                      help="Folder for the server's config, logs, keys and pid."),
+        click.option("--model-store", type=click.Path(path_type=Path),
+                     envvar="SERVETOOL_MODEL_STORE", default="model_store", show_default=True,
+                     help="Folder of .mar archives."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def make_target(run_dir: Path, model_store: Path, **kwargs: Any):
+    from servetool.targets.local import LocalTarget
+
+    return LocalTarget(ServerOptions(run_dir=run_dir, model_store=model_store, **kwargs), progress)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="servetool")
+def main() -> None:
+    """Package PyTorch models for TorchServe, deploy them, and operate the service.
+
+    \b
+    Typical use:
+      servetool package models/digits     # export, check parity, build model_store/digits.mar
+      servetool deploy                    # start TorchServe on 127.0.0.1, register every archive
+      servetool predict digits models/digits/samples/digit_3.png
+      servetool scale digits --workers 2
+      servetool status
+      servetool stop
+    """
+
+
+@main.command()
+@click.argument("model_dirs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--model-store", type=click.Path(path_type=Path), envvar="SERVETOOL_MODEL_STORE",
+              default="model_store", show_default=True, help="Where to write the .mar archives.")
+@click.option("--models-root", type=click.Path(path_type=Path), default="models", show_default=True,
+              help="Where to look for models when no MODEL_DIR is given.")
+@click.option("--atol", type=float, default=None,
+              help="Parity tolerance (max abs diff); default per format: torchscript 1e-5, onnx 1e-4.")
+@json_option
+@friendly_errors
+def package(model_dirs: tuple[Path, ...], model_store: Path, models_root: Path,
+            atol: float | None, as_json: bool) -> None:
+    """Export each model to its serving format, check parity, and build its .mar.
+
+    MODEL_DIRS are folders holding a servetool.yaml (default: every model under --models-root).
+    """
+    from servetool.package import package as package_model
+    from servetool.spec import find_specs
+
+    specs = find_specs([str(d) for d in model_dirs], models_root)
+    results = [package_model(spec, model_store, atol=atol, progress=progress) for spec in specs]
+    lines = []
+    for r in results:
+        parity = r["parity"]["outputs"][0]
+        lines.append(f"{r['archive']}: {r['name']} {r['version']} as {r['format']}, "
+                     f"{r['archive_bytes'] / 1e6:.2f} MB, parity max abs diff "
+                     f"{parity['max_abs_diff']:.2g} (tolerance {r['parity']['atol']:.0e}), "
+                     f"{r['seconds']} s")
+    emit({"models": results}, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("models", nargs=-1)
+@click.option("--target", type=click.Choice(["local"]), default="local", show_default=True,
+              help="Where to run TorchServe (local: an embedded server on this machine).")
+@server_options
+@click.option("--config", "base_config", type=click.Path(path_type=Path), default=None,
+              help="Base TorchServe config.properties [default: ./config.properties if present].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes the APIs to the network.")
+@click.option("--inference-port", type=int, default=DEFAULT_PORTS["inference"], show_default=True)
+@click.option("--management-port", type=int, default=DEFAULT_PORTS["management"], show_default=True)
+@click.option("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"], show_default=True)
+@click.option("--grpc-inference-port", type=int, default=DEFAULT_PORTS["grpc_inference"],
+              show_default=True)
+@click.option("--grpc-management-port", type=int, default=DEFAULT_PORTS["grpc_management"],
+              show_default=True)
+@click.option("--timeout", type=float, default=300, show_default=True,
+              help="Seconds to wait for the server and for each model's workers.")
+@json_option
+@friendly_errors
+def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Path,
+           base_config: Path | None, host: str, inference_port: int, management_port: int,
+           metrics_port: int, grpc_inference_port: int, grpc_management_port: int,
+           timeout: float, as_json: bool) -> None:
+    """Start TorchServe (if not running) and register MODELS (default: every archive).
+
+    MODELS are model names (model_store/NAME.mar) or archive paths. Running it again registers
+    only the archives that changed.
+    """
+    if base_config is None and Path("config.properties").is_file():
+        base_config = Path("config.properties")
+    ports = {"inference": inference_port, "management": management_port, "metrics": metrics_port,
+             "grpc_inference": grpc_inference_port, "grpc_management": grpc_management_port}
+    tgt = make_target(run_dir, model_store, base_config=base_config, host=host, ports=ports,
+                      startup_timeout_s=timeout)
+    result = tgt.deploy(models, timeout_s=timeout)
+    emit(result, as_json, deploy_summary(result))
+
+
+def deploy_summary(result: dict[str, Any]) -> str:
+    ep = result["endpoints"]
+    lines = [f"TorchServe {'started' if result['server_started'] else 'already running'} "
+             f"(run folder {result['run_dir']})",
+             f"  inference:  {ep['inference']}",
+             f"  management: {ep['management']}",
+             f"  metrics:    {ep['metrics']}"]
+    for m in result["models"]:
+        ready = sum(w["status"] == "READY" for w in m["workers"])
+        lines.append(f"  {m['name']} {m['version']}: {m['action']}, {ready} worker(s) READY, "
+                     f"{m['predictions_url']}")
+    auth = ('-H "Authorization: Bearer $(servetool token)" ' if result["token_auth"] else "")
+    if result["models"]:
+        first = result["models"][0]
+        lines += ["", "Predict with curl (token auth is on; `servetool token` prints the current key):",
+                  f"  curl {auth}-T IMAGE_OR_JSON_FILE {first['predictions_url']}"]
+    lines += ["Scale: servetool scale NAME --workers N    Status: servetool status    "
+              "Stop: servetool stop"]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--version", "model_version", default=None, help="A model version (default: the default).")
+@click.option("--content-type", default=None,
+              help="Content type to send [default: application/json for .json, else "
+                   "application/octet-stream].")
+@server_options
+@json_option
+@friendly_errors
+def predict(model: str, file: Path, model_version: str | None, content_type: str | None,
+            run_dir: Path, model_store: Path, as_json: bool) -> None:
+    """Send FILE to MODEL's prediction endpoint and print the answer."""
+    client = make_target(run_dir, model_store).client()
+    if content_type is None:
+        guessed = mimetypes.guess_type(file.name)[0]
+        content_type = "application/json" if guessed == "application/json" else "application/octet-stream"
+    reply = client.predict(model, file.read_bytes(), content_type, model_version)
+    try:
+        body: Any = reply.json()
+    except ValueError:
+        body = reply.text
+    if reply.status_code != 200:
+        detail = body.get("error") or body.get("message") if isinstance(body, dict) else body
+        raise ServetoolError(f"{model} answered {reply.status_code}: {detail}")
+    emit({"model": model, "status": reply.status_code, "prediction": body}, as_json,
+         json.dumps(body, indent=2))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--workers", type=click.IntRange(min=0), required=True,
+              help="Number of TorchServe workers for the model.")
+@click.option("--version", "model_version", default=None, help="A model version (default: the default).")
+@server_options
+@json_option
+@friendly_errors
+def scale(model: str, workers: int, model_version: str | None, run_dir: Path, model_store: Path,
+          as_json: bool) -> None:
+    """Set MODEL's worker count through the management API and wait until they are READY."""
+    result = make_target(run_dir, model_store).scale(model, workers, model_version)
+    emit(result, as_json, f"{model} {result['version']}: {len(result['workers'])} worker(s) READY")
+
+
+@main.command()
+@server_options
+@json_option
+@friendly_errors
+def status(run_dir: Path, model_store: Path, as_json: bool) -> None:
+    """Show the server, its models, versions and workers."""
+    result = make_target(run_dir, model_store).status()
+    if not result["running"]:
+        emit(result, as_json, f"no TorchServe running from {run_dir}")
+        return
+    ep = result["endpoints"]
+    lines = [f"TorchServe running (pid {result['pid']}): inference {ep['inference']}, "
+             f"management {ep['management']}, metrics {ep['metrics']}"]
+    for m in result["models"] or []:
+        states = ", ".join(f"{w['id']}:{w['status']}" for w in m["workers"]) or "no workers"
+        default = " (default)" if m["default"] else ""
+        lines.append(f"  {m['name']} {m['version']}{default}: batch {m['batch_size']}, "
+                     f"workers [{states}]")
+    if not result["models"]:
+        lines.append("  no models registered")
+    emit(result, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.option("--kind", type=click.Choice(["inference", "management"]), default="inference",
+              show_default=True)
+@server_options
+@friendly_errors
+def token(kind: str, run_dir: Path, model_store: Path) -> None:
+    """Print the running server's current API key, for `Authorization: Bearer ...`."""
+    key = make_target(run_dir, model_store).client().token(kind)
+    if key is None:
+        raise ServetoolError("token authorization is off on this server: send no header")
+    click.echo(key)
+
+
+@main.command()
+@click.option("--target", type=click.Choice(["local"]), default="local", show_default=True)
+@server_options
+@json_option
+@friendly_errors
+def stop(target: str, run_dir: Path, model_store: Path, as_json: bool) -> None:
+    """Stop the server, its JVM and every worker."""
+    was_running = make_target(run_dir, model_store).down()
+    emit({"target": target, "stopped": was_running}, as_json,
+         "TorchServe stopped" if was_running else f"no TorchServe was running from {run_dir}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

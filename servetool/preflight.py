@@ -1,0 +1,93 @@
+"""Pre-flight: load an unpacked archive's handler in a fresh interpreter and answer two requests.
+
+One good request must come back 200 in the task's JSON shape, and one bad request must come back 4xx
+in the same batch: the same checks a served model must pass, found before any server is started.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from servetool.errors import ServetoolError
+from servetool.spec import ModelSpec
+
+CHILD = Path(__file__).with_name("_preflight_child.py")
+TIMEOUT_S = 180
+
+
+class PreflightError(ServetoolError):
+    pass
+
+
+def sample_requests(spec: ModelSpec) -> list[tuple[bytes, str]]:
+    """A good and a bad request body for the spec's task, with their content types."""
+    rng = np.random.default_rng(0)
+    if spec.task == "image-classification":
+        from PIL import Image
+
+        channels, height, width = spec.input_shape
+        if spec.preprocess.resize or spec.preprocess.center_crop:
+            height, width = height * 2 + 3, width * 2 + 5  # exercise resizing and cropping
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+        return [(buffer.getvalue(), "image/png"), (b"this is not an image", "image/png")]
+    good = json.dumps(rng.standard_normal(spec.input_shape).round(4).tolist()).encode()
+    return [(good, "application/json"), (b"[1, 2,", "text/plain")]
+
+
+def _check_good(spec: ModelSpec, body: Any) -> str | None:
+    if spec.task == "image-classification":
+        if not isinstance(body, dict) or not body:
+            return f"expected a {{label: probability}} object, got {body!r:.200}"
+        if not all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in body.values()):
+            return f"probabilities must be numbers in [0, 1], got {body!r:.200}"
+        return None
+    return None if isinstance(body, list) else f"expected a JSON list, got {body!r:.200}"
+
+
+def run(model_dir: Path, spec: ModelSpec) -> dict[str, Any]:
+    requests = sample_requests(spec)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([{"body": base64.b64encode(b).decode(), "content_type": ct}
+                   for b, ct in requests], f)
+        requests_file = f.name
+    try:
+        proc = subprocess.run([sys.executable, str(CHILD), str(model_dir), requests_file],
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise PreflightError(f"pre-flight of {spec.name}: the handler did not answer within "
+                             f"{TIMEOUT_S} s") from None
+    finally:
+        Path(requests_file).unlink(missing_ok=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
+        raise PreflightError(f"pre-flight of {spec.name}: the handler failed to load or answer:\n"
+                             f"{tail}")
+    result = json.loads(lines[-1])
+    problems = []
+    if result["servetool_imported"]:
+        problems.append("the handler imports servetool, which a stock TorchServe does not have")
+    if Path(result["handlers_from"]).resolve() != (model_dir / "handlers").resolve():
+        problems.append(f"the handler imported `handlers` from {result['handlers_from']}, "
+                        "not from the archive")
+    good, bad = result["replies"]
+    if good["status"] != 200:
+        problems.append(f"a good request got status {good['status']}: {good['body']!r:.200}")
+    elif (problem := _check_good(spec, good["body"])) is not None:
+        problems.append(problem)
+    if not 400 <= bad["status"] < 500 or "error" not in (bad["body"] or {}):
+        problems.append(f"a bad request got {bad['status']} {bad['body']!r:.200}, not a 4xx error")
+    if problems:
+        raise PreflightError(f"pre-flight of {spec.name} failed: " + "; ".join(problems))
+    return result

@@ -1,0 +1,300 @@
+"""servetool.yaml -> a validated, typed ModelSpec.
+
+Every error names the file and the dotted key, because a spec is edited by hand and a message like
+"expected int" without a place is useless in a 40-line YAML file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from servetool.errors import ServetoolError
+
+SPEC_FILE = "servetool.yaml"
+FORMATS = ("torchscript", "onnx")
+TASKS = ("image-classification", "tensor")
+SOURCE_KINDS = ("state_dict", "torchscript", "onnx")
+DTYPES = ("float32", "float64", "int64", "int32")
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$")
+
+
+class SpecError(ServetoolError):
+    """A servetool.yaml that cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # one of SOURCE_KINDS
+    path: Path  # the state_dict, TorchScript or ONNX file
+    model_file: Path | None = None  # state_dict only: the file that defines the class
+    class_name: str | None = None
+    init_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    grayscale: bool = False
+    resize: tuple[int, int] | None = None  # (height, width)
+    center_crop: tuple[int, int] | None = None
+    invert: bool = False  # dark ink on light paper -> the light-on-dark the model was trained on
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    max_pixels: int = 25_000_000
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "grayscale": self.grayscale,
+            "resize": list(self.resize) if self.resize else None,
+            "center_crop": list(self.center_crop) if self.center_crop else None,
+            "invert": self.invert,
+            "mean": list(self.mean) if self.mean else None,
+            "std": list(self.std) if self.std else None,
+            "max_pixels": self.max_pixels,
+        }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    version: str
+    directory: Path
+    spec_file: Path
+    source: Source
+    input_shape: tuple[int, ...]  # one example, without the batch axis
+    input_dtype: str
+    format: str
+    task: str
+    preprocess: Preprocess
+    labels: Path | None
+    top_k: int
+    batch_size: int
+    max_batch_delay_ms: int
+    min_workers: int
+    max_workers: int
+    response_timeout_s: int
+
+    def label_names(self) -> list[str] | None:
+        if self.labels is None:
+            return None
+        return [line.strip() for line in self.labels.read_text().splitlines() if line.strip()]
+
+
+class _Reader:
+    """Typed access to one mapping of the YAML, recording which keys were read."""
+
+    def __init__(self, data: Any, where: str, file: Path) -> None:
+        self.file = file
+        self.where = where
+        if not isinstance(data, dict):
+            self.fail(f"must be a mapping, got {_kind(data)}")
+        self.data = data
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def fail(self, message: str, key: str | None = None) -> None:
+        place = f"key '{key}'" if key else (f"key '{self.where}'" if self.where else "top level")
+        raise SpecError(f"{self.file}: {place} {message}")
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., *, check=None) -> Any:
+        self.seen.add(name)
+        if name not in self.data or self.data[name] is None:
+            if default is ...:
+                self.fail("is required", self.key(name))
+            return default
+        value = self.data[name]
+        # bool is an int in Python; a spec that says `batch: true` is a mistake, not 1.
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            self.fail(f"must be {_names(kinds)}, got a boolean", self.key(name))
+        if not isinstance(value, kinds):
+            self.fail(f"must be {_names(kinds)}, got {_kind(value)} {value!r}", self.key(name))
+        if check is not None:
+            problem = check(value)
+            if problem:
+                self.fail(problem, self.key(name))
+        return value
+
+    def child(self, name: str, default: Any = ...) -> _Reader | None:
+        self.seen.add(name)
+        if name not in self.data or self.data[name] is None:
+            if default is ...:
+                self.fail("is required", self.key(name))
+            return None
+        return _Reader(self.data[name], self.key(name), self.file)
+
+    def finish(self) -> None:
+        unknown = sorted(set(map(str, self.data)) - self.seen)
+        if unknown:
+            known = ", ".join(sorted(self.seen))
+            self.fail(f"is not a known key (known here: {known})", self.key(unknown[0]))
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
+            float: "a number", bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    return " or ".join(_kind(k()) if k is not type(None) else "null" for k in kinds)
+
+
+def _positive(value: int) -> str | None:
+    return None if value >= 1 else f"must be >= 1, got {value}"
+
+
+def _non_negative(value: int) -> str | None:
+    return None if value >= 0 else f"must be >= 0, got {value}"
+
+
+def _one_of(choices: tuple[str, ...]):
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}; got {v!r}"
+
+
+def _int_list(length: int | None = None):
+    def check(value: list) -> str | None:
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+            return f"must be a list of positive integers, got {value!r}"
+        if length is not None and len(value) != length:
+            return f"must have {length} entries, got {len(value)}"
+        return None
+
+    return check
+
+
+def _number_list(value: list) -> str | None:
+    ok = value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return None if ok else f"must be a non-empty list of numbers, got {value!r}"
+
+
+def _existing_file(reader: _Reader, directory: Path, key: str, rel: str) -> Path:
+    path = (directory / rel).resolve()
+    if not path.is_file():
+        reader.fail(f"names a file that does not exist: {path}", reader.key(key))
+    return path
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Read and validate a model directory's servetool.yaml (or the file itself)."""
+    path = Path(path)
+    spec_file = path / SPEC_FILE if path.is_dir() else path
+    if not spec_file.is_file():
+        raise SpecError(f"{spec_file}: no such spec file (a model directory holds a {SPEC_FILE})")
+    try:
+        raw = yaml.safe_load(spec_file.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{spec_file}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_spec(raw, spec_file)
+
+
+def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
+    directory = spec_file.resolve().parent
+    top = _Reader(raw, "", spec_file)
+    name = top.get("name", str, check=lambda v: None if NAME_RE.match(v) else
+                   "must start with a letter and hold only letters, digits, '-' and '_' (max 64)")
+    version = str(top.get("version", (str, int, float), "1.0"))
+    if not VERSION_RE.match(version):
+        top.fail(f"must be a version like 1.0 or 2, got {version!r}", "version")
+    source = _parse_source(top.child("source"), directory)
+    inp = top.child("input")
+    shape = tuple(inp.get("shape", list, check=_int_list()))
+    dtype = inp.get("dtype", str, "float32", check=_one_of(DTYPES))
+    inp.finish()
+    fmt = top.get("format", str, "onnx", check=_one_of(FORMATS))
+    if source.kind == "onnx" and fmt != "onnx":
+        top.fail(f"is {fmt!r}, but an ONNX source can only be served as onnx", "format")
+    task = top.get("task", str, check=_one_of(TASKS))
+    pre = _parse_preprocess(top.child("preprocess", None), spec_file)
+    labels_rel = top.get("labels", str, None)
+    labels = _existing_file(top, directory, "labels", labels_rel) if labels_rel else None
+    top_k = top.get("top_k", int, 5, check=_positive)
+    batch = top.child("batch", None)
+    batch_size = batch.get("size", int, 1, check=_positive) if batch else 1
+    delay = batch.get("max_delay_ms", int, 5, check=_non_negative) if batch else 5
+    if batch:
+        batch.finish()
+    workers = top.child("workers", None)
+    min_w = workers.get("min", int, 1, check=_positive) if workers else 1
+    max_w = workers.get("max", int, max(min_w, 1), check=_positive) if workers else min_w
+    if workers:
+        workers.finish()
+    if max_w < min_w:
+        top.fail(f"max ({max_w}) is smaller than min ({min_w})", "workers.max")
+    timeout = top.get("response_timeout_s", int, 120, check=_positive)
+    top.finish()
+
+    if task == "image-classification":
+        if len(shape) != 3 or shape[0] not in (1, 3):
+            top.fail(f"must be [channels, height, width] with 1 or 3 channels for "
+                     f"image-classification, got {list(shape)}", "input.shape")
+        if (shape[0] == 1) != pre.grayscale:
+            top.fail(f"says grayscale={pre.grayscale} but input.shape has {shape[0]} channel(s)",
+                     "preprocess.grayscale")
+        for key, values in (("mean", pre.mean), ("std", pre.std)):
+            if values is not None and len(values) not in (1, shape[0]):
+                top.fail(f"has {len(values)} values for {shape[0]} channel(s)", f"preprocess.{key}")
+    spec = ModelSpec(
+        name=name, version=version, directory=directory, spec_file=spec_file, source=source,
+        input_shape=shape, input_dtype=dtype, format=fmt, task=task, preprocess=pre,
+        labels=labels, top_k=top_k, batch_size=batch_size, max_batch_delay_ms=delay,
+        min_workers=min_w, max_workers=max_w, response_timeout_s=timeout,
+    )
+    if labels is not None and not spec.label_names():
+        top.fail(f"names an empty labels file: {labels}", "labels")
+    return spec
+
+
+def _parse_source(src: _Reader, directory: Path) -> Source:
+    kinds = [k for k in SOURCE_KINDS if k in src.data]
+    if len(kinds) != 1:
+        src.fail(f"must name exactly one of {', '.join(SOURCE_KINDS)}; got {kinds or 'none'}")
+    kind = kinds[0]
+    path = _existing_file(src, directory, kind, src.get(kind, str))
+    model_file = class_name = None
+    init_args: dict[str, Any] = {}
+    if kind == "state_dict":
+        model_file = _existing_file(src, directory, "model_file", src.get("model_file", str))
+        class_name = src.get("class", str, check=lambda v: None if v.isidentifier() else
+                             f"must be a Python class name, got {v!r}")
+        init_args = src.get("init_args", dict, {})
+    src.finish()
+    return Source(kind, path, model_file, class_name, init_args)
+
+
+def _parse_preprocess(pre: _Reader | None, spec_file: Path) -> Preprocess:
+    if pre is None:
+        return Preprocess()
+    resize = pre.get("resize", list, None, check=_int_list(2))
+    crop = pre.get("center_crop", list, None, check=_int_list(2))
+    mean = pre.get("mean", list, None, check=_number_list)
+    std = pre.get("std", list, None, check=_number_list)
+    if std is not None and any(v == 0 for v in std):
+        pre.fail("must not contain 0", pre.key("std"))
+    result = Preprocess(
+        grayscale=pre.get("grayscale", bool, False),
+        resize=tuple(resize) if resize else None,
+        center_crop=tuple(crop) if crop else None,
+        invert=pre.get("invert", bool, False),
+        mean=tuple(float(v) for v in mean) if mean else None,
+        std=tuple(float(v) for v in std) if std else None,
+        max_pixels=pre.get("max_pixels", int, 25_000_000, check=_positive),
+    )
+    pre.finish()
+    return result
+
+
+def find_specs(paths: list[str] | tuple[str, ...], models_root: Path) -> list[ModelSpec]:
+    """The specs named on the command line, or every model under models_root."""
+    if paths:
+        return [load_spec(p) for p in paths]
+    found = sorted(models_root.glob(f"*/{SPEC_FILE}"))
+    if not found:
+        raise SpecError(f"no {SPEC_FILE} found under {models_root}")
+    return [load_spec(p) for p in found]

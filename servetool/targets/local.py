@@ -1,0 +1,204 @@
+"""The local target: an embedded TorchServe on this machine, models registered through its API.
+
+Deploying is idempotent: an archive already registered with the same digest is left alone, a changed
+one is re-registered (a new version is registered first and made default, then the old one removed,
+so predictions keep being answered), and the server is started only when none is running.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from servetool import archive, torchserve
+from servetool.errors import ServetoolError
+from servetool.management import APIError, Client
+
+DEPLOYED_FILE = "deployed.json"
+
+
+class DeployError(ServetoolError):
+    pass
+
+
+def find_archives(names: list[str] | tuple[str, ...], model_store: Path) -> list[Path]:
+    """Archives named by model name or path, or every archive in the model store."""
+    if not names:
+        found = sorted(model_store.glob("*.mar"))
+        if not found:
+            raise DeployError(f"no archives in {model_store}: run `servetool package` first")
+        return found
+    paths = []
+    for name in names:
+        path = Path(name) if name.endswith(".mar") else model_store / f"{name}.mar"
+        if not path.is_file():
+            raise DeployError(f"no archive {path}: run `servetool package` for {name} first")
+        if path.resolve().parent != model_store.resolve():
+            raise DeployError(f"{path} is not in the model store {model_store}: TorchServe only "
+                              "loads archives from there")
+        paths.append(path)
+    return paths
+
+
+class LocalTarget:
+    name = "local"
+
+    def __init__(self, opts: torchserve.ServerOptions,
+                 progress: Callable[[str], None] = lambda _: None) -> None:
+        self.opts = opts
+        self.progress = progress
+
+    # --- server ----------------------------------------------------------------------------------
+    def running(self) -> torchserve.ServerState | None:
+        return torchserve.running_state(self.opts.run_dir)
+
+    def require_running(self) -> torchserve.ServerState:
+        state = self.running()
+        if state is None:
+            raise DeployError(f"no TorchServe is running from {self.opts.run_dir}: "
+                              "`servetool deploy` first")
+        return state
+
+    def client(self) -> Client:
+        return Client(self.require_running())
+
+    def up(self) -> tuple[torchserve.ServerState, bool]:
+        state = self.running()
+        if state is not None:
+            return state, False
+        return torchserve.start(self.opts, self.progress), True
+
+    def down(self) -> bool:
+        return torchserve.stop(self.opts.run_dir)
+
+    # --- models ----------------------------------------------------------------------------------
+    def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
+        started = time.perf_counter()
+        archives = find_archives(names, self.opts.model_store)
+        state, fresh = self.up()
+        client = Client(state)
+        record_file = Path(state.run_dir) / DEPLOYED_FILE
+        record = _read_json(record_file)
+        results = []
+        for path in archives:
+            result = self._deploy_one(client, state, path, record, timeout_s)
+            results.append(result)
+            record_file.write_text(json.dumps(record, indent=2) + "\n")
+        return {
+            "target": self.name,
+            "server_started": fresh,
+            "run_dir": state.run_dir,
+            "endpoints": endpoints(state),
+            "token_auth": state.token_auth,
+            "models": results,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+
+    def _deploy_one(self, client: Client, state: torchserve.ServerState, path: Path,
+                    record: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        meta = archive.archive_manifest(path)["manifest"]["model"]
+        name, version = meta["modelName"], meta["modelVersion"]
+        digest = archive.archive_digest(path)
+        versions = _registered_versions(client, name)
+        known = record.get(name, {})
+        if version in versions and known.get("digest") == digest and known.get("version") == version:
+            self.progress(f"{name} {version}: unchanged, left as it is")
+            action = "unchanged"
+        else:
+            if version in versions:  # same version, new content: it must go before it can return
+                self.progress(f"{name} {version}: archive changed, re-registering")
+                client.unregister(name, version)
+                versions.remove(version)
+                action = "re-registered"
+            else:
+                action = "registered" if not versions else "upgraded"
+            self.progress(f"{name} {version}: registering {path.name} and starting workers")
+            self._register(client, state, path, name, version, meta)
+            if versions:
+                client.set_default(name, version)
+                for old in versions:
+                    self.progress(f"{name}: removing old version {old}")
+                    client.unregister(name, old)
+            record[name] = {"version": version, "digest": digest, "archive": path.name}
+        workers = wait_ready(client, name, version, timeout_s)
+        return {"name": name, "version": version, "action": action, "archive": str(path),
+                "workers": workers, "predictions_url": f"{state.url('inference')}/predictions/{name}"}
+
+    def _register(self, client: Client, state: torchserve.ServerState, path: Path, name: str,
+                  version: str, meta: dict[str, Any]) -> None:
+        config = archive.archive_manifest(path)["config"]
+        workers = int(config.get("minWorkers", 1))
+        try:
+            client.register(path.name, name, workers, timeout=float(config.get("responseTimeout", 120)) + 120)
+        except APIError as exc:
+            tail = torchserve.log_tail(state, ("model_log.log", "ts_log.log"))
+            quoted = "\n".join(f"  {line}" for line in tail)
+            raise DeployError(f"registering {name} {version} failed: {exc}\n"
+                              f"From the logs in {state.log_dir}:\n{quoted}") from None
+
+    def scale(self, name: str, workers: int, version: str | None = None) -> dict[str, Any]:
+        client = self.client()
+        if not client.has_model(name):
+            raise DeployError(f"no model {name!r} is registered (see `servetool status`)")
+        client.scale(name, workers, workers, version)
+        target = version or client.describe(name, None)[0]["modelVersion"]
+        return {"name": name, "version": target, "workers": wait_ready(client, name, target, 120,
+                                                                        expect=workers)}
+
+    def status(self) -> dict[str, Any]:
+        state = self.running()
+        if state is None:
+            return {"target": self.name, "running": False, "models": []}
+        client = Client(state)
+        models = []
+        for entry in client.list_models():
+            name = entry["modelName"]
+            default = client.describe(name, None)[0]["modelVersion"]
+            for m in client.describe(name):
+                models.append({
+                    "name": name, "version": m["modelVersion"],
+                    "default": m["modelVersion"] == default,
+                    "batch_size": m.get("batchSize"), "max_batch_delay_ms": m.get("maxBatchDelay"),
+                    "min_workers": m.get("minWorkers"), "max_workers": m.get("maxWorkers"),
+                    "workers": [{"id": w["id"], "status": w["status"], "pid": w.get("pid"),
+                                 "memory_bytes": w.get("memoryUsage")} for w in m.get("workers", [])],
+                })
+        return {"target": self.name, "running": True, "run_dir": state.run_dir, "pid": state.pid,
+                "endpoints": endpoints(state), "token_auth": state.token_auth, "models": models}
+
+
+def endpoints(state: torchserve.ServerState) -> dict[str, str]:
+    return {"inference": state.url("inference"), "management": state.url("management"),
+            "metrics": f"{state.url('metrics')}/metrics"}
+
+
+def _registered_versions(client: Client, name: str) -> list[str]:
+    if not client.has_model(name):
+        return []
+    return [m["modelVersion"] for m in client.describe(name)]
+
+
+def wait_ready(client: Client, name: str, version: str, timeout_s: float,
+               expect: int | None = None) -> list[dict[str, Any]]:
+    """Poll until the version's workers are all READY (and `expect` of them, when given)."""
+    deadline = time.monotonic() + timeout_s
+    workers: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        described = client.describe(name, version)[0]
+        workers = described.get("workers", [])
+        want = expect if expect is not None else described.get("minWorkers", 1)
+        if len(workers) == want and all(w["status"] == "READY" for w in workers):
+            return [{"id": w["id"], "status": w["status"], "pid": w.get("pid")} for w in workers]
+        time.sleep(0.2)
+    states = ", ".join(f"{w['id']}={w['status']}" for w in workers) or "none"
+    raise DeployError(f"{name} {version}: workers not READY within {timeout_s:.0f} s ({states})")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

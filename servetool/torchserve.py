@@ -1,0 +1,356 @@
+"""The TorchServe process: render its config, start it, wait until healthy, stop it.
+
+Everything of one server lives in one run folder: the rendered config.properties, logs/, tmp/ (its
+TMPDIR, so its pid file and sockets collide with no other server), key_file.json and server.json,
+servetool's record of the ports and process group. `torchserve --start` always exits 0, so health is
+judged here, by polling and by reading logs/ts_log.log, never by an exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import requests
+
+from servetool.errors import ServetoolError
+
+RESOURCES = Path(__file__).with_name("resources")
+STATE_FILE = "server.json"
+DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
+                 "grpc_inference": 7070, "grpc_management": 7071}
+# Keys servetool owns in the rendered config; a base config cannot move the server off them.
+MANAGED_KEYS = ("inference_address", "management_address", "metrics_address",
+                "grpc_inference_address", "grpc_management_address", "grpc_inference_port",
+                "grpc_management_port", "model_store", "vmargs")
+JAVA_HINT = ("TorchServe's frontend needs Java 11 or newer: install a JRE, e.g. "
+             "`apt-get install -y openjdk-17-jre-headless`")
+
+
+class ServerError(ServetoolError):
+    pass
+
+
+@dataclass
+class ServerState:
+    """What servetool records about a server it started (run_dir/server.json)."""
+
+    run_dir: str
+    pid: int  # the launcher, leader of the process group that holds the JVM and its workers
+    host: str
+    ports: dict[str, int]
+    model_store: str
+    token_auth: bool = True
+    started_at: float = field(default_factory=time.time)
+
+    def url(self, api: str) -> str:
+        return f"http://{_url_host(self.host)}:{self.ports[api]}"
+
+    @property
+    def key_file(self) -> Path:
+        return Path(self.run_dir) / "key_file.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.run_dir) / "logs"
+
+
+@dataclass
+class ServerOptions:
+    run_dir: Path
+    model_store: Path
+    base_config: Path | None = None
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    startup_timeout_s: float = 90.0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def java_version() -> int:
+    """The major version of `java` on PATH (or JAVA_HOME), raising a clear error when missing."""
+    java = shutil.which("java")
+    if os.environ.get("JAVA_HOME"):
+        candidate = Path(os.environ["JAVA_HOME"]) / "bin" / "java"
+        java = str(candidate) if candidate.exists() else java
+    if not java:
+        raise ServerError(f"no `java` found. {JAVA_HINT}")
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServerError(f"`{java} -version` failed ({exc}). {JAVA_HINT}") from None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if not match:
+        raise ServerError(f"cannot read the Java version from `{java} -version`. {JAVA_HINT}")
+    major = int(match.group(1))
+    major = int(match.group(2)) if major == 1 else major  # "1.8" is Java 8
+    if major < 11:
+        raise ServerError(f"Java {major} found at {java}. {JAVA_HINT}")
+    return major
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", "!")) or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        props[key.strip()] = value.strip()
+    return props
+
+
+def render_config(opts: ServerOptions) -> Path:
+    """Write run_dir/config.properties: the base config plus servetool's managed keys."""
+    base = read_properties(opts.base_config) if opts.base_config else {}
+    store = str(opts.model_store.resolve())
+    host, ports = _url_host(opts.host), opts.ports
+    user_vmargs = base.get("vmargs", "")
+    log_config = (RESOURCES / "log4j2.xml").resolve()
+    props = {
+        "enable_model_api": "true",
+        "metrics_mode": "prometheus",
+        "async_logging": "true",
+        "allowed_urls": "file://{model_store}/[^/]+\\\\.mar",
+        **base,
+        "inference_address": f"http://{host}:{ports['inference']}",
+        "management_address": f"http://{host}:{ports['management']}",
+        "metrics_address": f"http://{host}:{ports['metrics']}",
+        "grpc_inference_address": opts.host,
+        "grpc_management_address": opts.host,
+        "grpc_inference_port": str(ports["grpc_inference"]),
+        "grpc_management_port": str(ports["grpc_management"]),
+        "model_store": store,
+        "vmargs": f"{user_vmargs} -Dlog4j.configurationFile=file://{log_config}".strip(),
+    }
+    props["allowed_urls"] = props["allowed_urls"].replace("{model_store}", re.escape(store))
+    opts.run_dir.mkdir(parents=True, exist_ok=True)
+    target = opts.run_dir / "config.properties"
+    lines = ["# Rendered by servetool from "
+             f"{opts.base_config or 'built-in defaults'}; edit that file, not this one."]
+    lines += [f"{k}={v}" for k, v in props.items()]
+    target.write_text("\n".join(lines) + "\n")
+    return target
+
+
+def token_auth_enabled(config_file: Path) -> bool:
+    return read_properties(config_file).get("disable_token_authorization", "false").lower() != "true"
+
+
+def load_state(run_dir: Path) -> ServerState | None:
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return ServerState(**json.loads(path.read_text()))
+    except (ValueError, TypeError):
+        return None
+
+
+def running_state(run_dir: Path) -> ServerState | None:
+    """The recorded server if its processes are still alive; a stale record is removed."""
+    state = load_state(run_dir)
+    if state is None:
+        return None
+    if _group_alive(state.pid):
+        return state
+    (run_dir / STATE_FILE).unlink(missing_ok=True)
+    return None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def torchserve_command() -> str:
+    sibling = Path(sys.executable).with_name("torchserve")
+    found = str(sibling) if sibling.exists() else shutil.which("torchserve")
+    if not found:
+        raise ServerError("the `torchserve` command is not installed in this environment "
+                          "(pip install torchserve==0.12.0)")
+    return found
+
+
+def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None) -> ServerState:
+    """Start TorchServe in the background and return once /ping answers Healthy."""
+    # The server runs with the run folder as its working directory: every path must be absolute.
+    opts = replace(opts, run_dir=opts.run_dir.resolve(), model_store=opts.model_store.resolve(),
+                   base_config=opts.base_config.resolve() if opts.base_config else None)
+    if (state := running_state(opts.run_dir)) is not None:
+        raise ServerError(f"a TorchServe started by servetool is already running (pid {state.pid}, "
+                          f"run folder {opts.run_dir}); `servetool stop` first")
+    java_version()
+    for api, port in opts.ports.items():
+        if port_in_use(opts.host, port):
+            raise ServerError(f"port {port} on {opts.host} ({api} API) is already in use by another "
+                              f"program; pick another with --{api.replace('_', '-')}-port")
+    config_file = render_config(opts)
+    run_dir = opts.run_dir
+    logs, tmp = run_dir / "logs", run_dir / "tmp"
+    for stale in (logs, tmp):
+        shutil.rmtree(stale, ignore_errors=True)
+        stale.mkdir(parents=True)
+    (run_dir / "key_file.json").unlink(missing_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(logs),
+           "METRICS_LOCATION": str(logs)}
+    cmd = [torchserve_command(), "--start", "--foreground", "--ncs",
+           "--model-store", str(opts.model_store.resolve()), "--ts-config", str(config_file)]
+    progress(f"starting TorchServe (logs in {logs})")
+    with open(logs / "launcher.log", "wb") as launcher_log:
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdin=subprocess.DEVNULL,
+                                stdout=launcher_log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # own process group: stop kills it whole
+    state = ServerState(run_dir=str(run_dir), pid=proc.pid, host=opts.host, ports=dict(opts.ports),
+                        model_store=str(opts.model_store.resolve()),
+                        token_auth=token_auth_enabled(config_file))
+    (run_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+    try:
+        wait_healthy(state, opts.startup_timeout_s, proc)
+    except ServerError:
+        stop(run_dir)
+        raise
+    return state
+
+
+def wait_healthy(state: ServerState, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    from servetool.management import Client  # late: management imports this module's types
+
+    client = Client(state)
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if (proc is not None and proc.poll() is not None) or not _group_alive(state.pid):
+            raise ServerError("TorchServe exited during start-up.\n" + explain_failure(state))
+        try:
+            reply = client.ping()
+            if reply.get("status") == "Healthy":
+                return
+            last = json.dumps(reply)
+        except (requests.RequestException, ServetoolError) as exc:
+            last = str(exc).splitlines()[0]
+        time.sleep(0.25)
+    raise ServerError(f"TorchServe was not healthy within {timeout_s:.0f} s (last: {last}).\n"
+                      + explain_failure(state))
+
+
+FAILURE_PATTERNS = re.compile(
+    r"(ERROR|Exception|Error:|error:|Failed|failed|Address already in use|BindException|"
+    r"Traceback|No module named|Unable to|Load model failed|java: not found)")
+
+# "2026-11-22T02:37:25,791 [INFO ] W-9006-broken_1.0-stdout MODEL_LOG - " before each message
+LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\dT[\d:,.]+ \[\w+\s*\] \S+ \S+ - ")
+
+
+def log_tail(state: ServerState, names: tuple[str, ...] = ("ts_log.log", "launcher.log"),
+             lines: int = 8) -> list[str]:
+    """The lines of the server's logs that say what went wrong (or the last lines, if none do)."""
+    found: list[str] = []
+    for name in names:
+        path = state.log_dir / name
+        if not path.is_file():
+            continue
+        text = path.read_text(errors="replace").splitlines()
+        text = [LOG_PREFIX.sub("", line).strip() for line in text]
+        hits = [f"{name}: {line}" for line in text if FAILURE_PATTERNS.search(line)]
+        found += hits[-lines:] if hits else [f"{name}: {line}" for line in text[-3:]]
+    return found
+
+
+def explain_failure(state: ServerState) -> str:
+    tail = log_tail(state)
+    body = "\n".join(f"  {line}" for line in tail) if tail else "  (the logs are empty)"
+    return f"From the logs in {state.log_dir}:\n{body}"
+
+
+def stop(run_dir: Path, timeout_s: float = 20.0) -> bool:
+    """Stop the server recorded in run_dir, its JVM and every worker; True if one was running."""
+    state = load_state(run_dir)
+    if state is None:
+        return False
+    pgid = state.pid
+    was_alive = _group_alive(pgid)
+    if was_alive and _is_ours(pgid):
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            _reap(pgid)
+            time.sleep(0.1)
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+            time.sleep(0.5)
+        _reap(pgid)
+    (run_dir / STATE_FILE).unlink(missing_ok=True)
+    (run_dir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
+    return was_alive
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group, read from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _group_alive(pgid: int) -> bool:
+    if Path("/proc/self/stat").exists():
+        _reap(pgid)
+        return bool(group_members(pgid))
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_ours(pgid: int) -> bool:
+    """Guards against a recycled pid: some process of the group must be TorchServe's."""
+    for pid in group_members(pgid) or [pgid]:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"torchserve" in cmdline or b"org.pytorch.serve" in cmdline or b"model_server" in cmdline:
+            return True
+    return not Path("/proc/self").exists()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(pid: int) -> None:
+    """Collect the launcher's exit status when this very process started it (else a zombie stays)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,114 @@
+"""Shared fixtures: the digits example, its archives, and one real TorchServe for the server tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from servetool.package import package
+from servetool.spec import load_spec
+from servetool.targets.local import LocalTarget
+from servetool.torchserve import ServerOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "models" / "digits"
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+@pytest.fixture(scope="session")
+def digits_train():
+    """models/digits/train.py as a module: its split() gives the real held-out digits."""
+    return load_module(DIGITS / "train.py", "digits_train")
+
+
+@pytest.fixture(scope="session")
+def held_out(digits_train):
+    _, _, images, labels = digits_train.split()
+    return images, labels
+
+
+def write_spec(directory: Path, **overrides) -> Path:
+    """A copy of the digits spec in `directory`, pointing at the real model files, with overrides."""
+    raw = yaml.safe_load((DIGITS / "servetool.yaml").read_text())
+    raw["source"] = {"model_file": str(DIGITS / "model.py"), "class": "DigitsNet",
+                     "state_dict": str(DIGITS / "digits.pt")}
+    raw["labels"] = str(DIGITS / "labels.txt")
+    for key, value in overrides.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "servetool.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return directory
+
+
+def free_ports(count: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def server_options(run_dir: Path, model_store: Path) -> ServerOptions:
+    names = ["inference", "management", "metrics", "grpc_inference", "grpc_management"]
+    return ServerOptions(run_dir=run_dir, model_store=model_store,
+                         base_config=ROOT / "config.properties",
+                         ports=dict(zip(names, free_ports(len(names)), strict=True)),
+                         startup_timeout_s=120)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> Path:
+    """Archives for each format x task the server tests serve, built once per session."""
+    store = tmp_path_factory.mktemp("model_store")
+    specs = tmp_path_factory.mktemp("specs")
+    package(load_spec(DIGITS), store)
+    package(load_spec(write_spec(specs / "ts", name="digits_ts", format="torchscript")), store)
+    tensor = write_spec(specs / "tensor", name="digits_tensor", format="torchscript", task="tensor",
+                        preprocess=None, labels=None)
+    package(load_spec(tensor), store)
+    # A batching-friendly twin: a long batch delay so that concurrent requests share one batch.
+    batchy = write_spec(specs / "batchy", name="digits_batch", batch={"size": 4, "max_delay_ms": 2000})
+    package(load_spec(batchy), store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, model_store):
+    """One real TorchServe with every test archive registered; stopped (and checked) at the end."""
+    target = LocalTarget(server_options(tmp_path_factory.mktemp("run"), model_store))
+    result = target.deploy([])
+    yield target, result
+    target.down()
+
+
+def png_bytes(image01: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.rint(image01[0] * 255).astype(np.uint8), mode="L").save(buffer, "PNG")
+    return buffer.getvalue()

@@ -1,0 +1,111 @@
+"""The CLI as a user runs it: real subprocesses, exit codes, one-line errors, --json output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DIGITS, ROOT, free_ports, write_spec
+
+SERVETOOL = str(Path(sys.executable).with_name("servetool"))
+COMMANDS = ["package", "deploy", "predict", "scale", "status", "token", "stop"]
+
+
+def run(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 300):
+    return subprocess.run([SERVETOOL, *args], capture_output=True, text=True, cwd=cwd,
+                          env=env or os.environ.copy(), timeout=timeout)
+
+
+def assert_clean_error(proc, *words: str) -> None:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ")
+    for word in words:
+        assert word in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    proc = run(command, "--help")
+    assert proc.returncode == 0 and "Usage: servetool " + command in proc.stdout
+
+
+def test_bad_spec_is_one_line_naming_the_key(tmp_path):
+    spec_dir = write_spec(tmp_path / "m", batch={"size": "eight"})
+    proc = run("package", str(spec_dir), "--model-store", str(tmp_path / "store"))
+    assert_clean_error(proc, "'batch.size'", "must be an integer", str(spec_dir / "servetool.yaml"))
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_commands_without_a_server_say_so(tmp_path):
+    image = str(DIGITS / "samples" / "digit_0.png")
+    proc = run("predict", "digits", image, "--run-dir", str(tmp_path / "run"))
+    assert_clean_error(proc, "no TorchServe is running", "servetool deploy")
+    status = run("status", "--json", "--run-dir", str(tmp_path / "run"))
+    assert status.returncode == 0 and json.loads(status.stdout)["running"] is False
+    stop = run("stop", "--json", "--run-dir", str(tmp_path / "run"))
+    assert stop.returncode == 0 and json.loads(stop.stdout)["stopped"] is False
+
+
+def test_deploy_without_archives_or_java_is_explained(tmp_path, model_store):
+    proc = run("deploy", "--model-store", str(tmp_path / "empty"), "--run-dir", str(tmp_path / "r"))
+    assert_clean_error(proc, "no archives in", "servetool package")
+    venv_bin = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
+    env["PATH"] = venv_bin  # a machine without java on PATH
+    proc = run("deploy", "--model-store", str(model_store), "--run-dir", str(tmp_path / "r"), env=env)
+    assert_clean_error(proc, "no `java` found", "openjdk-17-jre-headless")
+
+
+@pytest.mark.server
+def test_package_deploy_predict_scale_status_stop(tmp_path):
+    store, run_dir = tmp_path / "store", tmp_path / "run"
+    ports = free_ports(5)
+    where = ["--run-dir", str(run_dir), "--model-store", str(store)]
+    packaged = run("package", str(DIGITS), "--model-store", str(store), "--json")
+    assert packaged.returncode == 0, packaged.stderr
+    result = json.loads(packaged.stdout)["models"][0]
+    assert result["parity"]["ok"] and Path(result["archive"]).is_file()
+    assert "exporting to onnx" in packaged.stderr  # progress on stderr, JSON alone on stdout
+
+    deployed = run("deploy", *where, "--inference-port", str(ports[0]), "--management-port",
+                   str(ports[1]), "--metrics-port", str(ports[2]), "--grpc-inference-port",
+                   str(ports[3]), "--grpc-management-port", str(ports[4]))
+    try:
+        assert deployed.returncode == 0, deployed.stderr
+        assert f"http://127.0.0.1:{ports[0]}/predictions/digits" in deployed.stdout
+        assert 'curl -H "Authorization: Bearer $(servetool token)"' in deployed.stdout
+
+        predicted = run("predict", "digits", str(DIGITS / "samples" / "digit_6.png"), *where, "--json")
+        assert predicted.returncode == 0, predicted.stderr
+        assert next(iter(json.loads(predicted.stdout)["prediction"])) == "six"
+
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"not a png")
+        refused = run("predict", "digits", str(bad), *where)
+        assert_clean_error(refused, "digits answered 400", "not a readable image")
+
+        scaled = run("scale", "digits", "--workers", "2", *where, "--json")
+        assert scaled.returncode == 0 and len(json.loads(scaled.stdout)["workers"]) == 2
+
+        status = json.loads(run("status", *where, "--json").stdout)
+        model = next(m for m in status["models"] if m["name"] == "digits")
+        assert model["version"] == "1.0"
+        assert [w["status"] for w in model["workers"]] == ["READY", "READY"]
+
+        token = run("token", *where)
+        keys = json.loads((run_dir / "key_file.json").read_text())
+        assert token.stdout.strip() == keys["inference"]["key"]
+
+        again = run("deploy", *where, "--json", "--inference-port", str(ports[0]))
+        assert [m["action"] for m in json.loads(again.stdout)["models"]] == ["unchanged"]
+    finally:
+        stopped = run("stop", *where, "--json")
+    assert json.loads(stopped.stdout)["stopped"] is True
+    assert json.loads(run("status", *where, "--json").stdout)["running"] is False
+

@@ -1,0 +1,257 @@
+"""Against a real TorchServe: deploy, HTTP predictions, batching, scaling, redeploys, failures, stop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from servetool import export, torchserve
+from servetool.management import Client
+from servetool.spec import load_spec
+from servetool.targets.local import DeployError, LocalTarget
+from servetool.torchserve import ServerError
+from tests.conftest import DIGITS, ROOT, png_bytes, server_options
+
+pytestmark = pytest.mark.server
+LABELS = (DIGITS / "labels.txt").read_text().split()
+
+
+def http_predict(state, model: str, body: bytes, content_type="application/octet-stream",
+                 token: str | None = "auto"):
+    """A plain HTTP POST, as curl would send it (no servetool client in the way)."""
+    headers = {"Content-Type": content_type}
+    if token == "auto":
+        token = json.loads(Path(state.key_file).read_text())["inference"]["key"]
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return requests.post(f"{state.url('inference')}/predictions/{model}", data=body,
+                         headers=headers, timeout=60)
+
+
+def test_deploy_registers_every_archive_with_ready_workers(served):
+    _, result = served
+    names = {m["name"]: m for m in result["models"]}
+    assert set(names) == {"digits", "digits_ts", "digits_tensor", "digits_batch"}
+    for model in names.values():
+        assert model["action"] == "registered"
+        assert [w["status"] for w in model["workers"]] == ["READY"]
+    assert result["endpoints"]["inference"].startswith("http://127.0.0.1:")
+    assert result["token_auth"] is True
+
+
+@pytest.mark.parametrize("model", ["digits", "digits_ts"])
+def test_http_top1_matches_the_eager_model_on_real_digits(served, held_out, model):
+    target, _ = served
+    state = target.running()
+    images, labels = held_out
+    images, labels = images[:48], labels[:48]
+    eager = export.load_original(load_spec(DIGITS))
+    spec = load_spec(DIGITS)
+    pixels = np.rint(images * 255) / 255  # exactly what the PNGs carry
+    x = ((pixels - spec.preprocess.mean[0]) / spec.preprocess.std[0]).astype(np.float32)
+    with torch.inference_mode():
+        expected = eager(torch.from_numpy(x)).argmax(1).numpy()
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda im: http_predict(state, model, png_bytes(im)), images))
+    assert [r.status_code for r in replies] == [200] * len(images)
+    served_top1 = [LABELS.index(next(iter(r.json()))) for r in replies]
+    assert served_top1 == expected.tolist()
+    assert np.mean(np.array(served_top1) == labels) >= 0.95
+
+
+def test_multipart_upload_and_tensor_json(served, held_out):
+    target, _ = served
+    state = target.running()
+    images, labels = held_out
+    token = json.loads(Path(state.key_file).read_text())["inference"]["key"]
+    reply = requests.post(f"{state.url('inference')}/predictions/digits", timeout=60,
+                          headers={"Authorization": f"Bearer {token}"},
+                          files={"data": ("digit.png", png_bytes(images[5]), "image/png")})
+    assert reply.status_code == 200 and next(iter(reply.json())) == LABELS[labels[5]]
+
+    x = ((images[5] - 0.305447) / 0.376037).tolist()
+    reply = http_predict(state, "digits_tensor", json.dumps(x).encode(), "application/json")
+    assert reply.status_code == 200
+    logits = np.array(reply.json())
+    assert logits.shape == (10,) and logits.argmax() == labels[5]
+    bad = http_predict(state, "digits_tensor", b'{"data": [[1, 2]]}', "application/json")
+    assert bad.status_code == 400 and "the model takes [1, 8, 8]" in bad.json()["error"]
+
+
+def test_curl_as_the_readme_shows(served):
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    target, _ = served
+    state = target.running()
+    token = Client(state).token("inference")
+    out = subprocess.run(["curl", "-s", "-H", f"Authorization: Bearer {token}", "-T",
+                          str(DIGITS / "samples" / "digit_7.png"),
+                          f"{state.url('inference')}/predictions/digits"],
+                         capture_output=True, text=True, timeout=60)
+    assert next(iter(json.loads(out.stdout))) == "seven"
+
+
+def test_token_auth_is_on(served, held_out):
+    state = served[0].running()
+    body = png_bytes(held_out[0][0])
+    assert http_predict(state, "digits", body, token=None).status_code in (400, 401)
+    assert http_predict(state, "digits", body, token="wrong").status_code in (400, 401)
+    assert requests.get(f"{state.url('management')}/models", timeout=10).status_code in (400, 401)
+
+
+def model_log_batches(state) -> int:
+    lines = (state.log_dir / "model_log.log").read_text().splitlines()
+    return sum("digits_batch" in line and "Backend received inference" in line for line in lines)
+
+
+def test_bad_requests_fail_alone_inside_one_batch(served, held_out):
+    target, _ = served
+    state = target.running()
+    images, labels = held_out
+    client = Client(state)
+    pid_before = client.describe("digits_batch")[0]["workers"][0]["pid"]
+    batches_before = model_log_batches(state)
+    bodies = [png_bytes(images[0]), b"this is not an image", png_bytes(images[1]), b""]
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda b: http_predict(state, "digits_batch", b), bodies))
+    assert [r.status_code for r in replies] == [200, 400, 200, 400]
+    assert next(iter(replies[0].json())) == LABELS[labels[0]]
+    assert next(iter(replies[2].json())) == LABELS[labels[1]]
+    assert "not a readable image" in replies[1].json()["error"]
+    assert "empty request body" in replies[3].json()["error"]
+    time.sleep(0.5)
+    # all four went to the worker as one batch (the model's batch size is 4, delay 2 s)
+    assert model_log_batches(state) - batches_before == 1
+    workers = client.describe("digits_batch")[0]["workers"]
+    assert workers[0]["pid"] == pid_before and workers[0]["status"] == "READY"
+
+
+def test_oversized_image_gets_413_and_the_worker_lives(served):
+    import io
+
+    from PIL import Image
+
+    state = served[0].running()
+    buffer = io.BytesIO()
+    Image.new("L", (6000, 5000)).save(buffer, "PNG")  # 30 Mpx, over the 25 Mpx limit
+    reply = http_predict(state, "digits", buffer.getvalue())
+    assert reply.status_code == 413 and "over the limit of 25000000" in reply.json()["error"]
+    ok = http_predict(state, "digits", (DIGITS / "samples" / "digit_4.png").read_bytes())
+    assert ok.status_code == 200 and next(iter(ok.json())) == "four"
+
+
+def test_scale_to_two_workers_and_back(served):
+    target, _ = served
+    result = target.scale("digits", 2)
+    assert [w["status"] for w in result["workers"]] == ["READY", "READY"]
+    status = target.status()
+    digits = next(m for m in status["models"] if m["name"] == "digits")
+    assert len(digits["workers"]) == 2 and digits["default"] is True
+    result = target.scale("digits", 1)
+    assert len(result["workers"]) == 1
+    with pytest.raises(DeployError, match="no model 'nope'"):
+        target.scale("nope", 2)
+
+
+def test_redeploy_is_idempotent_and_picks_up_changed_archives(served, tmp_path):
+    target, _ = served
+    again = target.deploy(["digits", "digits_ts"])
+    assert [m["action"] for m in again["models"]] == ["unchanged", "unchanged"]
+    assert again["server_started"] is False
+
+    # a new version of digits_ts: registered beside the old one, made default, old one removed
+    from servetool.package import package
+    from tests.conftest import write_spec
+
+    spec = load_spec(write_spec(tmp_path / "v2", name="digits_ts", format="torchscript",
+                                version="2.0", top_k=1))
+    package(spec, Path(target.opts.model_store))
+    upgraded = target.deploy(["digits_ts"])["models"][0]
+    assert (upgraded["action"], upgraded["version"]) == ("upgraded", "2.0")
+    versions = [m for m in target.status()["models"] if m["name"] == "digits_ts"]
+    assert [(m["version"], m["default"]) for m in versions] == [("2.0", True)]
+    reply = http_predict(target.running(), "digits_ts",
+                         (DIGITS / "samples" / "digit_8.png").read_bytes())
+    assert reply.json() == {"eight": pytest.approx(reply.json()["eight"])} and len(reply.json()) == 1
+
+
+def test_a_handler_that_fails_to_import_gives_a_clear_deploy_error(served, tmp_path):
+    target, _ = served
+    store = Path(target.opts.model_store)
+    good = store / "digits.mar"
+    broken = store / "broken.mar"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(broken, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "entry.py":
+                data = data.replace(b"import numpy as np\n",
+                                    b"import numpy as np\nimport module_nobody_installed\n")
+            if item.filename == "MAR-INF/MANIFEST.json":
+                data = data.replace(b'"digits"', b'"broken"')
+            dst.writestr(item, data)
+    try:
+        with pytest.raises(DeployError) as err:
+            target.deploy(["broken"], timeout_s=120)
+        message = str(err.value)
+        assert "registering broken 1.0 failed" in message
+        assert "module_nobody_installed" in message
+        # the server and the other models are unharmed
+        ok = http_predict(target.running(), "digits", (DIGITS / "samples" / "digit_1.png").read_bytes())
+        assert ok.status_code == 200
+    finally:
+        broken.unlink()
+
+
+def test_start_failures_are_explained(tmp_path, model_store):
+    opts = server_options(tmp_path / "run", model_store)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", opts.ports["management"]))
+        blocker.listen()
+        with pytest.raises(ServerError, match=f"port {opts.ports['management']} on 127.0.0.1 "
+                                              r"\(management API\) is already in use"):
+            torchserve.start(opts)
+    assert torchserve.running_state(opts.run_dir) is None
+
+
+def test_stop_leaves_no_process_behind(tmp_path, model_store):
+    target = LocalTarget(server_options(tmp_path / "run", model_store))
+    result = target.deploy(["digits"])
+    state = target.running()
+    members = torchserve.group_members(state.pid)
+    assert len(members) >= 3  # launcher, JVM, one worker
+    worker_pid = result["models"][0]["workers"][0]["pid"]
+    assert worker_pid in members
+    assert target.down() is True
+    assert torchserve.group_members(state.pid) == []
+    assert target.running() is None
+    for port in state.ports.values():
+        assert not torchserve.port_in_use("127.0.0.1", port)
+    assert target.down() is False
+
+
+def test_readme_curl_line_and_config_are_secure(served):
+    state = served[0].running()
+    rendered = torchserve.read_properties(Path(state.run_dir) / "config.properties")
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert rendered[key].startswith("http://127.0.0.1:")
+    assert rendered["grpc_inference_address"] == "127.0.0.1"
+    assert "disable_token_authorization" not in rendered
+    client = Client(state)
+    for url in ("http://example.com/x.mar", "file:///etc/passwd", "../digits.mar"):
+        with pytest.raises(Exception) as err:
+            client.register(url, "evil", 1, timeout=30)
+        assert "404" in str(err.value) or "allowed" in str(err.value)
+    metrics = client.metrics()
+    assert "ts_inference_requests_total" in metrics or "Requests2XX" in metrics
+    assert (ROOT / "config.properties").is_file()

@@ -1,0 +1,101 @@
+"""servetool.yaml validation: every rejection names the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from servetool.spec import SpecError, find_specs, load_spec
+from tests.conftest import DIGITS, write_spec
+
+
+def test_digits_spec_parses_into_typed_fields():
+    spec = load_spec(DIGITS)
+    assert spec.name == "digits" and spec.version == "1.0"
+    assert spec.source.kind == "state_dict" and spec.source.class_name == "DigitsNet"
+    assert spec.source.path == DIGITS / "digits.pt"
+    assert spec.input_shape == (1, 8, 8)
+    assert spec.format == "onnx" and spec.task == "image-classification"
+    assert spec.preprocess.grayscale and spec.preprocess.resize == (8, 8)
+    assert spec.batch_size == 8 and spec.max_batch_delay_ms == 5
+    assert (spec.min_workers, spec.max_workers) == (1, 2)
+    assert spec.label_names()[3] == "three"
+
+
+def spec_with(tmp_path: Path, **overrides) -> Path:
+    return write_spec(tmp_path / "m", **overrides) / "servetool.yaml"
+
+
+def edit(path: Path, change) -> Path:
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    ({"colour": "blue"}, "colour", "not a known key"),
+    ({"format": "tflite"}, "format", "must be one of torchscript, onnx"),
+    ({"task": "segmentation"}, "task", "must be one of"),
+    ({"top_k": "three"}, "top_k", "must be an integer"),
+    ({"top_k": 0}, "top_k", "must be >= 1"),
+    ({"batch": {"size": True}}, "batch.size", "got a boolean"),
+    ({"batch": {"size": 4, "delay": 3}}, "batch.delay", "not a known key"),
+    ({"workers": {"min": 3, "max": 2}}, "workers.max", "smaller than min"),
+    ({"input": {"shape": [1, 8]}}, "input.shape", "[channels, height, width]"),
+    ({"input": {"shape": [1, "8", 8]}}, "input.shape", "list of positive integers"),
+    ({"labels": "no-such-labels.txt"}, "labels", "does not exist"),
+    ({"name": "9lives"}, "name", "must start with a letter"),
+    ({"preprocess": {"grayscale": True, "std": [0]}}, "preprocess.std", "must not contain 0"),
+    ({"preprocess": {"grayscale": False}}, "preprocess.grayscale", "1 channel"),
+    ({"name": None}, "name", "is required"),
+])
+def test_bad_specs_name_the_key_and_the_file(tmp_path, overrides, key, words):
+    path = spec_with(tmp_path, **overrides)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert f"'{key}'" in message
+    assert words in message
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    path = edit(spec_with(tmp_path), lambda r: r["source"].update(state_dict="gone.pt"))
+    with pytest.raises(SpecError, match=r"key 'source.state_dict' names a file that does not exist"):
+        load_spec(path)
+
+
+def test_source_must_name_exactly_one_kind(tmp_path):
+    path = edit(spec_with(tmp_path), lambda r: r["source"].update(onnx=str(DIGITS / "digits.pt")))
+    with pytest.raises(SpecError, match="exactly one of state_dict, torchscript, onnx"):
+        load_spec(path)
+
+
+def test_onnx_source_cannot_be_served_as_torchscript(tmp_path):
+    def change(raw):
+        raw["source"] = {"onnx": str(DIGITS / "digits.pt")}
+        raw["format"] = "torchscript"
+
+    with pytest.raises(SpecError, match="ONNX source can only be served as onnx"):
+        load_spec(edit(spec_with(tmp_path), change))
+
+
+def test_invalid_yaml_and_missing_spec(tmp_path):
+    bad = tmp_path / "servetool.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "nowhere")
+    with pytest.raises(SpecError, match="no servetool.yaml found"):
+        find_specs([], tmp_path / "empty")
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    bad = tmp_path / "servetool.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(SpecError, match="top level must be a mapping"):
+        load_spec(bad)
