@@ -11,4 +11,8 @@ echo
 echo "Prediction for $sample (a held-out handwritten 3):"
 servetool predict digits "$sample"
 echo
-echo "The server keeps running. Try: servetool status | servetool scale digits --workers 2 | servetool stop"
+echo "The server keeps running. Next (after: source .venv/bin/activate):"
+echo "  servetool status                      # models and workers"
+echo "  servetool scale digits --workers 2    # more workers"
+echo "  curl -H \"Authorization: Bearer \$(servetool token)\" -T $sample http://127.0.0.1:8080/predictions/digits"
+echo "  servetool stop                        # stop TorchServe (or: make stop)"

@@ -149,6 +149,9 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
     MODELS are model names (model_store/NAME.mar) or archive paths. Running it again registers
     only the archives that changed.
     """
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        _stderr(f"warning: listening on {host}: the inference, management and metrics APIs are "
+                "reachable from the network (token auth stays on)")
     if base_config is None and Path("config.properties").is_file():
         base_config = Path("config.properties")
     ports = {"inference": inference_port, "management": management_port, "metrics": metrics_port,

@@ -254,7 +254,8 @@ def wait_healthy(state: ServerState, timeout_s: float, proc: subprocess.Popen | 
 
 FAILURE_PATTERNS = re.compile(
     r"(ERROR|Exception|Error:|error:|Failed|failed|Address already in use|BindException|"
-    r"Traceback|No module named|Unable to|Load model failed|java: not found)")
+    r"Traceback|No module named|Unable to|Load model failed|not found|Unrecognized|[Ii]nvalid|"
+    r"[Cc]annot|denied)")
 
 # "2026-11-22T02:37:25,791 [INFO ] W-9006-broken_1.0-stdout MODEL_LOG - " before each message
 LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\dT[\d:,.]+ \[\w+\s*\] \S+ \S+ - ")

@@ -255,3 +255,47 @@ def test_readme_curl_line_and_config_are_secure(served):
     metrics = client.metrics()
     assert "ts_inference_requests_total" in metrics or "Requests2XX" in metrics
     assert (ROOT / "config.properties").is_file()
+
+
+def with_base_config(opts, tmp_path, extra: str):
+    config = tmp_path / "config.properties"
+    config.write_text((ROOT / "config.properties").read_text() + "\n" + extra + "\n")
+    opts.base_config = config
+    return opts
+
+
+def test_a_jvm_that_dies_at_start_is_quoted_not_waited_for(tmp_path):
+    opts = with_base_config(server_options(tmp_path / "run", tmp_path), tmp_path,
+                            "vmargs=-XX:+NoSuchJvmOptionForServetool")
+    started = time.monotonic()
+    with pytest.raises(ServerError) as err:
+        torchserve.start(opts)
+    assert time.monotonic() - started < 30
+    assert "exited during start-up" in str(err.value)
+    assert "NoSuchJvmOptionForServetool" in str(err.value)
+    assert torchserve.running_state(opts.run_dir) is None
+
+
+def test_expired_tokens_are_renewed_for_the_user(tmp_path):
+    opts = with_base_config(server_options(tmp_path / "run", tmp_path), tmp_path,
+                            "token_expiration_min=0.05")  # 3 seconds
+    state = torchserve.start(opts)
+    try:
+        first = json.loads(state.key_file.read_text())["inference"]["key"]
+        time.sleep(4)
+        stale = requests.get(f"{state.url('inference')}/ping", timeout=10,
+                             headers={"Authorization": f"Bearer {first}"})
+        assert stale.status_code == 400  # TorchServe's answer to an expired key
+        assert Client(state).ping() == {"status": "Healthy"}  # renewed behind the scenes
+        assert json.loads(state.key_file.read_text())["inference"]["key"] != first
+    finally:
+        torchserve.stop(opts.run_dir)
+
+
+def test_deploy_refuses_a_model_store_the_running_server_does_not_use(served, tmp_path):
+    target, _ = served
+    other = LocalTarget(torchserve.ServerOptions(run_dir=Path(target.opts.run_dir),
+                                                 model_store=tmp_path, ports=target.opts.ports))
+    (tmp_path / "digits.mar").write_bytes((Path(target.opts.model_store) / "digits.mar").read_bytes())
+    with pytest.raises(DeployError, match="serves archives from"):
+        other.deploy(["digits"])

@@ -79,6 +79,10 @@ class LocalTarget:
         started = time.perf_counter()
         archives = find_archives(names, self.opts.model_store)
         state, fresh = self.up()
+        if Path(state.model_store) != self.opts.model_store.resolve():
+            raise DeployError(f"the running TorchServe serves archives from {state.model_store}, not "
+                              f"{self.opts.model_store.resolve()}: use that model store, or "
+                              "`servetool stop` first")
         client = Client(state)
         record_file = Path(state.run_dir) / DEPLOYED_FILE
         record = _read_json(record_file)
