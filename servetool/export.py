@@ -34,7 +34,7 @@ def load_original(spec: ModelSpec):
 
     src = spec.source
     if src.kind == "state_dict":
-        module = _import_file(src.model_file, f"servetool_user_model_{spec.name}")
+        module = import_file(src.model_file, f"servetool_user_model_{spec.name}")
         cls = getattr(module, src.class_name, None)
         if cls is None:
             raise ExportError(f"{src.model_file}: defines no class {src.class_name!r} "
@@ -58,7 +58,7 @@ def load_original(spec: ModelSpec):
     return src.path  # an ONNX source is its own original
 
 
-def _import_file(path: Path, module_name: str):
+def import_file(path: Path, module_name: str):
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     # The user's model.py may import its neighbours (a layers.py beside it).

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from servetool.export import import_file
 from servetool.package import package
 from servetool.spec import load_spec
 from servetool.targets.local import LocalTarget
@@ -20,21 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits"
 
 
-def load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
-
-
 @pytest.fixture(scope="session")
 def digits_train():
     """models/digits/train.py as a module: its split() gives the real held-out digits."""
-    return load_module(DIGITS / "train.py", "digits_train")
+    return import_file(DIGITS / "train.py", "digits_train")
 
 
 @pytest.fixture(scope="session")
