@@ -9,6 +9,7 @@ Its settings come from the archive's model-config.yaml, section `handler:` (writ
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -31,20 +32,26 @@ class ServeHandler:
         model_dir = context.system_properties["model_dir"]
         model_config = context.model_yaml_config or {}
         config = model_config.get("handler") or {}
-        missing = [k for k in ("format", "artifact", "task", "input_shape") if k not in config]
+        missing = [k for k in ("runtime", "artifact", "task", "input_shape") if k not in config]
         if missing:
             raise ValueError(f"model-config.yaml handler section lacks {', '.join(missing)}")
-        threads = int(config.get("threads") or threads_per_worker(model_config.get("maxWorkers", 1)))
-        self.runtime = load_runtime(config["format"], os.path.join(model_dir, config["artifact"]),
-                                    threads)
-        labels = None
+        options = config.get("runtime_options") or {}
+        threads = int(options.get("intra_op_threads")
+                      or threads_per_worker(model_config.get("maxWorkers", 1)))
+        self.runtime = load_runtime(config["runtime"], os.path.join(model_dir, config["artifact"]),
+                                    threads, options)
+        self.task = make_task(config, self._labels(model_dir, config))
+        logger.info("servetool handler ready: %s, %s on %s, %d intra-op thread(s)",
+                    config["task"], config.get("format"), config["runtime"], threads)
+        self.initialized = True
+
+    def _labels(self, model_dir: str, config: dict[str, Any]) -> list[str] | None:
+        """The archive's labels file, else the labels the model file carries in its metadata."""
         if config.get("labels"):
             with open(os.path.join(model_dir, config["labels"]), encoding="utf-8") as f:
-                labels = [line.strip() for line in f if line.strip()]
-        self.task = make_task(config, labels)
-        logger.info("servetool handler ready: %s on %s, %d intra-op thread(s)",
-                    config["task"], config["format"], threads)
-        self.initialized = True
+                return [line.strip() for line in f if line.strip()]
+        from_model = self.runtime.metadata.get("labels")
+        return json.loads(from_model) or None if from_model else None
 
     def preprocess(self, requests: list[dict[str, Any]]) -> list[np.ndarray | RequestError]:
         items: list[np.ndarray | RequestError] = []

@@ -14,6 +14,7 @@ import numpy as np
 
 class Runtime(Protocol):
     output_names: list[str]
+    metadata: dict[str, str]  # what the model file says about itself (ONNX metadata_props)
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]: ...
 
@@ -35,7 +36,9 @@ def threads_per_worker(max_workers: int, cores: int | None = None) -> int:
 
 
 class TorchScriptRuntime:
-    def __init__(self, path: str, threads: int) -> None:
+    metadata: dict[str, str] = {}
+
+    def __init__(self, path: str, threads: int, options: dict | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -61,28 +64,92 @@ class TorchScriptRuntime:
 
 
 class OnnxRuntime:
-    def __init__(self, path: str, threads: int) -> None:
+    LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+              "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+    def __init__(self, path: str, threads: int, options: dict | None = None) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        options = options or {}
+        level = options.get("graph_optimization") or "all"
+        optimized = options.get("optimized_model_file")
+        if optimized and os.path.exists(os.path.join(os.path.dirname(path), optimized)):
+            # already optimised offline: skip the work at every worker start
+            path, level = os.path.join(os.path.dirname(path), optimized), "disabled"
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = threads
+        session_options.inter_op_num_threads = int(options.get("inter_op_threads") or 1)
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                                           self.LEVELS[level])
+        self.session = ort.InferenceSession(path, session_options,
+                                            providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        custom = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = {k.removeprefix("servetool."): v for k, v in custom.items()
+                         if k.startswith("servetool.")}
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {self.input_name: batch})
 
 
-RUNTIMES = {"torchscript": TorchScriptRuntime, "onnx": OnnxRuntime}
+class OpenVINORuntime:
+    metadata: dict[str, str] = {}
+
+    def __init__(self, path: str, threads: int, options: dict | None = None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(path)
+        # The CPU plugin runs bf16 on CPUs that have it unless told otherwise: fp32 means fp32.
+        self.compiled = core.compile_model(model, "CPU", {
+            "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32"})
+        self.request = self.compiled.create_infer_request()
+        self.output_names = [o.get_any_name() if o.get_names() else f"output_{i}"
+                             for i, o in enumerate(self.compiled.outputs)]
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        results = self.request.infer({0: batch})
+        return [np.asarray(results[o]) for o in self.compiled.outputs]
 
 
-def load_runtime(fmt: str, path: str, threads: int) -> Runtime:
+class TensorRTRuntime:
+    """TorchScript with embedded TensorRT engines, run on the GPU."""
+
+    metadata: dict[str, str] = {}
+
+    def __init__(self, path: str, threads: int, options: dict | None = None) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("this archive is in a tensorrt format, which runs on an NVIDIA GPU "
+                               "with CUDA; this worker sees none (torch.cuda.is_available() is "
+                               "False). Package the model as onnx for CPU serving.")
+        try:
+            import torch_tensorrt  # noqa: F401  (registers the TensorRT engine ops)
+        except ImportError:
+            raise RuntimeError("this archive is in a tensorrt format, which needs the "
+                               "torch_tensorrt package in TorchServe's Python environment") from None
+        self._torch = torch
+        self.module = torch.jit.load(path, map_location="cuda").eval()
+        self.output_names = ["output"]
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        with self._torch.inference_mode():
+            out = self.module(self._torch.from_numpy(batch).cuda())
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        return [o.float().cpu().numpy() for o in outs]
+
+
+RUNTIMES = {"torchscript": TorchScriptRuntime, "onnx": OnnxRuntime, "openvino": OpenVINORuntime,
+            "tensorrt": TensorRTRuntime}
+
+
+def load_runtime(runtime: str, path: str, threads: int, options: dict | None = None) -> Runtime:
     try:
-        runtime_class = RUNTIMES[fmt]
+        runtime_class = RUNTIMES[runtime]
     except KeyError:
-        raise ValueError(f"unknown serving format {fmt!r}; known: {', '.join(RUNTIMES)}") from None
-    return runtime_class(path, threads)
+        raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}") from None
+    return runtime_class(path, threads, options)

@@ -21,6 +21,7 @@ import yaml
 import handlers
 from servetool import preflight
 from servetool.errors import ServetoolError
+from servetool.export import Artifact
 from servetool.spec import ModelSpec
 
 HANDLER_PACKAGE = Path(handlers.__file__).resolve().parent
@@ -31,11 +32,14 @@ class ArchiveError(ServetoolError):
     pass
 
 
-def handler_config(spec: ModelSpec, artifact_name: str) -> dict[str, Any]:
+def handler_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
     """What the handler reads at initialize (model-config.yaml, section `handler:`)."""
     return {
-        "format": spec.format,
-        "artifact": artifact_name,
+        "format": artifact.format.name,
+        "runtime": artifact.format.runtime,
+        "precision": artifact.format.precision,
+        "artifact": artifact.path.name,
+        "runtime_options": artifact.runtime_options,
         "task": spec.task,
         "input_shape": list(spec.input_shape),
         "input_dtype": spec.input_dtype,
@@ -45,18 +49,19 @@ def handler_config(spec: ModelSpec, artifact_name: str) -> dict[str, Any]:
     }
 
 
-def model_config(spec: ModelSpec, artifact_name: str) -> dict[str, Any]:
+def model_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
     return {
         "minWorkers": spec.min_workers,
         "maxWorkers": spec.max_workers,
         "batchSize": spec.batch_size,
         "maxBatchDelay": spec.max_batch_delay_ms,
         "responseTimeout": spec.response_timeout_s,
-        "handler": handler_config(spec, artifact_name),
+        "handler": handler_config(spec, artifact),
     }
 
 
-def build_archive(spec: ModelSpec, artifact: Path, model_store: Path, *, check: bool = True) -> Path:
+def build_archive(spec: ModelSpec, artifact: Artifact, model_store: Path, *,
+                  check: bool = True) -> Path:
     """Write model_store/NAME.mar after a pre-flight of the very archive that will ship."""
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
@@ -69,13 +74,16 @@ def build_archive(spec: ModelSpec, artifact: Path, model_store: Path, *, check: 
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         if spec.labels:
             shutil.copyfile(spec.labels, extra / "labels.txt")
+        for companion in artifact.files:  # e.g. OpenVINO's .bin, a pre-optimised ONNX model
+            if companion != artifact.path:
+                shutil.copyfile(companion, extra / companion.name)
         config_file = scratch / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(model_config(spec, artifact.name), sort_keys=False))
+        config_file.write_text(yaml.safe_dump(model_config(spec, artifact), sort_keys=False))
         out = scratch / "out"
         out.mkdir()
         generate_model_archive(ModelArchiverConfig(
             model_name=spec.name, handler=str(ENTRY), version=spec.version,
-            serialized_file=str(artifact), extra_files=str(extra), export_path=str(out),
+            serialized_file=str(artifact.path), extra_files=str(extra), export_path=str(out),
             config_file=str(config_file), force=True,
         ))
         built = out / f"{spec.name}.mar"

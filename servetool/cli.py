@@ -14,9 +14,11 @@ import click
 
 from servetool import __version__
 from servetool.errors import ServetoolError
+from servetool.formats import FORMATS
 from servetool.torchserve import DEFAULT_PORTS, ServerOptions
 
 RUN_DIR_DEFAULT = ".servetool"
+FORMAT_NAMES = list(FORMATS)
 
 
 def _stderr(message: str) -> None:
@@ -89,19 +91,43 @@ def main() -> None:
     """
 
 
+atol_option = click.option(
+    "--atol", type=float, default=None,
+    help="Parity tolerance (max abs diff), overriding the format's default and the spec's.")
+accept_option = click.option(
+    "--accept-drift", is_flag=True,
+    help="Package even when the gate finds drift (the problems are still reported).")
+
+
+def gate_summary(gate: dict[str, Any]) -> str:
+    parts = []
+    if gate["outputs"]:
+        out = gate["outputs"][0]
+        parts.append(f"max abs diff {out['max_abs_diff']:.2g} (bound {out['bound']:.2g})")
+        if out["top1_agreement"] is not None:
+            parts.append(f"top-1 agreement {out['top1_agreement']:.1%}")
+    if gate["accuracy"]:
+        acc = gate["accuracy"]
+        parts.append(f"accuracy {acc['original']:.2%} -> {acc['converted']:.2%} "
+                     f"({(acc['converted'] - acc['original']) * 100:+.2f} pts)")
+    if gate["problems"]:
+        parts.append("ACCEPTED DESPITE: " + "; ".join(gate["problems"]))
+    return ", ".join(parts)
+
+
 @main.command()
 @click.argument("model_dirs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--model-store", type=click.Path(path_type=Path), envvar="SERVETOOL_MODEL_STORE",
               default="model_store", show_default=True, help="Where to write the .mar archives.")
 @click.option("--models-root", type=click.Path(path_type=Path), default="models", show_default=True,
               help="Where to look for models when no MODEL_DIR is given.")
-@click.option("--atol", type=float, default=None,
-              help="Parity tolerance (max abs diff); default per format: torchscript 1e-5, onnx 1e-4.")
+@atol_option
+@accept_option
 @json_option
 @friendly_errors
 def package(model_dirs: tuple[Path, ...], model_store: Path, models_root: Path,
-            atol: float | None, as_json: bool) -> None:
-    """Export each model to its serving format, check parity, and build its .mar.
+            atol: float | None, accept_drift: bool, as_json: bool) -> None:
+    """Convert each model to its spec's format, gate it, and build its .mar.
 
     MODEL_DIRS are folders holding a servetool.yaml (default: every model under --models-root).
     """
@@ -109,15 +135,46 @@ def package(model_dirs: tuple[Path, ...], model_store: Path, models_root: Path,
     from servetool.spec import find_specs
 
     specs = find_specs([str(d) for d in model_dirs], models_root)
-    results = [package_model(spec, model_store, atol=atol, progress=progress) for spec in specs]
-    lines = []
-    for r in results:
-        parity = r["parity"]["outputs"][0]
-        lines.append(f"{r['archive']}: {r['name']} {r['version']} as {r['format']}, "
-                     f"{r['archive_bytes'] / 1e6:.2f} MB, parity max abs diff "
-                     f"{parity['max_abs_diff']:.2g} (tolerance {r['parity']['atol']:.0e}), "
-                     f"{r['seconds']} s")
+    results = [package_model(spec, model_store, atol=atol, accept_drift=accept_drift,
+                             progress=progress) for spec in specs]
+    lines = [f"{r['archive']}: {r['name']} {r['version']} as {r['format']}, "
+             f"{r['archive_bytes'] / 1e6:.2f} MB, {gate_summary(r['parity'])}, {r['seconds']} s"
+             for r in results]
     emit({"models": results}, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--format", "formats", multiple=True, type=click.Choice(FORMAT_NAMES),
+              help="A format to produce (repeatable) [default: the spec's format].")
+@click.option("--out", type=click.Path(path_type=Path), default="build", show_default=True,
+              help="Artifacts go to OUT/NAME/FORMAT/.")
+@atol_option
+@accept_option
+@json_option
+@friendly_errors
+def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | None,
+            accept_drift: bool, as_json: bool) -> None:
+    """Export MODEL_DIR's model to serving formats and check each against the original.
+
+    Every artifact passes the gate (parity on sample inputs with the format's tolerance, and top-1
+    accuracy on the spec's validation set) or the command fails naming the drift.
+    """
+    from servetool import export
+    from servetool.package import convert as convert_model
+    from servetool.package import describe
+    from servetool.spec import load_spec
+
+    spec = load_spec(model_dir)
+    original = export.load_original(spec)
+    rows = []
+    for fmt in formats or (spec.format,):
+        artifact, report = convert_model(spec, fmt, out / spec.name / fmt, original=original,
+                                         atol=atol, accept_drift=accept_drift, progress=progress)
+        rows.append(describe(artifact, report))
+    lines = [f"{r['format']}: {r['files'][0]} ({r['size_bytes'] / 1e6:.2f} MB), "
+             f"{gate_summary(r['gate'])}" for r in rows]
+    emit({"model": spec.name, "formats": rows}, as_json, "\n".join(lines))
 
 
 @main.command()

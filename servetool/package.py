@@ -1,4 +1,4 @@
-"""spec -> export -> parity gate -> archive: the whole of `servetool package` for one model."""
+"""spec -> export -> gate -> archive: `servetool convert` and `servetool package` for one model."""
 
 from __future__ import annotations
 
@@ -8,29 +8,88 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from servetool import archive, export, validate
+from servetool.formats import get_format
 from servetool.spec import ModelSpec
 
 PARITY_BATCH_SIZES = (1, 4, 16)  # more than one, so a batch axis frozen at export is caught
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def gate_batches(spec: ModelSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(random, real) input batches of sizes 1, 4 and 16 for the parity check."""
+    random = [export.example_batch(spec, n, seed=n) for n in PARITY_BATCH_SIZES]
+    real: list[np.ndarray] = []
+    if spec.validation is not None or spec.calibration is not None:
+        x = export.sample_inputs(spec, sum(PARITY_BATCH_SIZES))
+        edges = np.cumsum((0, *PARITY_BATCH_SIZES))
+        real = [x[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b <= len(x)]
+    return random, real
+
+
+def preflight_format(fmt: str) -> None:
+    """Fail before any work when a format cannot be produced on this machine."""
+    runtime = get_format(fmt).runtime
+    if runtime == "tensorrt":
+        from servetool.export import tensorrt
+
+        tensorrt.require()
+    elif runtime == "openvino":
+        from servetool.export import openvino
+
+        openvino.require()
+
+
+def convert(spec: ModelSpec, fmt: str, out_dir: Path, *, original=None, atol: float | None = None,
+            accept_drift: bool = False, progress: Progress = _quiet
+            ) -> tuple[export.Artifact, validate.ValidationReport]:
+    """Export one format into out_dir and put it through the gate (raises on failure)."""
+    preflight_format(fmt)
+    if original is None:
+        progress(f"{spec.name}: loading the original model ({spec.source.kind})")
+        original = export.load_original(spec)
+    progress(f"{spec.name}: exporting to {fmt}")
+    artifact = export.export(spec, original, out_dir, fmt)
+    progress(f"{spec.name}: checking {artifact.path.name} ({fmt}) against the original")
+    runner = export.artifact_runner(artifact.format.runtime, artifact.path, 1,
+                                    artifact.runtime_options)
+    random, real = gate_batches(spec)
+    report = validate.validate(spec, export.runner_for(original), runner, fmt,
+                               validate.limits_for(fmt, spec.tolerance, atol), random, real)
+    validate.require(report, spec.name, accept=accept_drift)
+    if report.accepted_despite_problems:
+        progress(f"{spec.name}: WARNING: {fmt} accepted despite: " + "; ".join(report.problems))
+    return artifact, report
+
+
+def describe(artifact: export.Artifact, report: validate.ValidationReport) -> dict[str, Any]:
+    return {
+        "format": artifact.format.name,
+        "runtime": artifact.format.runtime,
+        "precision": artifact.format.precision,
+        "files": [str(f) for f in artifact.files],
+        "size_bytes": artifact.size_bytes,
+        "notes": artifact.notes,
+        "gate": report.as_dict(),
+    }
 
 
 def package(spec: ModelSpec, model_store: Path, *, atol: float | None = None,
-            progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Export, check and archive one model; returns what was done, for --json."""
+            accept_drift: bool = False, progress: Progress = _quiet) -> dict[str, Any]:
+    """Convert to the spec's format, gate, archive and pre-flight one model; returns a summary."""
     started = time.perf_counter()
-    progress(f"{spec.name}: loading the original model ({spec.source.kind})")
-    original = export.load_original(spec)
     with tempfile.TemporaryDirectory(prefix=f"servetool-export-{spec.name}-") as tmp:
-        progress(f"{spec.name}: exporting to {spec.format}")
-        artifact = export.export(spec, original, Path(tmp))
-        progress(f"{spec.name}: checking parity of {artifact.name} against the original")
-        batches = [export.example_batch(spec, n, seed=n) for n in PARITY_BATCH_SIZES]
-        report = validate.check_parity(export.runner_for(original), export.runner_for(artifact, spec.format),
-                                       batches, spec.format, atol=atol)
-        validate.require_parity(report, spec.name)
+        artifact, report = convert(spec, spec.format, Path(tmp), atol=atol,
+                                   accept_drift=accept_drift, progress=progress)
         progress(f"{spec.name}: archiving and pre-flighting the handler")
         mar = archive.build_archive(spec, artifact, model_store)
-        artifact_bytes = artifact.stat().st_size
+        converted = describe(artifact, report)
     return {
         "name": spec.name,
         "version": spec.version,
@@ -38,7 +97,8 @@ def package(spec: ModelSpec, model_store: Path, *, atol: float | None = None,
         "task": spec.task,
         "archive": str(mar),
         "archive_bytes": mar.stat().st_size,
-        "artifact_bytes": artifact_bytes,
-        "parity": report.as_dict(),
+        "artifact_bytes": converted["size_bytes"],
+        "notes": converted["notes"],
+        "parity": converted["gate"],
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -7,18 +7,22 @@ Every error names the file and the dotted key, because a spec is edited by hand 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from servetool.errors import ServetoolError
+from servetool.formats import FORMATS as FORMAT_TABLE
+from servetool.formats import ONNX_FAMILY
 
 SPEC_FILE = "servetool.yaml"
-FORMATS = ("torchscript", "onnx")
+FORMATS = tuple(FORMAT_TABLE)
 TASKS = ("image-classification", "tensor")
-SOURCE_KINDS = ("state_dict", "torchscript", "onnx")
+SOURCE_KINDS = ("state_dict", "torchscript", "onnx", "random_weights")
+TORCHSCRIPT_METHODS = ("auto", "trace", "script")
+GRAPH_OPTIMIZATION = ("disabled", "basic", "extended", "all")
 DTYPES = ("float32", "float64", "int64", "int32")
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$")
@@ -31,10 +35,55 @@ class SpecError(ServetoolError):
 @dataclass(frozen=True)
 class Source:
     kind: str  # one of SOURCE_KINDS
-    path: Path  # the state_dict, TorchScript or ONNX file
-    model_file: Path | None = None  # state_dict only: the file that defines the class
+    path: Path | None  # the state_dict, TorchScript or ONNX file (None for random_weights)
+    model_file: Path | None = None  # state_dict/random_weights: the file that defines the class
     class_name: str | None = None
     init_args: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0  # random_weights: torch.manual_seed before building the model
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    torchscript_method: str = "auto"  # auto: trace, and script where the trace disagrees
+    onnx_simplify: bool = True  # onnxslim after export
+    onnx_opset: int | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    graph_optimization: str = "all"
+    intra_op_threads: int | None = None  # None: cores // max workers, decided on the server
+    inter_op_threads: int = 1
+    optimized_model: bool = False  # ship an ONNX Runtime pre-optimised model (faster worker start)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """A labelled (validation) or unlabelled (calibration) set: an .npz with `x` and maybe `y`."""
+
+    path: Path
+    samples: int | None = None
+
+    def load(self) -> tuple[Any, Any]:
+        import numpy as np
+
+        with np.load(self.path) as data:
+            x = data["x"][: self.samples] if self.samples else data["x"]
+            y = data["y"][: len(x)] if "y" in data.files else None
+        return x, y
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Overrides of the per-format defaults in formats.py (None: keep the default)."""
+
+    atol: float | None = None
+    rtol: float | None = None
+    min_top1_agreement: float | None = None
+    max_accuracy_drop: float | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +127,11 @@ class ModelSpec:
     min_workers: int
     max_workers: int
     response_timeout_s: int
+    export: ExportOptions = ExportOptions()
+    runtime: RuntimeOptions = RuntimeOptions()
+    validation: DataRef | None = None
+    calibration: DataRef | None = None
+    tolerance: Tolerance = Tolerance()
 
     def label_names(self) -> list[str] | None:
         if self.labels is None:
@@ -208,8 +262,9 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     dtype = inp.get("dtype", str, "float32", check=_one_of(DTYPES))
     inp.finish()
     fmt = top.get("format", str, "onnx", check=_one_of(FORMATS))
-    if source.kind == "onnx" and fmt != "onnx":
-        top.fail(f"is {fmt!r}, but an ONNX source can only be served as onnx", "format")
+    if source.kind == "onnx" and fmt not in ONNX_FAMILY:
+        top.fail(f"is {fmt!r}, but an ONNX source can only be served as one of "
+                 f"{', '.join(ONNX_FAMILY)}", "format")
     task = top.get("task", str, check=_one_of(TASKS))
     pre = _parse_preprocess(top.child("preprocess", None), spec_file)
     labels_rel = top.get("labels", str, None)
@@ -228,7 +283,15 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     if max_w < min_w:
         top.fail(f"max ({max_w}) is smaller than min ({min_w})", "workers.max")
     timeout = top.get("response_timeout_s", int, 120, check=_positive)
+    export = _parse_export(top.child("export", None))
+    runtime = _parse_runtime(top.child("runtime", None))
+    validation = _parse_data(top.child("validation", None), directory, labelled=True)
+    calibration = _parse_data(top.child("calibration", None), directory, labelled=False)
+    tolerance = _parse_tolerance(top.child("tolerance", None))
     top.finish()
+    if fmt == "onnx-int8-static" and calibration is None and validation is None:
+        top.fail("is onnx-int8-static, which needs calibration data: add calibration.data "
+                 "(an .npz with x)", "format")
 
     if task == "image-classification":
         if len(shape) != 3 or shape[0] not in (1, 3):
@@ -244,7 +307,8 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         name=name, version=version, directory=directory, spec_file=spec_file, source=source,
         input_shape=shape, input_dtype=dtype, format=fmt, task=task, preprocess=pre,
         labels=labels, top_k=top_k, batch_size=batch_size, max_batch_delay_ms=delay,
-        min_workers=min_w, max_workers=max_w, response_timeout_s=timeout,
+        min_workers=min_w, max_workers=max_w, response_timeout_s=timeout, export=export,
+        runtime=runtime, validation=validation, calibration=calibration, tolerance=tolerance,
     )
     if labels is not None and not spec.label_names():
         top.fail(f"names an empty labels file: {labels}", "labels")
@@ -256,16 +320,87 @@ def _parse_source(src: _Reader, directory: Path) -> Source:
     if len(kinds) != 1:
         src.fail(f"must name exactly one of {', '.join(SOURCE_KINDS)}; got {kinds or 'none'}")
     kind = kinds[0]
-    path = _existing_file(src, directory, kind, src.get(kind, str))
+    path = None
+    if kind == "random_weights":
+        # Explicit, so that a forgotten state_dict is an error and not a silently untrained model.
+        if src.get(kind, bool) is not True:
+            src.fail("must be true (or name a state_dict instead)", src.key(kind))
+    else:
+        path = _existing_file(src, directory, kind, src.get(kind, str))
     model_file = class_name = None
     init_args: dict[str, Any] = {}
-    if kind == "state_dict":
+    seed = 0
+    if kind in ("state_dict", "random_weights"):
         model_file = _existing_file(src, directory, "model_file", src.get("model_file", str))
         class_name = src.get("class", str, check=lambda v: None if v.isidentifier() else
                              f"must be a Python class name, got {v!r}")
         init_args = src.get("init_args", dict, {})
+        seed = src.get("seed", int, 0) if kind == "random_weights" else 0
     src.finish()
-    return Source(kind, path, model_file, class_name, init_args)
+    return Source(kind, path, model_file, class_name, init_args, seed)
+
+
+def _parse_export(section: _Reader | None) -> ExportOptions:
+    if section is None:
+        return ExportOptions()
+    result = ExportOptions(
+        torchscript_method=section.get("torchscript_method", str, "auto",
+                                       check=_one_of(TORCHSCRIPT_METHODS)),
+        onnx_simplify=section.get("onnx_simplify", bool, True),
+        onnx_opset=section.get("onnx_opset", int, None, check=lambda v: None if 13 <= v <= 23
+                               else f"must be an opset from 13 to 23, got {v}"),
+    )
+    section.finish()
+    return result
+
+
+def _parse_runtime(section: _Reader | None) -> RuntimeOptions:
+    if section is None:
+        return RuntimeOptions()
+    result = RuntimeOptions(
+        graph_optimization=section.get("graph_optimization", str, "all",
+                                       check=_one_of(GRAPH_OPTIMIZATION)),
+        intra_op_threads=section.get("intra_op_threads", int, None, check=_positive),
+        inter_op_threads=section.get("inter_op_threads", int, 1, check=_positive),
+        optimized_model=section.get("optimized_model", bool, False),
+    )
+    section.finish()
+    return result
+
+
+def _parse_data(section: _Reader | None, directory: Path, labelled: bool) -> DataRef | None:
+    if section is None:
+        return None
+    path = _existing_file(section, directory, "data", section.get("data", str))
+    samples = section.get("samples", int, None, check=_positive)
+    section.finish()
+    try:
+        import numpy as np
+
+        with np.load(path) as data:
+            files = set(data.files)
+    except (OSError, ValueError) as exc:
+        section.fail(f"names a file that is not an .npz archive: {path} ({exc})", section.key("data"))
+    needed = {"x", "y"} if labelled else {"x"}
+    if not needed <= files:
+        section.fail(f"names {path}, which lacks array(s) {', '.join(sorted(needed - files))} "
+                     f"(has {', '.join(sorted(files)) or 'none'})", section.key("data"))
+    return DataRef(path, samples)
+
+
+def _parse_tolerance(section: _Reader | None) -> Tolerance:
+    if section is None:
+        return Tolerance()
+    non_negative = lambda v: None if v >= 0 else f"must be >= 0, got {v}"  # noqa: E731
+    share = lambda v: None if 0 <= v <= 1 else f"must be between 0 and 1, got {v}"  # noqa: E731
+    result = Tolerance(
+        atol=section.get("atol", (int, float), None, check=non_negative),
+        rtol=section.get("rtol", (int, float), None, check=non_negative),
+        min_top1_agreement=section.get("min_top1_agreement", (int, float), None, check=share),
+        max_accuracy_drop=section.get("max_accuracy_drop", (int, float), None, check=non_negative),
+    )
+    section.finish()
+    return result
 
 
 def _parse_preprocess(pre: _Reader | None, spec_file: Path) -> Preprocess:

@@ -1,7 +1,8 @@
-"""The parity gate: the original model against its exported artifact, with explicit tolerances.
+"""The gate: the original model against its converted artifact, with explicit tolerances.
 
-Like Optimum's validate step: a failure names which output drifted, by how much, and the tolerance
-it broke, so the user knows whether to loosen a tolerance or fix the export.
+Like Optimum's validate step, a failure names which output drifted, by how much, and the bound it
+broke. Two checks: parity on sample inputs (max abs/rel diff and top-1 agreement, bounds per format),
+and, where the spec names a labelled validation set, top-1 accuracy of original vs converted.
 """
 
 from __future__ import annotations
@@ -11,15 +12,36 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from servetool.errors import ServetoolError
+from servetool.formats import get_format
+from servetool.spec import ModelSpec, Tolerance
 
-# fp32 exports reorder floating-point sums; 1e-4 absolute leaves room for that and nothing more.
-DEFAULT_ATOL = {"torchscript": 1e-5, "onnx": 1e-4}
+ACCURACY_BATCH = 64
 
 
 class ValidationError(ServetoolError):
-    def __init__(self, message: str, report: ParityReport) -> None:
+    def __init__(self, message: str, report: ValidationReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+@dataclass(frozen=True)
+class Limits:
+    atol: float
+    rtol: float  # relative to the largest |value| of the original output
+    min_top1_agreement: float
+    max_accuracy_drop: float  # percentage points
+
+
+def limits_for(fmt: str, tolerance: Tolerance = Tolerance(), atol: float | None = None) -> Limits:
+    """The format's defaults, overridden by the spec's tolerance section, then by --atol."""
+    f = get_format(fmt)
+    pick = lambda override, default: default if override is None else float(override)  # noqa: E731
+    return Limits(
+        atol=pick(atol, pick(tolerance.atol, f.atol)),
+        rtol=pick(tolerance.rtol, f.rtol),
+        min_top1_agreement=pick(tolerance.min_top1_agreement, f.min_top1_agreement),
+        max_accuracy_drop=pick(tolerance.max_accuracy_drop, f.max_accuracy_drop),
+    )
 
 
 @dataclass
@@ -27,32 +49,48 @@ class OutputParity:
     name: str
     max_abs_diff: float
     max_rel_diff: float
+    bound: float  # atol + rtol * max|original|
     top1_agreement: float | None  # for outputs with a class axis
     shape: list[int]
 
 
 @dataclass
-class ParityReport:
-    format: str
-    atol: float
+class Accuracy:
     samples: int
+    original: float  # top-1, in [0, 1]
+    converted: float
+    drop_points: float  # (original - converted) * 100
+
+
+@dataclass
+class ValidationReport:
+    format: str
+    limits: Limits
+    samples: int = 0
     outputs: list[OutputParity] = field(default_factory=list)
+    accuracy: Accuracy | None = None
     problems: list[str] = field(default_factory=list)
+    accepted_despite_problems: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def atol(self) -> float:
+        return self.limits.atol
 
     def as_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
 
 
 def check_parity(original, artifact, batches: list[np.ndarray], fmt: str,
-                 atol: float | None = None, min_top1: float = 1.0,
-                 output_names: list[str] | None = None) -> ParityReport:
+                 limits: Limits | None = None, output_names: list[str] | None = None,
+                 report: ValidationReport | None = None) -> ValidationReport:
     """Run both runners on each batch and compare every output; never raises on drift."""
-    atol = DEFAULT_ATOL.get(fmt, 1e-4) if atol is None else atol
-    report = ParityReport(format=fmt, atol=atol, samples=sum(len(b) for b in batches))
+    limits = limits or limits_for(fmt)
+    report = report or ValidationReport(format=fmt, limits=limits)
+    report.samples += sum(len(b) for b in batches)
     per_output: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for batch in batches:
         expected, actual = original(batch), artifact(batch)
@@ -63,37 +101,81 @@ def check_parity(original, artifact, batches: list[np.ndarray], fmt: str,
         for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
             e, a = np.asarray(e), np.asarray(a)
             if e.shape != a.shape:
-                name = _name(output_names, i)
-                report.problems.append(f"output '{name}' has shape {list(a.shape)} in the {fmt} "
-                                       f"artifact but {list(e.shape)} in the original "
-                                       f"(batch of {len(batch)})")
+                report.problems.append(f"output '{_name(output_names, i)}' has shape "
+                                       f"{list(a.shape)} in the {fmt} artifact but "
+                                       f"{list(e.shape)} in the original (batch of {len(batch)})")
                 return report
             per_output.setdefault(i, []).append((e, a))
     for i, pairs in per_output.items():
-        name = _name(output_names, i)
-        e = np.concatenate([p[0].reshape(len(p[0]), -1) for p in pairs]).astype(np.float64)
-        a = np.concatenate([p[1].reshape(len(p[1]), -1) for p in pairs]).astype(np.float64)
-        diff = np.abs(e - a)
-        max_abs = float(diff.max()) if diff.size else 0.0
-        max_rel = float((diff / np.maximum(np.abs(e), 1e-12)).max()) if diff.size else 0.0
-        top1 = float((e.argmax(1) == a.argmax(1)).mean()) if e.ndim == 2 and e.shape[1] > 1 else None
-        report.outputs.append(OutputParity(name, max_abs, max_rel, top1, list(pairs[0][0].shape[1:])))
-        if not np.isfinite(a).all():
-            report.problems.append(f"output '{name}' of the {fmt} artifact has NaN or infinity")
-        elif max_abs > atol:
-            report.problems.append(f"output '{name}' drifted: max abs diff {max_abs:.3g} > "
-                                   f"tolerance {atol:.3g} (max rel diff {max_rel:.3g})")
-        if top1 is not None and top1 < min_top1:
-            report.problems.append(f"output '{name}': top-1 agreement {top1:.1%} < required "
-                                   f"{min_top1:.1%}")
+        report.outputs.append(_compare(_name(output_names, i), pairs, fmt, limits, report.problems))
     return report
 
 
-def require_parity(report: ParityReport, model: str) -> ParityReport:
-    """Stop packaging on a failed report, naming every drift."""
+def _compare(name: str, pairs, fmt: str, limits: Limits, problems: list[str]) -> OutputParity:
+    e = np.concatenate([p[0].reshape(len(p[0]), -1) for p in pairs]).astype(np.float64)
+    a = np.concatenate([p[1].reshape(len(p[1]), -1) for p in pairs]).astype(np.float64)
+    diff = np.abs(e - a)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / np.maximum(np.abs(e), 1e-12)).max()) if diff.size else 0.0
+    scale = float(np.abs(e).max()) if e.size else 0.0
+    bound = limits.atol + limits.rtol * scale
+    top1 = float((e.argmax(1) == a.argmax(1)).mean()) if e.ndim == 2 and e.shape[1] > 1 else None
+    if not np.isfinite(a).all():
+        problems.append(f"output '{name}' of the {fmt} artifact has NaN or infinity")
+    elif max_abs > bound:
+        how = f"{limits.atol:.3g}" + (f" + {limits.rtol:.3g} x {scale:.3g}" if limits.rtol else "")
+        problems.append(f"output '{name}' drifted: max abs diff {max_abs:.3g} > tolerance "
+                        f"{bound:.3g} ({how}; max rel diff {max_rel:.3g})")
+    if top1 is not None and top1 < limits.min_top1_agreement:
+        problems.append(f"output '{name}': top-1 agreement with the original {top1:.1%} < "
+                        f"required {limits.min_top1_agreement:.1%}")
+    return OutputParity(name, max_abs, max_rel, bound, top1, list(pairs[0][0].shape[1:]))
+
+
+def check_accuracy(original, artifact, x: np.ndarray, y: np.ndarray, limits: Limits,
+                   report: ValidationReport) -> ValidationReport:
+    def top1(run) -> float:
+        hits = 0
+        for start in range(0, len(x), ACCURACY_BATCH):
+            out = run(np.ascontiguousarray(x[start:start + ACCURACY_BATCH]))[0]
+            hits += int((np.asarray(out).argmax(1) == y[start:start + ACCURACY_BATCH]).sum())
+        return hits / len(x)
+
+    before, after = top1(original), top1(artifact)
+    drop = (before - after) * 100
+    report.accuracy = Accuracy(len(x), before, after, drop)
+    if drop > limits.max_accuracy_drop:
+        report.problems.append(f"top-1 accuracy fell from {before:.2%} to {after:.2%} on "
+                               f"{len(x)} validation samples: {drop:.2f} points > allowed "
+                               f"{limits.max_accuracy_drop:.2f}")
+    return report
+
+
+def validate(spec: ModelSpec, original, artifact, fmt: str, limits: Limits,
+             random_batches: list[np.ndarray], real_batches: list[np.ndarray]) -> ValidationReport:
+    """Parity on real inputs (and random ones for full-precision formats), then accuracy."""
+    report = ValidationReport(format=fmt, limits=limits)
+    batches = list(real_batches)
+    if get_format(fmt).precision == "fp32" or not batches:
+        # random inputs probe the whole input range, but a reduced-precision model is calibrated
+        # for real data only, so it is judged on that when there is any
+        batches += random_batches
+    check_parity(original, artifact, batches, fmt, limits, report=report)
+    if spec.validation is not None and report.outputs:
+        x, y = spec.validation.load()
+        check_accuracy(original, artifact, x.astype(spec.input_dtype), y, limits, report)
+    return report
+
+
+def require(report: ValidationReport, model: str, accept: bool = False) -> ValidationReport:
+    """Stop on a failed report, naming every problem, unless the user explicitly accepts it."""
     if not report.ok:
-        raise ValidationError(f"{model}: the {report.format} export fails the parity check: "
-                              + "; ".join(report.problems), report)
+        if accept:
+            report.accepted_despite_problems = True
+            return report
+        raise ValidationError(f"{model}: the {report.format} artifact fails the gate: "
+                              + "; ".join(report.problems)
+                              + " (--accept-drift packages it anyway)", report)
     return report
 
 

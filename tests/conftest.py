@@ -37,6 +37,8 @@ def write_spec(directory: Path, **overrides) -> Path:
     raw["source"] = {"model_file": str(DIGITS / "model.py"), "class": "DigitsNet",
                      "state_dict": str(DIGITS / "digits.pt")}
     raw["labels"] = str(DIGITS / "labels.txt")
+    for key in ("validation", "calibration"):
+        raw[key] = {"data": str(DIGITS / raw[key]["data"])}
     for key, value in overrides.items():
         if value is None:
             raw.pop(key, None)
@@ -45,6 +47,11 @@ def write_spec(directory: Path, **overrides) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "servetool.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return directory
+
+
+# One archive per further CPU format, so each one round-trips through a real TorchServe.
+FORMAT_TWINS = {"digits_fp16": "onnx-fp16", "digits_int8": "onnx-int8",
+                "digits_int8s": "onnx-int8-static", "digits_ov": "openvino"}
 
 
 def free_ports(count: int) -> list[int]:
@@ -77,6 +84,8 @@ def model_store(tmp_path_factory) -> Path:
     tensor = write_spec(specs / "tensor", name="digits_tensor", format="torchscript", task="tensor",
                         preprocess=None, labels=None)
     package(load_spec(tensor), store)
+    for name, fmt in FORMAT_TWINS.items():
+        package(load_spec(write_spec(specs / name, name=name, format=fmt)), store)
     # A batching-friendly twin: a long batch delay so that concurrent requests share one batch.
     batchy = write_spec(specs / "batchy", name="digits_batch", batch={"size": 4, "max_delay_ms": 2000})
     package(load_spec(batchy), store)

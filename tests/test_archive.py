@@ -36,7 +36,7 @@ def test_digest_ignores_build_time_but_not_content(tmp_path):
     first = archive.archive_digest(archive.build_archive(spec, artifact, tmp_path / "s1", check=False))
     second = archive.archive_digest(archive.build_archive(spec, artifact, tmp_path / "s2", check=False))
     assert first == second
-    artifact.write_bytes(artifact.read_bytes() + b"\0")
+    artifact.path.write_bytes(artifact.path.read_bytes() + b"\0")
     third = archive.archive_digest(archive.build_archive(spec, artifact, tmp_path / "s3", check=False))
     assert third != first
 
@@ -73,3 +73,11 @@ def test_preflight_rejects_a_handler_that_needs_servetool(model_store, tmp_path)
                                           "import numpy as np\nimport servetool.spec\n"))
     with pytest.raises(PreflightError, match="imports servetool"):
         preflight.run(folder, load_spec(DIGITS))
+
+
+def test_openvino_archive_carries_its_weights_and_runtime(model_store):
+    with zipfile.ZipFile(model_store / "digits_ov.mar") as zf:
+        names = set(zf.namelist())
+        config = yaml.safe_load(zf.read("model-config.yaml"))
+    assert {"model.xml", "model.bin"} <= names
+    assert (config["handler"]["runtime"], config["handler"]["format"]) == ("openvino", "openvino")

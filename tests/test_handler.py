@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +17,12 @@ from handlers.entry import ServeHandler
 from handlers.runtimes import threads_per_worker
 from handlers.tasks import ImageClassification, RequestError, Tensor, request_payload
 from servetool import archive, export
+from servetool.formats import get_format
 from servetool.spec import load_spec
 from tests.conftest import DIGITS, png_bytes, write_spec
 
 SPEC = load_spec(DIGITS)
-IMAGE_CONFIG = archive.handler_config(SPEC, "model.onnx")
+IMAGE_CONFIG = archive.handler_config(SPEC, export.Artifact(get_format("onnx"), Path("model.onnx"), []))
 LABELS = SPEC.label_names()
 
 
@@ -123,18 +125,18 @@ def test_threads_never_oversubscribe():
     assert threads_per_worker(2, cores=16) == 8
 
 
-@pytest.fixture(scope="module", params=["onnx", "torchscript"])
+@pytest.fixture(scope="module", params=["onnx", "torchscript", "openvino", "onnx-int8-static"])
 def model_dir(request, tmp_path_factory):
-    """A folder laid out like an unpacked archive, for each format."""
+    """A folder laid out like an unpacked archive, for each runtime."""
     folder = tmp_path_factory.mktemp(request.param)
     spec = load_spec(write_spec(folder / "spec", format=request.param))
     artifact = export.export(spec, export.load_original(spec), folder)
     (folder / "labels.txt").write_text((DIGITS / "labels.txt").read_text())
-    return folder, archive.model_config(spec, artifact.name)
+    return folder, archive.model_config(spec, artifact)
 
 
-def run_batch(model_dir, payloads):
-    folder, config = model_dir
+def run_batch(model_dir, payloads, config=None):
+    folder, config = model_dir[0], config or model_dir[1]
     context = Context("digits", str(folder), {}, len(payloads), None, "0.12.0",
                       model_yaml_config=config)
     handler = ServeHandler()
@@ -155,3 +157,23 @@ def test_a_bad_request_fails_alone_in_its_batch(model_dir, held_out):
     assert next(iter(replies[0])) == LABELS[labels[0]]
     assert next(iter(replies[2])) == LABELS[labels[1]]
     assert abs(sum(replies[4].values())) <= 1.0 + 1e-6
+
+
+def test_labels_come_from_the_model_metadata_when_the_archive_has_none(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "spec", format="onnx"))
+    artifact = export.export(spec, export.load_original(spec), tmp_path)
+    config = archive.model_config(spec, artifact)
+    config["handler"]["labels"] = None
+    replies, statuses = run_batch((tmp_path, config), [(DIGITS / "samples" / "digit_5.png").read_bytes()])
+    assert statuses == [200] and next(iter(replies[0])) == "five"
+
+
+def test_a_tensorrt_archive_on_a_cpu_worker_fails_with_a_clear_reason(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    artifact = export.Artifact(get_format("tensorrt"), tmp_path / "model.ts", [])
+    config = archive.model_config(SPEC, artifact)
+    assert (config["handler"]["runtime"], config["handler"]["precision"]) == ("tensorrt", "fp32")
+    context = Context("digits", str(tmp_path), {}, 1, None, "0.12.0", model_yaml_config=config)
+    with pytest.raises(RuntimeError, match="runs on an NVIDIA GPU with CUDA"):
+        ServeHandler().initialize(context)

@@ -21,7 +21,7 @@ from servetool.management import Client
 from servetool.spec import load_spec
 from servetool.targets.local import DeployError, LocalTarget
 from servetool.torchserve import ServerError
-from tests.conftest import DIGITS, ROOT, png_bytes, server_options
+from tests.conftest import DIGITS, FORMAT_TWINS, ROOT, png_bytes, server_options
 
 pytestmark = pytest.mark.server
 LABELS = (DIGITS / "labels.txt").read_text().split()
@@ -42,7 +42,7 @@ def http_predict(state, model: str, body: bytes, content_type="application/octet
 def test_deploy_registers_every_archive_with_ready_workers(served):
     _, result = served
     names = {m["name"]: m for m in result["models"]}
-    assert set(names) == {"digits", "digits_ts", "digits_tensor", "digits_batch"}
+    assert set(names) == {"digits", "digits_ts", "digits_tensor", "digits_batch", *FORMAT_TWINS}
     for model in names.values():
         assert model["action"] == "registered"
         assert [w["status"] for w in model["workers"]] == ["READY"]
@@ -50,7 +50,7 @@ def test_deploy_registers_every_archive_with_ready_workers(served):
     assert result["token_auth"] is True
 
 
-@pytest.mark.parametrize("model", ["digits", "digits_ts"])
+@pytest.mark.parametrize("model", ["digits", "digits_ts", *FORMAT_TWINS])
 def test_http_top1_matches_the_eager_model_on_real_digits(served, held_out, model):
     target, _ = served
     state = target.running()

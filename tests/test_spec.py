@@ -79,7 +79,7 @@ def test_onnx_source_cannot_be_served_as_torchscript(tmp_path):
         raw["source"] = {"onnx": str(DIGITS / "digits.pt")}
         raw["format"] = "torchscript"
 
-    with pytest.raises(SpecError, match="ONNX source can only be served as onnx"):
+    with pytest.raises(SpecError, match="ONNX source can only be served as one of onnx, "):
         load_spec(edit(spec_with(tmp_path), change))
 
 

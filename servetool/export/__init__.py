@@ -1,0 +1,177 @@
+"""ModelSpec -> a serving artifact, and the original model to check it by.
+
+Export and validation are separate steps (see validate.py): an exporter never judges its own output,
+except where a format's construction needs a decision (TorchScript's trace-or-script choice).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from servetool.errors import ServetoolError
+from servetool.formats import Format, get_format
+from servetool.spec import ModelSpec
+
+
+class ExportError(ServetoolError):
+    pass
+
+
+# A callable from a numpy batch to a list of numpy outputs: how validate.py sees any model.
+Runner = Callable[[np.ndarray], list[np.ndarray]]
+
+
+@dataclass
+class Artifact:
+    format: Format
+    path: Path  # the file the handler loads
+    files: list[Path]  # everything to ship, including path
+    notes: dict[str, Any] = field(default_factory=dict)  # decisions worth reporting
+    runtime_options: dict[str, Any] = field(default_factory=dict)  # what the handler must use
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def load_original(spec: ModelSpec):
+    """The model as its author wrote it: an eager nn.Module, a TorchScript module, or an ONNX file."""
+    import torch
+
+    src = spec.source
+    if src.kind in ("state_dict", "random_weights"):
+        module = import_file(src.model_file, f"servetool_user_model_{spec.name}")
+        cls = getattr(module, src.class_name, None)
+        if cls is None:
+            raise ExportError(f"{src.model_file}: defines no class {src.class_name!r} "
+                              f"(named by source.class in {spec.spec_file})")
+        if src.kind == "random_weights":
+            torch.manual_seed(src.seed)
+        try:
+            model = cls(**src.init_args)
+        except Exception as exc:
+            raise ExportError(f"{src.class_name}(**source.init_args) failed: {exc}") from None
+        if src.kind == "state_dict":
+            try:
+                state = torch.load(src.path, map_location="cpu", weights_only=True)
+                model.load_state_dict(state)
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise ExportError(f"{src.path}: not a state_dict for {src.class_name}: {first}") from None
+        return model.eval()
+    if src.kind == "torchscript":
+        try:
+            return torch.jit.load(str(src.path), map_location="cpu").eval()
+        except Exception as exc:
+            raise ExportError(f"{src.path}: not a TorchScript file: {exc}") from None
+    return src.path  # an ONNX source is its own original
+
+
+def import_file(path: Path, module_name: str):
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    # The user's model.py may import its neighbours (a layers.py beside it).
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ExportError(f"{path}: failed to import: {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def example_batch(spec: ModelSpec, batch: int, seed: int = 0) -> np.ndarray:
+    """Deterministic sample inputs of the spec's shape, for tracing and parity checks."""
+    rng = np.random.default_rng(seed)
+    shape = (batch, *spec.input_shape)
+    if spec.input_dtype.startswith("int"):
+        return rng.integers(0, 10, size=shape).astype(spec.input_dtype)
+    return rng.standard_normal(shape).astype(spec.input_dtype)
+
+
+def sample_inputs(spec: ModelSpec, count: int = 64) -> np.ndarray:
+    """Realistic inputs where the spec has data (quantized formats are judged on real data), else
+    random ones."""
+    for ref in (spec.validation, spec.calibration):
+        if ref is not None:
+            x, _ = ref.load()
+            return np.ascontiguousarray(x[:count], dtype=spec.input_dtype)
+    return example_batch(spec, count, seed=7)
+
+
+def runner_for(original) -> Runner:
+    """A Runner for the original: an in-memory torch model, or an ONNX source file."""
+    if isinstance(original, (str, Path)):
+        return artifact_runner("onnx", Path(original))
+
+    import torch
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        with torch.inference_mode():
+            out = original(torch.from_numpy(batch))
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        return [o.numpy() for o in outs]
+
+    return run
+
+
+def artifact_runner(runtime: str, path: Path, threads: int = 1,
+                    options: dict[str, Any] | None = None) -> Runner:
+    """The artifact as the handler will run it: through the handler's own runtime classes."""
+    from handlers.runtimes import load_runtime
+
+    return load_runtime(runtime, str(path), threads, options or {}).run
+
+
+def export(spec: ModelSpec, original, out_dir: Path, fmt: str | None = None) -> Artifact:
+    """Write one serving artifact (the spec's format, or `fmt`) into out_dir."""
+    fmt_info = get_format(fmt or spec.format)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt_info.runtime == "tensorrt":
+        from servetool.export import tensorrt
+
+        return tensorrt.export(spec, original, out_dir, fmt_info)
+    if fmt_info.name == "torchscript":
+        from servetool.export import torchscript
+
+        return torchscript.export(spec, original, out_dir / fmt_info.artifact, fmt_info)
+    return _export_onnx_family(spec, original, out_dir, fmt_info)
+
+
+def _export_onnx_family(spec: ModelSpec, original, out_dir: Path, fmt: Format) -> Artifact:
+    from servetool.export import onnx as onnx_export
+
+    base = out_dir / "base.onnx" if fmt.name != "onnx" else out_dir / fmt.artifact
+    notes: dict[str, Any] = {}
+    if spec.source.kind == "onnx":
+        shutil.copyfile(spec.source.path, base)
+        onnx_export.check(base)
+    else:
+        notes.update(onnx_export.export_onnx(original, example_batch(spec, 2), base, spec))
+    if fmt.name == "onnx":
+        artifact = Artifact(fmt, base, [base], notes)
+    elif fmt.runtime == "openvino":
+        from servetool.export import openvino
+
+        artifact = openvino.convert(base, out_dir / fmt.artifact, fmt)
+    else:
+        from servetool.export import quantize
+
+        artifact = quantize.quantize(spec, base, out_dir / fmt.artifact, fmt)
+    artifact.notes = {**notes, **artifact.notes}
+    if fmt.runtime == "onnx":
+        artifact.runtime_options = spec.runtime.as_dict()
+        if spec.runtime.optimized_model:
+            onnx_export.add_optimized_model(artifact, spec)
+    if base not in artifact.files:
+        base.unlink(missing_ok=True)
+    return artifact

@@ -1,0 +1,114 @@
+"""ONNX: torch's current (dynamo) exporter, a dynamic batch axis, one self-contained file,
+onnx.checker, optional onnxslim simplification, and servetool metadata inside the model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from servetool.export import Artifact, ExportError
+from servetool.spec import ModelSpec
+
+METADATA_PREFIX = "servetool."
+
+
+def export_onnx(model, example: np.ndarray, target: Path, spec: ModelSpec) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, (torch.from_numpy(example),), dynamo=True, external_data=False,
+                input_names=["input"], output_names=None, dynamic_shapes=({0: batch},),
+                opset_version=spec.export.onnx_opset, verbose=False,
+            )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first}") from None
+    proto = program.model_proto
+    opsets = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    notes: dict[str, Any] = {"opset": opsets[0] if opsets else None}
+    if spec.export.onnx_simplify:
+        proto, notes["simplified"] = _simplify(proto)
+    write_metadata(proto, spec)
+    onnx.save_model(proto, str(target), save_as_external_data=False)
+    check(target)
+    notes["nodes"] = len(proto.graph.node)
+    return notes
+
+
+def _simplify(proto):
+    """onnxslim folds constants and removes redundant nodes; a failure keeps the unsimplified model."""
+    try:
+        import onnxslim
+    except ImportError:
+        return proto, "skipped: onnxslim is not installed"
+    before = len(proto.graph.node)
+    try:
+        slim = onnxslim.slim(proto)
+    except Exception as exc:  # a simplifier bug must not block a correct export
+        return proto, f"skipped: onnxslim failed ({type(exc).__name__})"
+    return slim, f"onnxslim: {before} -> {len(slim.graph.node)} nodes"
+
+
+def write_metadata(proto, spec: ModelSpec) -> None:
+    """What a handler needs to know about the model, stored in the model itself."""
+    values = {
+        "task": spec.task,
+        "input_name": proto.graph.input[0].name,
+        "input_shape": json.dumps(list(spec.input_shape)),
+        "input_dtype": spec.input_dtype,
+        "labels": json.dumps(spec.label_names() or []),
+        "preprocess": json.dumps(spec.preprocess.as_dict()),
+        "model": f"{spec.name} {spec.version}",
+    }
+    kept = [p for p in proto.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in values.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_PREFIX + key, value
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key[len(METADATA_PREFIX):]: p.value for p in proto.metadata_props
+            if p.key.startswith(METADATA_PREFIX)}
+
+
+def check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"{path}: onnx.checker rejects the model: {str(exc).splitlines()[0]}") from None
+
+
+def add_optimized_model(artifact: Artifact, spec: ModelSpec) -> None:
+    """Let ONNX Runtime optimise the graph once, offline, and ship the result beside the model.
+
+    Workers then load it with optimisation off, which shortens their start. The offline level is
+    `extended`: `all` adds layout changes tied to the CPU that does the optimising.
+    """
+    import onnxruntime as ort
+
+    optimized = artifact.path.with_name("model.opt.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(artifact.path), options, providers=["CPUExecutionProvider"])
+    artifact.files.append(optimized)
+    artifact.runtime_options = {**artifact.runtime_options, "optimized_model_file": optimized.name}
+    artifact.notes["optimized_model"] = f"{optimized.name} (ONNX Runtime, extended level)"

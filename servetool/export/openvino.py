@@ -1,0 +1,30 @@
+"""OpenVINO IR (model.xml + model.bin) from the ONNX export, for Intel's CPU runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from servetool.export import Artifact, ExportError
+from servetool.formats import Format
+
+
+def require() -> None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        raise ExportError("the openvino format needs the openvino package: "
+                          "pip install 'servetool[openvino]'") from None
+
+
+def convert(base: Path, target: Path, fmt: Format) -> Artifact:
+    require()
+    import openvino as ov
+
+    try:
+        model = ov.convert_model(str(base))
+        ov.save_model(model, str(target), compress_to_fp16=False)
+    except Exception as exc:
+        raise ExportError(f"OpenVINO conversion failed: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    weights = target.with_suffix(".bin")
+    return Artifact(fmt, target, [target, weights], {"openvino": ov.__version__.split("-")[0]})
