@@ -103,9 +103,10 @@ class OpenVINORuntime:
         core = ov.Core()
         model = core.read_model(path)
         # The CPU plugin runs bf16 on CPUs that have it unless told otherwise: fp32 means fp32.
+        precision = (options or {}).get("inference_precision") or "f32"
         self.compiled = core.compile_model(model, "CPU", {
             "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32"})
+            "INFERENCE_PRECISION_HINT": precision})
         self.request = self.compiled.create_infer_request()
         self.output_names = [o.get_any_name() if o.get_names() else f"output_{i}"
                              for i, o in enumerate(self.compiled.outputs)]

@@ -332,6 +332,47 @@ def stop(target: str, run_dir: Path, model_store: Path, as_json: bool) -> None:
          "TorchServe stopped" if was_running else f"no TorchServe was running from {run_dir}")
 
 
+@main.group()
+def bench() -> None:
+    """Measure serving formats (and, later, deployments) side by side."""
+
+
+@bench.command("formats")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--format", "formats", multiple=True, type=click.Choice(FORMAT_NAMES),
+              help="A format to include (repeatable) [default: every format; tensorrt shows why "
+                   "it is skipped on a machine without CUDA].")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Batch size for the throughput column.")
+@click.option("--iterations", type=click.IntRange(min=10), default=300, show_default=True,
+              help="Batch-1 runs per format (fewer if --seconds runs out first).")
+@click.option("--seconds", type=float, default=8.0, show_default=True,
+              help="Time budget per format and measurement.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads for every format [default: all cores].")
+@click.option("--out", type=click.Path(path_type=Path), default="bench", show_default=True,
+              help="Folder for NAME-formats.md, .csv and .png.")
+@json_option
+@friendly_errors
+def bench_formats_command(model_dir: Path, formats: tuple[str, ...], batch: int, iterations: int,
+                          seconds: float, threads: int | None, out: Path, as_json: bool) -> None:
+    """One row per serving format of MODEL_DIR's model: accuracy, latency, throughput, size, memory.
+
+    Everything is measured in one run on the same inputs, each format in its own process after a
+    warm-up, with the speedup against eager PyTorch measured the same way.
+    """
+    from servetool.bench.formats import DEFAULT_FORMATS, bench_formats, markdown_table, write_outputs
+    from servetool.spec import load_spec
+
+    spec = load_spec(model_dir)
+    result = bench_formats(spec, list(formats) or DEFAULT_FORMATS, batch=batch,
+                           iterations=iterations, seconds=seconds, threads=threads,
+                           progress=progress)
+    result["files"] = write_outputs(result, out)
+    text = markdown_table(result) + "\nWritten: " + ", ".join(result["files"].values())
+    emit(result, as_json, text)
+
+
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()

@@ -38,6 +38,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "ONNX Runtime, static int8 (QDQ, per-channel weights, calibrated activations)"),
     Format("openvino", "openvino", "model.xml", "fp32", 1e-3, 1e-4, 1.0, 0.1,
            "OpenVINO Runtime, fp32 IR converted from the ONNX export"),
+    Format("openvino-bf16", "openvino", "model.xml", "bf16", 5e-2, 2e-2, 0.98, 0.5,
+           "OpenVINO Runtime, bf16 compute on CPUs with AVX512-BF16/AMX (fp32 elsewhere)"),
     Format("tensorrt", "tensorrt", "model.ts", "fp32", 1e-3, 1e-3, 1.0, 0.1,
            "Torch-TensorRT on an NVIDIA GPU, fp32"),
     Format("tensorrt-fp16", "tensorrt", "model.ts", "fp16", 1e-2, 1e-2, 0.98, 0.5,

@@ -60,12 +60,18 @@ class RuntimeOptions:
         return asdict(self)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
 @dataclass(frozen=True)
 class DataRef:
-    """A labelled (validation) or unlabelled (calibration) set: an .npz with `x` and maybe `y`."""
+    """A labelled (validation) or unlabelled (calibration) set: an .npz of model inputs (`x`, and
+    `y` for labels), or a folder of images that the spec's own preprocessing turns into inputs
+    (labelled by sub-folder name, like torchvision's ImageFolder)."""
 
     path: Path
     samples: int | None = None
+    images: bool = False
 
     def load(self) -> tuple[Any, Any]:
         import numpy as np
@@ -74,6 +80,11 @@ class DataRef:
             x = data["x"][: self.samples] if self.samples else data["x"]
             y = data["y"][: len(x)] if "y" in data.files else None
         return x, y
+
+    def image_files(self) -> list[tuple[Path, str | None]]:
+        files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        labelled = [(p, p.parent.name if p.parent != self.path else None) for p in files]
+        return labelled[: self.samples] if self.samples else labelled
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,28 @@ class ModelSpec:
         if self.labels is None:
             return None
         return [line.strip() for line in self.labels.read_text().splitlines() if line.strip()]
+
+    def load_data(self, ref: DataRef) -> tuple[Any, Any]:
+        """Model inputs (and labels, where known) of a validation or calibration set."""
+        if not ref.images:
+            return ref.load()
+        import numpy as np
+
+        from handlers.tasks import ImageClassification
+
+        task = ImageClassification({"input_shape": list(self.input_shape),
+                                    "input_dtype": self.input_dtype,
+                                    "preprocess": self.preprocess.as_dict()}, None)
+        names = self.label_names() or []
+        xs, ys = [], []
+        for path, label in ref.image_files():
+            xs.append(task.preprocess(path.read_bytes()))
+            if label is not None:
+                if label not in names:
+                    raise SpecError(f"{path}: folder {label!r} is not a label in {self.labels}")
+                ys.append(names.index(label))
+        y = np.array(ys, np.int64) if ys and len(ys) == len(xs) else None
+        return np.stack(xs), y
 
 
 class _Reader:
@@ -371,8 +404,18 @@ def _parse_runtime(section: _Reader | None) -> RuntimeOptions:
 def _parse_data(section: _Reader | None, directory: Path, labelled: bool) -> DataRef | None:
     if section is None:
         return None
-    path = _existing_file(section, directory, "data", section.get("data", str))
     samples = section.get("samples", int, None, check=_positive)
+    if "images" in section.data:
+        folder = (directory / section.get("images", str)).resolve()
+        section.finish()
+        ref = DataRef(folder, samples, images=True)
+        if not folder.is_dir() or not ref.image_files():
+            section.fail(f"names no folder of images: {folder}", section.key("images"))
+        if labelled and any(label is None for _, label in ref.image_files()):
+            section.fail(f"needs labelled images: put each in a sub-folder named for its label "
+                         f"under {folder}", section.key("images"))
+        return ref
+    path = _existing_file(section, directory, "data", section.get("data", str))
     section.finish()
     try:
         import numpy as np

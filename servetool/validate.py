@@ -162,7 +162,7 @@ def validate(spec: ModelSpec, original, artifact, fmt: str, limits: Limits,
         batches += random_batches
     check_parity(original, artifact, batches, fmt, limits, report=report)
     if spec.validation is not None and report.outputs:
-        x, y = spec.validation.load()
+        x, y = spec.load_data(spec.validation)
         check_accuracy(original, artifact, x.astype(spec.input_dtype), y, limits, report)
     return report
 

@@ -51,7 +51,8 @@ def write_spec(directory: Path, **overrides) -> Path:
 
 # One archive per further CPU format, so each one round-trips through a real TorchServe.
 FORMAT_TWINS = {"digits_fp16": "onnx-fp16", "digits_int8": "onnx-int8",
-                "digits_int8s": "onnx-int8-static", "digits_ov": "openvino"}
+                "digits_int8s": "onnx-int8-static", "digits_ov": "openvino",
+                "digits_ovbf16": "openvino-bf16"}
 
 
 def free_ports(count: int) -> list[int]:

@@ -42,6 +42,25 @@ def test_bad_spec_is_one_line_naming_the_key(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_tensorrt_without_cuda_is_one_clear_line(tmp_path):
+    spec_dir = write_spec(tmp_path / "m", format="tensorrt")
+    proc = run("package", str(spec_dir), "--model-store", str(tmp_path / "store"))
+    assert_clean_error(proc, "need an NVIDIA GPU with CUDA")
+    assert not (tmp_path / "store").exists()
+
+
+def test_convert_writes_each_format_and_reports_the_gate(tmp_path):
+    proc = run("convert", str(DIGITS), "--format", "onnx", "--format", "onnx-int8-static",
+               "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["formats"]
+    assert [r["format"] for r in rows] == ["onnx", "onnx-int8-static"]
+    for row in rows:
+        assert Path(row["files"][0]).is_file()
+        assert row["gate"]["ok"] and row["gate"]["accuracy"]["samples"] == 360
+    assert (tmp_path / "digits" / "onnx-int8-static" / "model.onnx").is_file()
+
+
 def test_commands_without_a_server_say_so(tmp_path):
     image = str(DIGITS / "samples" / "digit_0.png")
     proc = run("predict", "digits", image, "--run-dir", str(tmp_path / "run"))

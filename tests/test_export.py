@@ -19,7 +19,8 @@ from servetool.validate import ValidationError, check_accuracy, check_parity, li
 from tests.conftest import DIGITS, write_spec
 
 SPEC = load_spec(DIGITS)
-CPU_FORMATS = ["torchscript", "onnx", "onnx-fp16", "onnx-int8", "onnx-int8-static", "openvino"]
+CPU_FORMATS = ["torchscript", "onnx", "onnx-fp16", "onnx-int8", "onnx-int8-static", "openvino",
+               "openvino-bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_the_gate_catches_a_corrupted_onnx_export_and_names_the_drift(tmp_path, 
 def test_the_accuracy_gate_catches_a_model_that_lost_accuracy(tmp_path, original):
     rng = np.random.default_rng(0)
     broken = corrupted_onnx(tmp_path, original, lambda w: rng.permutation(w.ravel()).reshape(w.shape))
-    x, y = SPEC.validation.load()
+    x, y = SPEC.load_data(SPEC.validation)
     report = validate.ValidationReport(format="onnx", limits=limits_for("onnx"))
     check_accuracy(export.runner_for(original), broken, x, y, limits_for("onnx"), report)
     assert report.accuracy.drop_points > 5

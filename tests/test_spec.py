@@ -99,3 +99,34 @@ def test_top_level_must_be_a_mapping(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(SpecError, match="top level must be a mapping"):
         load_spec(bad)
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    ({"export": {"torchscript_method": "compile"}}, "export.torchscript_method", "must be one of"),
+    ({"runtime": {"graph_optimization": "max"}}, "runtime.graph_optimization", "must be one of"),
+    ({"runtime": {"intra_op_threads": 0}}, "runtime.intra_op_threads", "must be >= 1"),
+    ({"tolerance": {"min_top1_agreement": 1.5}}, "tolerance.min_top1_agreement", "between 0 and 1"),
+    ({"tolerance": {"atol": -1}}, "tolerance.atol", "must be >= 0"),
+    ({"validation": {"data": str(DIGITS / "calibration.npz")}}, "validation.data", "lacks array(s) y"),
+    ({"validation": {"data": str(DIGITS / "labels.txt")}}, "validation.data", "not an .npz"),
+    ({"calibration": {"images": str(DIGITS.parent.parent / "handlers")}}, "calibration.images",
+     "names no folder of images"),
+    ({"validation": {"images": str(DIGITS / "samples")}}, "validation.images", "labelled images"),
+    ({"format": "onnx-int8-static", "validation": None, "calibration": None}, "format",
+     "needs calibration data"),
+    ({"source": {"model_file": str(DIGITS / "model.py"), "class": "DigitsNet",
+                 "random_weights": False}}, "source.random_weights", "must be true"),
+])
+def test_bad_conversion_settings_name_the_key(tmp_path, overrides, key, words):
+    path = spec_with(tmp_path, **overrides)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert f"'{key}'" in str(err.value) and words in str(err.value), str(err.value)
+
+
+def test_resnet18_spec_calibrates_on_real_photographs():
+    spec = load_spec(DIGITS.parent / "resnet18")
+    assert spec.source.kind == "random_weights" and spec.source.path is None
+    x, y = spec.load_data(spec.calibration)
+    assert x.shape == (16, 3, 224, 224) and y is None
+    assert abs(float(x.mean())) < 2 and float(x.std()) > 0.3  # normalised photographs, not blanks

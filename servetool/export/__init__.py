@@ -103,7 +103,7 @@ def sample_inputs(spec: ModelSpec, count: int = 64) -> np.ndarray:
     random ones."""
     for ref in (spec.validation, spec.calibration):
         if ref is not None:
-            x, _ = ref.load()
+            x, _ = spec.load_data(ref)
             return np.ascontiguousarray(x[:count], dtype=spec.input_dtype)
     return example_batch(spec, count, seed=7)
 
@@ -168,6 +168,9 @@ def _export_onnx_family(spec: ModelSpec, original, out_dir: Path, fmt: Format) -
 
         artifact = quantize.quantize(spec, base, out_dir / fmt.artifact, fmt)
     artifact.notes = {**notes, **artifact.notes}
+    if fmt.runtime == "openvino":
+        artifact.runtime_options = {**artifact.runtime_options,
+                                    "intra_op_threads": spec.runtime.intra_op_threads}
     if fmt.runtime == "onnx":
         artifact.runtime_options = spec.runtime.as_dict()
         if spec.runtime.optimized_model:

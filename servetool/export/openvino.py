@@ -27,4 +27,7 @@ def convert(base: Path, target: Path, fmt: Format) -> Artifact:
         raise ExportError(f"OpenVINO conversion failed: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0]}") from None
     weights = target.with_suffix(".bin")
-    return Artifact(fmt, target, [target, weights], {"openvino": ov.__version__.split("-")[0]})
+    # The IR stays fp32; the precision is a property of how the CPU plugin compiles it.
+    options = {"inference_precision": "bf16" if fmt.precision == "bf16" else "f32"}
+    return Artifact(fmt, target, [target, weights], {"openvino": ov.__version__.split("-")[0]},
+                    runtime_options=options)

@@ -40,7 +40,7 @@ def calibration_inputs(spec: ModelSpec) -> np.ndarray:
     if ref is None:
         raise ExportError(f"{spec.name}: onnx-int8-static needs calibration data; add "
                           f"calibration.data (an .npz with x) to {spec.spec_file}")
-    x, _ = ref.load()
+    x, _ = spec.load_data(ref)
     if tuple(x.shape[1:]) != spec.input_shape:
         raise ExportError(f"{ref.path}: calibration inputs have shape {list(x.shape[1:])}, the "
                           f"model takes {list(spec.input_shape)}")

@@ -1,0 +1,80 @@
+"""Measure one format in a fresh process: load time, batch-1 latency, batched throughput, peak RSS.
+
+Run by bench/formats.py as `python -m servetool.bench._measure REQUEST.json`; prints one JSON line.
+A process per format keeps their thread pools, caches and memory peaks from touching each other.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process image. Not getrusage's ru_maxrss: on Linux that keeps
+    the high-water mark of the parent it was forked from, which is the whole bench."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_loop(run, inputs: list[np.ndarray], iterations: int, budget_s: float) -> list[float]:
+    times, started = [], time.perf_counter()
+    for i in range(iterations):
+        t = time.perf_counter()
+        run(inputs[i % len(inputs)])
+        times.append(time.perf_counter() - t)
+        if i >= 10 and time.perf_counter() - started > budget_s:
+            break
+    return times
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        req = json.load(f)
+    samples = np.load(req["inputs"])
+    import torch
+
+    torch.set_num_threads(req["threads"])
+    baseline = rss_mb()
+    t0 = time.perf_counter()
+    if req["kind"] == "eager":
+        from servetool import export
+        from servetool.spec import load_spec
+
+        run = export.runner_for(export.load_original(load_spec(req["spec"])))
+    else:
+        from servetool.export import artifact_runner
+
+        run = artifact_runner(req["runtime"], req["artifact"], req["threads"], req["options"])
+    load_ms = (time.perf_counter() - t0) * 1000
+    singles = [np.ascontiguousarray(samples[i:i + 1]) for i in range(min(len(samples), 64))]
+    batch = req["batch"]
+    reps = -(-batch // len(samples))
+    batched = [np.ascontiguousarray(np.concatenate([samples] * reps)[:batch])]
+    timed_loop(run, singles, req["warmup"], 1e9)  # warm-up: allocations, kernel selection
+    latencies = np.array(timed_loop(run, singles, req["iterations"], req["seconds"])) * 1000
+    timed_loop(run, batched, 2, 1e9)
+    batch_times = timed_loop(run, batched, max(5, req["iterations"] // 10), req["seconds"])
+    print(json.dumps({
+        "load_ms": round(load_ms, 1),
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p90_ms": float(np.percentile(latencies, 90)),
+        "latency_runs": len(latencies),
+        "throughput": batch * len(batch_times) / sum(batch_times),
+        "peak_rss_mb": round(rss_mb(), 1),
+        "model_rss_mb": round(rss_mb() - baseline, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""`servetool bench formats`: one row per serving format, measured in one run on the same inputs.
+
+Each format is converted and gated (the gate's verdict is reported, not enforced, so that a format
+that drifts still shows its numbers), then measured in its own process: batch-1 latency after a
+warm-up, throughput at a larger batch, artifact size and peak memory, and speedup against eager
+PyTorch measured the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from servetool import export
+from servetool.errors import ServetoolError
+from servetool.formats import FORMATS
+from servetool.package import convert
+from servetool.spec import ModelSpec
+
+COLUMNS = ["format", "precision", "accuracy", "accuracy_drop_points", "gate", "p50_ms", "p90_ms",
+           "throughput", "size_mb", "peak_rss_mb", "load_ms", "speedup_vs_eager"]
+
+
+class BenchError(ServetoolError):
+    pass
+
+
+def measure(request: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(request, f)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "servetool.bench._measure", f.name],
+                              capture_output=True, text=True, timeout=timeout_s)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-4:])
+        raise BenchError(f"measuring {request.get('runtime', 'eager')} failed:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, iterations: int = 300,
+                  seconds: float = 8.0, threads: int | None = None,
+                  progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    from handlers.runtimes import available_cores
+
+    threads = threads or available_cores()
+    original = export.load_original(spec)
+    with tempfile.TemporaryDirectory(prefix=f"servetool-bench-{spec.name}-") as tmp:
+        inputs = Path(tmp) / "inputs.npy"
+        np.save(inputs, export.sample_inputs(spec, 64))
+        common = {"inputs": str(inputs), "threads": threads, "batch": batch,
+                  "iterations": iterations, "seconds": seconds, "warmup": 20}
+        rows: list[dict[str, Any]] = []
+        if spec.source.kind != "onnx":
+            progress("eager PyTorch: measuring")
+            eager = measure({**common, "kind": "eager", "spec": str(spec.spec_file)})
+            rows.append(_row("eager", "fp32", None, eager, _source_size(spec),
+                             accuracy=_eager_accuracy(spec, original)))
+        for i, fmt in enumerate(formats, 1):
+            progress(f"[{i}/{len(formats)}] {fmt}: converting and gating")
+            try:
+                artifact, report = convert(spec, fmt, Path(tmp) / fmt, original=original,
+                                           accept_drift=True)
+            except ServetoolError as exc:
+                rows.append({"format": fmt, "skipped": str(exc).splitlines()[0]})
+                progress(f"[{i}/{len(formats)}] {fmt}: skipped ({str(exc).splitlines()[0]})")
+                continue
+            progress(f"[{i}/{len(formats)}] {fmt}: measuring")
+            numbers = measure({**common, "kind": "runtime", "runtime": artifact.format.runtime,
+                               "artifact": str(artifact.path), "options": artifact.runtime_options})
+            rows.append(_row(fmt, artifact.format.precision, report, numbers, artifact.size_bytes))
+    eager_p50 = next((r["p50_ms"] for r in rows if r["format"] == "eager"), None)
+    for row in rows:
+        if "p50_ms" in row:
+            row["speedup_vs_eager"] = round(eager_p50 / row["p50_ms"], 2) if eager_p50 else None
+    return {"model": spec.name, "threads": threads, "batch": batch, "rows": rows}
+
+
+def _source_size(spec: ModelSpec) -> int:
+    return spec.source.path.stat().st_size if spec.source.path else 0
+
+
+def _eager_accuracy(spec: ModelSpec, original) -> float | None:
+    if spec.validation is None:
+        return None
+    from servetool.validate import ACCURACY_BATCH
+
+    x, y = spec.load_data(spec.validation)
+    run = export.runner_for(original)
+    hits = sum(int((run(np.ascontiguousarray(x[i:i + ACCURACY_BATCH]))[0].argmax(1)
+                    == y[i:i + ACCURACY_BATCH]).sum()) for i in range(0, len(x), ACCURACY_BATCH))
+    return hits / len(x)
+
+
+def _row(fmt: str, precision: str, report, numbers: dict[str, Any], size: int,
+         accuracy: float | None = None) -> dict[str, Any]:
+    """One table row; `report` is the gate's (None for the eager reference, whose accuracy is given)."""
+    drop = 0.0 if accuracy is not None else None
+    if report is not None and report.accuracy is not None:
+        accuracy, drop = report.accuracy.converted, report.accuracy.drop_points
+    if report is None:
+        gate = "reference"
+    else:
+        gate = "pass" if report.ok else "FAIL: " + "; ".join(report.problems)
+    return {
+        "format": fmt,
+        "precision": precision,
+        "accuracy": None if accuracy is None else round(accuracy, 4),
+        "accuracy_drop_points": None if drop is None else round(drop, 2),
+        "gate": gate,
+        "p50_ms": round(numbers["p50_ms"], 4),
+        "p90_ms": round(numbers["p90_ms"], 4),
+        "throughput": round(numbers["throughput"], 1),
+        "size_mb": round(size / 1e6, 3),
+        "peak_rss_mb": numbers["peak_rss_mb"],
+        "load_ms": numbers["load_ms"],
+    }
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """The table as Markdown and CSV, and a PNG bar chart; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{result['model']}-formats"
+    measured = [r for r in result["rows"] if "p50_ms" in r]
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + ["skipped"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result["rows"])
+    Path(f"{stem}.md").write_text(markdown_table(result))
+    _chart(result, measured, Path(f"{stem}.png"))
+    return {"markdown": f"{stem}.md", "csv": f"{stem}.csv", "png": f"{stem}.png"}
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "accuracy":
+        return f"{value:.2%}"
+    if key in ("p50_ms", "p90_ms"):
+        return f"{value:.3f}" if value < 1 else f"{value:.2f}"
+    if key == "speedup_vs_eager":
+        return f"{value:.2f}x"
+    return str(value)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    heads = ["format", "precision", "top-1 accuracy", "drop (pts)", "p50 ms (b=1)", "p90 ms (b=1)",
+             f"throughput/s (b={result['batch']})", "size MB", "peak RSS MB", "speedup vs eager",
+             "gate"]
+    keys = ["format", "precision", "accuracy", "accuracy_drop_points", "p50_ms", "p90_ms",
+            "throughput", "size_mb", "peak_rss_mb", "speedup_vs_eager", "gate"]
+    lines = [f"# {result['model']}: serving formats ({result['threads']} thread(s), same inputs)",
+             "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for row in result["rows"]:
+        if "skipped" in row:
+            lines.append(f"| {row['format']} | skipped: {row['skipped']} |" + " |" * (len(heads) - 2))
+        else:
+            lines.append("| " + " | ".join(_cell(row, k) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _chart(result: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["format"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    bars = left.bar(names, [r["p50_ms"] for r in rows], color="#4C72B0")
+    left.set_title("p50 latency, batch 1 (ms, lower is better)")
+    for bar, row in zip(bars, rows, strict=True):
+        if row.get("speedup_vs_eager"):
+            left.annotate(f"{row['speedup_vs_eager']:.1f}x", (bar.get_x() + bar.get_width() / 2,
+                                                            bar.get_height()), ha="center",
+                          va="bottom", fontsize=8)
+    right.bar(names, [r["throughput"] for r in rows], color="#55A868")
+    right.set_title(f"throughput at batch {result['batch']} (samples/s)")
+    for axis in (left, right):
+        axis.tick_params(axis="x", rotation=35, labelsize=8)
+    fig.suptitle(f"{result['model']}: {result['threads']} thread(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+DEFAULT_FORMATS = [f for f in FORMATS if not f.startswith("tensorrt")] + ["tensorrt"]
