@@ -37,7 +37,7 @@ class ServeHandler:
             raise ValueError(f"model-config.yaml handler section lacks {', '.join(missing)}")
         options = config.get("runtime_options") or {}
         threads = int(options.get("intra_op_threads")
-                      or threads_per_worker(model_config.get("maxWorkers", 1)))
+                      or threads_per_worker(model_config.get("maxWorkers")))
         self.runtime = load_runtime(config["runtime"], os.path.join(model_dir, config["artifact"]),
                                     threads, options)
         self.task = make_task(config, self._labels(model_dir, config))

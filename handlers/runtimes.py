@@ -26,13 +26,14 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_per_worker(max_workers: int, cores: int | None = None) -> int:
+def threads_per_worker(max_workers: int | None, cores: int | None = None) -> int:
     """Intra-op threads for one worker so that all workers together do not oversubscribe the cores.
 
     Oversubscription (every worker using every core) costs far more than idle cores on a busy server.
+    With no maxWorkers ("auto"), servetool runs one worker per core, each with one thread.
     """
     cores = cores or available_cores()
-    return max(1, cores // max(1, max_workers))
+    return max(1, cores // max(1, max_workers or cores))
 
 
 class TorchScriptRuntime:

@@ -50,9 +50,11 @@ def handler_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
 
 
 def model_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
+    # Worker counts left out ("auto") are chosen at deploy time from the serving machine's cores.
+    workers = {} if spec.min_workers is None else {"minWorkers": spec.min_workers,
+                                                   "maxWorkers": spec.max_workers}
     return {
-        "minWorkers": spec.min_workers,
-        "maxWorkers": spec.max_workers,
+        **workers,
         "batchSize": spec.batch_size,
         "maxBatchDelay": spec.max_batch_delay_ms,
         "responseTimeout": spec.response_timeout_s,

@@ -334,7 +334,7 @@ def stop(target: str, run_dir: Path, model_store: Path, as_json: bool) -> None:
 
 @main.group()
 def bench() -> None:
-    """Measure serving formats (and, later, deployments) side by side."""
+    """Measure serving formats side by side, or load-test a deployed model."""
 
 
 @bench.command("formats")
@@ -371,6 +371,48 @@ def bench_formats_command(model_dir: Path, formats: tuple[str, ...], batch: int,
     result["files"] = write_outputs(result, out)
     text = markdown_table(result) + "\nWritten: " + ", ".join(result["files"].values())
     emit(result, as_json, text)
+
+
+@bench.command("serve")
+@click.argument("model")
+@click.option("--payload", "payloads", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="A request body file or a folder of them (repeatable) "
+                   "[default: models/MODEL/samples].")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Clients, each sending its next request when its last one is answered.")
+@click.option("--duration", type=float, default=20.0, show_default=True, help="Seconds to run.")
+@click.option("--requests", "count", type=click.IntRange(min=1), default=None,
+              help="Send exactly this many requests instead of running for --duration.")
+@click.option("--version", "model_version", default=None, help="A model version.")
+@click.option("--out", type=click.Path(path_type=Path), default="bench", show_default=True)
+@server_options
+@json_option
+@friendly_errors
+def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int, duration: float,
+                        count: int | None, model_version: str | None, out: Path, run_dir: Path,
+                        model_store: Path, as_json: bool) -> None:
+    """Load-test a deployed MODEL: throughput, p50/p90/p99 latency, errors by status, lost requests."""
+    from servetool.bench.serve import load_payloads, markdown, run_load, write_outputs
+
+    target = make_target(run_dir, model_store)
+    client = target.client()
+    if not client.has_model(model):
+        raise ServetoolError(f"no model {model!r} is registered (see `servetool status`)")
+    sources = list(payloads) or [Path("models") / model / "samples"]
+    if not all(p.exists() for p in sources):
+        raise ServetoolError(f"no payloads: pass --payload FILE_OR_FOLDER ({sources[0]} does not exist)")
+    token = client.token("inference")
+    url = f"{client.state.url('inference')}/predictions/{model}"
+    url += f"/{model_version}" if model_version else ""
+    progress(f"{concurrency} clients on {url} for "
+             + (f"{count} requests" if count else f"{duration:.0f} s"))
+    result = run_load(url, load_payloads(sources), concurrency=concurrency,
+                      duration_s=None if count else duration, requests=count,
+                      headers={"Authorization": f"Bearer {token}"} if token else {},
+                      progress=progress)
+    summary = result.summary()
+    summary["files"] = write_outputs(result, out, f"{model}-serve")
+    emit(summary, as_json, markdown(summary) + "\nWritten: " + ", ".join(summary["files"].values()))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -135,8 +135,8 @@ class ModelSpec:
     top_k: int
     batch_size: int
     max_batch_delay_ms: int
-    min_workers: int
-    max_workers: int
+    min_workers: int | None  # None: "auto", one worker per core of the serving machine
+    max_workers: int | None
     response_timeout_s: int
     export: ExportOptions = ExportOptions()
     runtime: RuntimeOptions = RuntimeOptions()
@@ -305,16 +305,10 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     top_k = top.get("top_k", int, 5, check=_positive)
     batch = top.child("batch", None)
     batch_size = batch.get("size", int, 1, check=_positive) if batch else 1
-    delay = batch.get("max_delay_ms", int, 5, check=_non_negative) if batch else 5
+    delay = batch.get("max_delay_ms", int, 0, check=_non_negative) if batch else 0
     if batch:
         batch.finish()
-    workers = top.child("workers", None)
-    min_w = workers.get("min", int, 1, check=_positive) if workers else 1
-    max_w = workers.get("max", int, max(min_w, 1), check=_positive) if workers else min_w
-    if workers:
-        workers.finish()
-    if max_w < min_w:
-        top.fail(f"max ({max_w}) is smaller than min ({min_w})", "workers.max")
+    min_w, max_w = _parse_workers(top.child("workers", None))
     timeout = top.get("response_timeout_s", int, 120, check=_positive)
     export = _parse_export(top.child("export", None))
     runtime = _parse_runtime(top.child("runtime", None))
@@ -371,6 +365,24 @@ def _parse_source(src: _Reader, directory: Path) -> Source:
         seed = src.get("seed", int, 0) if kind == "random_weights" else 0
     src.finish()
     return Source(kind, path, model_file, class_name, init_args, seed)
+
+
+def _parse_workers(section: _Reader | None) -> tuple[int | None, int | None]:
+    """Worker counts, or (None, None) for "auto": decided on the serving machine, not here."""
+    if section is None:
+        return None, None
+    auto_or_count = lambda v: None if v == "auto" or (isinstance(v, int) and v >= 1) else (  # noqa: E731
+        f"must be a positive integer or auto, got {v!r}")
+    low = section.get("min", (int, str), "auto", check=auto_or_count)
+    high = section.get("max", (int, str), low, check=auto_or_count)
+    section.finish()
+    if (low == "auto") != (high == "auto"):
+        section.fail("must be auto for both min and max, or numbers for both", section.key("max"))
+    if low == "auto":
+        return None, None
+    if high < low:
+        section.fail(f"max ({high}) is smaller than min ({low})", section.key("max"))
+    return low, high
 
 
 def _parse_export(section: _Reader | None) -> ExportOptions:

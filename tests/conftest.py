@@ -80,15 +80,18 @@ def model_store(tmp_path_factory) -> Path:
     """Archives for each format x task the server tests serve, built once per session."""
     store = tmp_path_factory.mktemp("model_store")
     specs = tmp_path_factory.mktemp("specs")
-    package(load_spec(DIGITS), store)
-    package(load_spec(write_spec(specs / "ts", name="digits_ts", format="torchscript")), store)
+    package(load_spec(DIGITS), store)  # auto workers: one per core
+    one = {"min": 1, "max": 1}  # the twins keep to one worker each, to spare the test machine
+    package(load_spec(write_spec(specs / "ts", name="digits_ts", format="torchscript",
+                                 workers=one)), store)
     tensor = write_spec(specs / "tensor", name="digits_tensor", format="torchscript", task="tensor",
-                        preprocess=None, labels=None)
+                        preprocess=None, labels=None, workers=one)
     package(load_spec(tensor), store)
     for name, fmt in FORMAT_TWINS.items():
-        package(load_spec(write_spec(specs / name, name=name, format=fmt)), store)
+        package(load_spec(write_spec(specs / name, name=name, format=fmt, workers=one)), store)
     # A batching-friendly twin: a long batch delay so that concurrent requests share one batch.
-    batchy = write_spec(specs / "batchy", name="digits_batch", batch={"size": 4, "max_delay_ms": 2000})
+    batchy = write_spec(specs / "batchy", name="digits_batch", batch={"size": 4, "max_delay_ms": 2000},
+                        workers=one)
     package(load_spec(batchy), store)
     return store
 

@@ -21,8 +21,8 @@ def test_archive_is_self_contained_with_its_config(model_store):
             "handlers/__init__.py", "handlers/entry.py", "handlers/runtimes.py",
             "handlers/tasks.py"} <= names
     assert not any("servetool" in n for n in names)
-    assert (config["batchSize"], config["maxBatchDelay"]) == (8, 5)
-    assert (config["minWorkers"], config["maxWorkers"]) == (1, 2)
+    assert (config["batchSize"], config["maxBatchDelay"]) == (1, 0)
+    assert "minWorkers" not in config and "maxWorkers" not in config  # auto: chosen at deploy
     assert config["handler"]["format"] == "onnx"
     assert config["handler"]["artifact"] == "model.onnx"
     assert config["handler"]["preprocess"]["mean"] == [0.305447]

@@ -109,13 +109,21 @@ def test_package_deploy_predict_scale_status_stop(tmp_path):
         refused = run("predict", "digits", str(bad), *where)
         assert_clean_error(refused, "digits answered 400", "not a readable image")
 
-        scaled = run("scale", "digits", "--workers", "2", *where, "--json")
-        assert scaled.returncode == 0 and len(json.loads(scaled.stdout)["workers"]) == 2
+        scaled = run("scale", "digits", "--workers", "3", *where, "--json")
+        assert scaled.returncode == 0 and len(json.loads(scaled.stdout)["workers"]) == 3
 
         status = json.loads(run("status", *where, "--json").stdout)
         model = next(m for m in status["models"] if m["name"] == "digits")
         assert model["version"] == "1.0"
-        assert [w["status"] for w in model["workers"]] == ["READY", "READY"]
+        assert [w["status"] for w in model["workers"]] == ["READY"] * 3
+
+        load = run("bench", "serve", "digits", *where, "--requests", "60", "-c", "4",
+                   "--payload", str(DIGITS / "samples"), "--out", str(tmp_path / "bench"), "--json")
+        assert load.returncode == 0, load.stderr
+        summary = json.loads(load.stdout)
+        assert (summary["sent"], summary["ok"], summary["lost"], summary["errors"]) == (60, 60, 0, {})
+        assert summary["throughput"] > 0 and summary["p99_ms"] >= summary["p50_ms"]
+        assert Path(summary["files"]["png"]).is_file()
 
         token = run("token", *where)
         keys = json.loads((run_dir / "key_file.json").read_text())

@@ -123,6 +123,7 @@ def test_threads_never_oversubscribe():
     assert threads_per_worker(2, cores=2) == 1
     assert threads_per_worker(8, cores=2) == 1
     assert threads_per_worker(2, cores=16) == 8
+    assert threads_per_worker(None, cores=16) == 1  # auto: a worker per core, a thread each
 
 
 @pytest.fixture(scope="module", params=["onnx", "torchscript", "openvino", "onnx-int8-static"])

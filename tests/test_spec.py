@@ -19,8 +19,8 @@ def test_digits_spec_parses_into_typed_fields():
     assert spec.input_shape == (1, 8, 8)
     assert spec.format == "onnx" and spec.task == "image-classification"
     assert spec.preprocess.grayscale and spec.preprocess.resize == (8, 8)
-    assert spec.batch_size == 8 and spec.max_batch_delay_ms == 5
-    assert (spec.min_workers, spec.max_workers) == (1, 2)
+    assert spec.batch_size == 1 and spec.max_batch_delay_ms == 0  # servetool's CPU defaults
+    assert (spec.min_workers, spec.max_workers) == (None, None)  # auto: one per serving core
     assert spec.label_names()[3] == "three"
 
 
@@ -44,6 +44,8 @@ def edit(path: Path, change) -> Path:
     ({"batch": {"size": True}}, "batch.size", "got a boolean"),
     ({"batch": {"size": 4, "delay": 3}}, "batch.delay", "not a known key"),
     ({"workers": {"min": 3, "max": 2}}, "workers.max", "smaller than min"),
+    ({"workers": {"min": "auto", "max": 2}}, "workers.max", "auto for both"),
+    ({"workers": {"min": "many"}}, "workers.min", "positive integer or auto"),
     ({"input": {"shape": [1, 8]}}, "input.shape", "[channels, height, width]"),
     ({"input": {"shape": [1, "8", 8]}}, "input.shape", "list of positive integers"),
     ({"labels": "no-such-labels.txt"}, "labels", "does not exist"),

@@ -134,7 +134,7 @@ class LocalTarget:
     def _register(self, client: Client, state: torchserve.ServerState, path: Path, name: str,
                   version: str, meta: dict[str, Any]) -> None:
         config = archive.archive_manifest(path)["config"]
-        workers = int(config.get("minWorkers", 1))
+        workers = int(config.get("minWorkers") or default_workers())
         try:
             client.register(path.name, name, workers, timeout=float(config.get("responseTimeout", 120)) + 120)
         except APIError as exc:
@@ -172,6 +172,15 @@ class LocalTarget:
                 })
         return {"target": self.name, "running": True, "run_dir": state.run_dir, "pid": state.pid,
                 "endpoints": endpoints(state), "token_auth": state.token_auth, "models": models}
+
+
+def default_workers() -> int:
+    """servetool's rule for a model whose spec leaves workers on auto: one worker per core, each
+    with one intra-op thread (see handlers.runtimes.threads_per_worker). On a CPU this is what the
+    in-process limit is measured with; more workers than cores only add contention."""
+    from handlers.runtimes import available_cores
+
+    return available_cores()
 
 
 def endpoints(state: torchserve.ServerState) -> dict[str, str]:

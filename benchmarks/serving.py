@@ -1,0 +1,360 @@
+"""Serving throughput side by side, in one run: the in-process limit, Flask + eager PyTorch, stock
+TorchServe (a tutorial handler with default config and logging), and servetool's default deployment.
+
+Same machine, same model, same request bodies, same closed-loop load (servetool's load generator,
+whose own CPU use is reported). Run on demand, not in CI:
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python benchmarks/serving.py                      # resnet18, then digits
+    .venv/bin/python benchmarks/serving.py --models digits --duration 10 --json
+
+Every server binds 127.0.0.1 on free ports and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from servetool import export  # noqa: E402
+from servetool.bench.serve import load_payloads, run_load  # noqa: E402
+from servetool.package import package  # noqa: E402
+from servetool.spec import ModelSpec, load_spec  # noqa: E402
+from servetool.targets.local import LocalTarget  # noqa: E402
+from servetool.torchserve import ServerOptions  # noqa: E402
+
+
+def say(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float = 120, headers: dict | None = None) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2, headers=headers or {}).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up within {timeout_s} s")
+
+
+# --- 1. the in-process limit -----------------------------------------------------------------
+def _limit_worker(artifact: str, runtime: str, config: dict, bodies: list[bytes], seconds: float,
+                  queue) -> None:
+    from handlers.runtimes import load_runtime
+    from handlers.tasks import make_task
+
+    run = load_runtime(runtime, artifact, 1, config.get("runtime_options") or {}).run
+    task = make_task(config, None)
+    for body in bodies[:3]:  # warm-up
+        run(task.preprocess(body)[None])
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run(task.preprocess(bodies[done % len(bodies)])[None])
+        done += 1
+    queue.put(done / (time.perf_counter() - started))
+
+
+def in_process_limit(spec: ModelSpec, fmt: str, bodies: list[bytes], seconds: float) -> dict[str, Any]:
+    """decode + preprocess + inference, one process per core with one thread each."""
+    from handlers.runtimes import available_cores
+    from servetool import archive
+    from servetool.package import convert
+
+    tmp = Path(tempfile.mkdtemp(prefix="servetool-limit-"))
+    artifact, _ = convert(spec, fmt, tmp)
+    config = archive.handler_config(spec, artifact)
+    queue = mp.get_context("spawn").Queue()
+    procs = [mp.get_context("spawn").Process(target=_limit_worker, args=(
+        str(artifact.path), artifact.format.runtime, config, bodies, seconds, queue))
+        for _ in range(available_cores())]
+    for p in procs:
+        p.start()
+    rates = [queue.get(timeout=seconds + 300) for _ in procs]
+    for p in procs:
+        p.join()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"throughput": round(sum(rates), 2), "processes": len(procs)}
+
+
+# --- 2. Flask dev server + eager PyTorch ---------------------------------------------------
+FLASK_APP = textwrap.dedent('''
+    """The classic first serving tutorial: Flask, eager PyTorch, Pillow preprocessing."""
+    import io, json, sys
+    import numpy as np, torch
+    from flask import Flask, request, jsonify
+    from PIL import Image
+    sys.path.insert(0, sys.argv[2])
+    from servetool.export import load_original
+    from servetool.spec import load_spec
+
+    spec = load_spec(sys.argv[1])
+    model = load_original(spec)
+    pre = spec.preprocess
+    app = Flask(__name__)
+
+    @app.post("/predict")
+    def predict():
+        image = Image.open(io.BytesIO(request.get_data())).convert("L" if pre.grayscale else "RGB")
+        if pre.resize:
+            image = image.resize((pre.resize[1], pre.resize[0]))
+        if pre.center_crop:
+            h, w = pre.center_crop
+            left, top = (image.width - w) // 2, (image.height - h) // 2
+            image = image.crop((left, top, left + w, top + h))
+        x = torch.from_numpy(np.asarray(image, np.float32) / 255.0)
+        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+        x = (x - torch.tensor(pre.mean).view(-1, 1, 1)) / torch.tensor(pre.std).view(-1, 1, 1)
+        with torch.no_grad():
+            probs = torch.softmax(model(x[None])[0], 0)
+        top = torch.topk(probs, min(5, probs.numel()))
+        return jsonify({str(int(i)): float(p) for p, i in zip(top.values, top.indices)})
+
+    app.run(host="127.0.0.1", port=int(sys.argv[3]), threaded=True)
+''')
+
+
+def flask_server(spec: ModelSpec, workdir: Path) -> tuple[subprocess.Popen, str, dict]:
+    app = workdir / "flask_app.py"
+    app.write_text(FLASK_APP)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(app), str(spec.spec_file), str(ROOT), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    wait_http(f"http://127.0.0.1:{port}/")
+    return proc, f"http://127.0.0.1:{port}/predict", {}
+
+
+# --- 3. stock TorchServe, tutorial handler, defaults ---------------------------------------
+TUTORIAL_HANDLER = textwrap.dedent('''
+    """A tutorial-style handler: BaseHandler, eager model from model.py + state_dict, Pillow."""
+    import io
+    import numpy as np
+    import torch
+    from PIL import Image
+    from ts.torch_handler.base_handler import BaseHandler
+
+    PRE = __PRE__
+
+    class TutorialHandler(BaseHandler):
+        def preprocess(self, data):
+            batch = []
+            for row in data:
+                raw = row.get("data") or row.get("body")
+                image = Image.open(io.BytesIO(raw)).convert("L" if PRE["grayscale"] else "RGB")
+                if PRE["resize"]:
+                    image = image.resize((PRE["resize"][1], PRE["resize"][0]))
+                if PRE["center_crop"]:
+                    h, w = PRE["center_crop"]
+                    left, top = (image.width - w) // 2, (image.height - h) // 2
+                    image = image.crop((left, top, left + w, top + h))
+                x = torch.from_numpy(np.asarray(image, np.float32) / 255.0)
+                x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+                mean = torch.tensor(PRE["mean"]).view(-1, 1, 1)
+                std = torch.tensor(PRE["std"]).view(-1, 1, 1)
+                batch.append((x - mean) / std)
+            return torch.stack(batch)
+
+        def postprocess(self, data):
+            probs = torch.softmax(data, 1)
+            top = torch.topk(probs, min(5, probs.shape[1]), dim=1)
+            return [{str(int(i)): float(p) for p, i in zip(v, ix)}
+                    for v, ix in zip(top.values, top.indices)]
+''')
+
+
+def stock_torchserve(spec: ModelSpec, workdir: Path) -> tuple[subprocess.Popen, str, dict]:
+    import torch
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    store = workdir / "stock_store"
+    store.mkdir()
+    handler = workdir / "tutorial_handler.py"
+    handler.write_text(TUTORIAL_HANDLER.replace("__PRE__", repr(spec.preprocess.as_dict())))
+    # BaseHandler wants model.py to define exactly one class: the tutorial's shape
+    (workdir / "user_model.py").write_text(spec.source.model_file.read_text())
+    model_def = workdir / "model.py"
+    model_def.write_text(f"from user_model import {spec.source.class_name} as _Base\n\n\n"
+                         f"class Model(_Base):\n    pass\n")
+    weights = workdir / "weights.pt"
+    torch.save(export.load_original(spec).state_dict(), weights)
+    generate_model_archive(ModelArchiverConfig(
+        model_name=spec.name, handler=str(handler), version="1.0", serialized_file=str(weights),
+        model_file=str(model_def), extra_files=str(workdir / "user_model.py"),
+        export_path=str(store), force=True))
+    ports = {k: free_port() for k in ("inference", "management", "metrics", "gi", "gm")}
+    config = workdir / "stock.properties"  # only what must differ: ports, to avoid collisions
+    config.write_text(f"inference_address=http://127.0.0.1:{ports['inference']}\n"
+                      f"management_address=http://127.0.0.1:{ports['management']}\n"
+                      f"metrics_address=http://127.0.0.1:{ports['metrics']}\n"
+                      f"grpc_inference_port={ports['gi']}\ngrpc_management_port={ports['gm']}\n")
+    (workdir / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(workdir / "tmp")}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
+         "--model-store", str(store), "--models", f"{spec.name}={spec.name}.mar",
+         "--ts-config", str(config)], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    key_file = workdir / "key_file.json"
+    deadline = time.monotonic() + 180
+    while not key_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    keys = json.loads(key_file.read_text())
+    headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
+    url = f"http://127.0.0.1:{ports['inference']}/predictions/{spec.name}"
+    _wait_prediction(url, headers)
+    return proc, url, headers
+
+
+def _wait_prediction(url: str, headers: dict, timeout_s: float = 180) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.post(url, data=SAMPLE_BODY[0], headers=headers, timeout=30).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} answered no prediction within {timeout_s} s")
+
+
+# --- 4. servetool's default deployment -----------------------------------------------------
+def servetool_default(spec: ModelSpec, workdir: Path) -> tuple[LocalTarget, str, dict]:
+    store = workdir / "servetool_store"
+    package(spec, store)
+    ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference",
+                                      "grpc_management")}
+    target = LocalTarget(ServerOptions(run_dir=workdir / "servetool_run", model_store=store,
+                                       base_config=ROOT / "config.properties", ports=ports))
+    target.deploy([spec.name])
+    client = target.client()
+    headers = {"Authorization": f"Bearer {client.token('inference')}"}
+    return target, f"{target.running().url('inference')}/predictions/{spec.name}", headers
+
+
+SAMPLE_BODY: list[bytes] = []
+
+
+def stop(handle) -> None:
+    if isinstance(handle, LocalTarget):
+        handle.down()
+        return
+    try:
+        os.killpg(handle.pid, signal.SIGTERM)
+        handle.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(handle.pid, signal.SIGKILL)
+
+
+def measure(name: str, url: str, headers: dict, payloads, args) -> dict[str, Any]:
+    run_load(url, payloads, concurrency=args.concurrency, requests=2 * args.concurrency,
+             duration_s=None, headers=headers)  # warm every worker
+    say(f"{name}: {args.concurrency} clients for {args.duration:.0f} s")
+    summary = run_load(url, payloads, concurrency=args.concurrency, duration_s=args.duration,
+                       headers=headers).summary()
+    return {"setup": name, **{k: summary[k] for k in ("throughput", "p50_ms", "p99_ms", "sent",
+                                                      "ok", "errors", "lost",
+                                                      "generator_cpu_share")}}
+
+
+def bench_model(model: str, args) -> dict[str, Any]:
+    spec = load_spec(ROOT / "models" / model)
+    payloads = load_payloads([ROOT / "models" / model / "samples"])
+    bodies = [p[0] for p in payloads]
+    SAMPLE_BODY[:] = bodies[:1]
+    rows = []
+    say(f"{model}: in-process limit ({spec.format}, decode + preprocess + inference)")
+    limit = in_process_limit(spec, spec.format, bodies, args.duration / 2)
+    rows.append({"setup": f"in-process limit ({spec.format}, {limit['processes']} proc x 1 thread)",
+                 "throughput": limit["throughput"]})
+    if args.int8:
+        int8 = in_process_limit(spec, "onnx-int8-static", bodies, args.duration / 2)
+        rows.append({"setup": f"in-process limit (onnx-int8-static, {int8['processes']} proc x 1 thread)",
+                     "throughput": int8["throughput"]})
+    setups = [("Flask dev server + eager PyTorch", flask_server),
+              ("stock TorchServe (tutorial handler, defaults)", stock_torchserve),
+              ("servetool default deployment", servetool_default)]
+    for name, start in setups:
+        if args.only and not any(o in name for o in args.only):
+            continue
+        workdir = Path(tempfile.mkdtemp(prefix="servetool-serving-"))
+        say(f"{model}: starting {name}")
+        handle = None
+        try:
+            handle, url, headers = start(spec, workdir)
+            rows.append(measure(name, url, headers, payloads, args))
+        finally:
+            if handle is not None:
+                stop(handle)
+            shutil.rmtree(workdir, ignore_errors=True)
+    for row in rows:
+        row["vs_limit"] = round(row["throughput"] / limit["throughput"], 3)
+    return {"model": model, "concurrency": args.concurrency, "duration_s": args.duration,
+            "payloads": len(payloads), "rows": rows}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"\n{result['model']}: {result['concurrency']} clients, {result['duration_s']:.0f} s each, "
+             f"{result['payloads']} payload file(s)",
+             f"{'setup':58} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs limit':>9} {'errors':>7} "
+             f"{'lost':>5} {'gen CPU':>8}"]
+    for r in result["rows"]:
+        errors = sum(r.get("errors", {}).values()) if "errors" in r else "-"
+        gen = f"{r['generator_cpu_share']:.0%}" if "generator_cpu_share" in r else "-"
+        lines.append(f"{r['setup']:58} {r['throughput']:8.1f} {r.get('p50_ms') or '-':>8} "
+                     f"{r.get('p99_ms') or '-':>8} {r['vs_limit']:9.2f} {errors:>7} "
+                     f"{r.get('lost', '-'):>5} {gen:>8}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "digits"])
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--only", nargs="*", help="run only setups whose name contains one of these")
+    parser.add_argument("--no-int8", dest="int8", action="store_false",
+                        help="skip the int8 in-process limit")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    try:
+        import flask  # noqa: F401
+    except ImportError:
+        sys.exit("Flask is needed for the baseline: .venv/bin/pip install -e '.[bench]'")
+    results = [bench_model(m, args) for m in args.models]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(table(r) for r in results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""A closed-loop HTTP load generator for a served model: `servetool bench serve`.
+
+Each of `concurrency` threads keeps one keep-alive connection and sends the next request as soon as
+the last answer arrived. Every request sent is accounted for exactly once: answered 2xx, answered
+with an error status, or lost (the connection failed or timed out before any answer). The
+generator also reports its own CPU use, because on a small machine a load generator that eats a
+core is part of what it measures.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+Payload = tuple[bytes, str]  # body, content type
+CONTENT_TYPES = {".json": "application/json"}
+
+
+@dataclass
+class Sample:
+    start_s: float  # since the run began
+    latency_ms: float
+    status: int  # 0: lost
+
+
+@dataclass
+class LoadResult:
+    url: str
+    concurrency: int
+    duration_s: float
+    sent: int
+    ok: int
+    errors: dict[int, int]
+    lost: int
+    generator_cpu_s: float
+    samples: list[Sample] = field(default_factory=list, repr=False)
+
+    def _ok_latencies(self) -> np.ndarray:
+        return np.array([s.latency_ms for s in self.samples if 200 <= s.status < 300])
+
+    def summary(self) -> dict[str, Any]:
+        lat = self._ok_latencies()
+        pct = (lambda q: round(float(np.percentile(lat, q)), 2)) if lat.size else (lambda q: None)
+        return {
+            "url": self.url, "concurrency": self.concurrency,
+            "duration_s": round(self.duration_s, 2), "sent": self.sent, "ok": self.ok,
+            "errors": {str(k): v for k, v in sorted(self.errors.items())}, "lost": self.lost,
+            "throughput": round(self.ok / self.duration_s, 2) if self.duration_s else 0.0,
+            "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+            "mean_ms": round(float(lat.mean()), 2) if lat.size else None,
+            # share of one core the generator itself used: its overhead on the machine
+            "generator_cpu_share": round(self.generator_cpu_s / self.duration_s, 3)
+            if self.duration_s else 0.0,
+            "generator_cpu_ms_per_request": round(1000 * self.generator_cpu_s / max(1, self.sent), 3),
+        }
+
+
+def load_payloads(paths: list[Path]) -> list[Payload]:
+    files: list[Path] = []
+    for path in paths:
+        files += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise ValueError("no payload files given")
+    return [(f.read_bytes(), CONTENT_TYPES.get(f.suffix.lower(), "application/octet-stream"))
+            for f in files]
+
+
+def run_load(url: str, payloads: list[Payload], *, concurrency: int = 8,
+             duration_s: float | None = 20.0, requests: int | None = None,
+             headers: dict[str, str] | None = None, timeout_s: float = 30.0,
+             progress: Callable[[str], None] | None = None) -> LoadResult:
+    """Drive `url` with POSTs until `requests` are sent or `duration_s` has passed."""
+    if requests is None and duration_s is None:
+        raise ValueError("give a request count or a duration")
+    parts = urlsplit(url)
+    path = parts.path or "/"
+    tickets = itertools.count()
+    samples: list[list[Sample]] = [[] for _ in range(concurrency)]
+    stop = threading.Event()
+    begun = time.perf_counter()
+    deadline = begun + duration_s if duration_s is not None else float("inf")
+    cpu_before = time.process_time()
+
+    def worker(slot: int) -> None:
+        conn = None
+        mine = samples[slot]
+        while not stop.is_set():
+            ticket = next(tickets)
+            if (requests is not None and ticket >= requests) or time.perf_counter() >= deadline:
+                break
+            body, content_type = payloads[ticket % len(payloads)]
+            sent_at = time.perf_counter()
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+                conn.request("POST", path, body=body,
+                             headers={"Content-Type": content_type, **(headers or {})})
+                reply = conn.getresponse()
+                reply.read()
+                status = reply.status
+                if reply.will_close:
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException):
+                status = 0
+                if conn is not None:
+                    conn.close()
+                conn = None
+            mine.append(Sample(sent_at - begun, (time.perf_counter() - sent_at) * 1000, status))
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    if progress is not None:
+        _report_progress(threads, samples, begun, duration_s, requests, progress)
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - begun
+    flat = sorted((s for slot in samples for s in slot), key=lambda s: s.start_s)
+    statuses = Counter(s.status for s in flat)
+    return LoadResult(
+        url=url, concurrency=concurrency, duration_s=elapsed, sent=len(flat),
+        ok=sum(n for code, n in statuses.items() if 200 <= code < 300),
+        errors={code: n for code, n in statuses.items() if code and not 200 <= code < 300},
+        lost=statuses.get(0, 0), generator_cpu_s=time.process_time() - cpu_before, samples=flat)
+
+
+def _report_progress(threads, samples, begun, duration_s, requests, progress) -> None:
+    while any(t.is_alive() for t in threads):
+        time.sleep(0.5)
+        elapsed = time.perf_counter() - begun
+        if int(elapsed * 2) % 4:  # every 2 s
+            continue
+        done = sum(len(s) for s in samples)
+        goal = f"/{requests}" if requests else f", {elapsed:.0f}/{duration_s:.0f} s"
+        progress(f"{done}{goal} requests, {done / elapsed:.1f} req/s")
+
+
+def write_outputs(result: LoadResult, out_dir: Path, stem: str) -> dict[str, str]:
+    """Summary as Markdown and CSV, every request as CSV, and a PNG latency chart."""
+    import csv
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = result.summary()
+    base = out_dir / stem
+    with open(f"{base}-requests.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["start_s", "latency_ms", "status"])
+        writer.writerows((f"{s.start_s:.4f}", f"{s.latency_ms:.3f}", s.status) for s in result.samples)
+    with open(f"{base}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(summary))
+        writer.writerow([summary[k] if not isinstance(summary[k], dict) else
+                         ";".join(f"{c}={n}" for c, n in summary[k].items()) for k in summary])
+    Path(f"{base}.md").write_text(markdown(summary))
+    _chart(result, Path(f"{base}.png"))
+    return {"markdown": f"{base}.md", "csv": f"{base}.csv", "requests_csv": f"{base}-requests.csv",
+            "png": f"{base}.png"}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    errors = ", ".join(f"{c}: {n}" for c, n in summary["errors"].items()) or "none"
+    return "\n".join([
+        f"# Load on {summary['url']}", "",
+        "| clients | duration s | sent | ok | errors | lost | req/s | p50 ms | p90 ms | p99 ms | "
+        "generator CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {summary['concurrency']} | {summary['duration_s']} | {summary['sent']} | {summary['ok']} "
+        f"| {errors} | {summary['lost']} | {summary['throughput']} | {summary['p50_ms']} | "
+        f"{summary['p90_ms']} | {summary['p99_ms']} | {summary['generator_cpu_share']:.1%} of a core |",
+        ""])
+
+
+def _chart(result: LoadResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    good = [s for s in result.samples if 200 <= s.status < 300]
+    bad = [s for s in result.samples if not 200 <= s.status < 300]
+    left.scatter([s.start_s for s in good], [s.latency_ms for s in good], s=3, label="2xx")
+    if bad:
+        left.scatter([s.start_s for s in bad], [s.latency_ms for s in bad], s=6, c="red",
+                     label="error / lost")
+    left.set_xlabel("time (s)")
+    left.set_ylabel("latency (ms)")
+    left.legend(loc="upper right")
+    left.set_title("latency over the run")
+    lat = np.sort([s.latency_ms for s in good])
+    if lat.size:
+        right.plot(lat, np.arange(1, lat.size + 1) / lat.size)
+        for q in (50, 90, 99):
+            right.axvline(np.percentile(lat, q), ls=":", c="grey")
+            right.annotate(f"p{q}", (np.percentile(lat, q), 0.05), fontsize=8)
+    right.set_xlabel("latency (ms)")
+    right.set_title("latency distribution (CDF)")
+    summary = result.summary()
+    fig.suptitle(f"{summary['throughput']} req/s with {result.concurrency} clients")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
