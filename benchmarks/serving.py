@@ -25,6 +25,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from servetool import export  # noqa: E402
-from servetool.bench.serve import load_payloads, run_load  # noqa: E402
+from servetool.bench.serve import load_payloads, payload_files, run_load, run_wrk, wrk_path  # noqa: E402
 from servetool.package import package  # noqa: E402
 from servetool.spec import ModelSpec, load_spec  # noqa: E402
 from servetool.targets.local import LocalTarget  # noqa: E402
@@ -274,21 +275,31 @@ def stop(handle) -> None:
         os.killpg(handle.pid, signal.SIGKILL)
 
 
-def measure(name: str, url: str, headers: dict, payloads, args) -> dict[str, Any]:
-    run_load(url, payloads, concurrency=args.concurrency, requests=2 * args.concurrency,
-             duration_s=None, headers=headers)  # warm every worker
+def measure(name: str, url: str, headers: dict, files, args) -> dict[str, Any]:
+    """Warm up, then measure, with wrk where installed (a tenth of the Python engine's CPU, which
+    on 2 cores is CPU taken from the server under test) and the Python engine otherwise."""
+    def load(seconds: float):
+        if wrk_path() and not args.python_engine:
+            return run_wrk(url, files, concurrency=args.concurrency, duration_s=seconds,
+                           headers=headers)
+        return run_load(url, load_payloads(files), concurrency=args.concurrency,
+                        duration_s=seconds, headers=headers)
+
+    # Warm up for a while, not a few requests: a JVM compiles TorchServe's hot paths under load.
+    say(f"{name}: warming up for {args.warmup:.0f} s")
+    load(args.warmup)
     say(f"{name}: {args.concurrency} clients for {args.duration:.0f} s")
-    summary = run_load(url, payloads, concurrency=args.concurrency, duration_s=args.duration,
-                       headers=headers).summary()
-    return {"setup": name, **{k: summary[k] for k in ("throughput", "p50_ms", "p99_ms", "sent",
+    summary = load(args.duration).summary()
+    return {"setup": name, **{k: summary[k] for k in ("engine", "throughput", "p50_ms", "p99_ms",
+                                                      "sent",
                                                       "ok", "errors", "lost",
                                                       "generator_cpu_share")}}
 
 
 def bench_model(model: str, args) -> dict[str, Any]:
     spec = load_spec(ROOT / "models" / model)
-    payloads = load_payloads([ROOT / "models" / model / "samples"])
-    bodies = [p[0] for p in payloads]
+    files = payload_files([ROOT / "models" / model / "samples"])
+    bodies = [f.read_bytes() for f in files]
     SAMPLE_BODY[:] = bodies[:1]
     rows = []
     say(f"{model}: in-process limit ({spec.format}, decode + preprocess + inference)")
@@ -302,6 +313,10 @@ def bench_model(model: str, args) -> dict[str, Any]:
     setups = [("Flask dev server + eager PyTorch", flask_server),
               ("stock TorchServe (tutorial handler, defaults)", stock_torchserve),
               ("servetool default deployment", servetool_default)]
+    if args.int8:  # the same deployment, with the format swapped for one that passes the gate
+        setups.append(("servetool default deployment, onnx-int8-static",
+                       lambda spec, workdir: servetool_default(replace(spec, format="onnx-int8-static"),
+                                                               workdir)))
     for name, start in setups:
         if args.only and not any(o in name for o in args.only):
             continue
@@ -310,7 +325,7 @@ def bench_model(model: str, args) -> dict[str, Any]:
         handle = None
         try:
             handle, url, headers = start(spec, workdir)
-            rows.append(measure(name, url, headers, payloads, args))
+            rows.append(measure(name, url, headers, files, args))
         finally:
             if handle is not None:
                 stop(handle)
@@ -318,7 +333,7 @@ def bench_model(model: str, args) -> dict[str, Any]:
     for row in rows:
         row["vs_limit"] = round(row["throughput"] / limit["throughput"], 3)
     return {"model": model, "concurrency": args.concurrency, "duration_s": args.duration,
-            "payloads": len(payloads), "rows": rows}
+            "payloads": len(files), "rows": rows}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -340,9 +355,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18", "digits"])
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds of load before measuring")
     parser.add_argument("--only", nargs="*", help="run only setups whose name contains one of these")
     parser.add_argument("--no-int8", dest="int8", action="store_false",
                         help="skip the int8 in-process limit")
+    parser.add_argument("--python-engine", action="store_true",
+                        help="drive the load with the Python engine even where wrk is installed")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     try:

@@ -25,6 +25,14 @@ if ! command -v java >/dev/null 2>&1 || [ "$(java_major)" -lt 11 ]; then
 fi
 say "java $(java_major) found"
 
+# wrk, the compiled load generator `servetool bench serve` prefers (a Python one is the fallback).
+if ! command -v wrk >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing wrk (load generator) with apt"
+  { apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1 ||
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1; }; } ||
+    say "wrk could not be installed; bench serve will use its Python engine"
+fi
+
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   say "Python 3.11+ is needed (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11"

@@ -383,16 +383,27 @@ def bench_formats_command(model_dir: Path, formats: tuple[str, ...], batch: int,
 @click.option("--duration", type=float, default=20.0, show_default=True, help="Seconds to run.")
 @click.option("--requests", "count", type=click.IntRange(min=1), default=None,
               help="Send exactly this many requests instead of running for --duration.")
+@click.option("--engine", type=click.Choice(["auto", "wrk", "python"]), default="auto",
+              show_default=True,
+              help="auto: wrk when installed (least CPU), Python when not or with --requests.")
 @click.option("--version", "model_version", default=None, help="A model version.")
 @click.option("--out", type=click.Path(path_type=Path), default="bench", show_default=True)
 @server_options
 @json_option
 @friendly_errors
 def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int, duration: float,
-                        count: int | None, model_version: str | None, out: Path, run_dir: Path,
-                        model_store: Path, as_json: bool) -> None:
+                        count: int | None, engine: str, model_version: str | None, out: Path,
+                        run_dir: Path, model_store: Path, as_json: bool) -> None:
     """Load-test a deployed MODEL: throughput, p50/p90/p99 latency, errors by status, lost requests."""
-    from servetool.bench.serve import load_payloads, markdown, run_load, write_outputs
+    from servetool.bench.serve import (
+        load_payloads,
+        markdown,
+        payload_files,
+        run_load,
+        run_wrk,
+        write_outputs,
+        wrk_path,
+    )
 
     target = make_target(run_dir, model_store)
     client = target.client()
@@ -404,12 +415,21 @@ def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int
     token = client.token("inference")
     url = f"{client.state.url('inference')}/predictions/{model}"
     url += f"/{model_version}" if model_version else ""
+    if engine == "wrk" and (count or not wrk_path()):
+        raise ServetoolError("--engine wrk needs wrk installed (apt-get install wrk) and runs "
+                             "for --duration, not --requests")
+    use_wrk = engine == "wrk" or (engine == "auto" and not count and wrk_path() is not None)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     progress(f"{concurrency} clients on {url} for "
-             + (f"{count} requests" if count else f"{duration:.0f} s"))
-    result = run_load(url, load_payloads(sources), concurrency=concurrency,
-                      duration_s=None if count else duration, requests=count,
-                      headers={"Authorization": f"Bearer {token}"} if token else {},
-                      progress=progress)
+             + (f"{count} requests" if count else f"{duration:.0f} s")
+             + f" ({'wrk' if use_wrk else 'Python'} engine)")
+    if use_wrk:
+        result = run_wrk(url, payload_files(sources), concurrency=concurrency,
+                         duration_s=duration, headers=headers)
+    else:
+        result = run_load(url, load_payloads(sources), concurrency=concurrency,
+                          duration_s=None if count else duration, requests=count,
+                          headers=headers, progress=progress)
     summary = result.summary()
     summary["files"] = write_outputs(result, out, f"{model}-serve")
     emit(summary, as_json, markdown(summary) + "\nWritten: " + ", ".join(summary["files"].values()))

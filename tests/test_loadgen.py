@@ -7,11 +7,12 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from servetool.bench.serve import load_payloads, run_load, write_outputs
+from servetool.bench.serve import load_payloads, run_load, run_wrk, write_outputs, wrk_path
 
 
 class Known(BaseHTTPRequestHandler):
@@ -108,3 +109,31 @@ def test_payload_folders_and_content_types(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError):
         load_payloads([tmp_path / "empty"])
+
+
+needs_wrk = pytest.mark.skipif(wrk_path() is None, reason="wrk is not installed (setup installs it)")
+
+
+@needs_wrk
+def test_wrk_engine_classifies_the_same_answers(server, tmp_path):
+    files = []
+    for body in ("ok", "bad", "busy"):
+        (tmp_path / f"{body}.txt").write_text(body)
+        files.append(tmp_path / f"{body}.txt")
+    Known.seen.clear()
+    result = run_wrk(server, files, concurrency=3, duration_s=2, headers={"Authorization": "Bearer w"})
+    summary = result.summary()
+    assert summary["engine"] == "wrk" and summary["lost"] == 0
+    assert set(summary["errors"]) == {"400", "503"}
+    assert summary["ok"] + sum(summary["errors"].values()) == summary["sent"] > 30
+    # the three bodies take turns, so each status holds about a third of the answers
+    assert abs(summary["ok"] - summary["errors"]["400"]) <= 3 + summary["sent"] // 10
+    assert 10 <= summary["p50_ms"] < 200 and set(Known.seen) == {"Bearer w"}
+    assert Path(write_outputs(result, tmp_path / "out", "w")["png"]).is_file()
+
+
+@needs_wrk
+def test_wrk_engine_counts_dropped_connections_as_lost(server, tmp_path):
+    (tmp_path / "drop.txt").write_text("drop")
+    result = run_wrk(server, [tmp_path / "drop.txt"], concurrency=2, duration_s=1)
+    assert result.ok == 0 and result.lost > 0 and result.sent == result.lost

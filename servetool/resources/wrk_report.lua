@@ -1,0 +1,52 @@
+-- servetool's wrk script: POST the payload files in turn, count answers by status, and print one
+-- JSON line at the end. Arguments: AUTH_HEADER_OR_DASH FILE CONTENT_TYPE [FILE CONTENT_TYPE ...]
+local threads = {}
+local bodies, types, auth = {}, {}, nil
+local next_body = 0
+counts = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  if args[1] ~= "-" then auth = args[1] end
+  for i = 2, #args, 2 do
+    local f = assert(io.open(args[i], "rb"))
+    table.insert(bodies, f:read("*all"))
+    f:close()
+    table.insert(types, args[i + 1])
+  end
+end
+
+function request()
+  next_body = next_body % #bodies + 1
+  local headers = { ["Content-Type"] = types[next_body] }
+  if auth then headers["Authorization"] = auth end
+  return wrk.format("POST", nil, headers, bodies[next_body])
+end
+
+function response(status, headers, body)
+  counts[status] = (counts[status] or 0) + 1
+end
+
+function done(summary, latency, requests)
+  local merged = {}
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("counts")) do
+      merged[status] = (merged[status] or 0) + n
+    end
+  end
+  local parts = {}
+  for status, n in pairs(merged) do
+    table.insert(parts, string.format('"%d": %d', status, n))
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'SERVETOOL_WRK {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, ' ..
+    '"write": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "mean_us": %.1f, ' ..
+    '"statuses": {%s}}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean,
+    table.concat(parts, ", ")))
+end
