@@ -51,7 +51,7 @@ class ServeHandler:
             with open(os.path.join(model_dir, config["labels"]), encoding="utf-8") as f:
                 return [line.strip() for line in f if line.strip()]
         from_model = self.runtime.metadata.get("labels")
-        return json.loads(from_model) or None if from_model else None
+        return (json.loads(from_model) or None) if from_model else None
 
     def preprocess(self, requests: list[dict[str, Any]]) -> list[np.ndarray | RequestError]:
         items: list[np.ndarray | RequestError] = []
