@@ -85,7 +85,7 @@ def main() -> None:
       servetool package models/digits     # export, check parity, build model_store/digits.mar
       servetool deploy                    # start TorchServe on 127.0.0.1, register every archive
       servetool predict digits models/digits/samples/digit_3.png
-      servetool scale digits --workers 2
+      servetool scale digits --workers 3
       servetool status
       servetool stop
     """
