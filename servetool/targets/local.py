@@ -103,7 +103,8 @@ class LocalTarget:
 
     def _deploy_one(self, client: Client, state: torchserve.ServerState, path: Path,
                     record: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        meta = archive.archive_manifest(path)["manifest"]["model"]
+        contents = archive.archive_manifest(path)
+        meta = contents["manifest"]["model"]
         name, version = meta["modelName"], meta["modelVersion"]
         digest = archive.archive_digest(path)
         versions = _registered_versions(client, name)
@@ -120,7 +121,7 @@ class LocalTarget:
             else:
                 action = "registered" if not versions else "upgraded"
             self.progress(f"{name} {version}: registering {path.name} and starting workers")
-            self._register(client, state, path, name, version, meta)
+            self._register(client, state, path, name, version, contents["config"])
             if versions:
                 client.set_default(name, version)
                 for old in versions:
@@ -132,8 +133,7 @@ class LocalTarget:
                 "workers": workers, "predictions_url": f"{state.url('inference')}/predictions/{name}"}
 
     def _register(self, client: Client, state: torchserve.ServerState, path: Path, name: str,
-                  version: str, meta: dict[str, Any]) -> None:
-        config = archive.archive_manifest(path)["config"]
+                  version: str, config: dict[str, Any]) -> None:
         workers = int(config.get("minWorkers") or default_workers())
         try:
             client.register(path.name, name, workers, timeout=float(config.get("responseTimeout", 120)) + 120)
