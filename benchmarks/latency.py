@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -24,17 +23,7 @@ sys.path.insert(0, str(ROOT))
 from servetool.package import package  # noqa: E402
 from servetool.spec import load_spec  # noqa: E402
 from servetool.targets.local import LocalTarget  # noqa: E402
-from servetool.torchserve import ServerOptions  # noqa: E402
-
-
-def free_ports(names: list[str]) -> dict[str, int]:
-    sockets = [socket.socket() for _ in names]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = {n: s.getsockname()[1] for n, s in zip(names, sockets, strict=True)}
-    for s in sockets:
-        s.close()
-    return ports
+from servetool.torchserve import ServerOptions, free_ports  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         package(load_spec(ROOT / "models/digits"), store)
-        ports = free_ports(["inference", "management", "metrics", "grpc_inference", "grpc_management"])
+        ports = free_ports()
         target = LocalTarget(ServerOptions(run_dir=Path(tmp) / "run", model_store=store,
                                            base_config=ROOT / "config.properties", ports=ports))
         try:

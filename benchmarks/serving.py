@@ -19,7 +19,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,17 +36,11 @@ from servetool.bench.serve import load_payloads, payload_files, run_load, run_wr
 from servetool.package import package  # noqa: E402
 from servetool.spec import ModelSpec, load_spec  # noqa: E402
 from servetool.targets.local import LocalTarget  # noqa: E402
-from servetool.torchserve import ServerOptions  # noqa: E402
+from servetool.torchserve import ServerOptions, free_ports  # noqa: E402
 
 
 def say(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout_s: float = 120, headers: dict | None = None) -> None:
@@ -143,7 +136,7 @@ FLASK_APP = textwrap.dedent('''
 def flask_server(spec: ModelSpec, workdir: Path) -> tuple[subprocess.Popen, str, dict]:
     app = workdir / "flask_app.py"
     app.write_text(FLASK_APP)
-    port = free_port()
+    port = free_ports(("flask",))["flask"]
     proc = subprocess.Popen([sys.executable, str(app), str(spec.spec_file), str(ROOT), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -209,12 +202,13 @@ def stock_torchserve(spec: ModelSpec, workdir: Path) -> tuple[subprocess.Popen, 
         model_name=spec.name, handler=str(handler), version="1.0", serialized_file=str(weights),
         model_file=str(model_def), extra_files=str(workdir / "user_model.py"),
         export_path=str(store), force=True))
-    ports = {k: free_port() for k in ("inference", "management", "metrics", "gi", "gm")}
+    ports = free_ports()
     config = workdir / "stock.properties"  # only what must differ: ports, to avoid collisions
     config.write_text(f"inference_address=http://127.0.0.1:{ports['inference']}\n"
                       f"management_address=http://127.0.0.1:{ports['management']}\n"
                       f"metrics_address=http://127.0.0.1:{ports['metrics']}\n"
-                      f"grpc_inference_port={ports['gi']}\ngrpc_management_port={ports['gm']}\n")
+                      f"grpc_inference_port={ports['grpc_inference']}\n"
+                      f"grpc_management_port={ports['grpc_management']}\n")
     (workdir / "tmp").mkdir()
     env = {**os.environ, "TMPDIR": str(workdir / "tmp")}
     proc = subprocess.Popen(
@@ -251,8 +245,7 @@ def _wait_prediction(url: str, headers: dict, timeout_s: float = 180) -> None:
 def servetool_default(spec: ModelSpec, workdir: Path) -> tuple[LocalTarget, str, dict]:
     store = workdir / "servetool_store"
     package(spec, store)
-    ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference",
-                                      "grpc_management")}
+    ports = free_ports()
     target = LocalTarget(ServerOptions(run_dir=workdir / "servetool_run", model_store=store,
                                        base_config=ROOT / "config.properties", ports=ports))
     target.deploy([spec.name])

@@ -181,6 +181,18 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def free_ports(names: tuple[str, ...] = tuple(DEFAULT_PORTS)) -> dict[str, int]:
+    """Distinct free loopback ports, one per API name (all bound at once, so none repeats)."""
+    sockets = [socket.socket() for _ in names]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return {name: s.getsockname()[1] for name, s in zip(names, sockets, strict=True)}
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def torchserve_command() -> str:
     sibling = Path(sys.executable).with_name("torchserve")
     found = str(sibling) if sibling.exists() else shutil.which("torchserve")

@@ -132,16 +132,18 @@ def _compare(name: str, pairs, fmt: str, limits: Limits, problems: list[str]) ->
     return OutputParity(name, max_abs, max_rel, bound, top1, list(pairs[0][0].shape[1:]))
 
 
+def top1_accuracy(run, x: np.ndarray, y: np.ndarray) -> float:
+    """Share of samples whose first output's argmax is the label."""
+    hits = 0
+    for start in range(0, len(x), ACCURACY_BATCH):
+        out = run(np.ascontiguousarray(x[start:start + ACCURACY_BATCH]))[0]
+        hits += int((np.asarray(out).argmax(1) == y[start:start + ACCURACY_BATCH]).sum())
+    return hits / len(x)
+
+
 def check_accuracy(original, artifact, x: np.ndarray, y: np.ndarray, limits: Limits,
                    report: ValidationReport) -> ValidationReport:
-    def top1(run) -> float:
-        hits = 0
-        for start in range(0, len(x), ACCURACY_BATCH):
-            out = run(np.ascontiguousarray(x[start:start + ACCURACY_BATCH]))[0]
-            hits += int((np.asarray(out).argmax(1) == y[start:start + ACCURACY_BATCH]).sum())
-        return hits / len(x)
-
-    before, after = top1(original), top1(artifact)
+    before, after = top1_accuracy(original, x, y), top1_accuracy(artifact, x, y)
     drop = (before - after) * 100
     report.accuracy = Accuracy(len(x), before, after, drop)
     if drop > limits.max_accuracy_drop:

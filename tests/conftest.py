@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from servetool.export import import_file
 from servetool.package import package
 from servetool.spec import load_spec
 from servetool.targets.local import LocalTarget
-from servetool.torchserve import ServerOptions
+from servetool.torchserve import ServerOptions, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits"
@@ -55,23 +54,9 @@ FORMAT_TWINS = {"digits_fp16": "onnx-fp16", "digits_int8": "onnx-int8",
                 "digits_ovbf16": "openvino-bf16"}
 
 
-def free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def server_options(run_dir: Path, model_store: Path) -> ServerOptions:
-    names = ["inference", "management", "metrics", "grpc_inference", "grpc_management"]
     return ServerOptions(run_dir=run_dir, model_store=model_store,
-                         base_config=ROOT / "config.properties",
-                         ports=dict(zip(names, free_ports(len(names)), strict=True)),
+                         base_config=ROOT / "config.properties", ports=free_ports(),
                          startup_timeout_s=120)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DIGITS, ROOT, free_ports, write_spec
+from servetool.torchserve import free_ports
+from tests.conftest import DIGITS, ROOT, write_spec
 
 SERVETOOL = str(Path(sys.executable).with_name("servetool"))
 COMMANDS = ["package", "deploy", "predict", "scale", "status", "token", "stop"]
@@ -84,7 +85,7 @@ def test_deploy_without_archives_or_java_is_explained(tmp_path, model_store):
 @pytest.mark.server
 def test_package_deploy_predict_scale_status_stop(tmp_path):
     store, run_dir = tmp_path / "store", tmp_path / "run"
-    ports = free_ports(5)
+    ports = list(free_ports().values())
     where = ["--run-dir", str(run_dir), "--model-store", str(store)]
     packaged = run("package", str(DIGITS), "--model-store", str(store), "--json")
     assert packaged.returncode == 0, packaged.stderr

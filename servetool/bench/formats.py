@@ -92,13 +92,10 @@ def _source_size(spec: ModelSpec) -> int:
 def _eager_accuracy(spec: ModelSpec, original) -> float | None:
     if spec.validation is None:
         return None
-    from servetool.validate import ACCURACY_BATCH
+    from servetool.validate import top1_accuracy
 
     x, y = spec.load_data(spec.validation)
-    run = export.runner_for(original)
-    hits = sum(int((run(np.ascontiguousarray(x[i:i + ACCURACY_BATCH]))[0].argmax(1)
-                    == y[i:i + ACCURACY_BATCH]).sum()) for i in range(0, len(x), ACCURACY_BATCH))
-    return hits / len(x)
+    return top1_accuracy(export.runner_for(original), x, y)
 
 
 def _row(fmt: str, precision: str, report, numbers: dict[str, Any], size: int,
