@@ -33,6 +33,16 @@ if ! command -v wrk >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-ge
     say "wrk could not be installed; bench serve will use its Python engine"
 fi
 
+# The Docker tests' engine (docker.io, started privately by scripts/docker-engine.sh) and debootstrap
+# for their locally built base image.
+if [ "${1:-}" = "--test" ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    scripts/docker-engine.sh install
+  else
+    say "not root: the tests marked docker need dockerd and debootstrap (apt-get install docker.io debootstrap)"
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   say "Python 3.11+ is needed (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11"

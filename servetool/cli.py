@@ -54,8 +54,14 @@ def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 
 
-def server_options(func):
-    """Where the server's files live and which addresses it takes."""
+TARGETS = ["local", "docker"]
+target_option = click.option(
+    "--target", type=click.Choice(TARGETS), envvar="SERVETOOL_TARGET", default="local",
+    show_default=True, help="Which deployment: the embedded local server or the Docker container.")
+
+
+def store_options(func):
+    """Where the server's files live and which archives it serves."""
     options = [
         click.option("--run-dir", type=click.Path(path_type=Path), envvar="SERVETOOL_RUN_DIR",
                       default=RUN_DIR_DEFAULT, show_default=True,
@@ -69,7 +75,18 @@ def server_options(func):
     return func
 
 
-def make_target(run_dir: Path, model_store: Path, **kwargs: Any):
+def server_options(func):
+    """store_options plus which deployment a command talks to."""
+    return target_option(store_options(func))
+
+
+def make_target(run_dir: Path, model_store: Path, target: str = "local", docker_opts: Any = None,
+                **kwargs: Any):
+    if target == "docker":
+        from servetool.targets.docker import DockerTarget
+
+        opts = ServerOptions(run_dir=run_dir / "docker", model_store=model_store, **kwargs)
+        return DockerTarget(opts, docker_opts, progress)
     from servetool.targets.local import LocalTarget
 
     return LocalTarget(ServerOptions(run_dir=run_dir, model_store=model_store, **kwargs), progress)
@@ -179,13 +196,15 @@ def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | 
 
 @main.command()
 @click.argument("models", nargs=-1)
-@click.option("--target", type=click.Choice(["local"]), default="local", show_default=True,
-              help="Where to run TorchServe (local: an embedded server on this machine).")
-@server_options
+@click.option("--target", type=click.Choice(TARGETS), default="local", show_default=True,
+              help="local: an embedded TorchServe on this machine; docker: servetool's image in a "
+                   "container.")
+@store_options
 @click.option("--config", "base_config", type=click.Path(path_type=Path), default=None,
               help="Base TorchServe config.properties [default: ./config.properties if present].")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. Anything but loopback exposes the APIs to the network.")
+              help="Address to listen on (local) or publish on (docker). Anything but loopback "
+                   "exposes the APIs to the network.")
 @click.option("--inference-port", type=int, default=DEFAULT_PORTS["inference"], show_default=True)
 @click.option("--management-port", type=int, default=DEFAULT_PORTS["management"], show_default=True)
 @click.option("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"], show_default=True)
@@ -195,16 +214,31 @@ def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | 
               show_default=True)
 @click.option("--timeout", type=float, default=300, show_default=True,
               help="Seconds to wait for the server and for each model's workers.")
+@click.option("--base-image", default=None,
+              help="docker: the image to build on [default: python:3.11-slim-bookworm].")
+@click.option("--network", type=click.Choice(["ports", "host"]), default="ports", show_default=True,
+              help="docker: publish the APIs on --host (ports) or share the host's network (host).")
+@click.option("--mount-models", is_flag=True,
+              help="docker: mount the model store read-only instead of baking the archives in.")
+@click.option("--image-tag", default=None, help="docker: tag for the image [default: from the "
+              "model names and a digest of the build context].")
+@click.option("--container-name", default="servetool", show_default=True)
+@click.option("--ca-cert", "ca_certs", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="docker: a CA certificate pip needs during the build (repeatable) [default: the "
+                   "ones in /usr/local/share/ca-certificates]. Used in the build stage only.")
 @json_option
 @friendly_errors
 def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Path,
            base_config: Path | None, host: str, inference_port: int, management_port: int,
            metrics_port: int, grpc_inference_port: int, grpc_management_port: int,
-           timeout: float, as_json: bool) -> None:
+           timeout: float, base_image: str | None, network: str, mount_models: bool,
+           image_tag: str | None, container_name: str, ca_certs: tuple[Path, ...],
+           as_json: bool) -> None:
     """Start TorchServe (if not running) and register MODELS (default: every archive).
 
     MODELS are model names (model_store/NAME.mar) or archive paths. Running it again registers
-    only the archives that changed.
+    only the archives that changed. With --target docker the image is built first (deploy/docker/
+    holds its context) and the container replaced when the image changed.
     """
     if host not in ("127.0.0.1", "localhost", "::1"):
         _stderr(f"warning: listening on {host}: the inference, management and metrics APIs are "
@@ -213,16 +247,27 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
         base_config = Path("config.properties")
     ports = {"inference": inference_port, "management": management_port, "metrics": metrics_port,
              "grpc_inference": grpc_inference_port, "grpc_management": grpc_management_port}
-    tgt = make_target(run_dir, model_store, base_config=base_config, host=host, ports=ports,
-                      startup_timeout_s=timeout)
+    docker_opts = None
+    if target == "docker":
+        from servetool.image import DEFAULT_BASE_IMAGE, ImageOptions
+        from servetool.targets.docker import DockerOptions
+
+        docker_opts = DockerOptions(
+            ImageOptions(model_store=model_store, base_image=base_image or DEFAULT_BASE_IMAGE,
+                         base_config=base_config, bake_models=not mount_models, tag=image_tag,
+                         ca_certs=list(ca_certs) or None),
+            network=network, container_name=container_name, publish_host=host)
+    tgt = make_target(run_dir, model_store, target, docker_opts, base_config=base_config,
+                      host=host, ports=ports, startup_timeout_s=timeout)
     result = tgt.deploy(models, timeout_s=timeout)
     emit(result, as_json, deploy_summary(result))
 
 
 def deploy_summary(result: dict[str, Any]) -> str:
     ep = result["endpoints"]
-    lines = [f"TorchServe {'started' if result['server_started'] else 'already running'} "
-             f"(run folder {result['run_dir']})",
+    where = (f"container {result['container']} from {result['image']['tag']}"
+             if result["target"] == "docker" else f"run folder {result['run_dir']}")
+    lines = [f"TorchServe {'started' if result['server_started'] else 'already running'} ({where})",
              f"  inference:  {ep['inference']}",
              f"  management: {ep['management']}",
              f"  metrics:    {ep['metrics']}"]
@@ -230,13 +275,14 @@ def deploy_summary(result: dict[str, Any]) -> str:
         ready = sum(w["status"] == "READY" for w in m["workers"])
         lines.append(f"  {m['name']} {m['version']}: {m['action']}, {ready} worker(s) READY, "
                      f"{m['predictions_url']}")
-    auth = ('-H "Authorization: Bearer $(servetool token)" ' if result["token_auth"] else "")
+    flag = " --target docker" if result["target"] == "docker" else ""
+    auth = (f'-H "Authorization: Bearer $(servetool token{flag})" ' if result["token_auth"] else "")
     if result["models"]:
         first = result["models"][0]
         lines += ["", "Predict with curl (token auth is on; `servetool token` prints the current key):",
                   f"  curl {auth}-T IMAGE_OR_JSON_FILE {first['predictions_url']}"]
-    lines += ["Scale: servetool scale NAME --workers N    Status: servetool status    "
-              "Stop: servetool stop"]
+    lines += [f"Scale: servetool scale NAME --workers N{flag}    Status: servetool status{flag}    "
+              f"Stop: servetool stop{flag}"]
     return "\n".join(lines)
 
 
@@ -251,9 +297,9 @@ def deploy_summary(result: dict[str, Any]) -> str:
 @json_option
 @friendly_errors
 def predict(model: str, file: Path, model_version: str | None, content_type: str | None,
-            run_dir: Path, model_store: Path, as_json: bool) -> None:
+            run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     """Send FILE to MODEL's prediction endpoint and print the answer."""
-    client = make_target(run_dir, model_store).client()
+    client = make_target(run_dir, model_store, target).client()
     if content_type is None:
         guessed = mimetypes.guess_type(file.name)[0]
         content_type = "application/json" if guessed == "application/json" else "application/octet-stream"
@@ -277,10 +323,10 @@ def predict(model: str, file: Path, model_version: str | None, content_type: str
 @server_options
 @json_option
 @friendly_errors
-def scale(model: str, workers: int, model_version: str | None, run_dir: Path, model_store: Path,
+def scale(model: str, workers: int, model_version: str | None, run_dir: Path, model_store: Path, target: str,
           as_json: bool) -> None:
     """Set MODEL's worker count through the management API and wait until they are READY."""
-    result = make_target(run_dir, model_store).scale(model, workers, model_version)
+    result = make_target(run_dir, model_store, target).scale(model, workers, model_version)
     emit(result, as_json, f"{model} {result['version']}: {len(result['workers'])} worker(s) READY")
 
 
@@ -288,9 +334,9 @@ def scale(model: str, workers: int, model_version: str | None, run_dir: Path, mo
 @server_options
 @json_option
 @friendly_errors
-def status(run_dir: Path, model_store: Path, as_json: bool) -> None:
+def status(run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     """Show the server, its models, versions and workers."""
-    result = make_target(run_dir, model_store).status()
+    result = make_target(run_dir, model_store, target).status()
     if not result["running"]:
         emit(result, as_json, f"no TorchServe running from {run_dir}")
         return
@@ -312,22 +358,21 @@ def status(run_dir: Path, model_store: Path, as_json: bool) -> None:
               show_default=True)
 @server_options
 @friendly_errors
-def token(kind: str, run_dir: Path, model_store: Path) -> None:
+def token(kind: str, run_dir: Path, model_store: Path, target: str) -> None:
     """Print the running server's current API key, for `Authorization: Bearer ...`."""
-    key = make_target(run_dir, model_store).client().token(kind)
+    key = make_target(run_dir, model_store, target).client().token(kind)
     if key is None:
         raise ServetoolError("token authorization is off on this server: send no header")
     click.echo(key)
 
 
 @main.command()
-@click.option("--target", type=click.Choice(["local"]), default="local", show_default=True)
 @server_options
 @json_option
 @friendly_errors
-def stop(target: str, run_dir: Path, model_store: Path, as_json: bool) -> None:
+def stop(run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     """Stop the server, its JVM and every worker."""
-    was_running = make_target(run_dir, model_store).down()
+    was_running = make_target(run_dir, model_store, target).down()
     emit({"target": target, "stopped": was_running}, as_json,
          "TorchServe stopped" if was_running else f"no TorchServe was running from {run_dir}")
 
@@ -393,7 +438,7 @@ def bench_formats_command(model_dir: Path, formats: tuple[str, ...], batch: int,
 @friendly_errors
 def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int, duration: float,
                         count: int | None, engine: str, model_version: str | None, out: Path,
-                        run_dir: Path, model_store: Path, as_json: bool) -> None:
+                        run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     """Load-test a deployed MODEL: throughput, p50/p90/p99 latency, errors by status, lost requests."""
     from servetool.bench.serve import (
         load_payloads,
@@ -405,7 +450,7 @@ def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int
         wrk_path,
     )
 
-    target = make_target(run_dir, model_store)
+    target = make_target(run_dir, model_store, target)
     client = target.client()
     if not client.has_model(model):
         raise ServetoolError(f"no model {model!r} is registered (see `servetool status`)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,14 @@ def _expired(entry: dict[str, Any]) -> bool:
 
 
 class Client:
-    def __init__(self, state: ServerState, timeout_s: float = 30.0) -> None:
+    def __init__(self, state: ServerState, timeout_s: float = 30.0,
+                 keys: Callable[[], dict[str, dict[str, Any]]] | None = None,
+                 keys_where: str | None = None) -> None:
+        """`keys` reads the server's key_file.json (default: from state.key_file on this machine;
+        the Docker target reads it inside the container)."""
         self.state = state
+        self._keys = keys or (lambda: read_keys(state.key_file))
+        self._keys_where = keys_where or str(state.key_file)
         self.timeout_s = timeout_s
         self.session = requests.Session()
         self.session.trust_env = False  # loopback: never through an HTTP proxy from the env
@@ -60,14 +67,15 @@ class Client:
         """The current `inference` or `management` key, renewed when it has expired."""
         if not self.state.token_auth:
             return None
-        keys = read_keys(self.state.key_file)
+        keys = self._keys()
         entry = keys.get(kind)
         if entry is None:
-            raise APIError(f"TorchServe has token authorization on but {self.state.key_file} has no "
+            raise APIError(f"TorchServe has token authorization on but {self._keys_where} has no "
                            f"{kind} key (yet)")
         if _expired(entry) and "API" in keys:
             self._renew(kind, keys["API"]["key"])
-            entry = read_keys(self.state.key_file).get(kind, entry)
+            getattr(self._keys, "invalidate", lambda: None)()
+            entry = self._keys().get(kind, entry)
         return entry["key"]
 
     def _renew(self, kind: str, api_key: str) -> None:

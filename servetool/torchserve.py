@@ -112,37 +112,46 @@ def read_properties(path: Path) -> dict[str, str]:
     return props
 
 
-def render_config(opts: ServerOptions) -> Path:
-    """Write run_dir/config.properties: the base config plus servetool's managed keys."""
-    base = read_properties(opts.base_config) if opts.base_config else {}
-    store = str(opts.model_store.resolve())
-    host, ports = _url_host(opts.host), opts.ports
+def server_properties(base: dict[str, str], host: str, ports: dict[str, int], store: str,
+                      log_config: str) -> dict[str, str]:
+    """TorchServe's properties: servetool's defaults, the user's base config over them, then the
+    keys servetool manages (addresses, ports, model store, quiet logging) over both."""
     user_vmargs = base.get("vmargs", "")
-    log_config = (RESOURCES / "log4j2.xml").resolve()
     props = {
         "enable_model_api": "true",
         "metrics_mode": "prometheus",
         "async_logging": "true",
         "allowed_urls": "file://{model_store}/[^/]+\\\\.mar",
         **base,
-        "inference_address": f"http://{host}:{ports['inference']}",
-        "management_address": f"http://{host}:{ports['management']}",
-        "metrics_address": f"http://{host}:{ports['metrics']}",
-        "grpc_inference_address": opts.host,
-        "grpc_management_address": opts.host,
+        "inference_address": f"http://{_url_host(host)}:{ports['inference']}",
+        "management_address": f"http://{_url_host(host)}:{ports['management']}",
+        "metrics_address": f"http://{_url_host(host)}:{ports['metrics']}",
+        "grpc_inference_address": host,
+        "grpc_management_address": host,
         "grpc_inference_port": str(ports["grpc_inference"]),
         "grpc_management_port": str(ports["grpc_management"]),
         "model_store": store,
         "vmargs": f"{user_vmargs} -Dlog4j.configurationFile=file://{log_config}".strip(),
     }
     props["allowed_urls"] = props["allowed_urls"].replace("{model_store}", re.escape(store))
-    opts.run_dir.mkdir(parents=True, exist_ok=True)
-    target = opts.run_dir / "config.properties"
-    lines = ["# Rendered by servetool from "
-             f"{opts.base_config or 'built-in defaults'}; edit that file, not this one."]
+    return props
+
+
+def write_properties(target: Path, props: dict[str, str], source: str) -> Path:
+    lines = [f"# Rendered by servetool from {source}; edit that file, not this one."]
     lines += [f"{k}={v}" for k, v in props.items()]
+    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n".join(lines) + "\n")
     return target
+
+
+def render_config(opts: ServerOptions) -> Path:
+    """Write run_dir/config.properties: the base config plus servetool's managed keys."""
+    base = read_properties(opts.base_config) if opts.base_config else {}
+    props = server_properties(base, opts.host, opts.ports, str(opts.model_store.resolve()),
+                              str((RESOURCES / "log4j2.xml").resolve()))
+    return write_properties(opts.run_dir / "config.properties", props,
+                            str(opts.base_config or "built-in defaults"))
 
 
 def token_auth_enabled(config_file: Path) -> bool:
@@ -279,13 +288,16 @@ def log_tail(state: ServerState, names: tuple[str, ...] = ("ts_log.log", "launch
     found: list[str] = []
     for name in names:
         path = state.log_dir / name
-        if not path.is_file():
-            continue
-        text = path.read_text(errors="replace").splitlines()
-        text = [LOG_PREFIX.sub("", line).strip() for line in text]
-        hits = [f"{name}: {line}" for line in text if FAILURE_PATTERNS.search(line)]
-        found += hits[-lines:] if hits else [f"{name}: {line}" for line in text[-3:]]
+        if path.is_file():
+            found += telling_lines(path.read_text(errors="replace").splitlines(), name, lines)
     return found
+
+
+def telling_lines(text: list[str], source: str, lines: int = 8) -> list[str]:
+    """The last lines of a log that look like a failure (or its last three lines, if none do)."""
+    text = [LOG_PREFIX.sub("", line).strip() for line in text]
+    hits = [f"{source}: {line}" for line in text if FAILURE_PATTERNS.search(line)]
+    return hits[-lines:] if hits else [f"{source}: {line}" for line in text[-3:]]
 
 
 def explain_failure(state: ServerState) -> str:

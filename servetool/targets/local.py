@@ -62,8 +62,17 @@ class LocalTarget:
                               "`servetool deploy` first")
         return state
 
+    def make_client(self, state: torchserve.ServerState) -> Client:
+        return Client(state)
+
     def client(self) -> Client:
-        return Client(self.require_running())
+        return self.make_client(self.require_running())
+
+    def failure_logs(self, state: torchserve.ServerState) -> str:
+        """What the server logged about a failure, quoted for an error message."""
+        tail = torchserve.log_tail(state, ("model_log.log", "ts_log.log"))
+        quoted = "\n".join(f"  {line}" for line in tail)
+        return f"From the logs in {state.log_dir}:\n{quoted}"
 
     def up(self) -> tuple[torchserve.ServerState, bool]:
         state = self.running()
@@ -83,7 +92,7 @@ class LocalTarget:
             raise DeployError(f"the running TorchServe serves archives from {state.model_store}, not "
                               f"{self.opts.model_store.resolve()}: use that model store, or "
                               "`servetool stop` first")
-        client = Client(state)
+        client = self.make_client(state)
         record_file = Path(state.run_dir) / DEPLOYED_FILE
         record = _read_json(record_file)
         results = []
@@ -138,17 +147,27 @@ class LocalTarget:
         try:
             client.register(path.name, name, workers, timeout=float(config.get("responseTimeout", 120)) + 120)
         except APIError as exc:
-            tail = torchserve.log_tail(state, ("model_log.log", "ts_log.log"))
-            quoted = "\n".join(f"  {line}" for line in tail)
             raise DeployError(f"registering {name} {version} failed: {exc}\n"
-                              f"From the logs in {state.log_dir}:\n{quoted}") from None
+                              + self.failure_logs(state)) from None
 
     def scale(self, name: str, workers: int, version: str | None = None) -> dict[str, Any]:
         client = self.client()
         if not client.has_model(name):
             raise DeployError(f"no model {name!r} is registered (see `servetool status`)")
-        client.scale(name, workers, workers, version)
         target = version or client.describe(name, None)[0]["modelVersion"]
+        try:
+            client.scale(name, workers, workers, version)
+        except APIError as exc:
+            # TorchServe 0.12 sometimes answers a synchronous scale-down with 500 ("Failed to start
+            # workers") although the workers did stop: judge by the workers' real state instead.
+            if exc.status != 500:
+                raise
+            try:
+                ready = wait_ready(client, name, target, 30, expect=workers)
+            except DeployError:
+                raise DeployError(f"scaling {name} failed: {exc}\n" + self.failure_logs(
+                    self.require_running())) from None
+            return {"name": name, "version": target, "workers": ready}
         return {"name": name, "version": target, "workers": wait_ready(client, name, target, 120,
                                                                         expect=workers)}
 
@@ -156,7 +175,7 @@ class LocalTarget:
         state = self.running()
         if state is None:
             return {"target": self.name, "running": False, "models": []}
-        client = Client(state)
+        client = self.make_client(state)
         models = []
         for entry in client.list_models():
             name = entry["modelName"]

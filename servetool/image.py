@@ -1,0 +1,235 @@
+"""The serving image: render its build context under deploy/docker/ and build it with the Docker SDK.
+
+One image serves both the Docker and the Kubernetes targets. The context holds the Dockerfile, the
+container's config.properties (servetool's settings plus the project's config.properties), the
+Python requirements pinned to what this machine packaged with, the in-container helper
+(servetool_pod.py) and, unless models are mounted, the archives. Build-only inputs (a torch wheel
+found on this machine, locally added CA certificates) go to build/ and stay in the build stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from servetool import archive, torchserve
+from servetool.errors import ServetoolError
+from servetool.formats import FORMATS
+
+RESOURCES = Path(__file__).with_name("resources") / "docker"
+POD_HELPER = Path(__file__).with_name("pod.py")
+DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
+CONTAINER_STORE = "/home/model-server/model-store"
+CONTAINER_WORK = "/home/model-server/work"
+CONTAINER_CONFIG = "/opt/servetool/config.properties"
+CONTAINER_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
+                   "grpc_inference": 7070, "grpc_management": 7071}
+TORCH_VERSION = "2.13.0"
+# What the handlers import at serving time, by format (torch is installed on its own, CPU-only).
+RUNTIME_PACKAGES = ["torchserve", "numpy", "pillow", "pyyaml", "psutil", "packaging"]
+FORMAT_PACKAGES = {"onnx": ["onnxruntime"], "openvino": ["openvino"],
+                   "tensorrt": ["torch-tensorrt"]}
+LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+BUILDER_CHATTER = re.compile(r"^(---> |Running in |Removing intermediate container|Successfully )")
+
+
+class ImageError(ServetoolError):
+    pass
+
+
+@dataclass
+class ImageOptions:
+    model_store: Path
+    out_dir: Path = Path("deploy/docker")
+    base_image: str = DEFAULT_BASE_IMAGE
+    base_config: Path | None = None
+    bake_models: bool = True
+    tag: str | None = None
+    # None: this machine's locally added CAs (needed where TLS to the registries is intercepted).
+    ca_certs: list[Path] | None = None
+    extra_properties: dict[str, str] = field(default_factory=dict)
+
+
+def pinned(package: str) -> str:
+    """`package==version` as installed here, so the image runs what was tested and packaged."""
+    try:
+        return f"{package}=={metadata.version(package)}"
+    except metadata.PackageNotFoundError:
+        return package
+
+
+def requirements(archives: Iterable[Path]) -> list[str]:
+    needed = list(RUNTIME_PACKAGES)
+    for path in archives:
+        handler = archive.archive_manifest(path)["config"].get("handler", {})
+        fmt = FORMATS.get(handler.get("format", ""))
+        runtime = handler.get("runtime") or (fmt.runtime if fmt else "")
+        if runtime not in FORMAT_PACKAGES and runtime != "torchscript":
+            raise ImageError(f"{path.name}: unknown handler runtime {runtime!r}; repackage it "
+                             "with this servetool (`servetool package`)")
+        needed += FORMAT_PACKAGES.get(runtime, [])
+    return [pinned(p) for p in dict.fromkeys(needed)]
+
+
+def container_properties(base_config: Path | None, extra: dict[str, str]) -> dict[str, str]:
+    """The image's TorchServe config: every API on the container's interfaces (the target decides
+    what is reachable from outside), the baked model store, and TS_* environment overrides on."""
+    base = torchserve.read_properties(base_config) if base_config else {}
+    props = torchserve.server_properties(base, "0.0.0.0", CONTAINER_PORTS, CONTAINER_STORE,
+                                         "/opt/servetool/log4j2.xml")
+    props["enable_envvars_config"] = "true"
+    props.update(extra)
+    return props
+
+
+def render(opts: ImageOptions, archives: list[Path], progress: Callable[[str], None],
+           fetch_wheel: bool = True) -> Path:
+    """Write the build context to opts.out_dir and return it."""
+    out = opts.out_dir
+    for sub in ("runtime", "model-store", "build"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+        (out / sub).mkdir(parents=True)
+    shutil.copyfile(RESOURCES / "Dockerfile", out / "Dockerfile")
+    (out / ".dockerignore").write_text("# The context is exactly what servetool rendered.\n*.md\n")
+    shutil.copyfile(POD_HELPER, out / "runtime" / "servetool_pod.py")
+    shutil.copyfile(RESOURCES / "log4j2.xml", out / "runtime" / "log4j2.xml")
+    torchserve.write_properties(out / "runtime" / "config.properties",
+                                container_properties(opts.base_config, opts.extra_properties),
+                                f"{opts.base_config or 'built-in defaults'} by servetool's image")
+    (out / "build" / "requirements.txt").write_text("\n".join(requirements(archives)) + "\n")
+    if opts.bake_models:
+        for path in archives:
+            _link_or_copy(path, out / "model-store" / path.name)
+    (out / "model-store" / ".keep").write_text("")
+    (out / "build" / "wheels").mkdir()
+    (out / "build" / "certs").mkdir()
+    _copy_certs(opts.ca_certs, out / "build" / "certs")
+    if fetch_wheel and _local_torch_wheel(out / "build" / "wheels"):
+        progress("using this machine's torch wheel (no download in the build)")
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        dst.hardlink_to(src.resolve())
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _copy_certs(certs: list[Path] | None, dest: Path) -> None:
+    chosen = certs if certs is not None else sorted(LOCAL_CA_DIR.glob("*.crt"))
+    for cert in chosen:
+        if not cert.is_file():
+            raise ImageError(f"CA certificate {cert} does not exist")
+        shutil.copyfile(cert, dest / f"{cert.stem}.crt")
+
+
+def _local_torch_wheel(dest: Path) -> bool:
+    """Copy torch's CPU wheel into the context when pip finds one without any download (a wheel
+    cache or local find-links, as on CI machines); elsewhere the build fetches it from the CPU index."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-index", "--only-binary=:all:",
+           "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", "-q",
+           f"torch=={TORCH_VERSION}", "-d", str(dest)]
+    try:
+        subprocess.run(cmd, capture_output=True, timeout=120, check=True)
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return any(dest.glob("torch-*.whl"))
+
+
+def context_digest(context: Path) -> str:
+    """A digest of everything that goes into the image, wheels and certificates aside."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in context.rglob("*") if p.is_file()):
+        rel = path.relative_to(context).as_posix()
+        if rel.startswith(("build/wheels/", "build/certs/")):
+            continue
+        h.update(rel.encode())
+        h.update(archive.archive_digest(path).encode() if path.suffix == ".mar"
+                 else hashlib.sha256(path.read_bytes()).hexdigest().encode())
+    return h.hexdigest()[:12]
+
+
+def default_tag(archives: list[Path], context: Path, base_image: str) -> str:
+    names = "-".join(sorted(p.stem for p in archives))[:60] or "models"
+    digest = hashlib.sha256((context_digest(context) + base_image).encode()).hexdigest()[:12]
+    return f"servetool/{re.sub(r'[^a-z0-9_.-]', '-', names.lower())}:{digest}"
+
+
+def docker_client() -> Any:
+    """The Docker SDK client for DOCKER_HOST (or the default socket), with a clear error if none."""
+    import os
+
+    return docker_client_for(os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
+
+
+def docker_client_for(base_url: str) -> Any:
+    try:
+        import docker
+    except ImportError:
+        raise ImageError("the Docker SDK is not installed: pip install docker") from None
+    try:
+        client = docker.DockerClient(base_url=base_url, timeout=600)
+        client.ping()
+    except Exception as exc:  # the SDK raises several types for "no engine"
+        raise ImageError(f"no Docker engine reachable at {base_url} ({_first_line(exc)}): start one "
+                         "(e.g. scripts/docker-engine.sh start) or set DOCKER_HOST") from None
+    return client
+
+
+def build(client: Any, context: Path, tag: str, base_image: str,
+          progress: Callable[[str], None]) -> dict[str, Any]:
+    """Build the image (skipped when the tag exists), quoting the failing step on error."""
+    import docker
+
+    try:
+        image = client.images.get(tag)
+        progress(f"image {tag} already built")
+        return {"tag": tag, "id": image.id, "size_bytes": image.attrs.get("Size"), "built": False}
+    except docker.errors.ImageNotFound:
+        pass
+    try:
+        client.images.get(base_image)
+    except docker.errors.ImageNotFound:
+        progress(f"base image {base_image} is not present: the engine will pull it")
+    progress(f"building {tag} from {context} (base {base_image}); several minutes the first time")
+    step, recent = "", []
+    stream = client.api.build(path=str(context), tag=tag, buildargs={"BASE_IMAGE": base_image},
+                              network_mode="host", rm=True, forcerm=True, decode=True, pull=False)
+    for chunk in stream:
+        if "error" in chunk:
+            tail = "\n".join(f"  {line}" for line in recent[-8:])
+            raise ImageError(f"the image build failed at {step or 'the start'}: "
+                             f"{chunk['error'].strip()}\n{tail}")
+        text = chunk.get("stream", "").rstrip()
+        for line in text.splitlines():
+            if line.startswith("Step "):
+                step = line.split(" : ", 1)[0].lower() + " (" + line.split(" : ", 1)[-1][:90] + ")"
+                progress(line[:120])
+            elif line.strip() and not BUILDER_CHATTER.match(line.strip()):
+                recent = (recent + [ANSI.sub("", line).strip()[:200]])[-20:]
+    image = client.images.get(tag)
+    return {"tag": tag, "id": image.id, "size_bytes": image.attrs.get("Size"), "built": True}
+
+
+def build_image(opts: ImageOptions, archives: list[Path],
+                progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    client = docker_client()
+    context = render(opts, archives, progress)
+    tag = opts.tag or default_tag(archives, context, opts.base_image)
+    return build(client, context, tag, opts.base_image, progress)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+

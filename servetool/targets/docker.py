@@ -1,0 +1,249 @@
+"""The Docker target: servetool's image with TorchServe, run by the Docker SDK, models registered
+through the management API exactly as on the local target.
+
+By default the container publishes its APIs on 127.0.0.1 only; `network="host"` shares the host's
+network instead (TorchServe is then told to bind 127.0.0.1 through its TS_* environment overrides).
+TorchServe's token authorization stays on inside the container: servetool reads the keys from the
+container's key_file.json through the Docker API, so nothing secret is written on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from servetool import image, torchserve
+from servetool.management import APIError, Client
+from servetool.targets.local import DeployError, LocalTarget, find_archives
+
+STATE_FILE = "docker.json"
+KEY_FILE = f"{image.CONTAINER_WORK}/key_file.json"
+LABEL = "io.servetool.target"
+
+
+@dataclass
+class DockerOptions:
+    image: image.ImageOptions
+    network: str = "ports"  # "ports": publish on 127.0.0.1; "host": the host's network
+    container_name: str = "servetool"
+    publish_host: str = "127.0.0.1"  # where published ports listen (network="ports")
+    memory_limit: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class ContainerKeys:
+    """Reads key_file.json inside the container; cached briefly (each read is a `docker exec`)."""
+
+    def __init__(self, container: Any, ttl_s: float = 20.0) -> None:
+        self.container = container
+        self.ttl_s = ttl_s
+        self.cached: tuple[float, dict] = (0.0, {})
+
+    def invalidate(self) -> None:
+        self.cached = (0.0, {})
+
+    def __call__(self) -> dict[str, dict[str, Any]]:
+        stamp, keys = self.cached
+        if keys and time.monotonic() - stamp < self.ttl_s:
+            return keys
+        code, out = self.container.exec_run(["cat", KEY_FILE], user="1000")
+        try:
+            keys = json.loads(out) if code == 0 else {}
+        except ValueError:
+            keys = {}
+        self.cached = (time.monotonic(), keys) if keys else (0.0, {})
+        return keys
+
+
+def container_env(network: str, ports: dict[str, int]) -> dict[str, str]:
+    """TS_* overrides: on the host network TorchServe must bind loopback and the chosen ports."""
+    if network != "host":
+        return {}
+    env = {f"TS_{api.upper()}_ADDRESS": f"http://127.0.0.1:{ports[api]}"
+           for api in ("inference", "management", "metrics")}
+    env |= {"TS_GRPC_INFERENCE_ADDRESS": "127.0.0.1", "TS_GRPC_MANAGEMENT_ADDRESS": "127.0.0.1",
+            "TS_GRPC_INFERENCE_PORT": str(ports["grpc_inference"]),
+            "TS_GRPC_MANAGEMENT_PORT": str(ports["grpc_management"])}
+    return env
+
+
+def published_ports(network: str, ports: dict[str, int], host: str = "127.0.0.1") -> dict[str, Any]:
+    """docker run's port map: each HTTP API on the host's loopback only (gRPC is not published)."""
+    if network == "host":
+        return {}
+    return {f"{image.CONTAINER_PORTS[api]}/tcp": (host, ports[api])
+            for api in ("inference", "management", "metrics")}
+
+
+class DockerTarget(LocalTarget):
+    name = "docker"
+
+    def __init__(self, opts: torchserve.ServerOptions, docker_opts: DockerOptions | None = None,
+                 progress: Callable[[str], None] = lambda _: None) -> None:
+        super().__init__(opts, progress)
+        self.docker_opts = docker_opts or DockerOptions(image.ImageOptions(opts.model_store))
+        self._engine: Any = None
+        self._image: dict[str, Any] | None = None
+
+    # --- the engine and the container ------------------------------------------------------------
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            self._engine = image.docker_client()
+        return self._engine
+
+    @property
+    def state_file(self) -> Path:
+        return self.opts.run_dir / STATE_FILE
+
+    def _record(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def container(self) -> Any | None:
+        import docker
+
+        record = self._record()
+        if not record:
+            return None
+        try:
+            return self.engine.containers.get(record["container_id"])
+        except docker.errors.NotFound:
+            self.state_file.unlink(missing_ok=True)
+            return None
+
+    def _state(self, record: dict[str, Any]) -> torchserve.ServerState:
+        return torchserve.ServerState(**record["server"])
+
+    def running(self) -> torchserve.ServerState | None:
+        container = self.container()
+        if container is None or container.status != "running":
+            return None
+        return self._state(self._record())
+
+    def make_client(self, state: torchserve.ServerState) -> Client:
+        container = self.container()
+        if container is None:
+            raise DeployError("the servetool container is gone: `servetool deploy --target docker`")
+        return Client(state, keys=ContainerKeys(container),
+                      keys_where=f"{KEY_FILE} in container {container.short_id}")
+
+    def failure_logs(self, state: torchserve.ServerState | None = None) -> str:
+        container = self.container()
+        if container is None:
+            return "(the container is gone)"
+        text = container.logs(tail=200).decode(errors="replace").splitlines()
+        lines = torchserve.telling_lines(text, "container", 10)
+        return f"From `docker logs {container.short_id}`:\n" + "\n".join(f"  {x}" for x in lines)
+
+    # --- deploy ----------------------------------------------------------------------------------
+    def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
+        archives = find_archives(names, self.opts.model_store)
+        img_opts = self.docker_opts.image
+        self._image = image.build_image(img_opts, archives, self.progress)
+        result = super().deploy(names, timeout_s)
+        container = self.container()
+        result |= {"image": self._image, "container": container.name if container else None,
+                   "network": self.docker_opts.network, "models_baked": img_opts.bake_models}
+        return result
+
+    def up(self) -> tuple[torchserve.ServerState, bool]:
+        container = self.container()
+        if container is not None and container.status == "running" and self._image is not None \
+                and container.image.id == self._image["id"]:
+            return self._state(self._record()), False
+        if container is not None:
+            self.progress(f"replacing container {container.name} (new image or not running)")
+            self.down()
+        return self._run(), True
+
+    def _run(self) -> torchserve.ServerState:
+        import docker
+
+        assert self._image is not None
+        opts, dopts = self.opts, self.docker_opts
+        if dopts.network == "host":
+            for api, port in opts.ports.items():
+                if torchserve.port_in_use("127.0.0.1", port):
+                    raise DeployError(f"port {port} ({api} API) is already in use on this machine; "
+                                      f"pick another with --{api.replace('_', '-')}-port")
+        self._remove_stale(dopts.container_name)
+        volumes = {} if dopts.image.bake_models else {
+            str(opts.model_store.resolve()): {"bind": image.CONTAINER_STORE, "mode": "ro"}}
+        self.progress(f"starting container {dopts.container_name} from {self._image['tag']}")
+        try:
+            container = self.engine.containers.run(
+                self._image["tag"], detach=True, name=dopts.container_name,
+                labels={LABEL: "docker"},
+                environment=container_env(dopts.network, opts.ports) | dopts.extra_env,
+                network_mode="host" if dopts.network == "host" else None,
+                ports=published_ports(dopts.network, opts.ports, dopts.publish_host) or None,
+                volumes=volumes or None, mem_limit=dopts.memory_limit)
+        except docker.errors.APIError as exc:
+            raise DeployError(f"docker could not start the container: {exc.explanation or exc}") from None
+        state = torchserve.ServerState(run_dir=str(opts.run_dir.resolve()), pid=0, host="127.0.0.1",
+                                       ports=dict(opts.ports), model_store=str(opts.model_store.resolve()))
+        opts.run_dir.mkdir(parents=True, exist_ok=True)
+        (opts.run_dir / "deployed.json").unlink(missing_ok=True)  # a new container has no models
+        self.state_file.write_text(json.dumps({"container_id": container.id, "name": container.name,
+                                               "image": self._image, "network": dopts.network,
+                                               "server": asdict(state)}, indent=2) + "\n")
+        self._wait_healthy(container, state, opts.startup_timeout_s)
+        return state
+
+    def _remove_stale(self, name: str) -> None:
+        import docker
+
+        try:
+            old = self.engine.containers.get(name)
+        except docker.errors.NotFound:
+            return
+        if old.labels.get(LABEL) != "docker":
+            raise DeployError(f"a container named {name} exists and servetool did not start it; "
+                              "remove it or pick another --container-name")
+        old.remove(force=True)
+
+    def _wait_healthy(self, container: Any, state: torchserve.ServerState, timeout_s: float) -> None:
+        client = Client(state, keys=ContainerKeys(container, ttl_s=0))
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            container.reload()
+            if container.status in ("exited", "dead"):
+                code = container.attrs.get("State", {}).get("ExitCode")
+                raise DeployError(f"the container exited during start-up (exit code {code}).\n"
+                                  + self.failure_logs())
+            try:
+                if client.ping().get("status") == "Healthy":
+                    return
+            except APIError as exc:
+                last = str(exc).splitlines()[0]
+            except Exception as exc:  # connection refused while the JVM starts, and the like
+                last = str(exc).splitlines()[0][:200]
+            time.sleep(0.5)
+        raise DeployError(f"TorchServe in the container was not healthy within {timeout_s:.0f} s "
+                          f"(last: {last}).\n" + self.failure_logs())
+
+    def down(self) -> bool:
+        container = self.container()
+        if container is None:
+            return False
+        container.stop(timeout=20)
+        container.remove(force=True)
+        self.state_file.unlink(missing_ok=True)
+        return True
+
+    def status(self) -> dict[str, Any]:
+        result = super().status()
+        container = self.container()
+        if container is not None:
+            health = container.attrs.get("State", {}).get("Health", {}).get("Status")
+            result |= {"container": container.name, "container_status": container.status,
+                       "health": health, "image": self._record().get("image", {}).get("tag")}
+        return result

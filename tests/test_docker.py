@@ -1,0 +1,165 @@
+"""The Docker target against a real Docker engine: build, run, predict, scale, stop, and its errors.
+
+The engine is Debian's docker.io started by scripts/docker-engine.sh (no systemd, its own sockets);
+the base image is built locally with debootstrap because no registry can be reached here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from servetool import image
+from servetool.torchserve import free_ports, read_properties
+from tests.conftest import LOCAL_BASE_IMAGE, ROOT, png_bytes
+from tests.test_cli import SERVETOOL, assert_clean_error
+
+
+def cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 900):
+    return subprocess.run([SERVETOOL, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)
+
+
+def port_args(ports: dict[str, int]) -> list[str]:
+    return [x for api, port in ports.items() for x in (f"--{api.replace('_', '-')}-port", str(port))]
+
+
+def test_no_engine_is_one_clear_line(tmp_path, model_store):
+    env = {**__import__("os").environ, "DOCKER_HOST": f"unix://{tmp_path}/no-such.sock"}
+    proc = cli("deploy", "digits", "--target", "docker", "--model-store", str(model_store),
+               env=env, cwd=tmp_path, timeout=120)
+    assert_clean_error(proc, "no Docker engine reachable", "no-such.sock", "docker-engine.sh")
+
+
+def test_rendered_dockerfile_passes_hadolint(tmp_path, model_store):
+    opts = image.ImageOptions(model_store=model_store, out_dir=tmp_path / "ctx",
+                              base_config=ROOT / "config.properties", ca_certs=[])
+    context = image.render(opts, [model_store / "digits.mar"], lambda _: None)
+    hadolint = Path(__import__("sys").executable).with_name("hadolint")
+    proc = subprocess.run([str(hadolint), str(context / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The context holds what the image needs and nothing secret.
+    assert (context / "model-store" / "digits.mar").is_file()
+    reqs = (context / "build" / "requirements.txt").read_text()
+    assert "onnxruntime==" in reqs and "torchserve==0.12.0" in reqs
+    props = read_properties(context / "runtime" / "config.properties")
+    assert props["enable_envvars_config"] == "true"
+    allowed = re.compile(props["allowed_urls"].replace("\\\\", "\\"))
+    assert allowed.fullmatch("file:///home/model-server/model-store/digits.mar")
+    assert not allowed.fullmatch("http://169.254.169.254/latest.mar")
+    assert not allowed.fullmatch("file:///etc/passwd")
+    assert not list(context.rglob("key_file.json"))
+
+
+@pytest.mark.docker
+def test_docker_deploy_predict_scale_stop(tmp_path, model_store, docker_engine, held_out):
+    env = {**docker_engine, "SERVETOOL_TARGET": "docker"}
+    ports = free_ports()
+    started = time.perf_counter()
+    proc = cli("deploy", "digits", "--target", "docker", "--network", "host",
+               "--base-image", LOCAL_BASE_IMAGE, "--model-store", str(model_store),
+               "--config", str(ROOT / "config.properties"), "--container-name", "servetool-e2e",
+               "--json", *port_args(ports), env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    deployed = json.loads(proc.stdout)
+    print(f"docker deploy (build + run + register): {time.perf_counter() - started:.1f} s, image "
+          f"{deployed['image']['size_bytes'] / 1e6:.0f} MB")
+    try:
+        assert deployed["target"] == "docker" and deployed["models_baked"]
+        assert (tmp_path / "deploy" / "docker" / "Dockerfile").is_file()
+        model = deployed["models"][0]
+        assert model["name"] == "digits" and all(w["status"] == "READY" for w in model["workers"])
+        url = model["predictions_url"]
+        assert url == f"http://127.0.0.1:{ports['inference']}/predictions/digits"
+
+        # Token auth is on in the container: no key, no answer; the key servetool reads works.
+        assert requests.post(url, data=b"x", timeout=30).status_code in (400, 401)
+        key = cli("token", env=env, cwd=tmp_path).stdout.strip()
+        auth = {"Authorization": f"Bearer {key}"}
+        images, labels = held_out
+        names = [line.strip() for line in (ROOT / "models/digits/labels.txt").read_text().splitlines()]
+        for i in range(6):
+            reply = requests.post(url, data=png_bytes(images[i]), headers=auth, timeout=30)
+            assert reply.status_code == 200, reply.text
+            assert max(reply.json(), key=reply.json().get) == names[int(labels[i])]
+        bad = requests.post(url, data=b"not an image", headers=auth, timeout=30)
+        assert bad.status_code == 400 and "error" in bad.json()
+
+        # The container runs as the image's non-root user, with tini as PID 1.
+        engine = image.docker_client_for(docker_engine["DOCKER_HOST"])
+        container = engine.containers.get("servetool-e2e")
+        assert container.attrs["Config"]["User"] == "1000:1000"
+        assert "tini" in container.attrs["Config"]["Entrypoint"][0]
+
+        scaled = cli("scale", "digits", "--workers", "2", "--json", env=env, cwd=tmp_path)
+        assert scaled.returncode == 0, scaled.stderr
+        assert len(json.loads(scaled.stdout)["workers"]) == 2
+
+        # The image's HEALTHCHECK reads the key inside the container and reports healthy.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = json.loads(cli("status", "--json", env=env, cwd=tmp_path).stdout)
+            if status["health"] == "healthy":
+                break
+            time.sleep(2)
+        assert status["health"] == "healthy", status
+        assert [len(m["workers"]) for m in status["models"]] == [2]
+
+        # Deploying again changes nothing: same image, same container, model left as it is.
+        again = cli("deploy", "digits", "--target", "docker", "--network", "host", "--base-image",
+                    LOCAL_BASE_IMAGE, "--model-store", str(model_store), "--config",
+                    str(ROOT / "config.properties"), "--container-name", "servetool-e2e", "--json",
+                    *port_args(ports), env=env, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr[-2000:]
+        again = json.loads(again.stdout)
+        assert not again["server_started"] and again["models"][0]["action"] == "unchanged"
+    finally:
+        stopped = cli("stop", "--json", env=env, cwd=tmp_path)
+    assert json.loads(stopped.stdout)["stopped"] is True
+    left = engine.containers.list(all=True, filters={"name": "servetool-e2e"})
+    assert left == []
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{ports['inference']}/ping", timeout=5)
+
+
+@pytest.mark.docker
+def test_build_failure_quotes_the_failing_step(tmp_path, model_store, docker_engine):
+    # A base image without a shell or Python: the build stage's first RUN cannot start.
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "hostname").write_text("empty\n")
+    tar = subprocess.run(["tar", "-C", str(rootfs), "-c", "."], capture_output=True, check=True)
+    subprocess.run(["docker", "import", "-", "local/empty:test"], input=tar.stdout,
+                   env=docker_engine, capture_output=True, check=True)
+    proc = cli("deploy", "digits", "--target", "docker", "--network", "host", "--base-image",
+               "local/empty:test", "--model-store", str(model_store), *port_args(free_ports()),
+               env=docker_engine, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    error = proc.stderr[proc.stderr.index("\nerror: ") + 1:]
+    assert error.startswith("error: the image build failed at step 7/"), error  # the first RUN
+    assert "/bin/bash" in error and "---> " not in error
+
+
+@pytest.mark.docker
+def test_container_that_exits_is_explained(tmp_path, model_store, docker_engine):
+    # A JVM that cannot start: the container exits at once and its last log lines are quoted.
+    broken = tmp_path / "config.properties"
+    broken.write_text((ROOT / "config.properties").read_text().replace(
+        "vmargs=", "vmargs=-XX:+ThisOptionDoesNotExist "))
+    proc = cli("deploy", "digits", "--target", "docker", "--network", "host", "--base-image",
+               LOCAL_BASE_IMAGE, "--model-store", str(model_store), "--config", str(broken),
+               "--container-name", "servetool-broken", *port_args(free_ports()),
+               env=docker_engine, cwd=tmp_path, timeout=600)
+    try:
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert "ThisOptionDoesNotExist" in proc.stderr
+        assert "docker logs" in proc.stderr
+    finally:
+        cli("stop", "--target", "docker", env=docker_engine, cwd=tmp_path)
