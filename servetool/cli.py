@@ -54,10 +54,41 @@ def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 
 
-TARGETS = ["local", "docker"]
+TARGETS = ["local", "docker", "kubernetes"]
 target_option = click.option(
     "--target", type=click.Choice(TARGETS), envvar="SERVETOOL_TARGET", default="local",
-    show_default=True, help="Which deployment: the embedded local server or the Docker container.")
+    show_default=True, help="Which deployment: the embedded local server, the Docker container, or "
+                            "a Kubernetes deployment (with the --kubeconfig/--name options).")
+
+
+def kube_options(func):
+    """Which Kubernetes deployment, and how to reach the cluster."""
+    options = [
+        click.option("--kubeconfig", type=click.Path(path_type=Path), envvar="KUBECONFIG",
+                     default=None, help="kubernetes: the cluster's kubeconfig (never implied).") ,
+        click.option("--kube-context", default=None, help="kubernetes: a context of the kubeconfig."),
+        click.option("--namespace", default="default", show_default=True, help="kubernetes."),
+        click.option("--name", "deployment_name", default=None,
+                     help="kubernetes: the deployment (overlay) name [default: the model names]."),
+        click.option("--manifests", "manifests_dir", type=click.Path(path_type=Path),
+                     default="deploy/kubernetes", show_default=True,
+                     help="kubernetes: where the kustomize base and overlays are written."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def kube_target(kubeconfig: Path | None, kube_context: str | None, manifests_dir: Path):
+    from servetool.targets.kubernetes import KubernetesTarget
+
+    return KubernetesTarget(manifests_dir, kubeconfig, kube_context, progress)
+
+
+def require_name(deployment_name: str | None) -> str:
+    if not deployment_name:
+        raise ServetoolError("--target kubernetes needs --name (the deployment's overlay name)")
+    return deployment_name
 
 
 def store_options(func):
@@ -82,6 +113,11 @@ def server_options(func):
 
 def make_target(run_dir: Path, model_store: Path, target: str = "local", docker_opts: Any = None,
                 **kwargs: Any):
+    if target == "kubernetes":
+        raise ServetoolError(
+            "this command talks to one TorchServe; on kubernetes use `servetool scale --target "
+            "kubernetes`, `servetool token --target kubernetes`, or kubectl (port-forward the "
+            "Service for predictions; `kubectl get pods -l app.kubernetes.io/name=servetool`)")
     if target == "docker":
         from servetool.targets.docker import DockerTarget
 
@@ -198,7 +234,7 @@ def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | 
 @click.argument("models", nargs=-1)
 @click.option("--target", type=click.Choice(TARGETS), default="local", show_default=True,
               help="local: an embedded TorchServe on this machine; docker: servetool's image in a "
-                   "container.")
+                   "container; kubernetes: manifests (applied when a kubeconfig is given).")
 @store_options
 @click.option("--config", "base_config", type=click.Path(path_type=Path), default=None,
               help="Base TorchServe config.properties [default: ./config.properties if present].")
@@ -226,6 +262,23 @@ def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | 
 @click.option("--ca-cert", "ca_certs", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="docker: a CA certificate pip needs during the build (repeatable) [default: the "
                    "ones in /usr/local/share/ca-certificates]. Used in the build stage only.")
+@kube_options
+@click.option("--dry-run", is_flag=True, help="kubernetes: render the manifests, apply nothing.")
+@click.option("--image", "kube_image", default=None,
+              help="kubernetes: the image the pods run [default: the tag --target docker builds "
+                   "for these archives]; push it where the cluster can pull it.")
+@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True,
+              help="kubernetes: pods at start and the autoscaler's minimum.")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=5, show_default=True,
+              help="kubernetes: the autoscaler's maximum.")
+@click.option("--cpu", default="1", show_default=True, help="kubernetes: CPU request per pod.")
+@click.option("--memory", default="2Gi", show_default=True,
+              help="kubernetes: memory limit per pod (the request is half).")
+@click.option("--models-pvc", default=None,
+              help="kubernetes: mount this PersistentVolumeClaim as the model store instead of "
+                   "using the archives baked into the image.")
+@click.option("--no-token-auth", is_flag=True,
+              help="kubernetes: serve without any key (no gateway, TorchServe's token auth off).")
 @json_option
 @friendly_errors
 def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Path,
@@ -233,18 +286,32 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
            metrics_port: int, grpc_inference_port: int, grpc_management_port: int,
            timeout: float, base_image: str | None, network: str, mount_models: bool,
            image_tag: str | None, container_name: str, ca_certs: tuple[Path, ...],
-           as_json: bool) -> None:
+           kubeconfig: Path | None, kube_context: str | None, namespace: str,
+           deployment_name: str | None, manifests_dir: Path, dry_run: bool, kube_image: str | None,
+           replicas: int, max_replicas: int, cpu: str, memory: str, models_pvc: str | None,
+           no_token_auth: bool, as_json: bool) -> None:
     """Start TorchServe (if not running) and register MODELS (default: every archive).
 
     MODELS are model names (model_store/NAME.mar) or archive paths. Running it again registers
     only the archives that changed. With --target docker the image is built first (deploy/docker/
     holds its context) and the container replaced when the image changed.
     """
+    if base_config is None and Path("config.properties").is_file():
+        base_config = Path("config.properties")
+    if target == "kubernetes":
+        from servetool.targets.kubernetes import KubeRequest, deploy_kubernetes
+
+        result = deploy_kubernetes(KubeRequest(
+            models=models, model_store=model_store, base_config=base_config, name=deployment_name,
+            namespace=namespace, image=kube_image, replicas=replicas, max_replicas=max_replicas,
+            cpu=cpu, memory=memory, models_pvc=models_pvc, token_auth=not no_token_auth,
+            dry_run=dry_run, timeout_s=timeout),
+            kube_target(kubeconfig, kube_context, manifests_dir))
+        emit(result, as_json, kube_summary(result))
+        return
     if host not in ("127.0.0.1", "localhost", "::1"):
         _stderr(f"warning: listening on {host}: the inference, management and metrics APIs are "
                 "reachable from the network (token auth stays on)")
-    if base_config is None and Path("config.properties").is_file():
-        base_config = Path("config.properties")
     ports = {"inference": inference_port, "management": management_port, "metrics": metrics_port,
              "grpc_inference": grpc_inference_port, "grpc_management": grpc_management_port}
     docker_opts = None
@@ -261,6 +328,23 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
                       host=host, ports=ports, startup_timeout_s=timeout)
     result = tgt.deploy(models, timeout_s=timeout)
     emit(result, as_json, deploy_summary(result))
+
+
+def kube_summary(result: dict[str, Any]) -> str:
+    lines = [f"Manifests in {result['folder']} (overlay {result['overlay']}), image {result['image']}:",
+             "  " + ", ".join(result["objects"])]
+    if result["dry_run"]:
+        lines.append(f"Dry run: nothing applied. Apply with: {result['apply_with']}")
+    else:
+        lines.append(f"Applied to namespace {result['namespace']}; rollout: {result['rollout']}")
+    service = next(o.split("/", 1)[1] for o in result["objects"] if o.startswith("Service/"))
+    lines.append(f"Predict: kubectl -n {result['namespace']} port-forward svc/{service} 8080:8080, then "
+                 "curl -H \"Authorization: Bearer $(servetool token --target kubernetes --name "
+                 f"{result['name']})\" -T FILE http://127.0.0.1:8080/predictions/MODEL"
+                 if result["token_auth"] else
+                 f"Predict: kubectl -n {result['namespace']} port-forward svc/{service} 8080:8080, then "
+                 "curl -T FILE http://127.0.0.1:8080/predictions/MODEL (no token: --no-token-auth)")
+    return "\n".join(lines)
 
 
 def deploy_summary(result: dict[str, Any]) -> str:
@@ -317,15 +401,40 @@ def predict(model: str, file: Path, model_version: str | None, content_type: str
 
 @main.command()
 @click.argument("model")
-@click.option("--workers", type=click.IntRange(min=0), required=True,
-              help="Number of TorchServe workers for the model.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Number of TorchServe workers for the model (in every pod, on kubernetes).")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="kubernetes: number of pods (the autoscaler's minimum follows).")
 @click.option("--version", "model_version", default=None, help="A model version (default: the default).")
 @server_options
+@kube_options
 @json_option
 @friendly_errors
-def scale(model: str, workers: int, model_version: str | None, run_dir: Path, model_store: Path, target: str,
-          as_json: bool) -> None:
-    """Set MODEL's worker count through the management API and wait until they are READY."""
+def scale(model: str, workers: int | None, replicas: int | None, model_version: str | None,
+          run_dir: Path, model_store: Path, target: str, kubeconfig: Path | None,
+          kube_context: str | None, namespace: str, deployment_name: str | None,
+          manifests_dir: Path, as_json: bool) -> None:
+    """Set MODEL's worker count through the management API and wait until they are READY.
+
+    On kubernetes, --replicas scales pods and --workers reaches every pod's management API (and
+    the ConfigMap, so that pods started later get the same count).
+    """
+    if target == "kubernetes":
+        if workers is None and replicas is None:
+            raise ServetoolError("give --workers N and/or --replicas N")
+        kube = kube_target(kubeconfig, kube_context, manifests_dir)
+        name = require_name(deployment_name)
+        result: dict[str, Any] = {"target": target, "model": model}
+        if replicas is not None:
+            result["replicas"] = kube.scale_replicas(namespace, name, replicas)
+        if workers is not None:
+            result["workers"] = kube.scale_workers(namespace, name, model, workers)
+        emit(result, as_json, json.dumps(result, indent=2))
+        return
+    if replicas is not None:
+        raise ServetoolError("--replicas is for --target kubernetes; use --workers here")
+    if workers is None:
+        raise ServetoolError("give --workers N")
     result = make_target(run_dir, model_store, target).scale(model, workers, model_version)
     emit(result, as_json, f"{model} {result['version']}: {len(result['workers'])} worker(s) READY")
 
@@ -357,9 +466,26 @@ def status(run_dir: Path, model_store: Path, target: str, as_json: bool) -> None
 @click.option("--kind", type=click.Choice(["inference", "management"]), default="inference",
               show_default=True)
 @server_options
+@kube_options
 @friendly_errors
-def token(kind: str, run_dir: Path, model_store: Path, target: str) -> None:
-    """Print the running server's current API key, for `Authorization: Bearer ...`."""
+def token(kind: str, run_dir: Path, model_store: Path, target: str, kubeconfig: Path | None,
+          kube_context: str | None, namespace: str, deployment_name: str | None,
+          manifests_dir: Path) -> None:
+    """Print the running server's current API key, for `Authorization: Bearer ...`.
+
+    On kubernetes: the key every replica's gateway accepts (from the overlay's Secret).
+    """
+    if target == "kubernetes":
+        from servetool.manifests import read_key
+
+        overlay = manifests_dir / "overlays" / require_name(deployment_name)
+        key = read_key(overlay) if kind == "inference" else None
+        if key is None:
+            raise ServetoolError(f"no inference key in {overlay}/secret.yaml (rendered with "
+                                 "--no-token-auth, or not rendered here); the management API is "
+                                 "reached through `kubectl exec`/`servetool scale`")
+        click.echo(key)
+        return
     key = make_target(run_dir, model_store, target).client().token(kind)
     if key is None:
         raise ServetoolError("token authorization is off on this server: send no header")

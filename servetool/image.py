@@ -222,8 +222,8 @@ def build(client: Any, context: Path, tag: str, base_image: str,
 
 
 def build_image(opts: ImageOptions, archives: list[Path],
-                progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    client = docker_client()
+                progress: Callable[[str], None] = lambda _: None, client: Any = None) -> dict[str, Any]:
+    client = client or docker_client()
     context = render(opts, archives, progress)
     tag = opts.tag or default_tag(archives, context, opts.base_image)
     return build(client, context, tag, opts.base_image, progress)

@@ -1,0 +1,350 @@
+"""The Kubernetes target without a cluster: render, kustomize, schema-validate, check semantics, and
+run the rendered pod's containers under the local Docker engine as a stand-in for a kubelet.
+
+What is NOT tested here (no API server can run on this machine): server-side apply, the rollout
+wait, `scale --replicas` and the exec into pods. test_live_cluster covers them when a kubeconfig is
+given in SERVETOOL_TEST_KUBECONFIG.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from servetool import image, kubecheck, manifests
+from servetool.targets.kubernetes import set_workers
+from servetool.torchserve import port_in_use
+from tests.conftest import LOCAL_BASE_IMAGE, ROOT, png_bytes
+from tests.test_cli import SERVETOOL, assert_clean_error
+
+VALIDATE = str(Path(sys.executable).with_name("kubernetes-validate"))
+K8S_VERSIONS = ("1.29.0", "1.33.0", "1.37.0")
+CI = os.environ.get("SERVETOOL_CI") == "1"
+
+
+def render(tmp_path: Path, model_store: Path, *extra: str, name: str = "digits") -> dict:
+    proc = subprocess.run([SERVETOOL, "deploy", "digits", "--target", "kubernetes", "--dry-run",
+                           "--name", name, "--model-store", str(model_store), "--config",
+                           str(ROOT / "config.properties"), "--json", *extra],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def kustomize(overlay: str) -> list[dict]:
+    if shutil.which("kubectl") is None:
+        if CI:
+            pytest.fail("kubectl (with its built-in kustomize) is needed in CI")
+        pytest.skip("kubectl is not installed")
+    out = subprocess.run(["kubectl", "kustomize", overlay], capture_output=True, text=True,
+                         check=True, env={**os.environ, "KUBECONFIG": "/dev/null"}).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(objs: list[dict]) -> dict[str, dict]:
+    return {o["kind"]: o for o in objs}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory, model_store):
+    work = tmp_path_factory.mktemp("kube")
+    result = render(work, model_store)
+    objs = kustomize(str(work / result["overlay"]))
+    return work, result, objs
+
+
+def test_kustomize_output_is_what_servetool_applies(rendered, model_store):
+    work, result, objs = rendered
+    opts = manifests.KubeOptions(name="digits", image=result["image"],
+                                 base_config=ROOT / "config.properties")
+    key = manifests.read_key(work / result["overlay"])
+    assert key and len(key) >= 32
+    ours = manifests.objects(opts, [model_store / "digits.mar"], key)
+
+    def index(items):
+        return {(o["kind"], o["metadata"]["name"]): o for o in items}
+
+    assert index(objs) == index(ours)
+    assert sorted(result["objects"]) == sorted(f"{k}/{n}" for k, n in index(objs))
+    # Re-rendering keeps the Secret's key: clients keep working across deploys.
+    again = render(work, model_store)
+    assert manifests.read_key(work / again["overlay"]) == key
+    assert oct((work / again["overlay"] / "secret.yaml").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_object_passes_strict_schema_validation(rendered, tmp_path, version):
+    _, _, objs = rendered
+    for obj in objs:
+        path = tmp_path / f"{obj['kind']}.yaml"
+        path.write_text(yaml.safe_dump(obj))
+        proc = subprocess.run([VALIDATE, "--strict", "-k", version, str(path)], capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, f"{obj['kind']} on {version}: {proc.stdout}{proc.stderr}"
+
+
+def test_schema_validation_catches_a_wrong_field(rendered, tmp_path):
+    # The validator really rejects: a typo'd field in the Deployment fails --strict.
+    _, _, objs = rendered
+    bad = copy.deepcopy(by_kind(objs)["Deployment"])
+    bad["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([VALIDATE, "--strict", "-k", K8S_VERSIONS[-1], str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+
+
+def test_semantics_hold_and_the_design_is_as_documented(rendered):
+    _, _, objs = rendered
+    assert kubecheck.problems(objs) == []
+    kinds = by_kind(objs)
+    dep, svc, hpa = kinds["Deployment"], kinds["Service"], kinds["HorizontalPodAutoscaler"]
+    pod = dep["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"torchserve", "gateway"}
+    # Inference only through the Service, to the gateway; management never exposed.
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
+    assert [p["name"] for p in containers["gateway"]["ports"]] == ["http"]
+    props = dict(line.split("=", 1) for line in
+                 kinds["ConfigMap"]["data"]["config.properties"].splitlines()
+                 if "=" in line and not line.startswith("#"))
+    assert props["management_address"] == "http://127.0.0.1:8081"
+    assert props["inference_address"] == "http://127.0.0.1:8085"
+    assert props["enable_model_api"] == "false" and "disable_token_authorization" not in props
+    assert props["load_models"] == "digits.mar" and "digits" in json.loads(props["models"])
+    # Non-root, read-only root filesystem, no service account token, scrape annotations.
+    assert pod["securityContext"]["runAsNonRoot"] and pod["automountServiceAccountToken"] is False
+    assert all(c["securityContext"]["readOnlyRootFilesystem"] for c in pod["containers"])
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "8082" and annotations["prometheus.io/scrape"] == "true"
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert kinds["PodDisruptionBudget"]["apiVersion"] == "policy/v1"
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (lambda k: k["Service"]["spec"]["selector"].update({"app.kubernetes.io/instance": "other"}),
+     "Service/digits-servetool: its selector matches no pod template"),
+    (lambda k: k["Service"]["spec"]["ports"][0].update({"targetPort": "web"}),
+     "targetPort 'web'"),
+    (lambda k: k["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"].update({"name": "nope"}),
+     "scaleTargetRef Deployment/nope does not exist"),
+    (lambda k: k["Deployment"]["spec"]["template"]["spec"]["containers"][1]["resources"]["requests"]
+     .pop("cpu"), "container gateway has no CPU request"),
+    (lambda k: k["Deployment"]["spec"]["template"]["spec"]["volumes"][0]["configMap"]
+     .update({"name": "missing"}), "refers to ConfigMap/missing, which does not exist"),
+    (lambda k: k["Deployment"]["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
+     ["httpGet"].update({"port": "admin"}), "livenessProbe uses port 'admin'"),
+    (lambda k: k["Deployment"]["spec"]["template"]["spec"]["containers"][0]["ports"][0]
+     .update({"containerPort": 99999}), "port 99999 is out of range"),
+    (lambda k: k["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].update({"x": "y"}),
+     "PodDisruptionBudget/digits-servetool: its selector matches no pod template"),
+])
+def test_semantic_checks_catch_each_breakage(rendered, breakage, expected):
+    _, _, objs = rendered
+    broken = copy.deepcopy(objs)
+    breakage(by_kind(broken))
+    found = kubecheck.problems(broken)
+    assert any(expected in p for p in found), found
+
+
+def test_variants_no_token_auth_and_models_volume(tmp_path, model_store):
+    result = render(tmp_path, model_store, "--no-token-auth", "--models-pvc", "models",
+                    "--replicas", "3", "--max-replicas", "2", name="open")
+    objs = kustomize(str(tmp_path / result["overlay"]))
+    kinds = by_kind(objs)
+    assert "Secret" not in kinds
+    assert kubecheck.problems(objs, ("PersistentVolumeClaim/models",)) == []
+    assert any("PersistentVolumeClaim/models" in p for p in kubecheck.problems(objs))
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["torchserve"]
+    container = pod["containers"][0]
+    assert {"name": "models", "mountPath": image.CONTAINER_STORE, "readOnly": True} in \
+        container["volumeMounts"]
+    assert container["readinessProbe"]["exec"]["command"][-1] == "ready"
+    assert "disable_token_authorization=true" in kinds["ConfigMap"]["data"]["config.properties"]
+    hpa = kinds["HorizontalPodAutoscaler"]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 3)
+    for version in (K8S_VERSIONS[0], K8S_VERSIONS[-1]):
+        for obj in objs:
+            path = tmp_path / f"{obj['kind']}.yaml"
+            path.write_text(yaml.safe_dump(obj))
+            proc = subprocess.run([VALIDATE, "--strict", "-k", version, str(path)],
+                                  capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stdout
+
+
+def test_cluster_commands_without_kubeconfig_say_so(tmp_path, model_store):
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    proc = subprocess.run([SERVETOOL, "deploy", "--target", "kubernetes", "--model-store",
+                           str(model_store)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert_clean_error(proc, "no kubeconfig given", "--dry-run")
+    proc = subprocess.run([SERVETOOL, "scale", "digits", "--replicas", "3", "--target",
+                           "kubernetes", "--name", "digits"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+    assert_clean_error(proc, "no kubeconfig given")
+    proc = subprocess.run([SERVETOOL, "deploy", "--target", "kubernetes", "--dry-run", "--name",
+                           "Bad_Name", "--model-store", str(model_store)], capture_output=True,
+                          text=True, cwd=tmp_path, env=env)
+    assert_clean_error(proc, "must be a DNS label")
+
+
+def test_set_workers_edits_only_that_model():
+    props = 'a=1\nmodels={"digits": {"1.0": {"minWorkers": 1, "maxWorkers": 2}}}\n'
+    out = set_workers(props, "digits", 3)
+    assert json.loads(out.splitlines()[1][7:]) == {"digits": {"1.0": {"minWorkers": 3, "maxWorkers": 3}}}
+    assert out.splitlines()[0] == "a=1"
+
+
+# --- the rendered pod under the local Docker engine --------------------------------------------------
+def run_pod(engine, pod: dict, volumes_dir: Path, objs: list[dict], name: str) -> list:
+    """Start each container of `pod` as the kubelet would (image, args, env, mounts, user,
+    read-only root, dropped capabilities), on the host network (this engine has no bridge)."""
+    kinds = by_kind(objs)
+    binds: dict[str, dict] = {}
+    for volume in pod["volumes"]:
+        folder = volumes_dir / volume["name"]
+        folder.mkdir(parents=True)
+        if "configMap" in volume:
+            for key, value in kinds["ConfigMap"]["data"].items():
+                (folder / key).write_text(value)
+        elif "secret" in volume:
+            for key, value in kinds["Secret"]["stringData"].items():
+                (folder / key).write_text(value)
+                (folder / key).chmod(volume["secret"]["defaultMode"])
+        os.chown(folder, 1000, 1000)  # emptyDir is writable by the pod's fsGroup
+        for item in folder.iterdir():
+            os.chown(item, 0, 1000)
+        binds[volume["name"]] = {"path": str(folder)}
+    uid = pod["securityContext"]["runAsUser"]
+    started = []
+    for c in pod["containers"]:
+        mounts = {binds[m["name"]]["path"]: {"bind": m["mountPath"],
+                                              "mode": "ro" if m.get("readOnly") else "rw"}
+                  for m in c["volumeMounts"]}
+        started.append(engine.containers.run(
+            c["image"], c.get("args"), detach=True, name=f"{name}-{c['name']}",
+            environment={e["name"]: e["value"] for e in c.get("env", [])}, volumes=mounts,
+            user=f"{uid}:{pod['securityContext']['runAsGroup']}",
+            group_add=[str(pod["securityContext"]["fsGroup"])],
+            read_only=c["securityContext"]["readOnlyRootFilesystem"],
+            cap_drop=c["securityContext"]["capabilities"]["drop"],
+            security_opt=["no-new-privileges"], network_mode="host"))
+    return started
+
+
+def probe(container: dict, kind: str, engine_container) -> tuple[bool, str]:
+    spec = container[kind]
+    if "exec" in spec:
+        code, out = engine_container.exec_run(spec["exec"]["command"])
+        return code == 0, out.decode(errors="replace")
+    port = spec["httpGet"]["port"]
+    if isinstance(port, str):
+        port = next(p["containerPort"] for p in container["ports"] if p["name"] == port)
+    try:
+        reply = requests.get(f"http://127.0.0.1:{port}{spec['httpGet']['path']}", timeout=5)
+    except requests.ConnectionError as exc:
+        return False, str(exc)
+    return 200 <= reply.status_code < 400, reply.text
+
+
+@pytest.mark.docker
+def test_rendered_pod_runs_under_docker_and_its_probes_answer(tmp_path, model_store,
+                                                              docker_engine, held_out):
+    engine = image.docker_client_for(docker_engine["DOCKER_HOST"])
+    busy = [p for p in manifests.POD_PORTS.values()
+            if port_in_use("127.0.0.1", p)]
+    assert not busy, f"the stand-in pod needs ports {busy} free on this machine"
+    # The image the manifests name, built here on the local base image.
+    opts = image.ImageOptions(model_store=model_store, out_dir=tmp_path / "ctx",
+                              base_image=LOCAL_BASE_IMAGE, base_config=ROOT / "config.properties")
+    built = image.build_image(opts, [model_store / "digits.mar"], client=engine)
+    result = render(tmp_path, model_store, "--image", built["tag"])
+    objs = kustomize(str(tmp_path / result["overlay"]))
+    pod = by_kind(objs)["Deployment"]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    started = run_pod(engine, pod, tmp_path / "volumes", objs, "standin")
+    try:
+        handles = {c.name.split("-", 1)[1]: c for c in started}
+        deadline = time.monotonic() + 180
+        ready = (False, "")
+        while time.monotonic() < deadline and not ready[0]:
+            for handle in handles.values():
+                handle.reload()
+                assert handle.status == "running", handle.logs(tail=30).decode()
+            ready = probe(containers["gateway"], "readinessProbe", handles["gateway"])
+            time.sleep(1)
+        assert ready[0], ready[1]
+        for name, kind in (("gateway", "livenessProbe"), ("torchserve", "startupProbe"),
+                           ("torchserve", "livenessProbe")):
+            ok, detail = probe(containers[name], kind, handles[name])
+            assert ok, f"{name} {kind}: {detail}"
+
+        # Workers come from the ConfigMap's per-model settings (models loaded at start).
+        code, out = handles["torchserve"].exec_run(["python3", "/opt/servetool/servetool_pod.py",
+                                                    "ready"])
+        assert code == 0, out
+        key = by_kind(objs)["Secret"]["stringData"]["inference-key"]
+        url = "http://127.0.0.1:8080/predictions/digits"
+        images, labels = held_out
+        names = (ROOT / "models/digits/labels.txt").read_text().split()
+        reply = requests.post(url, data=png_bytes(images[0]),
+                              headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert max(reply.json(), key=reply.json().get) == names[int(labels[0])]
+        # Without the shared key the gateway refuses; TorchServe behind it is not reachable from
+        # outside the pod on the Service's port.
+        denied = requests.post(url, data=png_bytes(images[0]), timeout=30)
+        assert denied.status_code == 401 and "API key" in denied.json()["error"]
+        wrong = requests.post(url, data=b"x", headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert wrong.status_code == 401
+        bad = requests.post(url, data=b"not an image", headers={"Authorization": f"Bearer {key}"},
+                            timeout=30)
+        assert bad.status_code == 400 and "error" in bad.json()
+
+        # What `servetool scale --workers` runs in every pod.
+        code, out = handles["torchserve"].exec_run(["python3", "/opt/servetool/servetool_pod.py",
+                                                    "scale", "digits", "2"])
+        assert code == 0, out
+        code, out = handles["torchserve"].exec_run(
+            ["python3", "-c", "import sys; sys.path.insert(0, '/opt/servetool'); "
+             "import servetool_pod as p, json; print(len(json.loads(p.call('GET', 'management', "
+             "'/models/digits')[1])[0]['workers']))"])
+        assert out.decode().strip() == "2", out
+    finally:
+        for handle in started:
+            handle.remove(force=True)
+
+
+@pytest.mark.skipif(not os.environ.get("SERVETOOL_TEST_KUBECONFIG"),
+                    reason="live cluster test: set SERVETOOL_TEST_KUBECONFIG (and push the image "
+                           "to a registry the cluster pulls from, SERVETOOL_TEST_IMAGE)")
+def test_live_cluster(tmp_path, model_store):
+    kubeconfig = os.environ["SERVETOOL_TEST_KUBECONFIG"]
+    namespace = os.environ.get("SERVETOOL_TEST_NAMESPACE", "default")
+    common = ["--target", "kubernetes", "--kubeconfig", kubeconfig, "--namespace", namespace,
+              "--name", "servetool-test"]
+    image_args = ["--image", os.environ["SERVETOOL_TEST_IMAGE"]] \
+        if os.environ.get("SERVETOOL_TEST_IMAGE") else []
+    proc = subprocess.run([SERVETOOL, "deploy", "digits", *common, *image_args, "--model-store",
+                           str(model_store), "--json"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["rollout"]["available"] >= 2
+    proc = subprocess.run([SERVETOOL, "scale", "digits", *common, "--replicas", "3", "--workers",
+                           "2", "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    scaled = json.loads(proc.stdout)
+    assert scaled["replicas"]["rollout"]["available"] == 3
+    assert len(scaled["workers"]["pods"]) == 3
