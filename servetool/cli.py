@@ -450,7 +450,9 @@ def status(run_dir: Path, model_store: Path, target: str, as_json: bool) -> None
         emit(result, as_json, f"no TorchServe running from {run_dir}")
         return
     ep = result["endpoints"]
-    lines = [f"TorchServe running (pid {result['pid']}): inference {ep['inference']}, "
+    where = (f"container {result['container']}, {result['health'] or 'no health yet'}"
+             if target == "docker" else f"pid {result['pid']}")
+    lines = [f"TorchServe running ({where}): inference {ep['inference']}, "
              f"management {ep['management']}, metrics {ep['metrics']}"]
     for m in result["models"] or []:
         states = ", ".join(f"{w['id']}:{w['status']}" for w in m["workers"]) or "no workers"
@@ -500,7 +502,8 @@ def stop(run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     """Stop the server, its JVM and every worker."""
     was_running = make_target(run_dir, model_store, target).down()
     emit({"target": target, "stopped": was_running}, as_json,
-         "TorchServe stopped" if was_running else f"no TorchServe was running from {run_dir}")
+         ("TorchServe stopped" + (" and its container removed" if target == "docker" else ""))
+         if was_running else f"no TorchServe was running from {run_dir} ({target})")
 
 
 @main.group()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -163,3 +164,56 @@ def test_container_that_exits_is_explained(tmp_path, model_store, docker_engine)
         assert "docker logs" in proc.stderr
     finally:
         cli("stop", "--target", "docker", env=docker_engine, cwd=tmp_path)
+
+
+def test_published_ports_are_loopback_only_by_default():
+    from servetool.targets.docker import container_env, published_ports
+
+    ports = {"inference": 18080, "management": 18081, "metrics": 18082, "grpc_inference": 17070,
+             "grpc_management": 17071}
+    assert published_ports("ports", ports) == {"8080/tcp": ("127.0.0.1", 18080),
+                                               "8081/tcp": ("127.0.0.1", 18081),
+                                               "8082/tcp": ("127.0.0.1", 18082)}
+    assert container_env("ports", ports) == {}  # inside, TorchServe keeps the image's ports
+    # On the host network nothing is published and TorchServe itself binds loopback.
+    assert published_ports("host", ports) == {}
+    env = container_env("host", ports)
+    assert env["TS_MANAGEMENT_ADDRESS"] == "http://127.0.0.1:18081"
+    assert env["TS_GRPC_INFERENCE_ADDRESS"] == "127.0.0.1" and env["TS_GRPC_INFERENCE_PORT"] == "17070"
+
+
+@pytest.mark.docker
+def test_mounted_model_store_instead_of_baked(tmp_path, model_store, docker_engine, held_out):
+    env = {**docker_engine, "SERVETOOL_TARGET": "docker"}
+    # pytest's folders are private (0700): the container's user cannot read them, and is told so.
+    private = cli("deploy", "digits_ts", "--target", "docker", "--network", "host", "--mount-models",
+                  "--base-image", LOCAL_BASE_IMAGE, "--model-store", str(model_store),
+                  "--container-name", "servetool-mounted", *port_args(free_ports()), env=env,
+                  cwd=tmp_path)
+    assert private.returncode == 1 and "not readable by the container's user" in private.stderr
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    shutil.copy(model_store / "digits_ts.mar", shared / "digits_ts.mar")
+    (shared / "digits_ts.mar").chmod(0o644)
+    tmp_path.chmod(0o755)
+    model_store = shared
+    proc = cli("deploy", "digits_ts", "--target", "docker", "--network", "host", "--mount-models",
+               "--base-image", LOCAL_BASE_IMAGE, "--model-store", str(model_store),
+               "--container-name", "servetool-mounted", "--json", *port_args(free_ports()),
+               env=env, cwd=tmp_path)
+    try:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout)
+        assert result["models_baked"] is False
+        assert not (tmp_path / "deploy/docker/model-store/digits_ts.mar").exists()
+        engine = image.docker_client_for(docker_engine["DOCKER_HOST"])
+        mounts = engine.containers.get("servetool-mounted").attrs["Mounts"]
+        assert [(m["Destination"], m["RW"]) for m in mounts] == [(image.CONTAINER_STORE, False)]
+        key = cli("token", env=env, cwd=tmp_path).stdout.strip()
+        images, _ = held_out
+        reply = requests.post(result["models"][0]["predictions_url"], data=png_bytes(images[0]),
+                              headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert reply.status_code == 200, reply.text
+    finally:
+        cli("stop", env=env, cwd=tmp_path)

@@ -79,6 +79,20 @@ def published_ports(network: str, ports: dict[str, int], host: str = "127.0.0.1"
             for api in ("inference", "management", "metrics")}
 
 
+def check_readable(model_store: Path, uid: int = 1000) -> None:
+    """A mounted model store must be readable by the container's user (uid 1000), which is not
+    the host user: say so now rather than have TorchServe answer "Model not found"."""
+    import stat
+
+    for path in [model_store, *model_store.glob("*.mar")]:
+        info = path.stat()
+        need = (stat.S_IROTH | stat.S_IXOTH) if path.is_dir() else stat.S_IROTH
+        if info.st_uid != uid and info.st_mode & need != need:
+            raise DeployError(f"--mount-models: {path} is not readable by the container's user "
+                              f"(uid {uid}); `chmod o+rx {model_store}` and `chmod o+r` its "
+                              "archives, or bake the archives into the image (the default)")
+
+
 class DockerTarget(LocalTarget):
     name = "docker"
 
@@ -174,6 +188,8 @@ class DockerTarget(LocalTarget):
                     raise DeployError(f"port {port} ({api} API) is already in use on this machine; "
                                       f"pick another with --{api.replace('_', '-')}-port")
         self._remove_stale(dopts.container_name)
+        if not dopts.image.bake_models:
+            check_readable(opts.model_store)
         volumes = {} if dopts.image.bake_models else {
             str(opts.model_store.resolve()): {"bind": image.CONTAINER_STORE, "mode": "ro"}}
         self.progress(f"starting container {dopts.container_name} from {self._image['tag']}")
