@@ -30,7 +30,8 @@ from urllib.parse import urlsplit
 
 WORK = Path(os.environ.get("SERVETOOL_WORK_DIR", "/home/model-server/work"))
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-              "trailers", "transfer-encoding", "upgrade", "authorization", "host", "content-length"}
+              "trailers", "transfer-encoding", "upgrade", "authorization", "host", "content-length",
+              "expect"}
 
 
 def config() -> dict[str, str]:

@@ -1,0 +1,104 @@
+"""What the Kubernetes gateway costs: the same TorchServe loaded directly and through servetool's
+gateway (servetool/pod.py, as each pod runs it), side by side in one run.
+
+Run: .venv/bin/python benchmarks/gateway.py [--model digits|resnet18] [--seconds 15] [--clients 8]
+Packages the model into a scratch store, deploys it locally on free ports, starts the gateway in
+front of it (its own process, as in a pod), and loads both paths with the same load generator
+(wrk when installed). Prints throughput, p50 and p99 of each and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from servetool.bench.serve import load_payloads, payload_files, run_load, run_wrk, wrk_path  # noqa: E402
+from servetool.package import package  # noqa: E402
+from servetool.spec import load_spec  # noqa: E402
+from servetool.targets.local import LocalTarget  # noqa: E402
+from servetool.torchserve import ServerOptions, free_ports  # noqa: E402
+
+
+def load(url: str, samples: Path, key: str, clients: int, seconds: float) -> dict:
+    headers = {"Authorization": f"Bearer {key}"}
+    if wrk_path():
+        result = run_wrk(url, payload_files([samples]), concurrency=clients, duration_s=seconds,
+                         headers=headers)
+    else:
+        result = run_load(url, load_payloads([samples]), concurrency=clients, duration_s=seconds,
+                          headers=headers)
+    return result.summary()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--clients", type=int, default=8)
+    args = parser.parse_args()
+    model_dir = ROOT / "models" / args.model
+    with tempfile.TemporaryDirectory() as tmp:
+        store, run = Path(tmp) / "store", Path(tmp) / "run"
+        print(f"... packaging {args.model}", file=sys.stderr)
+        package(load_spec(model_dir), store)
+        target = LocalTarget(ServerOptions(run_dir=run, model_store=store, ports=free_ports(),
+                                           base_config=ROOT / "config.properties"))
+        deployed = target.deploy([])
+        direct_url = deployed["models"][0]["predictions_url"]
+        keys = Path(tmp) / "keys"
+        keys.mkdir()
+        shared_key = secrets.token_urlsafe(32)
+        (keys / "inference-key").write_text(shared_key)
+        port = free_ports(("gateway",))["gateway"]
+        env = {**os.environ, "SERVETOOL_TS_CONFIG": str(run / "config.properties"),
+               "SERVETOOL_WORK_DIR": str(run), "SERVETOOL_GATEWAY_KEYS": str(keys),
+               "SERVETOOL_GATEWAY_LISTEN": f"127.0.0.1:{port}"}
+        gateway = subprocess.Popen([sys.executable, str(ROOT / "servetool" / "pod.py"), "gateway"],
+                                   env=env, stderr=subprocess.DEVNULL)
+        try:
+            gateway_base = f"http://127.0.0.1:{port}"
+            for _ in range(100):
+                try:
+                    if requests.get(f"{gateway_base}/readyz", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                time.sleep(0.1)
+            via_url = f"{gateway_base}/predictions/{deployed['models'][0]['name']}"
+            direct_key = target.client().token("inference")
+            samples = model_dir / "samples"
+            rows = {}
+            for name, url, key in (("warm-up", direct_url, direct_key),
+                                   ("direct", direct_url, direct_key),
+                                   ("gateway", via_url, shared_key)):
+                print(f"... {name}: {args.clients} clients, {args.seconds:.0f} s", file=sys.stderr)
+                rows[name] = load(url, samples, key, args.clients, args.seconds)
+        finally:
+            gateway.terminate()
+            gateway.wait(10)
+            target.down()
+    direct, via = rows["direct"], rows["gateway"]
+    print("| path | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
+    for name in ("direct", "gateway"):
+        r = rows[name]
+        print(f"| {name} | {r['throughput']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
+    ratio = via["throughput"] / direct["throughput"] if direct["throughput"] else 0.0
+    print(f"gateway/direct throughput {ratio:.2f}, p50 +{via['p50_ms'] - direct['p50_ms']:.1f} ms")
+    print(json.dumps({"model": args.model, "direct": direct, "gateway": via,
+                      "throughput_ratio": round(ratio, 3)}))
+
+
+if __name__ == "__main__":
+    main()
