@@ -370,6 +370,48 @@ def deploy_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@main.command("image")
+@click.argument("models", nargs=-1)
+@click.option("--model-store", type=click.Path(path_type=Path), envvar="SERVETOOL_MODEL_STORE",
+              default="model_store", show_default=True, help="Folder of .mar archives.")
+@click.option("--config", "base_config", type=click.Path(path_type=Path), default=None,
+              help="Base TorchServe config.properties [default: ./config.properties if present].")
+@click.option("--base-image", default=None, help="The image to build on [default: "
+              "python:3.11-slim-bookworm].")
+@click.option("--tag", default=None, help="Tag for the image, e.g. REGISTRY/servetool-digits:1.0 "
+              "[default: servetool/NAMES:DIGEST].")
+@click.option("--no-models", is_flag=True,
+              help="Bake no archives (they come from a volume: --mount-models / --models-pvc).")
+@click.option("--ca-cert", "ca_certs", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="A CA certificate pip needs during the build (repeatable).")
+@click.option("--out", type=click.Path(path_type=Path), default="deploy/docker", show_default=True,
+              help="Where the build context is rendered.")
+@json_option
+@friendly_errors
+def image_command(models: tuple[str, ...], model_store: Path, base_config: Path | None,
+                  base_image: str | None, tag: str | None, no_models: bool,
+                  ca_certs: tuple[Path, ...], out: Path, as_json: bool) -> None:
+    """Build the serving image for MODELS (default: every archive) with the local Docker engine.
+
+    The image `deploy --target docker` runs and `deploy --target kubernetes --image` names: push it
+    to a registry your cluster pulls from (`docker push TAG`).
+    """
+    from servetool.image import DEFAULT_BASE_IMAGE, ImageOptions, build_image
+    from servetool.targets.local import find_archives
+
+    if base_config is None and Path("config.properties").is_file():
+        base_config = Path("config.properties")
+    archives = find_archives(models, model_store)
+    opts = ImageOptions(model_store=model_store, out_dir=out, base_image=base_image or DEFAULT_BASE_IMAGE,
+                        base_config=base_config, bake_models=not no_models, tag=tag,
+                        ca_certs=list(ca_certs) or None)
+    result = build_image(opts, archives, progress)
+    result["models"] = [p.stem for p in archives]
+    size = f"{result['size_bytes'] / 1e6:.0f} MB" if result.get("size_bytes") else "size unknown"
+    emit(result, as_json, f"{result['tag']} ({size}, {'built' if result['built'] else 'already built'})"
+         f"\nPush it where your cluster pulls from: docker push {result['tag']}")
+
+
 @main.command()
 @click.argument("model")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -441,10 +483,19 @@ def scale(model: str, workers: int | None, replicas: int | None, model_version: 
 
 @main.command()
 @server_options
+@kube_options
 @json_option
 @friendly_errors
-def status(run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
-    """Show the server, its models, versions and workers."""
+def status(run_dir: Path, model_store: Path, target: str, kubeconfig: Path | None,
+           kube_context: str | None, namespace: str, deployment_name: str | None,
+           manifests_dir: Path, as_json: bool) -> None:
+    """Show the server, its models, versions and workers (on kubernetes: the pods)."""
+    if target == "kubernetes":
+        kube = kube_target(kubeconfig, kube_context, manifests_dir)
+        result = kube.status(namespace, require_name(deployment_name))
+        lines = [f"{p['name']}: {'ready' if p['ready'] else 'not ready'}" for p in result["pods"]]
+        emit(result, as_json, "\n".join(lines) or "no running pods")
+        return
     result = make_target(run_dir, model_store, target).status()
     if not result["running"]:
         emit(result, as_json, f"no TorchServe running from {run_dir}")

@@ -267,9 +267,12 @@ def test_rendered_pod_runs_under_docker_and_its_probes_answer(tmp_path, model_st
             if port_in_use("127.0.0.1", p)]
     assert not busy, f"the stand-in pod needs ports {busy} free on this machine"
     # The image the manifests name, built here on the local base image.
-    opts = image.ImageOptions(model_store=model_store, out_dir=tmp_path / "ctx",
-                              base_image=LOCAL_BASE_IMAGE, base_config=ROOT / "config.properties")
-    built = image.build_image(opts, [model_store / "digits.mar"], client=engine)
+    proc = subprocess.run([SERVETOOL, "image", "digits", "--model-store", str(model_store),
+                           "--base-image", LOCAL_BASE_IMAGE, "--config", str(ROOT / "config.properties"),
+                           "--json"], capture_output=True, text=True, cwd=tmp_path, env=docker_engine,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    built = json.loads(proc.stdout)
     result = render(tmp_path, model_store, "--image", built["tag"])
     objs = kustomize(str(tmp_path / result["overlay"]))
     pod = by_kind(objs)["Deployment"]["spec"]["template"]["spec"]

@@ -47,8 +47,8 @@ class KubernetesTarget:
         if self._api is not None:
             return self._api
         if self.kubeconfig is None:
-            raise KubeError("no kubeconfig given: pass --kubeconfig FILE (or set KUBECONFIG) to "
-                            "apply to a cluster, or --dry-run to only render the manifests")
+            raise KubeError("no kubeconfig given: pass --kubeconfig FILE (or set KUBECONFIG) to reach "
+                            "a cluster (`deploy --dry-run` renders the manifests without one)")
         if not self.kubeconfig.is_file():
             raise KubeError(f"kubeconfig {self.kubeconfig} does not exist")
         from kubernetes import config
@@ -176,7 +176,13 @@ class KubernetesTarget:
                              core.connect_get_namespaced_pod_exec, pod.metadata.name, namespace,
                              container="torchserve", command=[*POD_HELPER, "scale", model, str(workers)],
                              stderr=True, stdin=False, stdout=True, tty=False)
-            results.append({"pod": pod.metadata.name, "answer": str(out).strip()[:300]})
+            answer = str(out).strip()
+            results.append({"pod": pod.metadata.name, "ok": "Workers scaled" in answer,
+                            "answer": answer[:300]})
+        failed = [r for r in results if not r["ok"]]
+        if failed:
+            raise KubeError(f"scaling {model} failed in {len(failed)} of {len(results)} pods: "
+                            + "; ".join(f"{r['pod']}: {r['answer']}" for r in failed))
         return {"model": model, "workers": workers, "pods": results}
 
     def status(self, namespace: str, name: str) -> dict[str, Any]:
