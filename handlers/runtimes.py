@@ -19,11 +19,29 @@ class Runtime(Protocol):
     def run(self, batch: np.ndarray) -> list[np.ndarray]: ...
 
 
-def available_cores() -> int:
+def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may really use: SERVETOOL_CPUS when set (Kubernetes pods get their CPU
+    request there through the Downward API), else a cgroup v2 CPU quota (a container's --cpus or CPU
+    limit), else the CPU affinity. A container sees every core of its node otherwise, and one worker
+    per node core would oversubscribe a pod that asked for one."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    declared = os.environ.get("SERVETOOL_CPUS", "").strip()
+    if declared:
+        try:
+            return max(1, min(cores, int(float(declared))))
+        except ValueError:
+            pass
+    try:
+        with open(os.path.join(cgroup_root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return max(1, min(cores, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def threads_per_worker(max_workers: int | None, cores: int | None = None) -> int:

@@ -259,6 +259,9 @@ def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | 
 @click.option("--image-tag", default=None, help="docker: tag for the image [default: from the "
               "model names and a digest of the build context].")
 @click.option("--container-name", default="servetool", show_default=True)
+@click.option("--cpus", "docker_cpus", type=click.FloatRange(min=0.1), default=None,
+              help="docker: CPU limit for the container (auto workers follow it).")
+@click.option("--docker-memory", default=None, help="docker: memory limit, e.g. 2g.")
 @click.option("--ca-cert", "ca_certs", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="docker: a CA certificate pip needs during the build (repeatable) [default: the "
                    "ones in /usr/local/share/ca-certificates]. Used in the build stage only.")
@@ -285,8 +288,9 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
            base_config: Path | None, host: str, inference_port: int, management_port: int,
            metrics_port: int, grpc_inference_port: int, grpc_management_port: int,
            timeout: float, base_image: str | None, network: str, mount_models: bool,
-           image_tag: str | None, container_name: str, ca_certs: tuple[Path, ...],
-           kubeconfig: Path | None, kube_context: str | None, namespace: str,
+           image_tag: str | None, container_name: str, docker_cpus: float | None,
+           docker_memory: str | None, ca_certs: tuple[Path, ...], kubeconfig: Path | None,
+           kube_context: str | None, namespace: str,
            deployment_name: str | None, manifests_dir: Path, dry_run: bool, kube_image: str | None,
            replicas: int, max_replicas: int, cpu: str, memory: str, models_pvc: str | None,
            no_token_auth: bool, as_json: bool) -> None:
@@ -323,7 +327,8 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
             ImageOptions(model_store=model_store, base_image=base_image or DEFAULT_BASE_IMAGE,
                          base_config=base_config, bake_models=not mount_models, tag=image_tag,
                          ca_certs=list(ca_certs) or None),
-            network=network, container_name=container_name, publish_host=host)
+            network=network, container_name=container_name, publish_host=host,
+            cpus=docker_cpus, memory_limit=docker_memory)
     tgt = make_target(run_dir, model_store, target, docker_opts, base_config=base_config,
                       host=host, ports=ports, startup_timeout_s=timeout)
     result = tgt.deploy(models, timeout_s=timeout)

@@ -91,6 +91,11 @@ def _check_workload(obj: dict[str, Any], pod: dict[str, Any], names: set[str]) -
             for res, qty in resources.get(kind, {}).items():
                 if not QUANTITY.match(str(qty)):
                     found.append(f"{cwhere}: {kind}.{res} {qty!r} is not a quantity")
+        for env in c.get("env", []):
+            field = env.get("valueFrom", {}).get("resourceFieldRef")
+            if field and field.get("containerName", c["name"]) not in \
+                    {x["name"] for x in pod["containers"]}:
+                found.append(f"{cwhere}: env {env['name']} refers to a container the pod lacks")
         for ref in c.get("envFrom", []):
             if "configMapRef" in ref and f"ConfigMap/{ref['configMapRef']['name']}" not in names:
                 found.append(f"{cwhere}: envFrom refers to a missing ConfigMap")

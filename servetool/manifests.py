@@ -74,6 +74,7 @@ class KubeOptions:
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise ManifestError(f"replicas: need 1 <= min ({self.min_replicas}) <= max "
                                 f"({self.max_replicas})")
+        cpu_cores(self.cpu_request)
         if self.models_pvc is not None and not NAME_RE.match(self.models_pvc):
             raise ManifestError(f"--models-pvc {self.models_pvc!r} is not a valid claim name")
 
@@ -94,48 +95,48 @@ def _security() -> dict[str, Any]:
             "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
 
 
+def _container(command: str, env: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    """One container of the pod: servetool's image running one command of its helper, with the
+    pods' config and the common security settings."""
+    config_env = {"name": "SERVETOOL_TS_CONFIG", "value": f"{CONFIG_DIR}/config.properties"}
+    return {"name": command, "image": BASE_IMAGE_NAME, "imagePullPolicy": "IfNotPresent",
+            "args": [command], "env": [config_env, *env], **spec, "securityContext": _security()}
+
+
 def _torchserve_container() -> dict[str, Any]:
-    return {
-        "name": "torchserve",
-        "image": BASE_IMAGE_NAME,
-        "imagePullPolicy": "IfNotPresent",
-        "args": ["torchserve"],
-        "env": [{"name": "SERVETOOL_TS_CONFIG", "value": f"{CONFIG_DIR}/config.properties"}],
-        "ports": [{"name": "metrics", "containerPort": POD_PORTS["metrics"], "protocol": "TCP"}],
-        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+    # SERVETOOL_CPUS: the handlers size their threads by the CPU request (rounded up), not by the
+    # node's cores, which a container sees all of.
+    return _container(
+        "torchserve",
+        env=[{"name": "SERVETOOL_CPUS", "valueFrom": {"resourceFieldRef": {
+            "containerName": "torchserve", "resource": "requests.cpu", "divisor": "1"}}}],
+        ports=[{"name": "metrics", "containerPort": POD_PORTS["metrics"], "protocol": "TCP"}],
+        resources={"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
         # The metrics port needs no token: it says the frontend is up (models may still load).
-        "startupProbe": {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 5,
-                         "failureThreshold": 60},
-        "livenessProbe": {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 20,
-                          "timeoutSeconds": 5, "failureThreshold": 3},
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-                         {"name": "work", "mountPath": image.CONTAINER_WORK},
-                         {"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": _security(),
-    }
+        startupProbe={"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 5,
+                      "failureThreshold": 60},
+        livenessProbe={"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 20,
+                       "timeoutSeconds": 5, "failureThreshold": 3},
+        volumeMounts=[{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                      {"name": "work", "mountPath": image.CONTAINER_WORK},
+                      {"name": "tmp", "mountPath": "/tmp"}])
 
 
 def _gateway_container() -> dict[str, Any]:
-    return {
-        "name": "gateway",
-        "image": BASE_IMAGE_NAME,
-        "imagePullPolicy": "IfNotPresent",
-        "args": ["gateway"],
-        "env": [{"name": "SERVETOOL_TS_CONFIG", "value": f"{CONFIG_DIR}/config.properties"},
-                {"name": "SERVETOOL_GATEWAY_LISTEN", "value": f"0.0.0.0:{POD_PORTS['http']}"},
-                {"name": "SERVETOOL_GATEWAY_KEYS", "value": KEYS_DIR}],
-        "ports": [{"name": "http", "containerPort": POD_PORTS["http"], "protocol": "TCP"}],
-        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
-                           "timeoutSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20,
-                          "timeoutSeconds": 5, "failureThreshold": 3},
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-                         {"name": "work", "mountPath": image.CONTAINER_WORK, "readOnly": True},
-                         {"name": "keys", "mountPath": KEYS_DIR, "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": _security(),
-    }
+    return _container(
+        "gateway",
+        env=[{"name": "SERVETOOL_GATEWAY_LISTEN", "value": f"0.0.0.0:{POD_PORTS['http']}"},
+             {"name": "SERVETOOL_GATEWAY_KEYS", "value": KEYS_DIR}],
+        ports=[{"name": "http", "containerPort": POD_PORTS["http"], "protocol": "TCP"}],
+        resources={"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        readinessProbe={"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
+                        "timeoutSeconds": 5, "failureThreshold": 2},
+        livenessProbe={"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20,
+                       "timeoutSeconds": 5, "failureThreshold": 3},
+        volumeMounts=[{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                      {"name": "work", "mountPath": image.CONTAINER_WORK, "readOnly": True},
+                      {"name": "keys", "mountPath": KEYS_DIR, "readOnly": True},
+                      {"name": "tmp", "mountPath": "/tmp"}])
 
 
 def base_objects() -> list[dict[str, Any]]:
@@ -224,7 +225,9 @@ def pod_properties(opts: KubeOptions, archives: list[Path]) -> str:
         contents = archive.archive_manifest(path)
         meta = contents["manifest"]["model"]
         config = contents["config"]
-        workers = opts.workers.get(meta["modelName"]) or int(config.get("minWorkers") or 1)
+        # Workers left on auto: one per requested core, as the local target does per core.
+        workers = opts.workers.get(meta["modelName"]) or int(config.get("minWorkers") or
+                                                             cpu_cores(opts.cpu_request))
         models[meta["modelName"]] = {meta["modelVersion"]: {
             "defaultVersion": True, "marName": path.name, "minWorkers": workers,
             "maxWorkers": max(workers, int(config.get("maxWorkers") or workers)),
@@ -236,6 +239,18 @@ def pod_properties(opts: KubeOptions, archives: list[Path]) -> str:
     lines = ["# Rendered by servetool for Kubernetes pods: models load at start (load_models, models);"
              " the model API is off."]
     return "\n".join(lines + [f"{k}={v}" for k, v in props.items()]) + "\n"
+
+
+def cpu_cores(quantity: str) -> int:
+    """A CPU quantity ("1", "2.5", "500m") as whole cores, rounded up (at least one)."""
+    text = quantity.strip()
+    try:
+        value = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        raise ManifestError(f"CPU request {quantity!r} is not a quantity like 1, 2.5 or 500m") from None
+    if value <= 0:
+        raise ManifestError(f"CPU request {quantity!r} must be positive")
+    return max(1, -int(-value // 1))
 
 
 def split_image(ref: str) -> tuple[str, str]:

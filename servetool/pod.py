@@ -213,16 +213,25 @@ class Gateway(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _body(self) -> bytes:
+        """The request body, refused (ValueError) past TorchServe's own max_request_size, so that
+        no client can make the gateway buffer more than the server would accept."""
+        limit = int(config().get("max_request_size", "6553500"))
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
+            chunks, total = [], 0
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     self.rfile.readline()
                     return b"".join(chunks)
+                total += size
+                if total > limit:
+                    raise ValueError(f"the body is larger than max_request_size ({limit} bytes)")
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > limit:
+            raise ValueError(f"the body is larger than max_request_size ({limit} bytes)")
+        return self.rfile.read(length)
 
     @classmethod
     def allowed(cls) -> list[str]:
@@ -258,7 +267,13 @@ class Gateway(BaseHTTPRequestHandler):
             self._json(401, {"error": "missing or wrong API key: send 'Authorization: Bearer KEY' "
                                       "with the key from the servetool Secret", "status": 401})
             return
-        body = self._body()
+        try:
+            body = self._body()
+        except ValueError as exc:
+            self.close_connection = True  # the rest of the body is never read
+            status = 413 if "max_request_size" in str(exc) else 400
+            self._json(status, {"error": f"bad request body: {exc}", "status": status})
+            return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
             key = KEYS.get("inference")

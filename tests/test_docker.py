@@ -66,7 +66,7 @@ def test_docker_deploy_predict_scale_stop(tmp_path, model_store, docker_engine, 
     proc = cli("deploy", "digits", "--target", "docker", "--network", "host",
                "--base-image", LOCAL_BASE_IMAGE, "--model-store", str(model_store),
                "--config", str(ROOT / "config.properties"), "--container-name", "servetool-e2e",
-               "--json", *port_args(ports), env=env, cwd=tmp_path)
+               "--cpus", "1", "--json", *port_args(ports), env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     deployed = json.loads(proc.stdout)
     print(f"docker deploy (build + run + register): {time.perf_counter() - started:.1f} s, image "
@@ -76,6 +76,7 @@ def test_docker_deploy_predict_scale_stop(tmp_path, model_store, docker_engine, 
         assert (tmp_path / "deploy" / "docker" / "Dockerfile").is_file()
         model = deployed["models"][0]
         assert model["name"] == "digits" and all(w["status"] == "READY" for w in model["workers"])
+        assert len(model["workers"]) == 1  # workers on auto follow the container's CPU limit
         url = model["predictions_url"]
         assert url == f"http://127.0.0.1:{ports['inference']}/predictions/digits"
 
@@ -97,6 +98,7 @@ def test_docker_deploy_predict_scale_stop(tmp_path, model_store, docker_engine, 
         container = engine.containers.get("servetool-e2e")
         assert container.attrs["Config"]["User"] == "1000:1000"
         assert "tini" in container.attrs["Config"]["Entrypoint"][0]
+        assert container.attrs["HostConfig"]["NanoCpus"] == 1_000_000_000
 
         scaled = cli("scale", "digits", "--workers", "2", "--json", env=env, cwd=tmp_path)
         assert scaled.returncode == 0, scaled.stderr
@@ -116,7 +118,7 @@ def test_docker_deploy_predict_scale_stop(tmp_path, model_store, docker_engine, 
         again = cli("deploy", "digits", "--target", "docker", "--network", "host", "--base-image",
                     LOCAL_BASE_IMAGE, "--model-store", str(model_store), "--config",
                     str(ROOT / "config.properties"), "--container-name", "servetool-e2e", "--json",
-                    *port_args(ports), env=env, cwd=tmp_path)
+                    "--cpus", "1", *port_args(ports), env=env, cwd=tmp_path)
         assert again.returncode == 0, again.stderr[-2000:]
         again = json.loads(again.stdout)
         assert not again["server_started"] and again["models"][0]["action"] == "unchanged"

@@ -178,3 +178,20 @@ def test_a_tensorrt_archive_on_a_cpu_worker_fails_with_a_clear_reason(tmp_path):
     context = Context("digits", str(tmp_path), {}, 1, None, "0.12.0", model_yaml_config=config)
     with pytest.raises(RuntimeError, match="runs on an NVIDIA GPU with CUDA"):
         ServeHandler().initialize(context)
+
+
+def test_available_cores_follows_the_pod_request_and_the_cgroup_quota(tmp_path, monkeypatch):
+    from handlers.runtimes import available_cores
+
+    monkeypatch.delenv("SERVETOOL_CPUS", raising=False)
+    affinity = len(__import__("os").sched_getaffinity(0))
+    assert available_cores(str(tmp_path)) == affinity  # no cgroup file: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cores(str(tmp_path)) == affinity
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a core: still one
+    assert available_cores(str(tmp_path)) == 1
+    monkeypatch.setenv("SERVETOOL_CPUS", "1")  # the Downward API's requests.cpu
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cores(str(tmp_path)) == 1
+    monkeypatch.setenv("SERVETOOL_CPUS", "64")  # never more than the cores it may run on
+    assert available_cores(str(tmp_path)) == affinity

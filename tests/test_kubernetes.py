@@ -235,13 +235,23 @@ def run_pod(engine, pod: dict, volumes_dir: Path, objs: list[dict], name: str) -
                   for m in c["volumeMounts"]}
         started.append(engine.containers.run(
             c["image"], c.get("args"), detach=True, name=f"{name}-{c['name']}",
-            environment={e["name"]: e["value"] for e in c.get("env", [])}, volumes=mounts,
+            environment={e["name"]: env_value(e, pod) for e in c.get("env", [])}, volumes=mounts,
             user=f"{uid}:{pod['securityContext']['runAsGroup']}",
             group_add=[str(pod["securityContext"]["fsGroup"])],
             read_only=c["securityContext"]["readOnlyRootFilesystem"],
             cap_drop=c["securityContext"]["capabilities"]["drop"],
             security_opt=["no-new-privileges"], network_mode="host"))
     return started
+
+
+def env_value(env: dict, pod: dict) -> str:
+    """A literal value, or the Downward API's requests.cpu (rounded up, as with divisor 1)."""
+    if "value" in env:
+        return env["value"]
+    field = env["valueFrom"]["resourceFieldRef"]
+    assert field["resource"] == "requests.cpu" and field["divisor"] == "1"
+    container = next(c for c in pod["containers"] if c["name"] == field["containerName"])
+    return str(manifests.cpu_cores(container["resources"]["requests"]["cpu"]))
 
 
 def probe(container: dict, kind: str, engine_container) -> tuple[bool, str]:
@@ -257,6 +267,16 @@ def probe(container: dict, kind: str, engine_container) -> tuple[bool, str]:
     except requests.ConnectionError as exc:
         return False, str(exc)
     return 200 <= reply.status_code < 400, reply.text
+
+
+def worker_count(container) -> int:
+    """digits' workers, asked inside the container with the pod's own management key."""
+    code, out = container.exec_run(
+        ["python3", "-c", "import sys; sys.path.insert(0, '/opt/servetool'); "
+         "import servetool_pod as p, json; print(len(json.loads(p.call('GET', 'management', "
+         "'/models/digits')[1])[0]['workers']))"])
+    assert code == 0, out
+    return int(out.decode().strip())
 
 
 @pytest.mark.docker
@@ -298,6 +318,11 @@ def test_rendered_pod_runs_under_docker_and_its_probes_answer(tmp_path, model_st
         code, out = handles["torchserve"].exec_run(["python3", "/opt/servetool/servetool_pod.py",
                                                     "ready"])
         assert code == 0, out
+        rendered_models = json.loads(next(
+            line[7:] for line in by_kind(objs)["ConfigMap"]["data"]["config.properties"].splitlines()
+            if line.startswith("models=")))
+        assert rendered_models["digits"]["1.0"]["minWorkers"] == 1  # auto: one per requested core
+        assert worker_count(handles["torchserve"]) == 1
         key = by_kind(objs)["Secret"]["stringData"]["inference-key"]
         url = "http://127.0.0.1:8080/predictions/digits"
         images, labels = held_out
@@ -320,11 +345,7 @@ def test_rendered_pod_runs_under_docker_and_its_probes_answer(tmp_path, model_st
         code, out = handles["torchserve"].exec_run(["python3", "/opt/servetool/servetool_pod.py",
                                                     "scale", "digits", "2"])
         assert code == 0, out
-        code, out = handles["torchserve"].exec_run(
-            ["python3", "-c", "import sys; sys.path.insert(0, '/opt/servetool'); "
-             "import servetool_pod as p, json; print(len(json.loads(p.call('GET', 'management', "
-             "'/models/digits')[1])[0]['workers']))"])
-        assert out.decode().strip() == "2", out
+        assert worker_count(handles["torchserve"]) == 2
     finally:
         for handle in started:
             handle.remove(force=True)

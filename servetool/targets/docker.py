@@ -10,6 +10,7 @@ container's key_file.json through the Docker API, so nothing secret is written o
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,8 @@ class DockerOptions:
     network: str = "ports"  # "ports": publish on 127.0.0.1; "host": the host's network
     container_name: str = "servetool"
     publish_host: str = "127.0.0.1"  # where published ports listen (network="ports")
-    memory_limit: str | None = None
+    memory_limit: str | None = None  # docker's --memory, e.g. "2g"
+    cpus: float | None = None  # docker's --cpus
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -156,6 +158,13 @@ class DockerTarget(LocalTarget):
         lines = torchserve.telling_lines(text, "container", 10)
         return f"From `docker logs {container.short_id}`:\n" + "\n".join(f"  {x}" for x in lines)
 
+    def default_workers(self) -> int:
+        # The container's CPU limit, not this machine's cores (the handlers' threads follow it too,
+        # through the cgroup quota they read).
+        if self.docker_opts.cpus:
+            return max(1, math.ceil(self.docker_opts.cpus))
+        return super().default_workers()
+
     # --- deploy ----------------------------------------------------------------------------------
     def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
         archives = find_archives(names, self.opts.model_store)
@@ -170,12 +179,20 @@ class DockerTarget(LocalTarget):
     def up(self) -> tuple[torchserve.ServerState, bool]:
         container = self.container()
         if container is not None and container.status == "running" and self._image is not None \
-                and container.image.id == self._image["id"]:
+                and container.image.id == self._image["id"] \
+                and self._record().get("run_config") == self._run_config():
             return self._state(self._record()), False
         if container is not None:
             self.progress(f"replacing container {container.name} (new image or not running)")
             self.down()
         return self._run(), True
+
+    def _run_config(self) -> dict[str, Any]:
+        """What a running container must match to be kept (else it is replaced)."""
+        d = self.docker_opts
+        return {"network": d.network, "ports": self.opts.ports, "publish_host": d.publish_host,
+                "cpus": d.cpus, "memory": d.memory_limit, "baked": d.image.bake_models,
+                "model_store": str(self.opts.model_store.resolve()), "env": d.extra_env}
 
     def _run(self) -> torchserve.ServerState:
         import docker
@@ -187,6 +204,9 @@ class DockerTarget(LocalTarget):
                 if torchserve.port_in_use("127.0.0.1", port):
                     raise DeployError(f"port {port} ({api} API) is already in use on this machine; "
                                       f"pick another with --{api.replace('_', '-')}-port")
+        if dopts.network != "host" and not self.engine.networks.list(names=["bridge"]):
+            raise DeployError("this Docker engine has no bridge network, so published ports would "
+                              "reach nothing: use --network host")
         self._remove_stale(dopts.container_name)
         if not dopts.image.bake_models:
             check_readable(opts.model_store)
@@ -200,7 +220,8 @@ class DockerTarget(LocalTarget):
                 environment=container_env(dopts.network, opts.ports) | dopts.extra_env,
                 network_mode="host" if dopts.network == "host" else None,
                 ports=published_ports(dopts.network, opts.ports, dopts.publish_host) or None,
-                volumes=volumes or None, mem_limit=dopts.memory_limit)
+                volumes=volumes or None, mem_limit=dopts.memory_limit,
+                nano_cpus=int(dopts.cpus * 1e9) if dopts.cpus else None)
         except docker.errors.APIError as exc:
             raise DeployError(f"docker could not start the container: {exc.explanation or exc}") from None
         state = torchserve.ServerState(run_dir=str(opts.run_dir.resolve()), pid=0, host="127.0.0.1",
@@ -209,6 +230,7 @@ class DockerTarget(LocalTarget):
         (opts.run_dir / "deployed.json").unlink(missing_ok=True)  # a new container has no models
         self.state_file.write_text(json.dumps({"container_id": container.id, "name": container.name,
                                                "image": self._image, "network": dopts.network,
+                                               "run_config": self._run_config(),
                                                "server": asdict(state)}, indent=2) + "\n")
         self._wait_healthy(container, state, opts.startup_timeout_s)
         return state

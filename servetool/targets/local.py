@@ -62,6 +62,10 @@ class LocalTarget:
                               "`servetool deploy` first")
         return state
 
+    def default_workers(self) -> int:
+        """Workers for a model left on auto: one per core of the machine that serves it."""
+        return default_workers()
+
     def make_client(self, state: torchserve.ServerState) -> Client:
         return Client(state)
 
@@ -143,7 +147,7 @@ class LocalTarget:
 
     def _register(self, client: Client, state: torchserve.ServerState, path: Path, name: str,
                   version: str, config: dict[str, Any]) -> None:
-        workers = int(config.get("minWorkers") or default_workers())
+        workers = int(config.get("minWorkers") or self.default_workers())
         try:
             client.register(path.name, name, workers, timeout=float(config.get("responseTimeout", 120)) + 120)
         except APIError as exc:
