@@ -10,7 +10,7 @@ demo: setup
 test:
 	scripts/setup.sh --test
 	.venv/bin/ruff check servetool handlers tests models benchmarks
-	.venv/bin/python -m pytest -q -rs
+	.venv/bin/python -m pytest -q -rs --durations=6
 
 lint:
 	.venv/bin/ruff check servetool handlers tests models benchmarks

@@ -141,6 +141,11 @@ def main() -> None:
       servetool scale digits --workers 3
       servetool status
       servetool stop
+
+    \b
+    Other targets (see --target on each command):
+      servetool deploy --target docker                 # servetool's image in a container
+      servetool deploy --target kubernetes --dry-run   # kustomize manifests in deploy/kubernetes
     """
 
 

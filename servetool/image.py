@@ -91,9 +91,8 @@ def container_properties(base_config: Path | None, extra: dict[str, str]) -> dic
     return props
 
 
-def render(opts: ImageOptions, archives: list[Path], progress: Callable[[str], None],
-           fetch_wheel: bool = True) -> Path:
-    """Write the build context to opts.out_dir and return it."""
+def render(opts: ImageOptions, archives: list[Path]) -> Path:
+    """Write the build context to opts.out_dir and return it (build_image adds the torch wheel)."""
     out = opts.out_dir
     for sub in ("runtime", "model-store", "build"):
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -113,8 +112,6 @@ def render(opts: ImageOptions, archives: list[Path], progress: Callable[[str], N
     (out / "build" / "wheels").mkdir()
     (out / "build" / "certs").mkdir()
     _copy_certs(opts.ca_certs, out / "build" / "certs")
-    if fetch_wheel and _local_torch_wheel(out / "build" / "wheels"):
-        progress("using this machine's torch wheel (no download in the build)")
     return out
 
 
@@ -188,15 +185,10 @@ def docker_client_for(base_url: str) -> Any:
 
 def build(client: Any, context: Path, tag: str, base_image: str,
           progress: Callable[[str], None]) -> dict[str, Any]:
-    """Build the image (skipped when the tag exists), quoting the failing step on error."""
+    """Build the image (docker's layer cache makes an unchanged one quick), quoting the failing
+    step on error."""
     import docker
 
-    try:
-        image = client.images.get(tag)
-        progress(f"image {tag} already built")
-        return {"tag": tag, "id": image.id, "size_bytes": image.attrs.get("Size"), "built": False}
-    except docker.errors.ImageNotFound:
-        pass
     try:
         client.images.get(base_image)
     except docker.errors.ImageNotFound:
@@ -217,15 +209,31 @@ def build(client: Any, context: Path, tag: str, base_image: str,
                 progress(line[:120])
             elif line.strip() and not BUILDER_CHATTER.match(line.strip()):
                 recent = (recent + [ANSI.sub("", line).strip()[:200]])[-20:]
-    image = client.images.get(tag)
-    return {"tag": tag, "id": image.id, "size_bytes": image.attrs.get("Size"), "built": True}
+    return {**existing(client, tag), "built": True}
+
+
+def existing(client: Any, tag: str) -> dict[str, Any] | None:
+    import docker
+
+    try:
+        image = client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return None
+    return {"tag": tag, "id": image.id, "size_bytes": image.attrs.get("Size"), "built": False}
 
 
 def build_image(opts: ImageOptions, archives: list[Path],
                 progress: Callable[[str], None] = lambda _: None, client: Any = None) -> dict[str, Any]:
     client = client or docker_client()
-    context = render(opts, archives, progress)
+    # The default tag is a digest of the context (build-only inputs aside): when an image has it,
+    # there is nothing to build, and the torch wheel is only fetched for a real build.
+    context = render(opts, archives)
     tag = opts.tag or default_tag(archives, context, opts.base_image)
+    if opts.tag is None and (found := existing(client, tag)) is not None:
+        progress(f"image {tag} already built")
+        return found
+    if _local_torch_wheel(context / "build" / "wheels"):
+        progress("using this machine's torch wheel (no download in the build)")
     return build(client, context, tag, opts.base_image, progress)
 
 

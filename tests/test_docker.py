@@ -41,7 +41,7 @@ def test_no_engine_is_one_clear_line(tmp_path, model_store):
 def test_rendered_dockerfile_passes_hadolint(tmp_path, model_store):
     opts = image.ImageOptions(model_store=model_store, out_dir=tmp_path / "ctx",
                               base_config=ROOT / "config.properties", ca_certs=[])
-    context = image.render(opts, [model_store / "digits.mar"], lambda _: None)
+    context = image.render(opts, [model_store / "digits.mar"])
     hadolint = Path(__import__("sys").executable).with_name("hadolint")
     proc = subprocess.run([str(hadolint), str(context / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

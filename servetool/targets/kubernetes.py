@@ -224,7 +224,7 @@ def deploy_kubernetes(req: KubeRequest, target: KubernetesTarget) -> dict[str, A
         # The same tag `deploy --target docker` builds for these archives (context under deploy/).
         opts = image.ImageOptions(model_store=req.model_store, base_config=req.base_config,
                                   bake_models=req.models_pvc is None, ca_certs=[])
-        context = image.render(opts, archives, target.progress, fetch_wheel=False)
+        context = image.render(opts, archives)
         req.image = image.default_tag(archives, context, opts.base_image)
     memory = parse_memory(req.memory)
     opts = manifests.KubeOptions(
