@@ -276,7 +276,7 @@ def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | 
               help="kubernetes: the image the pods run [default: the tag --target docker builds "
                    "for these archives]; push it where the cluster can pull it.")
 @click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True,
-              help="kubernetes: pods at start and the autoscaler's minimum.")
+              help="kubernetes: the autoscaler's minimum number of pods (it owns the count).")
 @click.option("--max-replicas", type=click.IntRange(min=1), default=5, show_default=True,
               help="kubernetes: the autoscaler's maximum.")
 @click.option("--cpu", default="1", show_default=True, help="kubernetes: CPU request per pod.")

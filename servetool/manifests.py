@@ -53,7 +53,6 @@ class KubeOptions:
     name: str
     image: str
     namespace: str = "default"
-    replicas: int = 2
     min_replicas: int = 2
     max_replicas: int = 5
     target_cpu_percent: int = 70
@@ -143,8 +142,9 @@ def base_objects() -> list[dict[str, Any]]:
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": BASE_NAME, "labels": _labels("inference")},
+        # No spec.replicas: the autoscaler owns the count. Re-applying a fixed count (server-side
+        # apply takes the field back) would reset it on every deploy and fight the autoscaler.
         "spec": {
-            "replicas": 2,
             "selector": {"matchLabels": dict(SELECTOR)},
             "strategy": {"type": "RollingUpdate",
                          "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
@@ -316,7 +316,6 @@ def overlay(opts: KubeOptions, archives: list[Path]) -> tuple[dict[str, Any], li
                     "includeTemplates": True}],
         "resources": ["../../base"] + (["secret.yaml"] if opts.token_auth else []),
         "images": [images],
-        "replicas": [{"name": BASE_NAME, "count": max(opts.replicas, opts.min_replicas)}],
         "patches": [{"target": p["target"], "path": f"patch-{p['target']['kind'].lower()}.yaml"}
                     for p in patches],
     }
@@ -352,7 +351,6 @@ def objects(opts: KubeOptions, archives: list[Path], key: str | None) -> list[di
         spec = obj.get("spec", {})
         kind = obj["kind"]
         if kind == "Deployment":
-            spec["replicas"] = kustomization["replicas"][0]["count"]
             spec["selector"]["matchLabels"].update(instance)
             pod = spec["template"]
             pod["metadata"]["labels"].update(instance)

@@ -129,6 +129,7 @@ def test_semantics_hold_and_the_design_is_as_documented(rendered):
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == "8082" and annotations["prometheus.io/scrape"] == "true"
     assert hpa["apiVersion"] == "autoscaling/v2"
+    assert "replicas" not in dep["spec"]  # the autoscaler owns the count; re-applies keep it
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
     assert kinds["PodDisruptionBudget"]["apiVersion"] == "policy/v1"
 
@@ -370,5 +371,5 @@ def test_live_cluster(tmp_path, model_store):
                            "2", "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr
     scaled = json.loads(proc.stdout)
-    assert scaled["replicas"]["rollout"]["available"] == 3
+    assert scaled["replicas"]["rollout"]["available"] >= 3
     assert len(scaled["workers"]["pods"]) == 3

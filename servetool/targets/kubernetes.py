@@ -103,10 +103,13 @@ class KubernetesTarget:
                        force_conflicts=True)
         deployment = next(o for o in objs if o["kind"] == "Deployment")
         result["rollout"] = self.wait_rollout(opts.namespace, deployment["metadata"]["name"],
-                                              timeout_s)
+                                              timeout_s, at_least=opts.min_replicas)
         return result
 
-    def wait_rollout(self, namespace: str, name: str, timeout_s: float) -> dict[str, Any]:
+    def wait_rollout(self, namespace: str, name: str, timeout_s: float,
+                     at_least: int = 1) -> dict[str, Any]:
+        """Until every pod runs the current template and at least `at_least` are available (the
+        autoscaler raises a new Deployment from one pod to its minimum)."""
         from kubernetes import client
 
         apps = client.AppsV1Api(self.api())
@@ -115,14 +118,13 @@ class KubernetesTarget:
         while time.monotonic() < deadline:
             dep = self._call(f"reading Deployment/{name}", apps.read_namespaced_deployment, name,
                              namespace)
-            want, status = dep.spec.replicas or 0, dep.status
+            want, status = max(dep.spec.replicas or 0, at_least), dep.status
+            updated, available = status.updated_replicas or 0, status.available_replicas or 0
             done = (status.observed_generation or 0) >= dep.metadata.generation and \
-                (status.updated_replicas or 0) == want and (status.available_replicas or 0) == want \
-                and (status.replicas or 0) == want
-            last = (f"{status.updated_replicas or 0}/{want} updated, "
-                    f"{status.available_replicas or 0} available")
+                updated >= want and available >= want and (status.replicas or 0) == updated
+            last = f"{updated}/{want} updated, {available} available"
             if done:
-                return {"replicas": want, "available": status.available_replicas}
+                return {"replicas": status.replicas, "available": available}
             self.progress(f"rollout of {name}: {last}")
             time.sleep(3)
         raise KubeError(f"rollout of Deployment/{name} not finished within {timeout_s:.0f} s ({last}); "
@@ -139,8 +141,8 @@ class KubernetesTarget:
         return [p for p in found.items if p.status.phase == "Running"]
 
     def scale_replicas(self, namespace: str, name: str, replicas: int) -> dict[str, Any]:
-        """With the HPA in place its minimum is what holds: raise (or lower) it, and its maximum
-        with it when needed; the Deployment's own count is set too for the moment before."""
+        """The autoscaler's minimum is what holds: raise (or lower) it, and its maximum with it
+        when needed; the Deployment's count is set too, so that it does not wait for the HPA."""
         from kubernetes import client
 
         full = f"{name}-{manifests.BASE_NAME}"
@@ -155,7 +157,7 @@ class KubernetesTarget:
         self._call("scaling the Deployment", apps.patch_namespaced_deployment_scale, full, namespace,
                    {"spec": {"replicas": replicas}})
         return {"deployment": full, "replicas": replicas,
-                "rollout": self.wait_rollout(namespace, full, 600)}
+                "rollout": self.wait_rollout(namespace, full, 600, at_least=replicas)}
 
     def scale_workers(self, namespace: str, name: str, model: str, workers: int) -> dict[str, Any]:
         """Every running pod through its own management API (an exec of the in-pod helper), and
@@ -229,7 +231,7 @@ def deploy_kubernetes(req: KubeRequest, target: KubernetesTarget) -> dict[str, A
     memory = parse_memory(req.memory)
     opts = manifests.KubeOptions(
         name=req.name or default_name(archives), image=req.image, namespace=req.namespace,
-        replicas=req.replicas, min_replicas=req.replicas,
+        min_replicas=req.replicas,
         max_replicas=max(req.max_replicas, req.replicas), cpu_request=req.cpu,
         memory_request=f"{memory // 2}Mi", memory_limit=f"{memory}Mi",
         token_auth=req.token_auth, models_pvc=req.models_pvc, base_config=req.base_config)
