@@ -508,7 +508,11 @@ def status(run_dir: Path, model_store: Path, target: str, kubeconfig: Path | Non
         return
     result = make_target(run_dir, model_store, target).status()
     if not result["running"]:
-        emit(result, as_json, f"no TorchServe running from {run_dir}")
+        text = f"no TorchServe running from {run_dir}"
+        if result.get("container"):
+            text = (f"container {result['container']} is {result['container_status']}.\n"
+                    + result.get("logs", ""))
+        emit(result, as_json, text)
         return
     ep = result["endpoints"]
     where = (f"container {result['container']}, {result['health'] or 'no health yet'}"

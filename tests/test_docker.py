@@ -164,6 +164,11 @@ def test_container_that_exits_is_explained(tmp_path, model_store, docker_engine)
         assert "Traceback" not in proc.stderr
         assert "ThisOptionDoesNotExist" in proc.stderr
         assert "docker logs" in proc.stderr
+        # The exited container stays for inspection, and status says why it is down.
+        status = cli("status", "--target", "docker", env=docker_engine, cwd=tmp_path)
+        assert status.returncode == 0
+        assert "container servetool-broken is exited" in status.stdout
+        assert "ThisOptionDoesNotExist" in status.stdout
     finally:
         cli("stop", "--target", "docker", env=docker_engine, cwd=tmp_path)
 

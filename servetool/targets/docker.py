@@ -284,4 +284,6 @@ class DockerTarget(LocalTarget):
             health = container.attrs.get("State", {}).get("Health", {}).get("Status")
             result |= {"container": container.name, "container_status": container.status,
                        "health": health, "image": self._record().get("image", {}).get("tag")}
+            if container.status != "running":
+                result["logs"] = self.failure_logs()
         return result
