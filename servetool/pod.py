@@ -73,10 +73,16 @@ class Keys:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or WORK / "key_file.json"
         self.lock = threading.Lock()
+        self.cached: tuple[float, dict] = (-1.0, {})
 
     def read(self) -> dict:
+        """The file's keys, parsed again only when it changed: TorchServe rewrites it when a key is
+        renewed or the server restarts (new keys), and the gateway must follow without a restart."""
         try:
-            return json.loads(self.path.read_text())
+            mtime = self.path.stat().st_mtime_ns
+            if mtime != self.cached[0]:
+                self.cached = (mtime, json.loads(self.path.read_text()))
+            return self.cached[1]
         except (OSError, ValueError):
             return {}
 

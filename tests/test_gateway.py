@@ -122,3 +122,21 @@ def test_gateway_without_keys_refuses_to_start(tmp_path):
     proc = subprocess.run([sys.executable, str(POD), "gateway"], env=env, capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 2 and "no keys" in proc.stderr
+
+
+def test_the_gateway_follows_new_server_keys(tmp_path):
+    # A restarted TorchServe container writes new keys: the gateway must use them at once.
+    sys.path.insert(0, str(POD.parent))
+    try:
+        import pod
+    finally:
+        sys.path.pop(0)
+    path = tmp_path / "key_file.json"
+    path.write_text('{"inference": {"key": "old"}}')
+    keys = pod.Keys(path)
+    assert keys.read()["inference"]["key"] == "old"
+    path.write_text('{"inference": {"key": "new"}}')
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    assert keys.read()["inference"]["key"] == "new"
+    path.unlink()
+    assert keys.read() == {}
