@@ -192,8 +192,9 @@ def test_published_ports_are_loopback_only_by_default():
 @pytest.mark.docker
 def test_mounted_model_store_instead_of_baked(tmp_path, model_store, docker_engine, held_out):
     env = {**docker_engine, "SERVETOOL_TARGET": "docker"}
+    # The ONNX archive, as in the other tests: the same packages, so the build stage is cached.
     # pytest's folders are private (0700): the container's user cannot read them, and is told so.
-    private = cli("deploy", "digits_ts", "--target", "docker", "--network", "host", "--mount-models",
+    private = cli("deploy", "digits", "--target", "docker", "--network", "host", "--mount-models",
                   "--base-image", LOCAL_BASE_IMAGE, "--model-store", str(model_store),
                   "--container-name", "servetool-mounted", *port_args(free_ports()), env=env,
                   cwd=tmp_path)
@@ -201,11 +202,11 @@ def test_mounted_model_store_instead_of_baked(tmp_path, model_store, docker_engi
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
     shared.chmod(0o755)
-    shutil.copy(model_store / "digits_ts.mar", shared / "digits_ts.mar")
-    (shared / "digits_ts.mar").chmod(0o644)
+    shutil.copy(model_store / "digits.mar", shared / "digits.mar")
+    (shared / "digits.mar").chmod(0o644)
     tmp_path.chmod(0o755)
     model_store = shared
-    proc = cli("deploy", "digits_ts", "--target", "docker", "--network", "host", "--mount-models",
+    proc = cli("deploy", "digits", "--target", "docker", "--network", "host", "--mount-models",
                "--base-image", LOCAL_BASE_IMAGE, "--model-store", str(model_store),
                "--container-name", "servetool-mounted", "--json", *port_args(free_ports()),
                env=env, cwd=tmp_path)
@@ -213,7 +214,7 @@ def test_mounted_model_store_instead_of_baked(tmp_path, model_store, docker_engi
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads(proc.stdout)
         assert result["models_baked"] is False
-        assert not (tmp_path / "deploy/docker/model-store/digits_ts.mar").exists()
+        assert not (tmp_path / "deploy/docker/model-store/digits.mar").exists()
         engine = image.docker_client_for(docker_engine["DOCKER_HOST"])
         mounts = engine.containers.get("servetool-mounted").attrs["Mounts"]
         assert [(m["Destination"], m["RW"]) for m in mounts] == [(image.CONTAINER_STORE, False)]
