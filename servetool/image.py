@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from servetool import archive, torchserve
-from servetool.errors import ServetoolError
+from servetool.errors import ServetoolError, first_line
 from servetool.formats import FORMATS
 
 RESOURCES = Path(__file__).with_name("resources") / "docker"
@@ -178,7 +178,7 @@ def docker_client_for(base_url: str) -> Any:
         client = docker.DockerClient(base_url=base_url, timeout=600)
         client.ping()
     except Exception as exc:  # the SDK raises several types for "no engine"
-        raise ImageError(f"no Docker engine reachable at {base_url} ({_first_line(exc)}): start one "
+        raise ImageError(f"no Docker engine reachable at {base_url} ({first_line(exc)}): start one "
                          "(e.g. scripts/docker-engine.sh start) or set DOCKER_HOST") from None
     return client
 
@@ -236,8 +236,4 @@ def build_image(opts: ImageOptions, archives: list[Path],
         progress("using this machine's torch wheel (no download in the build)")
     return build(client, context, tag, opts.base_image, progress)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 

@@ -34,9 +34,19 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "expect"}
 
 
+_CONFIG_CACHE: dict[tuple[str, int], dict[str, str]] = {}
+
+
 def config() -> dict[str, str]:
-    """config.properties with TorchServe's own TS_* environment overrides applied over it."""
+    """config.properties with TorchServe's own TS_* environment overrides applied over it; parsed
+    again only when the file changes (the gateway asks on every request)."""
     path = Path(os.environ.get("SERVETOOL_TS_CONFIG", "/opt/servetool/config.properties"))
+    try:
+        stamp = (str(path), path.stat().st_mtime_ns)
+    except OSError:
+        stamp = (str(path), -1)
+    if stamp in _CONFIG_CACHE:
+        return _CONFIG_CACHE[stamp]
     props: dict[str, str] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -48,6 +58,8 @@ def config() -> dict[str, str]:
         for key, value in os.environ.items():
             if key.startswith("TS_"):
                 props[key[3:].lower()] = value
+    _CONFIG_CACHE.clear()
+    _CONFIG_CACHE[stamp] = props
     return props
 
 

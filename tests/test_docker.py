@@ -19,12 +19,11 @@ import requests
 from servetool import image
 from servetool.torchserve import free_ports, read_properties
 from tests.conftest import LOCAL_BASE_IMAGE, ROOT, png_bytes
-from tests.test_cli import SERVETOOL, assert_clean_error
+from tests.test_cli import assert_clean_error, run
 
 
 def cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 900):
-    return subprocess.run([SERVETOOL, *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=timeout)
+    return run(*args, env=env, cwd=cwd, timeout=timeout)  # image builds take minutes
 
 
 def port_args(ports: dict[str, int]) -> list[str]:

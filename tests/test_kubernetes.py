@@ -25,7 +25,7 @@ from servetool import image, kubecheck, manifests
 from servetool.targets.kubernetes import set_workers
 from servetool.torchserve import port_in_use
 from tests.conftest import LOCAL_BASE_IMAGE, ROOT, png_bytes
-from tests.test_cli import SERVETOOL, assert_clean_error
+from tests.test_cli import assert_clean_error, run
 
 VALIDATE = str(Path(sys.executable).with_name("kubernetes-validate"))
 K8S_VERSIONS = ("1.29.0", "1.33.0", "1.37.0")
@@ -33,10 +33,9 @@ CI = os.environ.get("SERVETOOL_CI") == "1"
 
 
 def render(tmp_path: Path, model_store: Path, *extra: str, name: str = "digits") -> dict:
-    proc = subprocess.run([SERVETOOL, "deploy", "digits", "--target", "kubernetes", "--dry-run",
-                           "--name", name, "--model-store", str(model_store), "--config",
-                           str(ROOT / "config.properties"), "--json", *extra],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = run("deploy", "digits", "--target", "kubernetes", "--dry-run", "--name", name,
+               "--model-store", str(model_store), "--config", str(ROOT / "config.properties"),
+               "--json", *extra, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -82,15 +81,19 @@ def test_kustomize_output_is_what_servetool_applies(rendered, model_store):
     assert oct((work / again["overlay"] / "secret.yaml").stat().st_mode & 0o777) == "0o600"
 
 
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_every_object_passes_strict_schema_validation(rendered, tmp_path, version):
-    _, _, objs = rendered
+def assert_valid(objs: list[dict], version: str, folder: Path) -> None:
+    """Every object passes the official schema of that Kubernetes version, strictly."""
     for obj in objs:
-        path = tmp_path / f"{obj['kind']}.yaml"
+        path = folder / f"{obj['kind']}.yaml"
         path.write_text(yaml.safe_dump(obj))
         proc = subprocess.run([VALIDATE, "--strict", "-k", version, str(path)], capture_output=True,
                               text=True)
         assert proc.returncode == 0, f"{obj['kind']} on {version}: {proc.stdout}{proc.stderr}"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_object_passes_strict_schema_validation(rendered, tmp_path, version):
+    assert_valid(rendered[2], version, tmp_path)
 
 
 def test_schema_validation_catches_a_wrong_field(rendered, tmp_path):
@@ -178,26 +181,19 @@ def test_variants_no_token_auth_and_models_volume(tmp_path, model_store):
     hpa = kinds["HorizontalPodAutoscaler"]["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 3)
     for version in (K8S_VERSIONS[0], K8S_VERSIONS[-1]):
-        for obj in objs:
-            path = tmp_path / f"{obj['kind']}.yaml"
-            path.write_text(yaml.safe_dump(obj))
-            proc = subprocess.run([VALIDATE, "--strict", "-k", version, str(path)],
-                                  capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stdout
+        assert_valid(objs, version, tmp_path)
 
 
 def test_cluster_commands_without_kubeconfig_say_so(tmp_path, model_store):
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
-    proc = subprocess.run([SERVETOOL, "deploy", "--target", "kubernetes", "--model-store",
-                           str(model_store)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    proc = run("deploy", "--target", "kubernetes", "--model-store", str(model_store), cwd=tmp_path,
+               env=env)
     assert_clean_error(proc, "no kubeconfig given", "--dry-run")
-    proc = subprocess.run([SERVETOOL, "scale", "digits", "--replicas", "3", "--target",
-                           "kubernetes", "--name", "digits"], capture_output=True, text=True,
-                          cwd=tmp_path, env=env)
+    proc = run("scale", "digits", "--replicas", "3", "--target", "kubernetes", "--name", "digits",
+               cwd=tmp_path, env=env)
     assert_clean_error(proc, "no kubeconfig given")
-    proc = subprocess.run([SERVETOOL, "deploy", "--target", "kubernetes", "--dry-run", "--name",
-                           "Bad_Name", "--model-store", str(model_store)], capture_output=True,
-                          text=True, cwd=tmp_path, env=env)
+    proc = run("deploy", "--target", "kubernetes", "--dry-run", "--name", "Bad_Name",
+               "--model-store", str(model_store), cwd=tmp_path, env=env)
     assert_clean_error(proc, "must be a DNS label")
 
 
@@ -288,10 +284,9 @@ def test_rendered_pod_runs_under_docker_and_its_probes_answer(tmp_path, model_st
             if port_in_use("127.0.0.1", p)]
     assert not busy, f"the stand-in pod needs ports {busy} free on this machine"
     # The image the manifests name, built here on the local base image.
-    proc = subprocess.run([SERVETOOL, "image", "digits", "--model-store", str(model_store),
-                           "--base-image", LOCAL_BASE_IMAGE, "--config", str(ROOT / "config.properties"),
-                           "--json"], capture_output=True, text=True, cwd=tmp_path, env=docker_engine,
-                          timeout=900)
+    proc = run("image", "digits", "--model-store", str(model_store), "--base-image",
+               LOCAL_BASE_IMAGE, "--config", str(ROOT / "config.properties"), "--json",
+               cwd=tmp_path, env=docker_engine, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     built = json.loads(proc.stdout)
     result = render(tmp_path, model_store, "--image", built["tag"])
@@ -362,13 +357,12 @@ def test_live_cluster(tmp_path, model_store):
               "--name", "servetool-test"]
     image_args = ["--image", os.environ["SERVETOOL_TEST_IMAGE"]] \
         if os.environ.get("SERVETOOL_TEST_IMAGE") else []
-    proc = subprocess.run([SERVETOOL, "deploy", "digits", *common, *image_args, "--model-store",
-                           str(model_store), "--json"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=900)
+    proc = run("deploy", "digits", *common, *image_args, "--model-store", str(model_store),
+               "--json", cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["rollout"]["available"] >= 2
-    proc = subprocess.run([SERVETOOL, "scale", "digits", *common, "--replicas", "3", "--workers",
-                           "2", "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    proc = run("scale", "digits", *common, "--replicas", "3", "--workers", "2", "--json",
+               cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr
     scaled = json.loads(proc.stdout)
     assert scaled["replicas"]["rollout"]["available"] >= 3

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from servetool import image, torchserve
+from servetool.errors import first_line
 from servetool.management import APIError, Client
 from servetool.targets.local import DeployError, LocalTarget, find_archives
 
@@ -263,7 +264,7 @@ class DockerTarget(LocalTarget):
             except APIError as exc:
                 last = str(exc).splitlines()[0]
             except Exception as exc:  # connection refused while the JVM starts, and the like
-                last = str(exc).splitlines()[0][:200]
+                last = first_line(exc)
             time.sleep(0.5)
         raise DeployError(f"TorchServe in the container was not healthy within {timeout_s:.0f} s "
                           f"(last: {last}).\n" + self.failure_logs())

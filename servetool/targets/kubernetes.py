@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from servetool import image, kubecheck, manifests
-from servetool.errors import ServetoolError
+from servetool.errors import ServetoolError, first_line
 from servetool.targets.local import find_archives
 
 FIELD_MANAGER = "servetool"
@@ -57,7 +57,7 @@ class KubernetesTarget:
             self._api = config.new_client_from_config(str(self.kubeconfig), context=self.context,
                                                       persist_config=False)
         except Exception as exc:
-            raise KubeError(f"cannot load kubeconfig {self.kubeconfig}: {_first_line(exc)}") from None
+            raise KubeError(f"cannot load kubeconfig {self.kubeconfig}: {first_line(exc)}") from None
         return self._api
 
     def _call(self, what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -73,7 +73,7 @@ class KubernetesTarget:
                 pass
             raise KubeError(f"{what}: the cluster answered {exc.status}: {detail}") from None
         except Exception as exc:  # connection refused, TLS, DNS: one line
-            raise KubeError(f"{what}: cannot reach the cluster ({_first_line(exc)})") from None
+            raise KubeError(f"{what}: cannot reach the cluster ({first_line(exc)})") from None
 
     # --- deploy ----------------------------------------------------------------------------------
     def deploy(self, opts: manifests.KubeOptions, archives: list[Path], dry_run: bool,
@@ -264,7 +264,3 @@ def set_workers(properties: str, model: str, workers: int) -> str:
             return "\n".join(lines) + "\n"
     raise KubeError("the ConfigMap's config.properties has no models= line (not rendered by servetool?)")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
