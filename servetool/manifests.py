@@ -236,9 +236,9 @@ def pod_properties(opts: KubeOptions, archives: list[Path]) -> str:
             "responseTimeout": int(config.get("responseTimeout", 120))}}
     props["load_models"] = ",".join(p.name for p in archives)
     props["models"] = json.dumps(models, sort_keys=True)
-    lines = ["# Rendered by servetool for Kubernetes pods: models load at start (load_models, models);"
-             " the model API is off."]
-    return "\n".join(lines + [f"{k}={v}" for k, v in props.items()]) + "\n"
+    return torchserve.format_properties(
+        props, "Rendered by servetool for Kubernetes pods: models load at start (load_models, "
+               "models); the model API is off.")
 
 
 def cpu_cores(quantity: str) -> int:

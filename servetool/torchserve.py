@@ -137,11 +137,14 @@ def server_properties(base: dict[str, str], host: str, ports: dict[str, int], st
     return props
 
 
+def format_properties(props: dict[str, str], header: str) -> str:
+    return "\n".join([f"# {header}", *(f"{k}={v}" for k, v in props.items())]) + "\n"
+
+
 def write_properties(target: Path, props: dict[str, str], source: str) -> Path:
-    lines = [f"# Rendered by servetool from {source}; edit that file, not this one."]
-    lines += [f"{k}={v}" for k, v in props.items()]
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("\n".join(lines) + "\n")
+    target.write_text(format_properties(
+        props, f"Rendered by servetool from {source}; edit that file, not this one."))
     return target
 
 

@@ -225,8 +225,10 @@ class DockerTarget(LocalTarget):
                 nano_cpus=int(dopts.cpus * 1e9) if dopts.cpus else None)
         except docker.errors.APIError as exc:
             raise DeployError(f"docker could not start the container: {exc.explanation or exc}") from None
+        rendered = dopts.image.out_dir / "runtime" / "config.properties"
         state = torchserve.ServerState(run_dir=str(opts.run_dir.resolve()), pid=0, host="127.0.0.1",
-                                       ports=dict(opts.ports), model_store=str(opts.model_store.resolve()))
+                                       ports=dict(opts.ports), model_store=str(opts.model_store.resolve()),
+                                       token_auth=torchserve.token_auth_enabled(rendered))
         opts.run_dir.mkdir(parents=True, exist_ok=True)
         (opts.run_dir / "deployed.json").unlink(missing_ok=True)  # a new container has no models
         self.state_file.write_text(json.dumps({"container_id": container.id, "name": container.name,
