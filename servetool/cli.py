@@ -261,6 +261,9 @@ def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | 
               help="docker: publish the APIs on --host (ports) or share the host's network (host).")
 @click.option("--mount-models", is_flag=True,
               help="docker: mount the model store read-only instead of baking the archives in.")
+@click.option("--mount-config", is_flag=True,
+              help="docker: mount the rendered config.properties read-only instead of baking it in "
+                   "(a config change then needs a new container, not a new image).")
 @click.option("--image-tag", default=None, help="docker: tag for the image [default: from the "
               "model names and a digest of the build context].")
 @click.option("--container-name", default="servetool", show_default=True)
@@ -293,7 +296,7 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
            base_config: Path | None, host: str, inference_port: int, management_port: int,
            metrics_port: int, grpc_inference_port: int, grpc_management_port: int,
            timeout: float, base_image: str | None, network: str, mount_models: bool,
-           image_tag: str | None, container_name: str, docker_cpus: float | None,
+           mount_config: bool, image_tag: str | None, container_name: str, docker_cpus: float | None,
            docker_memory: str | None, ca_certs: tuple[Path, ...], kubeconfig: Path | None,
            kube_context: str | None, namespace: str,
            deployment_name: str | None, manifests_dir: Path, dry_run: bool, kube_image: str | None,
@@ -330,7 +333,8 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
 
         docker_opts = DockerOptions(
             ImageOptions(model_store=model_store, base_image=base_image or DEFAULT_BASE_IMAGE,
-                         base_config=base_config, bake_models=not mount_models, tag=image_tag,
+                         base_config=base_config, bake_models=not mount_models,
+                         bake_config=not mount_config, tag=image_tag,
                          ca_certs=list(ca_certs) or None),
             network=network, container_name=container_name, publish_host=host,
             cpus=docker_cpus, memory_limit=docker_memory)

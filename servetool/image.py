@@ -53,6 +53,9 @@ class ImageOptions:
     base_image: str = DEFAULT_BASE_IMAGE
     base_config: Path | None = None
     bake_models: bool = True
+    # False: the container gets runtime/config.properties mounted, and the image tag ignores it,
+    # so a config change needs no new image (only a new container).
+    bake_config: bool = True
     tag: str | None = None
     # None: this machine's locally added CAs (needed where TLS to the registries is intercepted).
     ca_certs: list[Path] | None = None
@@ -143,12 +146,15 @@ def _local_torch_wheel(dest: Path) -> bool:
     return any(dest.glob("torch-*.whl"))
 
 
-def context_digest(context: Path) -> str:
+CONFIG_IN_CONTEXT = "runtime/config.properties"
+
+
+def context_digest(context: Path, skip: tuple[str, ...] = ()) -> str:
     """A digest of everything that goes into the image, wheels and certificates aside."""
     h = hashlib.sha256()
     for path in sorted(p for p in context.rglob("*") if p.is_file()):
         rel = path.relative_to(context).as_posix()
-        if rel.startswith(("build/wheels/", "build/certs/")):
+        if rel.startswith(("build/wheels/", "build/certs/")) or rel in skip:
             continue
         h.update(rel.encode())
         h.update(archive.archive_digest(path).encode() if path.suffix == ".mar"
@@ -156,9 +162,10 @@ def context_digest(context: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def default_tag(archives: list[Path], context: Path, base_image: str) -> str:
+def default_tag(archives: list[Path], context: Path, base_image: str,
+                skip: tuple[str, ...] = ()) -> str:
     names = "-".join(sorted(p.stem for p in archives))[:60] or "models"
-    digest = hashlib.sha256((context_digest(context) + base_image).encode()).hexdigest()[:12]
+    digest = hashlib.sha256((context_digest(context, skip) + base_image).encode()).hexdigest()[:12]
     return f"servetool/{re.sub(r'[^a-z0-9_.-]', '-', names.lower())}:{digest}"
 
 
@@ -228,7 +235,8 @@ def build_image(opts: ImageOptions, archives: list[Path],
     # The default tag is a digest of the context (build-only inputs aside): when an image has it,
     # there is nothing to build, and the torch wheel is only fetched for a real build.
     context = render(opts, archives)
-    tag = opts.tag or default_tag(archives, context, opts.base_image)
+    skip = () if opts.bake_config else (CONFIG_IN_CONTEXT,)
+    tag = opts.tag or default_tag(archives, context, opts.base_image, skip)
     if opts.tag is None and (found := existing(client, tag)) is not None:
         progress(f"image {tag} already built")
         return found

@@ -189,7 +189,7 @@ def test_published_ports_are_loopback_only_by_default():
 
 
 @pytest.mark.docker
-def test_mounted_model_store_instead_of_baked(tmp_path, model_store, docker_engine, held_out):
+def test_mounted_models_and_config_instead_of_baked(tmp_path, model_store, docker_engine, held_out):
     env = {**docker_engine, "SERVETOOL_TARGET": "docker"}
     # The ONNX archive, as in the other tests: the same packages, so the build stage is cached.
     # pytest's folders are private (0700): the container's user cannot read them, and is told so.
@@ -205,22 +205,40 @@ def test_mounted_model_store_instead_of_baked(tmp_path, model_store, docker_engi
     (shared / "digits.mar").chmod(0o644)
     tmp_path.chmod(0o755)
     model_store = shared
-    proc = cli("deploy", "digits", "--target", "docker", "--network", "host", "--mount-models",
-               "--base-image", LOCAL_BASE_IMAGE, "--model-store", str(model_store),
-               "--container-name", "servetool-mounted", "--json", *port_args(free_ports()),
-               env=env, cwd=tmp_path)
-    try:
+    ports = free_ports()
+    config = tmp_path / "config.properties"
+    config.write_text((ROOT / "config.properties").read_text())
+
+    def deploy():
+        proc = cli("deploy", "digits", "--target", "docker", "--network", "host", "--mount-models",
+                   "--mount-config", "--config", str(config), "--base-image", LOCAL_BASE_IMAGE,
+                   "--model-store", str(model_store), "--container-name", "servetool-mounted",
+                   "--json", *port_args(ports), env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        result = json.loads(proc.stdout)
-        assert result["models_baked"] is False
+        return json.loads(proc.stdout)
+
+    def predict(body: bytes) -> requests.Response:
+        key = cli("token", env=env, cwd=tmp_path).stdout.strip()
+        return requests.post(result["models"][0]["predictions_url"], data=body,
+                             headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+    result = deploy()
+    try:
+        assert result["models_baked"] is False and result["config_baked"] is False
         assert not (tmp_path / "deploy/docker/model-store/digits.mar").exists()
         engine = image.docker_client_for(docker_engine["DOCKER_HOST"])
         mounts = engine.containers.get("servetool-mounted").attrs["Mounts"]
-        assert [(m["Destination"], m["RW"]) for m in mounts] == [(image.CONTAINER_STORE, False)]
-        key = cli("token", env=env, cwd=tmp_path).stdout.strip()
+        assert sorted((m["Destination"], m["RW"]) for m in mounts) == sorted([
+            (image.CONTAINER_CONFIG, False), (image.CONTAINER_STORE, False)])
         images, _ = held_out
-        reply = requests.post(result["models"][0]["predictions_url"], data=png_bytes(images[0]),
-                              headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        assert reply.status_code == 200, reply.text
+        assert predict(png_bytes(images[0])).status_code == 200
+        # A config change: the same image (its tag ignores the mounted config), a new container
+        # that reads the new config (TorchServe now refuses bodies over 20 kB).
+        config.write_text(config.read_text() + "max_request_size=20000\n")
+        changed = deploy()
+        assert changed["image"]["tag"] == result["image"]["tag"] and not changed["image"]["built"]
+        assert changed["server_started"]
+        assert predict(b"x" * 50_000).status_code == 413
+        assert predict(png_bytes(images[0])).status_code == 200
     finally:
         cli("stop", env=env, cwd=tmp_path)

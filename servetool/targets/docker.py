@@ -9,6 +9,7 @@ container's key_file.json through the Docker API, so nothing secret is written o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -174,7 +175,8 @@ class DockerTarget(LocalTarget):
         result = super().deploy(names, timeout_s)
         container = self.container()
         result |= {"image": self._image, "container": container.name if container else None,
-                   "network": self.docker_opts.network, "models_baked": img_opts.bake_models}
+                   "network": self.docker_opts.network, "models_baked": img_opts.bake_models,
+                   "config_baked": img_opts.bake_config}
         return result
 
     def up(self) -> tuple[torchserve.ServerState, bool]:
@@ -193,7 +195,12 @@ class DockerTarget(LocalTarget):
         d = self.docker_opts
         return {"network": d.network, "ports": self.opts.ports, "publish_host": d.publish_host,
                 "cpus": d.cpus, "memory": d.memory_limit, "baked": d.image.bake_models,
+                "config": None if d.image.bake_config else hashlib.sha256(
+                    self._mounted_config().read_bytes()).hexdigest(),
                 "model_store": str(self.opts.model_store.resolve()), "env": d.extra_env}
+
+    def _mounted_config(self) -> Path:
+        return (self.docker_opts.image.out_dir / image.CONFIG_IN_CONTEXT).resolve()
 
     def _run(self) -> torchserve.ServerState:
         import docker
@@ -213,6 +220,8 @@ class DockerTarget(LocalTarget):
             check_readable(opts.model_store)
         volumes = {} if dopts.image.bake_models else {
             str(opts.model_store.resolve()): {"bind": image.CONTAINER_STORE, "mode": "ro"}}
+        if not dopts.image.bake_config:
+            volumes[str(self._mounted_config())] = {"bind": image.CONTAINER_CONFIG, "mode": "ro"}
         self.progress(f"starting container {dopts.container_name} from {self._image['tag']}")
         try:
             container = self.engine.containers.run(
