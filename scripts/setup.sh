@@ -56,6 +56,11 @@ fi
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 stamp=".venv/.installed${extras:+-test}"
+# An install with the test extras also satisfies a plain one (make test, then make demo).
+if [ -z "$extras" ] && [ -f .venv/.installed-test ] && [ ! setup.cfg -nt .venv/.installed-test ] &&
+   [ ! pyproject.toml -nt .venv/.installed-test ]; then
+  stamp=.venv/.installed-test
+fi
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   say "installing Python packages (torch==2.13.0 CPU, torchserve 0.12.0, onnxruntime, ...)"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
