@@ -111,6 +111,11 @@ def server_options(func):
     return target_option(store_options(func))
 
 
+def default_config() -> Path | None:
+    """./config.properties when present: the project's base TorchServe config for every target."""
+    return Path("config.properties") if Path("config.properties").is_file() else None
+
+
 def make_target(run_dir: Path, model_store: Path, target: str = "local", docker_opts: Any = None,
                 **kwargs: Any):
     if target == "kubernetes":
@@ -308,8 +313,7 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
     only the archives that changed. With --target docker the image is built first (deploy/docker/
     holds its context) and the container replaced when the image changed.
     """
-    if base_config is None and Path("config.properties").is_file():
-        base_config = Path("config.properties")
+    base_config = base_config or default_config()
     if target == "kubernetes":
         from servetool.targets.kubernetes import KubeRequest, deploy_kubernetes
 
@@ -413,8 +417,7 @@ def image_command(models: tuple[str, ...], model_store: Path, base_config: Path 
     from servetool.image import DEFAULT_BASE_IMAGE, ImageOptions, build_image
     from servetool.targets.local import find_archives
 
-    if base_config is None and Path("config.properties").is_file():
-        base_config = Path("config.properties")
+    base_config = base_config or default_config()
     archives = find_archives(models, model_store)
     opts = ImageOptions(model_store=model_store, out_dir=out, base_image=base_image or DEFAULT_BASE_IMAGE,
                         base_config=base_config, bake_models=not no_models, tag=tag,

@@ -229,14 +229,20 @@ def existing(client: Any, tag: str) -> dict[str, Any] | None:
     return {"tag": tag, "id": image.id, "size_bytes": image.attrs.get("Size"), "built": False}
 
 
+def render_tagged(opts: ImageOptions, archives: list[Path]) -> tuple[Path, str]:
+    """The rendered context and the image's tag: opts.tag, or a digest of the context (a mounted
+    config left out of it)."""
+    context = render(opts, archives)
+    skip = () if opts.bake_config else (CONFIG_IN_CONTEXT,)
+    return context, opts.tag or default_tag(archives, context, opts.base_image, skip)
+
+
 def build_image(opts: ImageOptions, archives: list[Path],
                 progress: Callable[[str], None] = lambda _: None, client: Any = None) -> dict[str, Any]:
     client = client or docker_client()
     # The default tag is a digest of the context (build-only inputs aside): when an image has it,
     # there is nothing to build, and the torch wheel is only fetched for a real build.
-    context = render(opts, archives)
-    skip = () if opts.bake_config else (CONFIG_IN_CONTEXT,)
-    tag = opts.tag or default_tag(archives, context, opts.base_image, skip)
+    context, tag = render_tagged(opts, archives)
     if opts.tag is None and (found := existing(client, tag)) is not None:
         progress(f"image {tag} already built")
         return found

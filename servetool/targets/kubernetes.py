@@ -226,8 +226,7 @@ def deploy_kubernetes(req: KubeRequest, target: KubernetesTarget) -> dict[str, A
         # The same tag `deploy --target docker` builds for these archives (context under deploy/).
         opts = image.ImageOptions(model_store=req.model_store, base_config=req.base_config,
                                   bake_models=req.models_pvc is None, ca_certs=[])
-        context = image.render(opts, archives)
-        req.image = image.default_tag(archives, context, opts.base_image)
+        req.image = image.render_tagged(opts, archives)[1]
     memory = parse_memory(req.memory)
     opts = manifests.KubeOptions(
         name=req.name or default_name(archives), image=req.image, namespace=req.namespace,
