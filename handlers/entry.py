@@ -1,8 +1,10 @@
 """The TorchServe handler servetool puts in every archive: one runtime (format) composed with one task.
 
 TorchServe's contract (initialize, preprocess, inference, postprocess), with one difference from
-BaseHandler: every request of a batch carries its own outcome, so a corrupt image answers 4xx for
-that request alone while the rest of the batch is served and the worker lives.
+BaseHandler: every request of a batch carries its own outcome, whatever a step raises. An input the
+task cannot decode or use answers 4xx for that request alone; when the model raises on a batch, its
+requests are run one by one and only the one the model fails on answers 422; the rest of the batch
+is served and the worker lives. Answers are serialized here, as compact JSON.
 
 Its settings come from the archive's model-config.yaml, section `handler:` (written by servetool).
 """
@@ -16,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from handlers.errors import RequestError, describe, model_failure, to_json_bytes
 from handlers.runtimes import load_runtime, threads_per_worker
-from handlers.tasks import RequestError, make_task, request_payload
+from handlers.tasks import make_task, request_payload
 
 logger = logging.getLogger(__name__)
 JSON = "application/json"
@@ -53,27 +56,65 @@ class ServeHandler:
         from_model = self.runtime.metadata.get("labels")
         return (json.loads(from_model) or None) if from_model else None
 
-    def preprocess(self, requests: list[dict[str, Any]]) -> list[np.ndarray | RequestError]:
-        items: list[np.ndarray | RequestError] = []
-        for request in requests:
-            try:
-                items.append(self.task.preprocess(request_payload(request)))
-            except RequestError as error:
-                items.append(error)
-        return items
+    def preprocess(self, requests: list[dict[str, Any]]) -> list[Any]:
+        """One model input per request, or the RequestError that answers it."""
+        return [self._guard(self._preprocess_one, request, 400, "the input could not be used")
+                for request in requests]
 
-    def inference(self, items: list[np.ndarray | RequestError]) -> list[Any]:
-        """Runs the good requests as one batch; bad ones pass through untouched."""
+    def _preprocess_one(self, request: dict[str, Any]) -> np.ndarray:
+        return self.task.preprocess(request_payload(request))
+
+    def inference(self, items: list[Any]) -> list[Any]:
+        """Runs the good requests as one batch; bad ones pass through untouched. When the batch run
+        raises, each request runs alone, so only the one the model cannot process gets an error."""
         good = [i for i, item in enumerate(items) if not isinstance(item, RequestError)]
         results: list[Any] = list(items)
-        if good:
+        if not good:
+            return results
+        try:
             outputs = self.runtime.run(np.stack([items[i] for i in good]))
             for row, i in enumerate(good):
                 results[i] = [out[row] for out in outputs]
+        except Exception as exc:
+            if len(good) == 1:
+                logger.warning("the model failed on request %d", good[0], exc_info=True)
+                results[good[0]] = model_failure(exc)
+                return results
+            logger.warning("the model failed on a batch of %d; running them one by one (%s)",
+                           len(good), describe(exc))
+            for i in good:
+                results[i] = self._run_alone(items[i], i)
         return results
 
+    def _run_alone(self, item: np.ndarray, index: int) -> Any:
+        try:
+            return [out[0] for out in self.runtime.run(item[None])]
+        except Exception as exc:
+            logger.warning("the model failed on request %d", index, exc_info=True)
+            return model_failure(exc)
+
     def postprocess(self, results: list[Any]) -> list[Any]:
-        return [r if isinstance(r, RequestError) else self.task.postprocess(r) for r in results]
+        """One answer per request as JSON bytes, or the RequestError that answers it."""
+        return [r if isinstance(r, RequestError)
+                else self._guard(self._postprocess_one, r, 422,
+                                 "the model's output for this input could not be turned into an "
+                                 "answer") for r in results]
+
+    def _postprocess_one(self, outputs: list[np.ndarray]) -> bytes:
+        return to_json_bytes(self.task.postprocess(outputs))
+
+    def _guard(self, step: Any, value: Any, status: int, what: str) -> Any:
+        """step(value), or the RequestError for this request alone, whatever the step raised."""
+        try:
+            return step(value)
+        except RequestError as error:
+            return error
+        except MemoryError as exc:
+            return RequestError(507, f"{what}: out of memory ({describe(exc)})")
+        except Exception as exc:
+            logger.warning("%s", what, exc_info=True)
+            kind = "invalid_input" if status == 400 else "model_error"
+            return RequestError(status, f"{what} ({describe(exc)})", kind)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         self.context = context
@@ -82,8 +123,8 @@ class ServeHandler:
         for idx, answer in enumerate(answers):
             context.set_response_content_type(idx, JSON)
             if isinstance(answer, RequestError):
-                context.set_response_status(answer.status, answer.message, idx)
-                answer = answer.body()
+                context.set_response_status(answer.status, answer.reason, idx)
+                answer = to_json_bytes(answer.body())
             replies.append(answer)
         return replies
 
@@ -97,4 +138,12 @@ def handle(data: list[dict[str, Any]] | None, context: Any) -> list[Any] | None:
         _service.initialize(context)
     if data is None:
         return None
-    return _service.handle(data, context)
+    try:
+        return _service.handle(data, context)
+    except Exception as exc:  # a defect of the handler itself: still one JSON answer per request
+        logger.exception("servetool handler failed on a batch of %d", len(data))
+        error = RequestError(500, f"the handler failed ({describe(exc)})", "handler_error")
+        for idx in range(len(data)):
+            context.set_response_content_type(idx, JSON)
+            context.set_response_status(error.status, error.reason, idx)
+        return [to_json_bytes(error.body()) for _ in data]

@@ -1,32 +1,21 @@
 """The task part of the handler: turn one request into one model input, one output into JSON.
 
 A task never sees the runtime; it raises RequestError for a request it cannot use, and the handler
-answers that request alone with a 4xx while the rest of the batch goes on.
+answers that request alone with a 4xx while the rest of the batch goes on. Decoding lives in
+imaging.py (image bytes) and tensors.py (JSON arrays), shared with the gate and calibration.
 """
 
 from __future__ import annotations
 
-import io
-import json
 from typing import Any
 
 import numpy as np
 
-# Pillow is imported lazily by the image task: tensor-only archives do not need it.
+from handlers.errors import RequestError
+from handlers.imaging import DEFAULT_FORMATS, decode, default_max_pixels
+from handlers.tensors import DTYPES, parse_json, to_array
 
-DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32}
-
-
-class RequestError(Exception):
-    """A bad request: answered with `status` and a JSON body naming the problem."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    def body(self) -> dict[str, Any]:
-        return {"error": self.message, "status": self.status}
+__all__ = ["RequestError", "ImageClassification", "Tensor", "make_task", "request_payload"]
 
 
 def request_payload(request: dict[str, Any]) -> Any:
@@ -41,7 +30,7 @@ def request_payload(request: dict[str, Any]) -> Any:
 
 
 class ImageClassification:
-    """Image bytes in (any format Pillow reads), top-k {label: probability} out."""
+    """Image bytes in (the spec's accepted formats), top-k {label: probability} out."""
 
     def __init__(self, config: dict[str, Any], labels: list[str] | None) -> None:
         self.channels, self.height, self.width = config["input_shape"]
@@ -49,7 +38,10 @@ class ImageClassification:
         self.resize = pre.get("resize")
         self.crop = pre.get("center_crop")
         self.invert = bool(pre.get("invert"))
-        self.max_pixels = int(pre.get("max_pixels") or 25_000_000)
+        self.formats = tuple(pre.get("formats") or DEFAULT_FORMATS)
+        # The decode cost is bounded by what the model sees, unless the spec sets its own limit.
+        seen = self.resize or (self.height, self.width)
+        self.max_pixels = int(pre.get("max_pixels") or default_max_pixels(*seen))
         self.mean = np.asarray(pre.get("mean") or [0.0], np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(pre.get("std") or [1.0], np.float32).reshape(-1, 1, 1)
         self.dtype = DTYPES[config.get("input_dtype", "float32")]
@@ -57,32 +49,12 @@ class ImageClassification:
         self.top_k = int(config.get("top_k", 5))
 
     def preprocess(self, payload: Any) -> np.ndarray:
-        from PIL import Image, ImageOps
+        from PIL import Image
 
-        if isinstance(payload, str):
-            payload = payload.encode("latin-1", "replace")
-        if isinstance(payload, (dict, list)):
-            raise RequestError(415, "expected image bytes, got JSON: send the image file itself")
-        if not payload:
-            raise RequestError(400, "empty request body: send the bytes of an image")
-        try:
-            image = Image.open(io.BytesIO(payload))
-        except Image.DecompressionBombError as exc:
-            raise RequestError(413, f"image rejected as too large: {exc}") from None
-        except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError is an OSError
-            raise RequestError(400, "request body is not a readable image "
-                                    "(corrupt, or a format Pillow does not know)") from None
+        draft = (self.resize[1], self.resize[0]) if self.resize else None
+        image = decode(payload, mode="L" if self.channels == 1 else "RGB", formats=self.formats,
+                       max_pixels=self.max_pixels, draft_size=draft)
         width, height = image.size
-        # Checked from the header, before decoding, so a huge image costs nothing.
-        if width * height > self.max_pixels:
-            raise RequestError(413, f"image is {width}x{height} = {width * height} pixels, over "
-                                    f"the limit of {self.max_pixels}")
-        try:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise RequestError(400, f"image could not be decoded: {exc}") from None
-        image = image.convert("L" if self.channels == 1 else "RGB")
         if self.resize:
             image = image.resize((self.resize[1], self.resize[0]), Image.BILINEAR)
         if self.crop:
@@ -99,6 +71,8 @@ class ImageClassification:
 
     def postprocess(self, outputs: list[np.ndarray]) -> dict[str, float]:
         scores = np.asarray(outputs[0], dtype=np.float64).reshape(-1)
+        if not np.isfinite(scores).all():
+            raise ValueError("the model's output holds NaN or infinity")
         probs = scores if _is_distribution(scores) else _softmax(scores)
         k = min(self.top_k, probs.size)
         top = np.argsort(-probs, kind="stable")[:k]
@@ -111,38 +85,16 @@ class Tensor:
 
     def __init__(self, config: dict[str, Any], labels: list[str] | None) -> None:
         self.shape = tuple(config["input_shape"])
-        self.dtype = DTYPES[config.get("input_dtype", "float32")]
+        self.dtype = config.get("input_dtype", "float32")
+        self.allow_nonfinite = bool(config.get("allow_nonfinite", False))
 
     def preprocess(self, payload: Any) -> np.ndarray:
-        if isinstance(payload, (bytes, bytearray)):
-            if not payload:
-                raise RequestError(400, "empty request body: send a JSON array")
-            try:
-                payload = json.loads(payload.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise RequestError(400, f"request body is not valid JSON: {exc}") from None
-        elif isinstance(payload, str):
-            try:
-                payload = json.loads(payload)
-            except json.JSONDecodeError as exc:
-                raise RequestError(400, f"request body is not valid JSON: {exc}") from None
-        if isinstance(payload, dict):
-            if "data" not in payload:
+        value = parse_json(payload, allow_nonfinite=self.allow_nonfinite)
+        if isinstance(value, dict):
+            if "data" not in value:
                 raise RequestError(400, "a JSON object must carry the input under \"data\"")
-            payload = payload["data"]
-        if not isinstance(payload, list):
-            raise RequestError(400, f"expected a JSON array of shape {list(self.shape)}")
-        try:
-            array = np.array(payload, dtype=self.dtype)
-        except (ValueError, TypeError):
-            raise RequestError(400, f"input must be a rectangular array of numbers of shape "
-                                    f"{list(self.shape)}") from None
-        if array.shape != self.shape:
-            raise RequestError(400, f"input has shape {list(array.shape)}, the model takes "
-                                    f"{list(self.shape)}")
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise RequestError(400, "input contains NaN or infinity")
-        return array
+            value = value["data"]
+        return to_array(value, self.shape, self.dtype, allow_nonfinite=self.allow_nonfinite)
 
     def postprocess(self, outputs: list[np.ndarray]) -> Any:
         if len(outputs) == 1:

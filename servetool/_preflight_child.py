@@ -39,11 +39,21 @@ def main() -> None:
     replies = service._entry_point(data, context)
     handlers_module = sys.modules.get("handlers")
     print(json.dumps({
-        "replies": [{"status": context.get_response_status(i)[0] or 200, "body": reply}
+        "replies": [{"status": context.get_response_status(i)[0] or 200, "body": _body(reply)}
                     for i, reply in enumerate(replies)],
         "servetool_imported": any(m.split(".")[0] == "servetool" for m in sys.modules),
         "handlers_from": os.path.dirname(getattr(handlers_module, "__file__", "") or ""),
     }))
+
+
+def _body(reply):
+    """A reply as the client reads it: the handler sends JSON bytes."""
+    if isinstance(reply, (bytes, bytearray)):
+        try:
+            return json.loads(reply)
+        except ValueError:
+            return reply.decode("utf-8", "replace")
+    return reply
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def handler_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
         "task": spec.task,
         "input_shape": list(spec.input_shape),
         "input_dtype": spec.input_dtype,
+        "allow_nonfinite": spec.allow_nonfinite,
         "preprocess": spec.preprocess.as_dict(),
         "labels": "labels.txt" if spec.labels else None,
         "top_k": spec.top_k,

@@ -41,7 +41,9 @@ def sample_requests(spec: ModelSpec) -> list[tuple[bytes, str]]:
         buffer = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
         return [(buffer.getvalue(), "image/png"), (b"this is not an image", "image/png")]
-    good = json.dumps(rng.standard_normal(spec.input_shape).round(4).tolist()).encode()
+    from servetool.export import example_batch  # what the gate feeds: integers for int inputs
+
+    good = json.dumps(example_batch(spec, 1)[0].round(4).tolist()).encode()
     return [(good, "application/json"), (b"[1, 2,", "text/plain")]
 
 

@@ -105,7 +105,8 @@ class Preprocess:
     invert: bool = False  # dark ink on light paper -> the light-on-dark the model was trained on
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    max_pixels: int = 25_000_000
+    max_pixels: int | None = None  # None: bounded by the model's input size (handlers.imaging)
+    formats: tuple[str, ...] | None = None  # None: JPEG, PNG, GIF, BMP, WebP, TIFF
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +117,7 @@ class Preprocess:
             "mean": list(self.mean) if self.mean else None,
             "std": list(self.std) if self.std else None,
             "max_pixels": self.max_pixels,
+            "formats": list(self.formats) if self.formats else None,
         }
 
 
@@ -143,6 +145,7 @@ class ModelSpec:
     validation: DataRef | None = None
     calibration: DataRef | None = None
     tolerance: Tolerance = Tolerance()
+    allow_nonfinite: bool = False  # NaN and infinity in tensor requests (refused by default)
 
     def label_names(self) -> list[str] | None:
         if self.labels is None:
@@ -293,6 +296,7 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     inp = top.child("input")
     shape = tuple(inp.get("shape", list, check=_int_list()))
     dtype = inp.get("dtype", str, "float32", check=_one_of(DTYPES))
+    allow_nonfinite = inp.get("allow_nonfinite", bool, False)
     inp.finish()
     fmt = top.get("format", str, "onnx", check=_one_of(FORMATS))
     if source.kind == "onnx" and fmt not in ONNX_FAMILY:
@@ -336,6 +340,7 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         labels=labels, top_k=top_k, batch_size=batch_size, max_batch_delay_ms=delay,
         min_workers=min_w, max_workers=max_w, response_timeout_s=timeout, export=export,
         runtime=runtime, validation=validation, calibration=calibration, tolerance=tolerance,
+        allow_nonfinite=allow_nonfinite,
     )
     if labels is not None and not spec.label_names():
         top.fail(f"names an empty labels file: {labels}", "labels")
@@ -474,10 +479,26 @@ def _parse_preprocess(pre: _Reader | None, spec_file: Path) -> Preprocess:
         invert=pre.get("invert", bool, False),
         mean=tuple(float(v) for v in mean) if mean else None,
         std=tuple(float(v) for v in std) if std else None,
-        max_pixels=pre.get("max_pixels", int, 25_000_000, check=_positive),
+        max_pixels=pre.get("max_pixels", int, None, check=_positive),
+        formats=_parse_formats(pre),
     )
     pre.finish()
     return result
+
+
+def _parse_formats(pre: _Reader) -> tuple[str, ...] | None:
+    from handlers.imaging import known_formats
+
+    formats = pre.get("formats", list, None)
+    if formats is None:
+        return None
+    known = known_formats()
+    names = [str(f).upper() for f in formats]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        pre.fail(f"must list image formats Pillow decodes (e.g. JPEG, PNG, WEBP); unknown: "
+                 f"{', '.join(unknown) or '(empty list)'}", pre.key("formats"))
+    return tuple(names)
 
 
 def find_specs(paths: list[str] | tuple[str, ...], models_root: Path) -> list[ModelSpec]:

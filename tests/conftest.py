@@ -78,6 +78,14 @@ def model_store(tmp_path_factory) -> Path:
     batchy = write_spec(specs / "batchy", name="digits_batch", batch={"size": 4, "max_delay_ms": 2000},
                         workers=one)
     package(load_spec(batchy), store)
+    # A model that raises on some inputs (token ids out of its embedding's range), batching 8.
+    from tests.test_isolation import fragile_spec
+
+    fragile = fragile_spec(specs / "embed", "EmbedNet", [4], "int64", "onnx")
+    raw = yaml.safe_load((fragile / "servetool.yaml").read_text())
+    raw |= {"batch": {"size": 8, "max_delay_ms": 1500}, "workers": one}
+    (fragile / "servetool.yaml").write_text(yaml.safe_dump(raw))
+    package(load_spec(fragile), store)
     return store
 
 

@@ -108,7 +108,7 @@ def test_package_deploy_predict_scale_status_stop(tmp_path):
         bad = tmp_path / "bad.png"
         bad.write_bytes(b"not a png")
         refused = run("predict", "digits", str(bad), *where)
-        assert_clean_error(refused, "digits answered 400", "not a readable image")
+        assert_clean_error(refused, "digits answered 400", "not an image in an accepted format")
 
         scaled = run("scale", "digits", "--workers", "3", *where, "--json")
         assert scaled.returncode == 0 and len(json.loads(scaled.stdout)["workers"]) == 3

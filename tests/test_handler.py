@@ -53,7 +53,7 @@ def test_common_formats_and_modes_decode_to_the_model_shape(mode, fmt):
 
 @pytest.mark.parametrize("payload, status, words", [
     (b"", 400, "empty request body"),
-    (b"\x89PNG\r\n\x1a\n garbage", 400, "not a readable image"),
+    (b"\x89PNG\r\n\x1a\n garbage", 400, "not an image in an accepted format"),
     (image_bytes("L", (64, 64))[:60], 400, "could not be decoded"),
     ({"data": [1, 2]}, 415, "got JSON"),
 ])
@@ -95,11 +95,12 @@ def test_tensor_task_parses_and_rejects():
     cases = [
         (b"[1, 2,", "not valid JSON"),
         ([[1, 2], [3]], "rectangular array"),
-        ([["a"] * 8] * 8, "rectangular array of numbers"),
+        ([[["a"] * 8] * 8], "takes numbers only, got strings"),
+        ([[[True] * 8] * 8], "takes numbers only, got booleans"),
         ([[0.0] * 8] * 8, "shape [8, 8], the model takes [1, 8, 8]"),
         ({"inputs": []}, "under \"data\""),
         (b"", "empty request body"),
-        ("[[[NaN]]]", "shape"),
+        ("[[[NaN]]]", "contains NaN"),
     ]
     for payload, words in cases:
         with pytest.raises(RequestError) as err:
@@ -144,7 +145,9 @@ def run_batch(model_dir, payloads, config=None):
     handler.initialize(context)
     context.request_processor = [RequestProcessor({}) for _ in payloads]
     replies = handler.handle([{"body": p} for p in payloads], context)
-    return replies, [context.get_response_status(i)[0] or 200 for i in range(len(payloads))]
+    assert all(isinstance(r, bytes) for r in replies)  # serialized by the handler itself
+    statuses = [context.get_response_status(i)[0] or 200 for i in range(len(payloads))]
+    return [json.loads(r) for r in replies], statuses
 
 
 def test_a_bad_request_fails_alone_in_its_batch(model_dir, held_out):
@@ -154,7 +157,7 @@ def test_a_bad_request_fails_alone_in_its_batch(model_dir, held_out):
     replies, statuses = run_batch(model_dir, payloads)
     assert statuses == [200, 400, 200, 400, 200]
     assert replies[1]["error"].startswith("empty request body")
-    assert "not a readable image" in replies[3]["error"]
+    assert "not an image in an accepted format" in replies[3]["error"]
     assert next(iter(replies[0])) == LABELS[labels[0]]
     assert next(iter(replies[2])) == LABELS[labels[1]]
     assert abs(sum(replies[4].values())) <= 1.0 + 1e-6

@@ -43,7 +43,8 @@ def http_predict(state, model: str, body: bytes, content_type="application/octet
 def test_deploy_registers_every_archive_with_ready_workers(served):
     _, result = served
     names = {m["name"]: m for m in result["models"]}
-    assert set(names) == {"digits", "digits_ts", "digits_tensor", "digits_batch", *FORMAT_TWINS}
+    assert set(names) == {"digits", "digits_ts", "digits_tensor", "digits_batch", "embednet",
+                          *FORMAT_TWINS}
     for name, model in names.items():
         assert model["action"] == "registered"
         expected = available_cores() if name == "digits" else 1  # digits: workers on auto
@@ -126,7 +127,7 @@ def test_bad_requests_fail_alone_inside_one_batch(served, held_out):
     assert [r.status_code for r in replies] == [200, 400, 200, 400]
     assert next(iter(replies[0].json())) == LABELS[labels[0]]
     assert next(iter(replies[2].json())) == LABELS[labels[1]]
-    assert "not a readable image" in replies[1].json()["error"]
+    assert "not an image in an accepted format" in replies[1].json()["error"]
     assert "empty request body" in replies[3].json()["error"]
     # The model batches 4 requests and waits up to 2 s to fill a batch: answers within 1.5 s
     # mean all four went to the worker together, as one full batch.
@@ -142,9 +143,10 @@ def test_oversized_image_gets_413_and_the_worker_lives(served):
 
     state = served[0].running()
     buffer = io.BytesIO()
-    Image.new("L", (6000, 5000)).save(buffer, "PNG")  # 30 Mpx, over the 25 Mpx limit
+    # 4.2 Mpx: over the default limit for an 8x8 model (2048x2048), found from the header alone
+    Image.new("L", (2100, 2000)).save(buffer, "PNG")
     reply = http_predict(state, "digits", buffer.getvalue())
-    assert reply.status_code == 413 and "over the limit of 25000000" in reply.json()["error"]
+    assert reply.status_code == 413 and "over the limit of 4194304" in reply.json()["error"]
     ok = http_predict(state, "digits", (DIGITS / "samples" / "digit_4.png").read_bytes())
     assert ok.status_code == 200 and next(iter(ok.json())) == "four"
 
@@ -297,3 +299,44 @@ def test_deploy_refuses_a_model_store_the_running_server_does_not_use(served, tm
     (tmp_path / "digits.mar").write_bytes((Path(target.opts.model_store) / "digits.mar").read_bytes())
     with pytest.raises(DeployError, match="serves archives from"):
         other.deploy(["digits"])
+
+
+def test_one_request_never_fails_another_in_a_real_batch(served):
+    """Batches of 8 on a model that raises on some inputs: only those requests get an error."""
+    state = served[0].running()
+    client = served[0].make_client(state)
+    pid_before = client.describe("embednet")[0]["workers"][0]["pid"]
+    bodies = [json.dumps([1, 2, 3, 4]), json.dumps([1, 2, 300, 4]), json.dumps([0, 0, 0, 0]),
+              json.dumps([1, 2 ** 70, 3, 4]), json.dumps([9, 8, 7, 6]), json.dumps([1.5, 2, 3, 4]),
+              json.dumps([5, 5, 5, 5]), '{"data": [1, 2, 3, true]}']
+    alone = {i: http_predict(state, "embednet", bodies[i].encode(), "application/json").json()
+             for i in (0, 2, 4, 6)}
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda b: http_predict(state, "embednet", b.encode(),
+                                                       "application/json"), bodies))
+    assert time.monotonic() - started < 1.4  # one full batch of 8, not a 1.5 s partial one
+    assert [r.status_code for r in replies] == [200, 422, 200, 400, 200, 400, 200, 400]
+    assert "the model could not process this input" in replies[1].json()["error"]
+    assert "outside the int64 range" in replies[3].json()["error"]
+    assert "integers only, got fractions" in replies[5].json()["error"]
+    assert "got booleans" in replies[7].json()["error"]
+    for i, expected in alone.items():
+        np.testing.assert_allclose(replies[i].json(), expected, atol=1e-5)
+    workers = client.describe("embednet")[0]["workers"]
+    assert workers[0]["pid"] == pid_before and workers[0]["status"] == "READY"
+
+
+def test_an_image_that_makes_the_decoder_raise_fails_alone(served, held_out):
+    """A TIFF the fuzzer found (Pillow raises TypeError on it) batched with good images."""
+    state = served[0].running()
+    escape = (ROOT / "tests" / "fuzz_corpus" / "escapes").glob("*.bin")
+    bad = next(iter(sorted(escape))).read_bytes()
+    images, labels = held_out
+    bodies = [png_bytes(images[0]), bad, png_bytes(images[1]), b"GIF89a\x01"]
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda b: http_predict(state, "digits_batch", b), bodies))
+    assert [r.status_code for r in replies] == [200, 400, 200, 400]
+    assert next(iter(replies[0].json())) == LABELS[labels[0]]
+    assert next(iter(replies[2].json())) == LABELS[labels[1]]
+    assert replies[1].json()["error"].startswith("image could not be decoded (TypeError")

@@ -1,0 +1,27 @@
+"""Small models that raise or misbehave on some inputs: for the handler's per-request isolation."""
+
+import torch
+from torch import nn
+
+
+class EmbedNet(nn.Module):
+    """int64 token ids -> 3 scores; an id outside [0, 10) makes the embedding lookup raise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(dim=1))
+
+
+class ExpNet(nn.Module):
+    """float inputs -> x * exp(x): infinite for large inputs (an output JSON cannot carry)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.exp(x * self.scale)

@@ -1,0 +1,167 @@
+"""Per-request isolation in the handler, in process on real exported models: whatever one request
+makes a decoder, a parser or the model raise, it alone gets an error and the batch goes on."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from ts.context import Context, RequestProcessor
+
+from handlers.entry import ServeHandler
+from handlers.imaging import decode, default_max_pixels
+from handlers.tasks import ImageClassification, RequestError, Tensor
+from servetool import archive, export
+from servetool.formats import get_format
+from servetool.spec import load_spec
+from tests.conftest import DIGITS
+
+FRAGILE = Path(__file__).with_name("models") / "fragile.py"
+SPEC = load_spec(DIGITS)
+IMAGE_CONFIG = archive.handler_config(SPEC, export.Artifact(get_format("onnx"), Path("m.onnx"), []))
+
+
+def fragile_spec(directory: Path, cls: str, shape: list[int], dtype: str, fmt: str) -> Path:
+    raw = {"name": cls.lower(), "source": {"model_file": str(FRAGILE), "class": cls,
+                                           "random_weights": True},
+           "input": {"shape": shape, "dtype": dtype}, "format": fmt, "task": "tensor"}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "servetool.yaml").write_text(yaml.safe_dump(raw))
+    return directory
+
+
+@pytest.fixture(scope="module", params=["onnx", "torchscript"])
+def embed_model(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"embed-{request.param}")
+    spec = load_spec(fragile_spec(folder / "spec", "EmbedNet", [4], "int64", request.param))
+    artifact = export.export(spec, export.load_original(spec), folder)
+    return folder, archive.model_config(spec, artifact)
+
+
+def run_batch(model, payloads):
+    folder, config = model
+    context = Context("m", str(folder), {}, len(payloads), None, "0.12.0", model_yaml_config=config)
+    handler = ServeHandler()
+    handler.initialize(context)
+    context.request_processor = [RequestProcessor({}) for _ in payloads]
+    replies = handler.handle([{"body": p} for p in payloads], context)
+    statuses = [context.get_response_status(i) for i in range(len(payloads))]
+    return [json.loads(r) for r in replies], [s[0] or 200 for s in statuses], statuses
+
+
+def test_the_request_the_model_fails_on_gets_422_and_the_rest_of_the_batch_is_answered(embed_model):
+    good = [[1, 2, 3, 4], [0, 9, 9, 0], [5, 5, 5, 5]]
+    payloads = [json.dumps(good[0]), json.dumps([1, 2, 100, 4]), json.dumps(good[1]),
+                b"[1, 2,", json.dumps(good[2])]
+    replies, statuses, raw = run_batch(embed_model, payloads)
+    assert statuses == [200, 422, 200, 400, 200]
+    assert raw[1] == (422, "Unprocessable Entity") and raw[3] == (400, "Bad Request")
+    error = replies[1]["error"]
+    assert error.startswith("the model could not process this input (") and replies[1]["type"] == \
+        "model_error"
+    assert "/" not in error.split("(", 1)[1]  # no server paths in what the client reads
+    # the good ones got what the model gives each of them alone
+    alone = [run_batch(embed_model, [json.dumps(g)])[0][0] for g in good]
+    for got, expected in zip([replies[0], replies[2], replies[4]], alone, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_a_lone_request_the_model_fails_on_gets_422(embed_model):
+    replies, statuses, _ = run_batch(embed_model, [json.dumps([10, 0, 0, 0])])
+    assert statuses == [422] and "could not process this input" in replies[0]["error"]
+
+
+def test_an_output_json_cannot_carry_fails_that_request_alone(tmp_path):
+    spec = load_spec(fragile_spec(tmp_path / "spec", "ExpNet", [3], "float32", "onnx"))
+    artifact = export.export(spec, export.load_original(spec), tmp_path)
+    model = (tmp_path, archive.model_config(spec, artifact))
+    replies, statuses, _ = run_batch(model, [json.dumps([0.5, 1, 2]), json.dumps([1000, 0, 0])])
+    assert statuses == [200, 422]
+    assert "could not be turned into an answer" in replies[1]["error"]
+    np.testing.assert_allclose(replies[0], [0.5 * np.exp(0.5), np.exp(1), 2 * np.exp(2)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, value, words", [
+    ("int64", [1, 2, 3.5, 4], "takes integers only, got fractions"),
+    ("int64", [1, 2, 3.0, 4], "takes integers only, got fractions"),
+    ("int64", [1, "2", 3, 4], "got strings"),
+    ("int64", [1, True, 3, 4], "got booleans"),
+    ("int64", [1, None, 3, 4], "got null"),
+    ("int64", [1, 2 ** 70, 3, 4], "outside the int64 range"),
+    ("int32", [1, 2 ** 31, 3, 4], "outside the int32 range"),
+    ("int64", [1, 2, 3], "shape [3], the model takes [4]"),
+    ("int64", {"data": "1234"}, "got str"),
+    ("float32", [1.0, "2", 3, 4], "takes numbers only, got strings"),
+    ("float32", [1.0, False, 3, 4], "got booleans"),
+    ("float32", [1.0, 1e39, 3, 4], "NaN or infinity"),
+    ("float32", [1.0, float("inf"), 3, 4], "NaN or infinity"),
+    ("float32", "[1.0, NaN, 3, 4]", "contains NaN"),
+    ("float32", "[1.0, -Infinity, 3, 4]", "contains -Infinity"),
+    ("float32", "[1.0, 1e999, 3, 4]", "NaN or infinity"),
+    ("float32", "[" * 100_000 + "]" * 100_000, "not usable JSON"),
+    ("float32", b"[1, 2, 3, \xff]", "not UTF-8"),
+    ("float32", "[1, 2, 3, " + "9" * 5000 + "]", "not usable JSON"),
+])
+def test_tensor_inputs_are_checked_strictly(dtype, value, words):
+    task = Tensor({"input_shape": [4], "input_dtype": dtype}, None)
+    with pytest.raises(RequestError) as err:
+        task.preprocess(value)
+    assert err.value.status == 400 and words in err.value.message, err.value.message
+
+
+def test_tensor_values_that_are_fine_keep_their_exact_values():
+    ints = Tensor({"input_shape": [3], "input_dtype": "int64"}, None)
+    out = ints.preprocess("[9007199254740993, -1, 0]")  # beyond float64's exact integers
+    assert out.dtype == np.int64 and out.tolist() == [9007199254740993, -1, 0]
+    floats = Tensor({"input_shape": [2], "input_dtype": "float32"}, None)
+    assert floats.preprocess([1, 2.5]).tolist() == [1.0, 2.5]
+    allowed = Tensor({"input_shape": [2], "input_dtype": "float32", "allow_nonfinite": True}, None)
+    assert np.isnan(allowed.preprocess("[NaN, 1]")[0])
+
+
+def encoded(fmt: str, size=(40, 30), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, (90, 120, 200)[: len(mode)] if mode != "L" else 90).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PCX", "IM", "TGA", "PPM", "SGI"])
+def test_formats_outside_the_default_list_are_refused(fmt):
+    task = ImageClassification(IMAGE_CONFIG, None)
+    with pytest.raises(RequestError) as err:
+        task.preprocess(encoded(fmt, mode="RGB"))
+    assert err.value.status == 400 and "accepted format (JPEG, PNG, GIF, BMP, WEBP, TIFF)" in \
+        err.value.message
+
+
+def test_a_spec_can_narrow_the_formats():
+    config = {**IMAGE_CONFIG, "preprocess": {**IMAGE_CONFIG["preprocess"], "formats": ["PNG"]}}
+    task = ImageClassification(config, None)
+    assert task.preprocess(encoded("PNG")).shape == (1, 8, 8)
+    with pytest.raises(RequestError, match=r"accepted format \(PNG\)"):
+        task.preprocess(encoded("JPEG"))
+
+
+def test_the_default_pixel_limit_follows_the_model_input():
+    assert default_max_pixels(8, 8) == 2048 * 2048  # the floor
+    assert default_max_pixels(224, 224) == 256 * 224 * 224
+    assert default_max_pixels(1024, 1024) == 25_000_000  # the ceiling
+    task = ImageClassification(IMAGE_CONFIG, None)  # digits: no max_pixels in its spec
+    with pytest.raises(RequestError) as err:
+        task.preprocess(encoded("PNG", size=(2049, 2048), mode="L"))
+    assert err.value.status == 413 and "over the limit of 4194304" in err.value.message
+    assert task.preprocess(encoded("PNG", size=(2048, 2048), mode="L")).shape == (1, 8, 8)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_for_a_small_target():
+    photo = encoded("JPEG", size=(4000, 3000))
+    assert decode(photo, mode="RGB", draft_size=(8, 8)).size == (500, 375)  # 1/8 scale
+    assert decode(photo, mode="RGB").size == (4000, 3000)
+    # over the pixel limit at full size, within it once reduced: served
+    task = ImageClassification(IMAGE_CONFIG, None)
+    assert task.preprocess(encoded("JPEG", size=(6000, 4000))).shape == (1, 8, 8)
