@@ -14,5 +14,5 @@ echo
 echo "The server keeps running. Next (after: source .venv/bin/activate):"
 echo "  servetool status                      # models and workers"
 echo "  servetool scale digits --workers 3    # set the worker count"
-echo "  curl -H \"Authorization: Bearer \$(servetool token)\" -T $sample http://127.0.0.1:8080/predictions/digits"
+echo "  curl -H @<(servetool token --header) -T $sample http://127.0.0.1:8080/predictions/digits"
 echo "  servetool stop                        # stop TorchServe (or: make stop)"

@@ -15,6 +15,7 @@ import click
 from servetool import __version__
 from servetool.errors import ServetoolError
 from servetool.formats import FORMATS
+from servetool.management import check_name, check_version, explain_failure, model_path
 from servetool.torchserve import DEFAULT_PORTS, ServerOptions
 
 RUN_DIR_DEFAULT = ".servetool"
@@ -131,6 +132,21 @@ def make_target(run_dir: Path, model_store: Path, target: str = "local", docker_
     from servetool.targets.local import LocalTarget
 
     return LocalTarget(ServerOptions(run_dir=run_dir, model_store=model_store, **kwargs), progress)
+
+
+def server_setting(state: Any, key: str) -> str | None:
+    """A setting of the server's rendered config.properties (local target), if it says one."""
+    from servetool.torchserve import read_properties
+
+    config = Path(state.run_dir) / "config.properties"
+    return read_properties(config).get(key) if config.is_file() else None
+
+
+def check_model_args(model: str, version: str | None) -> None:
+    """Model names and versions go into URL paths: checked before anything is sent."""
+    check_name(model)
+    if version is not None:
+        check_version(version)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -260,6 +276,10 @@ def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | 
               show_default=True)
 @click.option("--timeout", type=float, default=300, show_default=True,
               help="Seconds to wait for the server and for each model's workers.")
+@click.option("--restart-on-crash", is_flag=True,
+              help="Bring a crashed server back with every model, version and worker count: "
+                   "local: a supervisor process; docker: a restart policy (TorchServe restores "
+                   "its last snapshot).")
 @click.option("--base-image", default=None,
               help="docker: the image to build on [default: python:3.11-slim-bookworm].")
 @click.option("--network", type=click.Choice(["ports", "host"]), default="ports", show_default=True,
@@ -300,7 +320,8 @@ def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | 
 def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Path,
            base_config: Path | None, host: str, inference_port: int, management_port: int,
            metrics_port: int, grpc_inference_port: int, grpc_management_port: int,
-           timeout: float, base_image: str | None, network: str, mount_models: bool,
+           timeout: float, restart_on_crash: bool, base_image: str | None, network: str,
+           mount_models: bool,
            mount_config: bool, image_tag: str | None, container_name: str, docker_cpus: float | None,
            docker_memory: str | None, ca_certs: tuple[Path, ...], kubeconfig: Path | None,
            kube_context: str | None, namespace: str,
@@ -341,10 +362,12 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
                          bake_config=not mount_config, tag=image_tag,
                          ca_certs=list(ca_certs) or None),
             network=network, container_name=container_name, publish_host=host,
-            cpus=docker_cpus, memory_limit=docker_memory)
+            cpus=docker_cpus, memory_limit=docker_memory, restart_on_crash=restart_on_crash)
     tgt = make_target(run_dir, model_store, target, docker_opts, base_config=base_config,
                       host=host, ports=ports, startup_timeout_s=timeout)
     result = tgt.deploy(models, timeout_s=timeout)
+    if restart_on_crash and target == "local":
+        result["supervisor_pid"] = tgt.supervise()
     emit(result, as_json, deploy_summary(result))
 
 
@@ -357,8 +380,8 @@ def kube_summary(result: dict[str, Any]) -> str:
         lines.append(f"Applied to namespace {result['namespace']}; rollout: {result['rollout']}")
     service = next(o.split("/", 1)[1] for o in result["objects"] if o.startswith("Service/"))
     lines.append(f"Predict: kubectl -n {result['namespace']} port-forward svc/{service} 8080:8080, then "
-                 "curl -H \"Authorization: Bearer $(servetool token --target kubernetes --name "
-                 f"{result['name']})\" -T FILE http://127.0.0.1:8080/predictions/MODEL"
+                 "curl -H @<(servetool token --header --target kubernetes --name "
+                 f"{result['name']}) -T FILE http://127.0.0.1:8080/predictions/MODEL"
                  if result["token_auth"] else
                  f"Predict: kubectl -n {result['namespace']} port-forward svc/{service} 8080:8080, then "
                  "curl -T FILE http://127.0.0.1:8080/predictions/MODEL (no token: --no-token-auth)")
@@ -378,7 +401,8 @@ def deploy_summary(result: dict[str, Any]) -> str:
         lines.append(f"  {m['name']} {m['version']}: {m['action']}, {ready} worker(s) READY, "
                      f"{m['predictions_url']}")
     flag = " --target docker" if result["target"] == "docker" else ""
-    auth = (f'-H "Authorization: Bearer $(servetool token{flag})" ' if result["token_auth"] else "")
+    # The header from a pipe, not the command line: `ps` shows every local user a process's args.
+    auth = (f"-H @<(servetool token --header{flag}) " if result["token_auth"] else "")
     if result["models"]:
         first = result["models"][0]
         lines += ["", "Predict with curl (token auth is on; `servetool token` prints the current key):",
@@ -442,18 +466,22 @@ def image_command(models: tuple[str, ...], model_store: Path, base_config: Path 
 def predict(model: str, file: Path, model_version: str | None, content_type: str | None,
             run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     """Send FILE to MODEL's prediction endpoint and print the answer."""
+    check_model_args(model, model_version)
     client = make_target(run_dir, model_store, target).client()
     if content_type is None:
         guessed = mimetypes.guess_type(file.name)[0]
         content_type = "application/json" if guessed == "application/json" else "application/octet-stream"
-    reply = client.predict(model, file.read_bytes(), content_type, model_version)
+    payload = file.read_bytes()
+    reply = client.predict(model, payload, content_type, model_version)
     try:
         body: Any = reply.json()
     except ValueError:
         body = reply.text
     if reply.status_code != 200:
         detail = body.get("error") or body.get("message") if isinstance(body, dict) else body
-        raise ServetoolError(f"{model} answered {reply.status_code}: {detail}")
+        limit = server_setting(client.state, "max_request_size")
+        raise ServetoolError(f"{model} answered {reply.status_code}: " + explain_failure(
+            reply.status_code, str(detail or ""), len(payload), int(limit) if limit else None))
     emit({"model": model, "status": reply.status_code, "prediction": body}, as_json,
          json.dumps(body, indent=2))
 
@@ -478,6 +506,7 @@ def scale(model: str, workers: int | None, replicas: int | None, model_version: 
     On kubernetes, --replicas scales pods and --workers reaches every pod's management API (and
     the ConfigMap, so that pods started later get the same count).
     """
+    check_model_args(model, model_version)
     if target == "kubernetes":
         if workers is None and replicas is None:
             raise ServetoolError("give --workers N and/or --replicas N")
@@ -514,6 +543,9 @@ def status(run_dir: Path, model_store: Path, target: str, kubeconfig: Path | Non
         emit(result, as_json, "\n".join(lines) or "no running pods")
         return
     result = make_target(run_dir, model_store, target).status()
+    if result.get("state") == "crashed":  # a problem, said as one: exit 1
+        emit(result, as_json, result["detail"])
+        sys.exit(1)
     if not result["running"]:
         text = f"no TorchServe running from {run_dir}"
         if result.get("container"):
@@ -527,6 +559,9 @@ def status(run_dir: Path, model_store: Path, target: str, kubeconfig: Path | Non
     lines = [f"TorchServe running ({where}): inference {ep['inference']}, "
              f"management {ep['management']}, metrics {ep['metrics']}"]
     for m in result["models"] or []:
+        if m.get("error"):
+            lines.append(f"  {m['name']!r}: {m['error']}")
+            continue
         states = ", ".join(f"{w['id']}:{w['status']}" for w in m["workers"]) or "no workers"
         default = " (default)" if m["default"] else ""
         lines.append(f"  {m['name']} {m['version']}{default}: batch {m['batch_size']}, "
@@ -539,15 +574,20 @@ def status(run_dir: Path, model_store: Path, target: str, kubeconfig: Path | Non
 @main.command()
 @click.option("--kind", type=click.Choice(["inference", "management"]), default="inference",
               show_default=True)
+@click.option("--header", "as_header", is_flag=True,
+              help="Print the whole header line, for curl's -H @FILE: "
+                   "curl -H @<(servetool token --header) ... keeps the key out of `ps`.")
 @server_options
 @kube_options
 @friendly_errors
-def token(kind: str, run_dir: Path, model_store: Path, target: str, kubeconfig: Path | None,
-          kube_context: str | None, namespace: str, deployment_name: str | None,
-          manifests_dir: Path) -> None:
+def token(kind: str, as_header: bool, run_dir: Path, model_store: Path, target: str,
+          kubeconfig: Path | None, kube_context: str | None, namespace: str,
+          deployment_name: str | None, manifests_dir: Path) -> None:
     """Print the running server's current API key, for `Authorization: Bearer ...`.
 
     On kubernetes: the key every replica's gateway accepts (from the overlay's Secret).
+    Keep keys out of command lines (every local user can read those with `ps`): give curl the
+    header from a file or a pipe, `curl -H @<(servetool token --header) ...`.
     """
     if target == "kubernetes":
         from servetool.manifests import read_key
@@ -558,12 +598,12 @@ def token(kind: str, run_dir: Path, model_store: Path, target: str, kubeconfig: 
             raise ServetoolError(f"no inference key in {overlay}/secret.yaml (rendered with "
                                  "--no-token-auth, or not rendered here); the management API is "
                                  "reached through `kubectl exec`/`servetool scale`")
-        click.echo(key)
+        click.echo(f"Authorization: Bearer {key}" if as_header else key)
         return
     key = make_target(run_dir, model_store, target).client().token(kind)
     if key is None:
         raise ServetoolError("token authorization is off on this server: send no header")
-    click.echo(key)
+    click.echo(f"Authorization: Bearer {key}" if as_header else key)
 
 
 @main.command()
@@ -572,10 +612,16 @@ def token(kind: str, run_dir: Path, model_store: Path, target: str, kubeconfig: 
 @friendly_errors
 def stop(run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     """Stop the server, its JVM and every worker."""
-    was_running = make_target(run_dir, model_store, target).down()
-    emit({"target": target, "stopped": was_running}, as_json,
-         ("TorchServe stopped" + (" and its container removed" if target == "docker" else ""))
-         if was_running else f"no TorchServe was running from {run_dir} ({target})")
+    tgt = make_target(run_dir, model_store, target)
+    before = tgt.condition()
+    was_running = tgt.down()
+    if before == "crashed":
+        text = "TorchServe had crashed; what was left of it is stopped"
+    elif was_running:
+        text = "TorchServe stopped" + (" and its container removed" if target == "docker" else "")
+    else:
+        text = f"no TorchServe was running from {run_dir} ({target})"
+    emit({"target": target, "stopped": was_running, "was": before}, as_json, text)
 
 
 @main.group()
@@ -651,6 +697,7 @@ def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int
         wrk_path,
     )
 
+    check_model_args(model, model_version)
     target = make_target(run_dir, model_store, target)
     client = target.client()
     if not client.has_model(model):
@@ -659,8 +706,7 @@ def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int
     if not all(p.exists() for p in sources):
         raise ServetoolError(f"no payloads: pass --payload FILE_OR_FOLDER ({sources[0]} does not exist)")
     token = client.token("inference")
-    url = f"{client.state.url('inference')}/predictions/{model}"
-    url += f"/{model_version}" if model_version else ""
+    url = f"{client.state.url('inference')}/predictions{model_path(model, model_version)}"
     if engine == "wrk" and (count or not wrk_path()):
         raise ServetoolError("--engine wrk needs wrk installed (apt-get install wrk) and runs "
                              "for --duration, not --requests")

@@ -29,6 +29,7 @@ POD_HELPER = Path(__file__).with_name("pod.py")
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
 CONTAINER_STORE = "/home/model-server/model-store"
 CONTAINER_WORK = "/home/model-server/work"
+CONTAINER_SOCKET = f"{CONTAINER_WORK}/private/management.sock"
 CONTAINER_CONFIG = "/opt/servetool/config.properties"
 CONTAINER_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
                    "grpc_inference": 7070, "grpc_management": 7071}
@@ -87,8 +88,10 @@ def container_properties(base_config: Path | None, extra: dict[str, str]) -> dic
     """The image's TorchServe config: every API on the container's interfaces (the target decides
     what is reachable from outside), the baked model store, and TS_* environment overrides on."""
     base = torchserve.read_properties(base_config) if base_config else {}
+    # TorchServe's management API on a socket only the container's user reaches; servetool's
+    # front takes the management port (servetool/pod.py says why).
     props = torchserve.server_properties(base, "0.0.0.0", CONTAINER_PORTS, CONTAINER_STORE,
-                                         "/opt/servetool/log4j2.xml")
+                                         "/opt/servetool/log4j2.xml", CONTAINER_SOCKET)
     props["enable_envvars_config"] = "true"
     props.update(extra)
     return props

@@ -1,24 +1,32 @@
 """A client for TorchServe's inference and management APIs, with token auth handled.
 
 The keys live in the server's key_file.json; they are read on every call (TorchServe rewrites the
-file when a key is regenerated) and renewed with the API key once they expire, so a user never has
-to copy a token by hand for servetool's own calls.
+file when a key is regenerated) and renewed with the API key once they have expired, never before:
+renewing makes TorchServe revoke the old key at once, and other clients may still be using it.
+Management calls go through servetool's front with the front's own key (see servetool/pod.py).
+
+Every model name and version is checked and percent-encoded before it goes into a URL path.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
 from servetool.errors import ServetoolError
 from servetool.torchserve import ServerState
 
-EXPIRY_MARGIN_S = 30
+# TorchServe's archiver accepts model names of this form; versions are ours (spec.VERSION_RE).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+TOKEN_REFUSED = "Token Authorization failed"
 
 
 class APIError(ServetoolError):
@@ -28,11 +36,43 @@ class APIError(ServetoolError):
         self.body = body
 
 
-def read_keys(key_file: Path) -> dict[str, dict[str, Any]]:
+def read_keys(key_file: Path, front_key_file: Path | None = None) -> dict[str, dict[str, Any]]:
     try:
-        return json.loads(key_file.read_text())
+        keys = json.loads(key_file.read_text())
     except (OSError, ValueError):
-        return {}
+        keys = {}
+    if front_key_file is not None:
+        try:
+            keys["management"] = json.loads(front_key_file.read_text())["management"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return keys
+
+
+def check_name(name: str, what: str = "model name") -> str:
+    """A model name as servetool accepts it anywhere (so `../ping` never becomes a path)."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise APIError(f"{what} {name!r} is not valid: it must start with a letter or digit and "
+                       "hold only letters, digits, '.', '_' and '-' (at most 128)")
+    return name
+
+
+def check_version(version: str) -> str:
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        raise APIError(f"version {version!r} is not valid: e.g. 1.0 or 2 (letters, digits, '.', "
+                       "'_', '+', '-')")
+    return version
+
+
+def model_path(name: str, version: str | None = None, *, checked: bool = True) -> str:
+    """/models/NAME[/VERSION], each segment percent-encoded. `checked=False` for names servetool
+    only reads back from the server (another client may have registered an odd one)."""
+    if checked:
+        check_name(name)
+        if version is not None:
+            check_version(version)
+    segments = [name] + ([version] if version else [])
+    return "/" + "/".join(quote(seg, safe="") for seg in segments)
 
 
 def _expired(entry: dict[str, Any]) -> bool:
@@ -46,7 +86,7 @@ def _expired(entry: dict[str, Any]) -> bool:
         when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return False
-    return when - EXPIRY_MARGIN_S < time.time()
+    return when <= time.time()
 
 
 class Client:
@@ -56,7 +96,7 @@ class Client:
         """`keys` reads the server's key_file.json (default: from state.key_file on this machine;
         the Docker target reads it inside the container)."""
         self.state = state
-        self._keys = keys or (lambda: read_keys(state.key_file))
+        self._keys = keys or (lambda: read_keys(state.key_file, state.front_key_file))
         self._keys_where = keys_where or str(state.key_file)
         self.timeout_s = timeout_s
         self.session = requests.Session()
@@ -79,8 +119,17 @@ class Client:
         return entry["key"]
 
     def _renew(self, kind: str, api_key: str) -> None:
-        self.session.get(f"{self.state.url('management')}/token", params={"type": kind},
-              headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout_s)
+        """Ask TorchServe for a new key (it revokes the old one); a failure is an error, not a
+        silent fall back on a key that no longer works."""
+        try:
+            reply = self.session.get(f"{self.state.url('management')}/token", params={"type": kind},
+                                     headers={"Authorization": f"Bearer {api_key}"},
+                                     timeout=self.timeout_s)
+        except requests.RequestException as exc:
+            raise APIError(f"renewing the expired {kind} key failed: {exc}") from None
+        if reply.status_code != 200:
+            raise APIError(f"renewing the expired {kind} key failed: TorchServe answered "
+                           f"{reply.status_code}: {_message(reply)}", reply.status_code, reply.text)
 
     def _headers(self, kind: str, extra: dict[str, str] | None = None) -> dict[str, str]:
         headers = dict(extra or {})
@@ -97,6 +146,12 @@ class Client:
         try:
             reply = self.session.request(method, url, headers=headers,
                                          timeout=timeout or self.timeout_s, **kwargs)
+            if reply.status_code == 400 and TOKEN_REFUSED in reply.text and self.state.token_auth:
+                # the key expired between reading and arriving: renew it (once) and try again
+                getattr(self._keys, "invalidate", lambda: None)()
+                headers = self._headers(kind, {**headers, "Authorization": ""})
+                reply = self.session.request(method, url, headers=headers,
+                                             timeout=timeout or self.timeout_s, **kwargs)
         except requests.ConnectionError:
             raise APIError(f"cannot reach TorchServe at {self.state.url(api)} (is it running? "
                            "`servetool status`)") from None
@@ -115,7 +170,7 @@ class Client:
     def predict(self, model: str, body: bytes, content_type: str, version: str | None = None,
                 timeout: float | None = None) -> requests.Response:
         """POST /predictions; returns the reply whatever its status (the caller judges it)."""
-        path = f"/predictions/{model}" + (f"/{version}" if version else "")
+        path = "/predictions" + model_path(model, version)
         return self._call("POST", "inference", path, data=body, timeout=timeout,
                           headers={"Content-Type": content_type}, ok=tuple(range(100, 600)))
 
@@ -130,36 +185,64 @@ class Client:
             if not token:
                 return models
 
-    def describe(self, name: str, version: str | None = "all") -> list[dict[str, Any]]:
+    def describe(self, name: str, version: str | None = "all",
+                 unchecked: bool = False) -> list[dict[str, Any]]:
         """One entry per version ("all"), for one version, or for the default version (None)."""
-        path = f"/models/{name}" + (f"/{version}" if version else "")
+        path = "/models" + model_path(name, version if version != "all" else None,
+                                      checked=not unchecked)
+        if version == "all":
+            path += "/all"
         return self._call("GET", "management", path).json()
 
     def has_model(self, name: str) -> bool:
         return any(m["modelName"] == name for m in self.list_models())
 
     def register(self, archive_name: str, name: str, workers: int, timeout: float) -> dict[str, Any]:
+        check_name(name)
         params = {"url": archive_name, "model_name": name, "initial_workers": workers,
                   "synchronous": "true"}
         return self._call("POST", "management", "/models", params=params, timeout=timeout).json()
 
     def unregister(self, name: str, version: str | None = None, timeout: float = 60) -> None:
-        path = f"/models/{name}" + (f"/{version}" if version else "")
-        self._call("DELETE", "management", path, timeout=timeout)
+        self._call("DELETE", "management", "/models" + model_path(name, version), timeout=timeout)
 
     def scale(self, name: str, min_workers: int, max_workers: int, version: str | None = None,
               timeout: float = 120) -> dict[str, Any]:
-        path = f"/models/{name}" + (f"/{version}" if version else "")
+        path = "/models" + model_path(name, version)
         params = {"min_worker": min_workers, "max_worker": max_workers, "synchronous": "true"}
         return self._call("PUT", "management", path, params=params, timeout=timeout,
                           ok=(200, 202)).json()
 
     def set_default(self, name: str, version: str) -> None:
-        self._call("PUT", "management", f"/models/{name}/{version}/set-default")
+        self._call("PUT", "management", f"/models{model_path(name, version)}/set-default")
 
     def metrics(self) -> str:
         url = f"{self.state.url('metrics')}/metrics"
         return self.session.get(url, timeout=self.timeout_s).text
+
+
+DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's max_request_size when config.properties says none
+
+
+def explain_failure(status: int, message: str, body_size: int,
+                    max_request_size: int | None = None) -> str:
+    """What a failed prediction means, where TorchServe's own answer does not say (its 413 has an
+    empty body; its 503 "has no worker" also means a full queue; "Worker died." has causes)."""
+    if status == 413 and not message.strip():
+        limit = max_request_size or DEFAULT_MAX_REQUEST_SIZE
+        return (f"the request body ({body_size} bytes) is larger than the server's "
+                f"max_request_size ({limit} bytes; TorchServe's default is "
+                f"{DEFAULT_MAX_REQUEST_SIZE}, 6.5 MB): raise max_request_size (and "
+                "max_response_size for large answers) in config.properties and deploy again")
+    if status == 503 and "has no worker" in message:
+        return (f"{message.strip()} -- TorchServe says this both when no worker is READY and when "
+                "its job queue is full (job_queue_size, default 100): retry with a backoff, add "
+                "workers (`servetool scale`), or raise job_queue_size")
+    if status in (500, 507) and "Worker died" in message:
+        return (f"{message.strip()} -- the worker serving this request exited (a crash in native "
+                "code, out of memory, or longer than response_timeout); TorchServe starts a new "
+                "one: retry, and read model_log.log for the cause")
+    return message
 
 
 def _message(reply: requests.Response) -> str:

@@ -23,10 +23,15 @@ from pathlib import Path
 
 import requests
 
+from servetool import pod
 from servetool.errors import ServetoolError
 
 RESOURCES = Path(__file__).with_name("resources")
 STATE_FILE = "server.json"
+# TorchServe's own management API listens on a Unix socket in this folder (mode 700); servetool's
+# management front (servetool/pod.py) takes the management port. See pod.py for why.
+PRIVATE_DIR = "private"
+MANAGEMENT_SOCKET = "management.sock"
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
                  "grpc_inference": 7070, "grpc_management": 7071}
 # Keys servetool owns in the rendered config; a base config cannot move the server off them.
@@ -52,6 +57,8 @@ class ServerState:
     model_store: str
     token_auth: bool = True
     started_at: float = field(default_factory=time.time)
+    front: bool = False  # management through servetool's front (front_key.json beside the keys)
+    jvm_pid: int | None = None  # recorded once the server is healthy
 
     def url(self, api: str) -> str:
         return f"http://{_url_host(self.host)}:{self.ports[api]}"
@@ -59,6 +66,10 @@ class ServerState:
     @property
     def key_file(self) -> Path:
         return Path(self.run_dir) / "key_file.json"
+
+    @property
+    def front_key_file(self) -> Path | None:
+        return Path(self.run_dir) / pod.FRONT_KEY_FILE if self.front else None
 
     @property
     def log_dir(self) -> Path:
@@ -102,29 +113,25 @@ def java_version() -> int:
 
 
 def read_properties(path: Path) -> dict[str, str]:
-    props: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", "!")) or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        props[key.strip()] = value.strip()
-    return props
+    """A .properties file as TorchServe (java.util.Properties) reads it, escapes included."""
+    return pod.parse_properties(path.read_text())
 
 
 def server_properties(base: dict[str, str], host: str, ports: dict[str, int], store: str,
-                      log_config: str) -> dict[str, str]:
+                      log_config: str, management_socket: str | None = None) -> dict[str, str]:
     """TorchServe's properties: servetool's defaults, the user's base config over them, then the
-    keys servetool manages (addresses, ports, model store, quiet logging) over both."""
+    keys servetool manages (addresses, ports, model store, quiet logging) over both. With
+    `management_socket`, TorchServe's management API listens there (behind servetool's front)."""
     user_vmargs = base.get("vmargs", "")
     props = {
         "enable_model_api": "true",
         "metrics_mode": "prometheus",
         "async_logging": "true",
-        "allowed_urls": "file://{model_store}/[^/]+\\\\.mar",
+        "allowed_urls": "file://{model_store}/[^/]+\\.mar",
         **base,
         "inference_address": f"http://{_url_host(host)}:{ports['inference']}",
-        "management_address": f"http://{_url_host(host)}:{ports['management']}",
+        "management_address": f"unix:{management_socket}" if management_socket else
+                              f"http://{_url_host(host)}:{ports['management']}",
         "metrics_address": f"http://{_url_host(host)}:{ports['metrics']}",
         "grpc_inference_address": host,
         "grpc_management_address": host,
@@ -138,7 +145,9 @@ def server_properties(base: dict[str, str], host: str, ports: dict[str, int], st
 
 
 def format_properties(props: dict[str, str], header: str) -> str:
-    return "\n".join([f"# {header}", *(f"{k}={v}" for k, v in props.items())]) + "\n"
+    """Escaped as java.util.Properties reads them: a regex's `\\.` survives as `\\.`."""
+    lines = (f"{pod.escape_property(k, key=True)}={pod.escape_property(v)}" for k, v in props.items())
+    return "\n".join([f"# {header}", *lines]) + "\n"
 
 
 def write_properties(target: Path, props: dict[str, str], source: str) -> Path:
@@ -152,9 +161,18 @@ def render_config(opts: ServerOptions) -> Path:
     """Write run_dir/config.properties: the base config plus servetool's managed keys."""
     base = read_properties(opts.base_config) if opts.base_config else {}
     props = server_properties(base, opts.host, opts.ports, str(opts.model_store.resolve()),
-                              str((RESOURCES / "log4j2.xml").resolve()))
+                              str((RESOURCES / "log4j2.xml").resolve()),
+                              str(private_dir(opts.run_dir) / MANAGEMENT_SOCKET))
     return write_properties(opts.run_dir / "config.properties", props,
                             str(opts.base_config or "built-in defaults"))
+
+
+def private_dir(run_dir: Path) -> Path:
+    """The folder of TorchServe's management socket: only this user may enter it."""
+    path = run_dir / PRIVATE_DIR
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 def token_auth_enabled(config_file: Path) -> bool:
@@ -171,15 +189,40 @@ def load_state(run_dir: Path) -> ServerState | None:
         return None
 
 
-def running_state(run_dir: Path) -> ServerState | None:
-    """The recorded server if its processes are still alive; a stale record is removed."""
+# A server whose JVM was never recorded healthy is starting while its launcher lives, for at most
+# this long. A server whose recorded JVM is gone has crashed, even while its workers and the front
+# are still winding down.
+STARTUP_GRACE_S = 300.0
+JVM_MARK = b"org.pytorch.serve.ModelServer"
+
+
+def condition(run_dir: Path) -> tuple[str, ServerState | None]:
+    """("running" | "starting" | "crashed" | "stopped", the recorded server). `stop` removes the
+    record, so a record whose JVM is gone means the server died without being asked to."""
     state = load_state(run_dir)
     if state is None:
-        return None
-    if _group_alive(state.pid):
-        return state
-    (run_dir / STATE_FILE).unlink(missing_ok=True)
-    return None
+        return "stopped", None
+    if state.jvm_pid is not None:
+        return ("running" if _is_process(state.jvm_pid, JVM_MARK) else "crashed"), state
+    if _member_with(state.pid, JVM_MARK) or (
+            _group_alive(state.pid) and time.time() - state.started_at < STARTUP_GRACE_S):
+        return "starting", state
+    return "crashed", state
+
+
+def running_state(run_dir: Path) -> ServerState | None:
+    """The recorded server if its JVM is alive (or it is still starting)."""
+    cond, state = condition(run_dir)
+    return state if cond in ("running", "starting") else None
+
+
+def crash_report(state: ServerState) -> str:
+    left = group_members(state.pid)
+    leftovers = f" ({len(left)} of its processes still running: `servetool stop` ends them)" \
+        if left else ""
+    return (f"TorchServe (run folder {state.run_dir}) has crashed: its JVM is gone, and it was not "
+            f"stopped{leftovers}. `servetool deploy` restarts it with every model as it was.\n"
+            + explain_failure(state))
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -219,9 +262,13 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
     # The server runs with the run folder as its working directory: every path must be absolute.
     opts = replace(opts, run_dir=opts.run_dir.resolve(), model_store=opts.model_store.resolve(),
                    base_config=opts.base_config.resolve() if opts.base_config else None)
-    if (state := running_state(opts.run_dir)) is not None:
+    cond, state = condition(opts.run_dir)
+    if cond in ("running", "starting"):
         raise ServerError(f"a TorchServe started by servetool is already running (pid {state.pid}, "
                           f"run folder {opts.run_dir}); `servetool stop` first")
+    if cond == "crashed":  # its leftovers (workers, the front) would hold ports and memory
+        progress("TorchServe had crashed: ending what was left of it")
+        stop(opts.run_dir)
     java_version()
     for api, port in opts.ports.items():
         if port_in_use(opts.host, port):
@@ -234,10 +281,15 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
         shutil.rmtree(stale, ignore_errors=True)
         stale.mkdir(parents=True)
     (run_dir / "key_file.json").unlink(missing_ok=True)
+    pod.front_key(run_dir / pod.FRONT_KEY_FILE)  # made first, so no client races for it
     env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(logs),
-           "METRICS_LOCATION": str(logs)}
-    cmd = [torchserve_command(), "--start", "--foreground", "--ncs",
-           "--model-store", str(opts.model_store.resolve()), "--ts-config", str(config_file)]
+           "METRICS_LOCATION": str(logs), "SERVETOOL_WORK_DIR": str(run_dir),
+           "SERVETOOL_TS_CONFIG": str(config_file),
+           "SERVETOOL_FRONT_LISTEN": f"{_url_host(opts.host)}:{opts.ports['management']}"}
+    # pod.py exec starts servetool's management front, then becomes TorchServe's launcher: one
+    # process group holds the launcher, the JVM, its workers and the front.
+    cmd = [sys.executable, pod.__file__, "exec", torchserve_command(), "--start", "--foreground",
+           "--ncs", "--model-store", str(opts.model_store.resolve()), "--ts-config", str(config_file)]
     progress(f"starting TorchServe (logs in {logs})")
     with open(logs / "launcher.log", "wb") as launcher_log:
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdin=subprocess.DEVNULL,
@@ -245,13 +297,16 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
                                 start_new_session=True)  # own process group: stop kills it whole
     state = ServerState(run_dir=str(run_dir), pid=proc.pid, host=opts.host, ports=dict(opts.ports),
                         model_store=str(opts.model_store.resolve()),
-                        token_auth=token_auth_enabled(config_file))
+                        token_auth=token_auth_enabled(config_file), front=True)
     (run_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     try:
         wait_healthy(state, opts.startup_timeout_s, proc)
     except ServerError:
         stop(run_dir)
         raise
+    # From now on a missing JVM is a crash, not a start-up (see condition()).
+    state = replace(state, jvm_pid=_member_with(state.pid, JVM_MARK))
+    (run_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     return state
 
 
@@ -267,6 +322,7 @@ def wait_healthy(state: ServerState, timeout_s: float, proc: subprocess.Popen | 
         try:
             reply = client.ping()
             if reply.get("status") == "Healthy":
+                client.list_models()  # the management API (through the front) answers too
                 return
             last = json.dumps(reply)
         except (requests.RequestException, ServetoolError) as exc:
@@ -324,8 +380,13 @@ def stop(run_dir: Path, timeout_s: float = 20.0) -> bool:
             time.sleep(0.1)
         if _group_alive(pgid):
             _signal_group(pgid, signal.SIGKILL)
-            time.sleep(0.5)
+            deadline = time.monotonic() + 5
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
         _reap(pgid)
+    if _group_alive(pgid) and _is_ours(pgid):
+        raise ServerError(f"processes of the server (group {pgid}) survived SIGKILL: "
+                          f"{', '.join(map(str, group_members(pgid)))}")
     (run_dir / STATE_FILE).unlink(missing_ok=True)
     (run_dir / "tmp" / ".model_server.pid").unlink(missing_ok=True)
     return was_alive
@@ -344,6 +405,20 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def _member_with(pgid: int, mark: bytes) -> int | None:
+    """A live process of the group whose command line holds `mark`."""
+    return next((pid for pid in group_members(pgid) if _is_process(pid, mark)), None)
+
+
+def _is_process(pid: int, mark: bytes) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z" and \
+            mark in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+
+
 def _group_alive(pgid: int) -> bool:
     if Path("/proc/self/stat").exists():
         _reap(pgid)
@@ -357,6 +432,12 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+# What the processes of a server servetool started run: the launcher, the JVM, the Python workers
+# (which outlive a killed JVM for a while) and the management front.
+OUR_PROCESSES = (b"torchserve", b"org.pytorch.serve", b"model_server", b"ts/model_service_worker",
+                 b"pod.py front")
+
+
 def _is_ours(pgid: int) -> bool:
     """Guards against a recycled pid: some process of the group must be TorchServe's."""
     for pid in group_members(pgid) or [pgid]:
@@ -364,7 +445,7 @@ def _is_ours(pgid: int) -> bool:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if b"torchserve" in cmdline or b"org.pytorch.serve" in cmdline or b"model_server" in cmdline:
+        if any(mark in cmdline for mark in OUR_PROCESSES):
             return True
     return not Path("/proc/self").exists()
 

@@ -99,7 +99,7 @@ def test_package_deploy_predict_scale_status_stop(tmp_path):
     try:
         assert deployed.returncode == 0, deployed.stderr
         assert f"http://127.0.0.1:{ports[0]}/predictions/digits" in deployed.stdout
-        assert 'curl -H "Authorization: Bearer $(servetool token)"' in deployed.stdout
+        assert "curl -H @<(servetool token --header) -T" in deployed.stdout
 
         predicted = run("predict", "digits", str(DIGITS / "samples" / "digit_6.png"), *where, "--json")
         assert predicted.returncode == 0, predicted.stderr
@@ -137,3 +137,14 @@ def test_package_deploy_predict_scale_status_stop(tmp_path):
     assert json.loads(stopped.stdout)["stopped"] is True
     assert json.loads(run("status", *where, "--json").stdout)["running"] is False
 
+
+
+@pytest.mark.parametrize("args, words", [
+    (["predict", "../ping", str(DIGITS / "samples" / "digit_1.png")], "model name '../ping'"),
+    (["scale", "digits", "--version", "../embed", "--workers", "1"], "version '../embed'"),
+    (["scale", "a/b", "--workers", "1"], "model name 'a/b'"),
+    (["bench", "serve", "x?y"], "model name 'x?y'"),
+])
+def test_model_names_and_versions_are_checked_before_any_request(args, words, tmp_path):
+    proc = run(*args, "--run-dir", str(tmp_path / "nothing-runs-here"))
+    assert_clean_error(proc, words, "is not valid")

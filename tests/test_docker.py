@@ -57,6 +57,12 @@ def test_rendered_dockerfile_passes_hadolint(tmp_path, model_store):
     assert not list(context.rglob("key_file.json"))
 
 
+KILL_JVM = ("import os, signal\n"
+            "for p in filter(str.isdigit, os.listdir('/proc')):\n"
+            "    if b'ModelServer' in open(f'/proc/{p}/cmdline', 'rb').read():\n"
+            "        os.kill(int(p), signal.SIGKILL)\n")
+
+
 @pytest.mark.docker
 def test_docker_deploy_predict_scale_stop(tmp_path, model_store, docker_engine, held_out):
     env = {**docker_engine, "SERVETOOL_TARGET": "docker"}
@@ -65,7 +71,8 @@ def test_docker_deploy_predict_scale_stop(tmp_path, model_store, docker_engine, 
     proc = cli("deploy", "digits", "--target", "docker", "--network", "host",
                "--base-image", LOCAL_BASE_IMAGE, "--model-store", str(model_store),
                "--config", str(ROOT / "config.properties"), "--container-name", "servetool-e2e",
-               "--cpus", "1", "--json", *port_args(ports), env=env, cwd=tmp_path)
+               "--cpus", "1", "--restart-on-crash", "--json", *port_args(ports), env=env,
+               cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     deployed = json.loads(proc.stdout)
     print(f"docker deploy (build + run + register): {time.perf_counter() - started:.1f} s, image "
@@ -99,6 +106,18 @@ def test_docker_deploy_predict_scale_stop(tmp_path, model_store, docker_engine, 
         assert "tini" in container.attrs["Config"]["Entrypoint"][0]
         assert container.attrs["HostConfig"]["NanoCpus"] == 1_000_000_000
 
+        # Management goes through servetool's front in the container: registering anything but
+        # an archive of the model store (here a directory inside the container) is refused.
+        mkey = cli("token", "--kind", "management", env=env, cwd=tmp_path).stdout.strip()
+        mgmt = f"http://127.0.0.1:{ports['management']}"
+        refused = requests.post(f"{mgmt}/models", params={"url": "/opt/venv", "model_name": "x"},
+                                headers={"Authorization": f"Bearer {mkey}"}, timeout=30)
+        assert refused.status_code == 403 and "model store" in refused.json()["error"]
+        listed = requests.get(f"{mgmt}/models", headers={"Authorization": f"Bearer {mkey}"},
+                              timeout=30)
+        assert listed.headers["Server"].startswith("servetool-management")
+        assert [m["modelName"] for m in listed.json()["models"]] == ["digits"]
+
         scaled = cli("scale", "digits", "--workers", "2", "--json", env=env, cwd=tmp_path)
         assert scaled.returncode == 0, scaled.stderr
         assert len(json.loads(scaled.stdout)["workers"]) == 2
@@ -113,11 +132,33 @@ def test_docker_deploy_predict_scale_stop(tmp_path, model_store, docker_engine, 
         assert status["health"] == "healthy", status
         assert [len(m["workers"]) for m in status["models"]] == [2]
 
+        # A crash (the JVM killed in the container): the restart policy brings the container back
+        # and TorchServe restores its snapshot, both workers included, with no client involved.
+        container.exec_run(["python3", "-c", KILL_JVM], user="1000")
+        crashed = time.monotonic()
+        healed = None
+        while time.monotonic() - crashed < 90 and healed is None:
+            try:
+                key = cli("token", env=env, cwd=tmp_path).stdout.strip()
+                reply = requests.post(url, data=png_bytes(images[0]), timeout=10,
+                                      headers={"Authorization": f"Bearer {key}"})
+                if reply.status_code == 200:
+                    healed = time.monotonic() - crashed
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        print(f"docker: crash to first good answer {healed} s")
+        assert healed is not None
+        container.reload()
+        assert container.attrs["RestartCount"] >= 1
+        status = json.loads(cli("status", "--json", env=env, cwd=tmp_path).stdout)
+        assert [len(m["workers"]) for m in status["models"]] == [2]
+
         # Deploying again changes nothing: same image, same container, model left as it is.
         again = cli("deploy", "digits", "--target", "docker", "--network", "host", "--base-image",
                     LOCAL_BASE_IMAGE, "--model-store", str(model_store), "--config",
                     str(ROOT / "config.properties"), "--container-name", "servetool-e2e", "--json",
-                    "--cpus", "1", *port_args(ports), env=env, cwd=tmp_path)
+                    "--cpus", "1", "--restart-on-crash", *port_args(ports), env=env, cwd=tmp_path)
         assert again.returncode == 0, again.stderr[-2000:]
         again = json.loads(again.stdout)
         assert not again["server_started"] and again["models"][0]["action"] == "unchanged"
@@ -165,7 +206,7 @@ def test_container_that_exits_is_explained(tmp_path, model_store, docker_engine)
         assert "docker logs" in proc.stderr
         # The exited container stays for inspection, and status says why it is down.
         status = cli("status", "--target", "docker", env=docker_engine, cwd=tmp_path)
-        assert status.returncode == 0
+        assert status.returncode == 1  # a crashed server is a problem, said as one
         assert "container servetool-broken is exited" in status.stdout
         assert "ThisOptionDoesNotExist" in status.stdout
     finally:
@@ -184,7 +225,9 @@ def test_published_ports_are_loopback_only_by_default():
     # On the host network nothing is published and TorchServe itself binds loopback.
     assert published_ports("host", ports) == {}
     env = container_env("host", ports)
-    assert env["TS_MANAGEMENT_ADDRESS"] == "http://127.0.0.1:18081"
+    assert env["TS_INFERENCE_ADDRESS"] == "http://127.0.0.1:18080"
+    # management: TorchServe keeps its private socket; servetool's front takes the port
+    assert "TS_MANAGEMENT_ADDRESS" not in env and env["SERVETOOL_FRONT_LISTEN"] == "127.0.0.1:18081"
     assert env["TS_GRPC_INFERENCE_ADDRESS"] == "127.0.0.1" and env["TS_GRPC_INFERENCE_PORT"] == "17070"
 
 

@@ -73,7 +73,7 @@ def image_task(channels: int) -> ImageClassification:
 @pytest.mark.parametrize("fmt", DEFAULT_FORMATS)
 def test_mutated_images_raise_only_request_errors(fmt):
     seeds = [p.read_bytes() for p in sorted(CORPUS.glob(f"*{EXTENSIONS[fmt]}"))]
-    others = [p.read_bytes() for p in sorted(CORPUS.iterdir()) if p.suffix != ".py"]
+    others = [p.read_bytes() for p in sorted(CORPUS.iterdir()) if p.is_file() and p.suffix != ".py"]
     assert seeds, f"no {fmt} files in {CORPUS}"
     tasks = [image_task(1), image_task(3)]
     rng = random.Random(f"servetool-fuzz-{fmt}")

@@ -18,7 +18,7 @@ import torch
 
 from handlers.runtimes import available_cores
 from servetool import export, torchserve
-from servetool.management import Client
+from servetool.management import APIError, Client
 from servetool.spec import load_spec
 from servetool.targets.local import DeployError, LocalTarget
 from servetool.torchserve import ServerError
@@ -243,15 +243,18 @@ def test_stop_leaves_no_process_behind(tmp_path, model_store):
 def test_readme_curl_line_and_config_are_secure(served):
     state = served[0].running()
     rendered = torchserve.read_properties(Path(state.run_dir) / "config.properties")
-    for key in ("inference_address", "management_address", "metrics_address"):
+    for key in ("inference_address", "metrics_address"):
         assert rendered[key].startswith("http://127.0.0.1:")
+    # management: TorchServe on a private socket, servetool's front on 127.0.0.1
+    assert rendered["management_address"].startswith(f"unix:{state.run_dir}/private/")
+    assert state.url("management").startswith("http://127.0.0.1:")
     assert rendered["grpc_inference_address"] == "127.0.0.1"
     assert "disable_token_authorization" not in rendered
     client = Client(state)
     for url in ("http://example.com/x.mar", "file:///etc/passwd", "../digits.mar"):
-        with pytest.raises(Exception) as err:
+        with pytest.raises(APIError) as err:
             client.register(url, "evil", 1, timeout=30)
-        assert "404" in str(err.value) or "allowed" in str(err.value)
+        assert err.value.status == 403 and "model store" in str(err.value)
     metrics = client.metrics()
     assert "ts_inference_requests_total" in metrics or "Requests2XX" in metrics
     assert (ROOT / "config.properties").is_file()
@@ -276,20 +279,72 @@ def test_a_jvm_that_dies_at_start_is_quoted_not_waited_for(tmp_path):
     assert torchserve.running_state(opts.run_dir) is None
 
 
-def test_expired_tokens_are_renewed_for_the_user(tmp_path):
+def test_keys_are_renewed_only_once_expired_and_a_failed_renewal_is_reported(tmp_path):
     opts = with_base_config(server_options(tmp_path / "run", tmp_path), tmp_path,
-                            "token_expiration_min=0.05")  # 3 seconds
+                            "token_expiration_min=0.1")  # 6 seconds
     state = torchserve.start(opts)
     try:
         first = json.loads(state.key_file.read_text())["inference"]["key"]
-        time.sleep(4)
-        stale = requests.get(f"{state.url('inference')}/ping", timeout=10,
-                             headers={"Authorization": f"Bearer {first}"})
-        assert stale.status_code == 400  # TorchServe's answer to an expired key
+        # Seconds before it expires, a key is still the key: renewing now would revoke it for every
+        # client using it (curl scripts, load generators).
+        assert Client(state).token("inference") == first
+        assert http_ping(state, first).status_code == 200
+        time.sleep(7)
+        assert http_ping(state, first).status_code == 400  # TorchServe's answer to an expired key
         assert Client(state).ping() == {"status": "Healthy"}  # renewed behind the scenes
         assert json.loads(state.key_file.read_text())["inference"]["key"] != first
+        # The front renews TorchServe's management key for itself: its own key does not expire.
+        assert Client(state).list_models() == []
+
+        keys = json.loads(state.key_file.read_text())
+        keys["inference"]["expiration time"] = "2000-01-01T00:00:00Z"
+        keys["API"]["key"] = "not-the-api-key"
+        state.key_file.write_text(json.dumps(keys))
+        with pytest.raises(APIError, match="renewing the expired inference key failed: TorchServe "
+                                           "answered 400"):
+            Client(state).ping()
     finally:
         torchserve.stop(opts.run_dir)
+
+
+def http_ping(state, key: str) -> requests.Response:
+    return requests.get(f"{state.url('inference')}/ping", timeout=10,
+                        headers={"Authorization": f"Bearer {key}"})
+
+
+def test_wrk_gets_the_key_from_its_environment_not_its_command_line(served):
+    """`ps` shows every local user a process's arguments; bench serve's wrk must not carry the key."""
+    import threading
+
+    from servetool.bench.serve import run_wrk, wrk_path
+
+    if wrk_path() is None:
+        pytest.skip("wrk is not installed (the setup installs it as root)")
+    state = served[0].running()
+    key = Client(state).token("inference")
+    seen: list[bytes] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline and not seen:
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    text = cmdline.read_bytes()
+                except OSError:
+                    continue
+                if text.startswith(b"wrk") or b"/wrk\0" in text:
+                    seen.append(text)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    result = run_wrk(f"{state.url('inference')}/predictions/digits",
+                     [DIGITS / "samples" / "digit_1.png"], concurrency=2, duration_s=2,
+                     headers={"Authorization": f"Bearer {key}"})
+    watcher.join()
+    assert seen, "wrk was never seen running"
+    assert key.encode() not in seen[0] and b"Bearer" not in seen[0]
+    assert result.ok > 0 and not result.errors  # and yet every request was authorized
 
 
 def test_deploy_refuses_a_model_store_the_running_server_does_not_use(served, tmp_path):
@@ -340,3 +395,53 @@ def test_an_image_that_makes_the_decoder_raise_fails_alone(served, held_out):
     assert next(iter(replies[0].json())) == LABELS[labels[0]]
     assert next(iter(replies[2].json())) == LABELS[labels[1]]
     assert replies[1].json()["error"].startswith("image could not be decoded (TypeError")
+
+
+def test_archives_of_one_model_are_ordered_by_version_not_file_name(tmp_path, model_store):
+    from servetool.package import package
+    from servetool.targets.local import version_key
+    from tests.conftest import write_spec
+
+    assert sorted(["10.0", "9.1", "1.0", "2", "1.0-rc1", "1.0.1"], key=version_key) == \
+        ["1.0-rc1", "1.0", "1.0.1", "2", "9.1", "10.0"]
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copyfile(model_store / "digits_ts.mar", store / "digits_ts.mar")  # version 1.0
+    newer = package(load_spec(write_spec(tmp_path / "v2", name="digits_ts", version="2.0",
+                                         format="torchscript", workers={"min": 1, "max": 1})),
+                    tmp_path / "built")
+    shutil.copyfile(newer, store / "a-digits_ts-2.0.mar")  # sorts first by name
+    target = LocalTarget(server_options(tmp_path / "run", store))
+    try:
+        for _ in range(2):  # a second deploy must not "upgrade" 2.0 to 1.0
+            result = target.deploy([])
+            assert [(m["name"], m["version"]) for m in result["models"]] == [("digits_ts", "2.0")]
+        versions = [m["version"] for m in target.status()["models"]]
+        assert versions == ["2.0"]
+    finally:
+        target.down()
+
+
+def test_a_body_over_max_request_size_is_explained(served, tmp_path):
+    from tests.test_cli import run
+
+    target = served[0]
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + b"\0" * 7_000_000)
+    proc = run("predict", "digits", str(big), "--run-dir", str(target.opts.run_dir),
+               "--model-store", str(target.opts.model_store))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "answered 413: the request body (7000004 bytes) is larger than the server's " \
+           "max_request_size (6553500 bytes" in proc.stderr
+    assert "raise max_request_size" in proc.stderr
+
+
+def test_torchserve_answers_that_say_too_little_are_explained():
+    from servetool.management import explain_failure
+
+    queue = explain_failure(503, 'Model "digits" has no worker to serve inference request. Please '
+                                 "use scale workers API to add workers.", 10)
+    assert "job queue is full (job_queue_size" in queue and "servetool scale" in queue
+    died = explain_failure(500, "Worker died.", 10)
+    assert "response_timeout" in died and "model_log.log" in died
+    assert explain_failure(400, "bad image", 10) == "bad image"

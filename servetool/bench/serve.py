@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -110,12 +111,15 @@ def run_wrk(url: str, files: list[Path], *, concurrency: int = 8, duration_s: fl
     wrk = wrk_path()
     if wrk is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
-    auth = (headers or {}).get("Authorization", "-")
-    args = [auth] + [item for f in files for item in (str(f.resolve()), content_type(f))]
+    # The key goes through the environment (readable by this user only), never the command line,
+    # which every local user can read with `ps`.
+    env = {**os.environ, "SERVETOOL_WRK_AUTH": (headers or {}).get("Authorization", "")}
+    args = [item for f in files for item in (str(f.resolve()), content_type(f))]
     cmd = [wrk, "-t", "1", "-c", str(concurrency), "-d", f"{max(1, round(duration_s))}s",
            "--timeout", f"{max(1, round(timeout_s))}s", "-s", str(WRK_SCRIPT), url, "--", *args]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 60)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          timeout=duration_s + timeout_s + 60)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("SERVETOOL_WRK ")), None)
     if proc.returncode != 0 or line is None:

@@ -1,5 +1,6 @@
 -- servetool's wrk script: POST the payload files in turn, count answers by status, and print one
--- JSON line at the end. Arguments: AUTH_HEADER_OR_DASH FILE CONTENT_TYPE [FILE CONTENT_TYPE ...]
+-- JSON line at the end. Arguments: FILE CONTENT_TYPE [FILE CONTENT_TYPE ...]; the Authorization
+-- header comes from the environment (SERVETOOL_WRK_AUTH), never the command line, which `ps` shows.
 local threads = {}
 local bodies, types, auth = {}, {}, nil
 local next_body = 0
@@ -10,8 +11,9 @@ function setup(thread)
 end
 
 function init(args)
-  if args[1] ~= "-" then auth = args[1] end
-  for i = 2, #args, 2 do
+  local from_env = os.getenv("SERVETOOL_WRK_AUTH")
+  if from_env and from_env ~= "" then auth = from_env end
+  for i = 1, #args, 2 do
     local f = assert(io.open(args[i], "rb"))
     table.insert(bodies, f:read("*all"))
     f:close()

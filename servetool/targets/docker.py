@@ -25,6 +25,7 @@ from servetool.targets.local import DeployError, LocalTarget, find_archives
 
 STATE_FILE = "docker.json"
 KEY_FILE = f"{image.CONTAINER_WORK}/key_file.json"
+POD_HELPER = "/opt/servetool/servetool_pod.py"
 LABEL = "io.servetool.target"
 
 
@@ -37,10 +38,11 @@ class DockerOptions:
     memory_limit: str | None = None  # docker's --memory, e.g. "2g"
     cpus: float | None = None  # docker's --cpus
     extra_env: dict[str, str] = field(default_factory=dict)
+    restart_on_crash: bool = False  # restart policy; TorchServe restores its last snapshot
 
 
 class ContainerKeys:
-    """Reads key_file.json inside the container; cached briefly (each read is a `docker exec`)."""
+    """Reads the keys inside the container; cached briefly (each read is a `docker exec`)."""
 
     def __init__(self, container: Any, ttl_s: float = 20.0) -> None:
         self.container = container
@@ -54,7 +56,8 @@ class ContainerKeys:
         stamp, keys = self.cached
         if keys and time.monotonic() - stamp < self.ttl_s:
             return keys
-        code, out = self.container.exec_run(["cat", KEY_FILE], user="1000")
+        # TorchServe's inference key, and the management front's key (pod.py keys)
+        code, out = self.container.exec_run(["python3", POD_HELPER, "keys"], user="1000")
         try:
             keys = json.loads(out) if code == 0 else {}
         except ValueError:
@@ -68,7 +71,8 @@ def container_env(network: str, ports: dict[str, int]) -> dict[str, str]:
     if network != "host":
         return {}
     env = {f"TS_{api.upper()}_ADDRESS": f"http://127.0.0.1:{ports[api]}"
-           for api in ("inference", "management", "metrics")}
+           for api in ("inference", "metrics")}
+    env["SERVETOOL_FRONT_LISTEN"] = f"127.0.0.1:{ports['management']}"  # management: the front
     env |= {"TS_GRPC_INFERENCE_ADDRESS": "127.0.0.1", "TS_GRPC_MANAGEMENT_ADDRESS": "127.0.0.1",
             "TS_GRPC_INFERENCE_PORT": str(ports["grpc_inference"]),
             "TS_GRPC_MANAGEMENT_PORT": str(ports["grpc_management"])}
@@ -139,6 +143,21 @@ class DockerTarget(LocalTarget):
     def _state(self, record: dict[str, Any]) -> torchserve.ServerState:
         return torchserve.ServerState(**record["server"])
 
+    def condition(self) -> str:
+        container = self.container()
+        if container is None:
+            return "stopped"
+        return {"running": "running", "restarting": "starting", "created": "starting"}.get(
+            container.status, "crashed")
+
+    def crash_detail(self) -> str:
+        container = self.container()
+        if container is None:
+            return "no container"
+        code = container.attrs.get("State", {}).get("ExitCode")
+        return (f"container {container.name} is {container.status} (exit code {code}).\n"
+                + self.failure_logs())
+
     def running(self) -> torchserve.ServerState | None:
         container = self.container()
         if container is None or container.status != "running":
@@ -197,7 +216,8 @@ class DockerTarget(LocalTarget):
                 "cpus": d.cpus, "memory": d.memory_limit, "baked": d.image.bake_models,
                 "config": None if d.image.bake_config else hashlib.sha256(
                     self._mounted_config().read_bytes()).hexdigest(),
-                "model_store": str(self.opts.model_store.resolve()), "env": d.extra_env}
+                "model_store": str(self.opts.model_store.resolve()), "env": d.extra_env,
+                "restart": d.restart_on_crash}
 
     def _mounted_config(self) -> Path:
         return (self.docker_opts.image.out_dir / image.CONFIG_IN_CONTEXT).resolve()
@@ -231,6 +251,7 @@ class DockerTarget(LocalTarget):
                 network_mode="host" if dopts.network == "host" else None,
                 ports=published_ports(dopts.network, opts.ports, dopts.publish_host) or None,
                 volumes=volumes or None, mem_limit=dopts.memory_limit,
+                restart_policy={"Name": "unless-stopped"} if dopts.restart_on_crash else None,
                 nano_cpus=int(dopts.cpus * 1e9) if dopts.cpus else None)
         except docker.errors.APIError as exc:
             raise DeployError(f"docker could not start the container: {exc.explanation or exc}") from None

@@ -3,11 +3,17 @@
 Deploying is idempotent: an archive already registered with the same digest is left alone, a changed
 one is re-registered (a new version is registered first and made default, then the old one removed,
 so predictions keep being answered), and the server is started only when none is running.
+
+What should be serving is recorded in the run folder (deployed.json: each model's version, archive
+digest and worker count, kept up to date by `deploy` and `scale`). When `deploy` finds the server
+crashed or stopped, it starts it again and registers all of that, not only the archives it was
+named; `deploy --restart-on-crash` leaves a supervisor (servetool/supervise.py) doing the same.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,13 +91,33 @@ class LocalTarget:
         return torchserve.start(self.opts, self.progress), True
 
     def down(self) -> bool:
+        from servetool import supervise
+
+        supervise.stop(self.opts.run_dir)  # first, or it would bring the server back
         return torchserve.stop(self.opts.run_dir)
 
+    def supervise(self) -> int:
+        """Start the crash supervisor for this run folder; its pid."""
+        from servetool import supervise
+
+        return supervise.launch(self.opts)
+
     # --- models ----------------------------------------------------------------------------------
+    def condition(self) -> str:
+        """running, starting, crashed or stopped."""
+        return torchserve.condition(self.opts.run_dir)[0]
+
+    def crash_detail(self) -> str:
+        state = torchserve.load_state(self.opts.run_dir)
+        return torchserve.crash_report(state) if state else "no server recorded"
+
     def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
         started = time.perf_counter()
         archives = find_archives(names, self.opts.model_store)
         state, fresh = self.up()
+        if fresh:  # a new server: every recorded model comes back, not only the ones named
+            archives += recorded_archives(Path(state.run_dir), self.opts.model_store, archives)
+        archives = self.newest_per_model(archives)
         if Path(state.model_store) != self.opts.model_store.resolve():
             raise DeployError(f"the running TorchServe serves archives from {state.model_store}, not "
                               f"{self.opts.model_store.resolve()}: use that model store, or "
@@ -114,6 +140,23 @@ class LocalTarget:
             "seconds": round(time.perf_counter() - started, 2),
         }
 
+    def newest_per_model(self, archives: list[Path]) -> list[Path]:
+        """One archive per model: the highest version (numeric-aware: 10.0 after 9.1), whatever
+        the file names; an older one found beside it is left out, and said so."""
+        newest: dict[str, tuple[tuple, Path]] = {}
+        for path in archives:
+            meta = archive.archive_manifest(path)["manifest"]["model"]
+            key = version_key(str(meta["modelVersion"]))
+            name = meta["modelName"]
+            if name in newest and newest[name][0] >= key:
+                self.progress(f"{name}: {path.name} ({meta['modelVersion']}) is older than "
+                              f"{newest[name][1].name}; left out")
+                continue
+            if name in newest:
+                self.progress(f"{name}: {newest[name][1].name} is older than {path.name}; left out")
+            newest[name] = (key, path)
+        return [path for _, path in newest.values()]
+
     def _deploy_one(self, client: Client, state: torchserve.ServerState, path: Path,
                     record: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         contents = archive.archive_manifest(path)
@@ -122,7 +165,10 @@ class LocalTarget:
         digest = archive.archive_digest(path)
         versions = _registered_versions(client, name)
         known = record.get(name, {})
-        if version in versions and known.get("digest") == digest and known.get("version") == version:
+        same = known.get("digest") == digest and known.get("version") == version
+        # the worker count last set (scale), for the version the record describes
+        workers = known.get("workers") if same else None
+        if version in versions and same:
             self.progress(f"{name} {version}: unchanged, left as it is")
             action = "unchanged"
         else:
@@ -132,29 +178,45 @@ class LocalTarget:
                 versions.remove(version)
                 action = "re-registered"
             else:
-                action = "registered" if not versions else "upgraded"
+                action = ("restored" if same else "registered") if not versions else "upgraded"
             self.progress(f"{name} {version}: registering {path.name} and starting workers")
-            self._register(client, state, path, name, version, contents["config"])
+            recorded = workers
+            workers = self._register(client, state, path, name, version, contents["config"],
+                                     workers)
+            if recorded is not None:  # a count set by `scale` may lie outside the archive's
+                self._scale(name, recorded, version)  # min/max, which registration keeps to
             if versions:
                 client.set_default(name, version)
                 for old in versions:
                     self.progress(f"{name}: removing old version {old}")
                     client.unregister(name, old)
-            record[name] = {"version": version, "digest": digest, "archive": path.name}
+            record[name] = {"version": version, "digest": digest, "archive": path.name,
+                            "workers": workers}
         workers = wait_ready(client, name, version, timeout_s)
         return {"name": name, "version": version, "action": action, "archive": str(path),
                 "workers": workers, "predictions_url": f"{state.url('inference')}/predictions/{name}"}
 
     def _register(self, client: Client, state: torchserve.ServerState, path: Path, name: str,
-                  version: str, config: dict[str, Any]) -> None:
-        workers = int(config.get("minWorkers") or self.default_workers())
+                  version: str, config: dict[str, Any], workers: int | None = None) -> int:
+        workers = workers if workers is not None else int(config.get("minWorkers")
+                                                          or self.default_workers())
         try:
             client.register(path.name, name, workers, timeout=float(config.get("responseTimeout", 120)) + 120)
         except APIError as exc:
             raise DeployError(f"registering {name} {version} failed: {exc}\n"
                               + self.failure_logs(state)) from None
+        return workers
 
     def scale(self, name: str, workers: int, version: str | None = None) -> dict[str, Any]:
+        result = self._scale(name, workers, version)
+        record_file = Path(self.require_running().run_dir) / DEPLOYED_FILE
+        record = _read_json(record_file)
+        if record.get(name, {}).get("version") == result["version"]:  # what a restart restores
+            record[name]["workers"] = workers
+            record_file.write_text(json.dumps(record, indent=2) + "\n")
+        return result
+
+    def _scale(self, name: str, workers: int, version: str | None = None) -> dict[str, Any]:
         client = self.client()
         if not client.has_model(name):
             raise DeployError(f"no model {name!r} is registered (see `servetool status`)")
@@ -176,15 +238,26 @@ class LocalTarget:
                                                                         expect=workers)}
 
     def status(self) -> dict[str, Any]:
+        cond = self.condition()
+        if cond == "crashed":
+            return {"target": self.name, "running": False, "state": "crashed", "models": [],
+                    "detail": self.crash_detail(),
+                    "supervised": supervisor_pid(self.opts.run_dir) is not None}
         state = self.running()
         if state is None:
-            return {"target": self.name, "running": False, "models": []}
+            return {"target": self.name, "running": False, "state": "stopped", "models": []}
         client = self.make_client(state)
         models = []
         for entry in client.list_models():
             name = entry["modelName"]
-            default = client.describe(name, None)[0]["modelVersion"]
-            for m in client.describe(name):
+            try:  # another client may have registered a name servetool would refuse: still shown
+                default = client.describe(name, None, unchecked=True)[0]["modelVersion"]
+                described = client.describe(name, unchecked=True)
+            except APIError as exc:
+                models.append({"name": name, "error": str(exc), "workers": [], "default": False,
+                               "version": None, "batch_size": None})
+                continue
+            for m in described:
                 models.append({
                     "name": name, "version": m["modelVersion"],
                     "default": m["modelVersion"] == default,
@@ -193,8 +266,9 @@ class LocalTarget:
                     "workers": [{"id": w["id"], "status": w["status"], "pid": w.get("pid"),
                                  "memory_bytes": w.get("memoryUsage")} for w in m.get("workers", [])],
                 })
-        return {"target": self.name, "running": True, "run_dir": state.run_dir, "pid": state.pid,
-                "endpoints": endpoints(state), "token_auth": state.token_auth, "models": models}
+        return {"target": self.name, "running": True, "state": cond, "run_dir": state.run_dir,
+                "pid": state.pid, "endpoints": endpoints(state), "token_auth": state.token_auth,
+                "supervised": supervisor_pid(self.opts.run_dir) is not None, "models": models}
 
 
 def default_workers() -> int:
@@ -231,6 +305,43 @@ def wait_ready(client: Client, name: str, version: str, timeout_s: float,
         time.sleep(0.2)
     states = ", ".join(f"{w['id']}={w['status']}" for w in workers) or "none"
     raise DeployError(f"{name} {version}: workers not READY within {timeout_s:.0f} s ({states})")
+
+
+def version_key(version: str) -> tuple:
+    """Sort key of a version string: numbers compare as numbers (2.10 after 2.9), and a release
+    after its pre-releases (1.0 after 1.0-rc1)."""
+    parts = [(2, int(p), "") if p.isdigit() else (0, 0, p.lower())
+             for p in re.findall(r"\d+|[A-Za-z]+", version)]
+    # zeros that end a run of numbers say nothing: 2.0 == 2, and 1.0rc1 is 1rc1
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == (2, 0, "") and (i + 1 == len(parts) or parts[i + 1][0] != 2):
+            del parts[i]
+    # the end sorts after a suffix (1.0-rc1 < 1.0) and before more numbers (1.0 < 1.0.1)
+    return (*parts, (1, 0, ""))
+
+
+def recorded_archives(run_dir: Path, model_store: Path, named: list[Path]) -> list[Path]:
+    """The archives of recorded models that `named` leaves out and the store still holds."""
+    have = {p.name for p in named}
+    found = []
+    for entry in _read_json(run_dir / DEPLOYED_FILE).values():
+        path = model_store / str(entry.get("archive", ""))
+        if path.name not in have and path.suffix == ".mar" and path.is_file():
+            found.append(path)
+            have.add(path.name)
+    return found
+
+
+def read_record(run_dir: Path) -> dict[str, Any]:
+    """What should be serving: {model: {version, digest, archive, workers}} (deployed.json)."""
+    return _read_json(run_dir / DEPLOYED_FILE)
+
+
+def supervisor_pid(run_dir: Path) -> int | None:
+    """The pid of this run folder's crash supervisor, if one is alive."""
+    from servetool import supervise
+
+    return supervise.running_pid(run_dir)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
