@@ -103,6 +103,11 @@ def escape_property(value: str, key: bool = False) -> str:
     return out
 
 
+def format_properties(props: dict[str, str]) -> str:
+    """Properties as lines java.util.Properties reads back unchanged."""
+    return "".join(f"{escape_property(k, key=True)}={escape_property(v)}\n" for k, v in props.items())
+
+
 def _continued(line: str) -> bool:
     return (len(line) - len(line.rstrip("\\"))) % 2 == 1
 
@@ -303,10 +308,25 @@ def run_torchserve(extra: list[str]) -> None:
     store = props.get("model_store", "/home/model-server/model-store")
     cfg = os.environ.get("SERVETOOL_TS_CONFIG", "/opt/servetool/config.properties")
     os.chdir(WORK)
-    # No --ncs: TorchServe keeps snapshots of its models and workers in logs/config, and a
-    # container restarted by its restart policy comes back with all of them.
+    # No --ncs: TorchServe keeps snapshots of its models, versions and workers in logs/config,
+    # and a container restarted by its restart policy comes back with all of them.
     exec_with_front(["torchserve", "--start", "--foreground", "--model-store", store,
-                     "--ts-config", cfg, *extra])
+                     "--ts-config", with_last_snapshot(cfg), *extra])
+
+
+def with_last_snapshot(cfg: str) -> str:
+    """The config to start with: ours, plus the models of TorchServe's last snapshot when this
+    container ran before. (TorchServe restores a snapshot by itself only when started without
+    a config file; and its snapshot files escape `:` in a way its own launcher misreads.)"""
+    snapshots = sorted((WORK / "logs" / "config").glob("*-snapshot.cfg"))
+    models = parse_properties(snapshots[-1].read_text()).get("model_snapshot") if snapshots else None
+    if not models:
+        return cfg
+    props = parse_properties(Path(cfg).read_text())
+    props["model_snapshot"] = models
+    restored = WORK / "restore.properties"
+    restored.write_text(format_properties(props))
+    return str(restored)
 
 
 def exec_with_front(command: list[str]) -> None:

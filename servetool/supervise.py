@@ -47,8 +47,8 @@ def launch(opts: torchserve.ServerOptions) -> int:
     run_dir = opts.run_dir.resolve()
     if (pid := running_pid(run_dir)) is not None:
         return pid
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}
-    options["run_dir"] = str(run_dir)
+    # absolute: the supervisor runs in the run folder, not where deploy was started
+    options = {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in asdict(opts).items()}
     (run_dir / SUPERVISOR_FILE).write_text(json.dumps({"pid": None, "options": options}))
     log = open(_log_path(run_dir), "ab")  # noqa: SIM115 (handed to the child)
     proc = subprocess.Popen([sys.executable, "-m", "servetool.supervise", str(run_dir)],

@@ -146,8 +146,7 @@ def server_properties(base: dict[str, str], host: str, ports: dict[str, int], st
 
 def format_properties(props: dict[str, str], header: str) -> str:
     """Escaped as java.util.Properties reads them: a regex's `\\.` survives as `\\.`."""
-    lines = (f"{pod.escape_property(k, key=True)}={pod.escape_property(v)}" for k, v in props.items())
-    return "\n".join([f"# {header}", *lines]) + "\n"
+    return f"# {header}\n" + pod.format_properties(props)
 
 
 def write_properties(target: Path, props: dict[str, str], source: str) -> Path:

@@ -129,6 +129,13 @@ def test_package_deploy_predict_scale_status_stop(tmp_path):
         token = run("token", *where)
         keys = json.loads((run_dir / "key_file.json").read_text())
         assert token.stdout.strip() == keys["inference"]["key"]
+        # the README's recipe: the header through a pipe, the key in no command line
+        servetool = Path(SERVETOOL)
+        recipe = (f"curl -sf -H @<({servetool} token --header {' '.join(where)}) "
+                  f"-T {DIGITS / 'samples' / 'digit_2.png'} "
+                  f"http://127.0.0.1:{ports[0]}/predictions/digits")
+        curl = subprocess.run(["bash", "-c", recipe], capture_output=True, text=True, timeout=60)
+        assert curl.returncode == 0 and next(iter(json.loads(curl.stdout))) == "two", curl.stderr
 
         again = run("deploy", *where, "--json", "--inference-port", str(ports[0]))
         assert [m["action"] for m in json.loads(again.stdout)["models"]] == ["unchanged"]
