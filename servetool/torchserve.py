@@ -138,6 +138,9 @@ def server_properties(base: dict[str, str], host: str, ports: dict[str, int], st
         "grpc_inference_port": str(ports["grpc_inference"]),
         "grpc_management_port": str(ports["grpc_management"]),
         "model_store": store,
+        # servetool serves no workflows; TorchServe's workflow API (on even with the model API
+        # off) would find nothing to load in a folder that does not exist
+        "workflow_store": f"{store}/.servetool-no-workflows",
         "vmargs": f"{user_vmargs} -Dlog4j.configurationFile=file://{log_config}".strip(),
     }
     props["allowed_urls"] = props["allowed_urls"].replace("{model_store}", re.escape(store))

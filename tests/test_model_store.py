@@ -118,6 +118,7 @@ def test_torchserve_management_is_reachable_only_through_the_front(served):
     props = torchserve.read_properties(Path(state.run_dir) / "config.properties")
     socket_path = Path(state.run_dir) / "private" / "management.sock"
     assert props["management_address"] == f"unix:{socket_path}"
+    assert props["workflow_store"] == f"{state.model_store}/.servetool-no-workflows"
     assert stat.S_ISSOCK(socket_path.stat().st_mode)
     assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE((Path(state.run_dir) / pod.FRONT_KEY_FILE).stat().st_mode) == 0o600
