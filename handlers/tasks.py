@@ -11,11 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from handlers import preprocess as geometry
 from handlers.errors import RequestError
 from handlers.imaging import DEFAULT_FORMATS, decode, default_max_pixels
 from handlers.tensors import DTYPES, parse_json, to_array
 
-__all__ = ["RequestError", "ImageClassification", "Tensor", "make_task", "request_payload"]
+__all__ = ["RequestError", "ImageClassification", "Tensor", "make_task", "output_problem",
+           "request_payload"]
 
 
 def request_payload(request: dict[str, Any]) -> Any:
@@ -35,12 +37,16 @@ class ImageClassification:
     def __init__(self, config: dict[str, Any], labels: list[str] | None) -> None:
         self.channels, self.height, self.width = config["input_shape"]
         pre = config.get("preprocess") or {}
-        self.resize = pre.get("resize")
+        self.resize = pre.get("resize")  # int: shorter side (aspect kept); [h, w]: exact
+        self.interpolation = pre.get("interpolation") or "bilinear"
         self.crop = pre.get("center_crop")
+        self.letterbox = pre.get("letterbox")  # {fill, stride}: fit inside the input size
         self.invert = bool(pre.get("invert"))
+        self.jpeg_draft = pre.get("jpeg_draft", True) is not False
         self.formats = tuple(pre.get("formats") or DEFAULT_FORMATS)
         # The decode cost is bounded by what the model sees, unless the spec sets its own limit.
-        seen = self.resize or (self.height, self.width)
+        seen = ((self.resize, self.resize) if isinstance(self.resize, int)
+                else self.resize or (self.height, self.width))
         self.max_pixels = int(pre.get("max_pixels") or default_max_pixels(*seen))
         self.mean = np.asarray(pre.get("mean") or [0.0], np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(pre.get("std") or [1.0], np.float32).reshape(-1, 1, 1)
@@ -48,17 +54,28 @@ class ImageClassification:
         self.labels = labels
         self.top_k = int(config.get("top_k", 5))
 
-    def preprocess(self, payload: Any) -> np.ndarray:
-        from PIL import Image
+    def _draft_size(self) -> tuple[int, int] | None:
+        """The (width, height) the image is scaled towards, where it is (for JPEG draft mode)."""
+        if not self.jpeg_draft:
+            return None
+        if self.letterbox:
+            return self.width, self.height
+        if isinstance(self.resize, int):
+            return self.resize, self.resize  # both sides at least: the shorter one too
+        return (self.resize[1], self.resize[0]) if self.resize else None
 
-        draft = (self.resize[1], self.resize[0]) if self.resize else None
+    def preprocess(self, payload: Any) -> np.ndarray:
         image = decode(payload, mode="L" if self.channels == 1 else "RGB", formats=self.formats,
-                       max_pixels=self.max_pixels, draft_size=draft)
+                       max_pixels=self.max_pixels, draft_size=self._draft_size())
         width, height = image.size
-        if self.resize:
-            image = image.resize((self.resize[1], self.resize[0]), Image.BILINEAR)
+        if self.letterbox:
+            image, _ = geometry.letterbox(image, self.height, self.width,
+                                          fill=int(self.letterbox.get("fill", 114)),
+                                          interpolation=self.interpolation)
+        elif self.resize:
+            image = geometry.resize(image, self.resize, self.interpolation)
         if self.crop:
-            image = _center_crop(image, self.crop[0], self.crop[1])
+            image = geometry.center_crop(image, self.crop[0], self.crop[1])
         array = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
         if self.invert:
             array = 1.0 - array
@@ -105,21 +122,35 @@ class Tensor:
 TASKS = {"image-classification": ImageClassification, "tensor": Tensor}
 
 
+def output_problem(task: str, shapes: list[tuple[int, ...]], names: list[str],
+                   batch: int) -> str | None:
+    """Why a model's outputs (for a batch of `batch` examples) cannot serve `task`, or None.
+    Checked at package time, so a model never answers plausible-looking nonsense."""
+    described = ", ".join(f"{n} {list(s)}" for n, s in zip(names, shapes, strict=True))
+    if any(not s or s[0] != batch for s in shapes):
+        return (f"the model's outputs ({described}) do not all start with the batch axis (a batch "
+                f"of {batch} went in)")
+    if task != "image-classification":
+        return None
+    if len(shapes) != 1:
+        return (f"image-classification needs one output of shape [batch, classes]; the model has "
+                f"{len(shapes)} ({described}): use task: tensor for its raw outputs")
+    shape = shapes[0]
+    if len(shape) >= 2 and all(d == 1 for d in shape[2:]) and shape[1] >= 2:
+        return None
+    hint = ("it looks like a detector's output (boxes and class scores per anchor)"
+            if len(shape) == 3 and max(shape[1:]) >= 100 and min(shape[1:]) >= 5
+            else "it is not one score per class")
+    return (f"image-classification needs one output of shape [batch, classes]; the model's output "
+            f"{names[0]} has shape {list(shape)} ({hint}): use task: tensor for its raw output")
+
+
 def make_task(config: dict[str, Any], labels: list[str] | None):
     try:
         task_class = TASKS[config["task"]]
     except KeyError:
         raise ValueError(f"unknown task {config.get('task')!r}; known: {', '.join(TASKS)}") from None
     return task_class(config, labels)
-
-
-def _center_crop(image, height: int, width: int):
-    if image.width < width or image.height < height:
-        raise RequestError(400, f"image is {image.width}x{image.height} after resizing, smaller "
-                                f"than the {width}x{height} crop")
-    left = (image.width - width) // 2
-    top = (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
 
 
 def _is_distribution(scores: np.ndarray) -> bool:

@@ -185,6 +185,8 @@ def gate_summary(gate: dict[str, Any]) -> str:
         parts.append(f"max abs diff {out['max_abs_diff']:.2g} (bound {out['bound']:.2g})")
         if out["top1_agreement"] is not None:
             parts.append(f"top-1 agreement {out['top1_agreement']:.1%}")
+        elif out.get("min_cosine") is not None:
+            parts.append(f"cosine similarity >= {out['min_cosine']:.6f}")
     if gate["accuracy"]:
         acc = gate["accuracy"]
         parts.append(f"accuracy {acc['original']:.2%} -> {acc['converted']:.2%} "

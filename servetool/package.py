@@ -33,6 +33,22 @@ def gate_batches(spec: ModelSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return random, real
 
 
+class TaskMismatch(export.ExportError):
+    pass
+
+
+def check_task(spec: ModelSpec, original) -> None:
+    """The model's outputs must be what the spec's task turns into answers."""
+    from handlers.tasks import output_problem
+
+    batch = 2
+    outputs = export.runner_for(original)(export.example_batch(spec, batch))
+    names = export.output_names(original, len(outputs))
+    problem = output_problem(spec.task, [tuple(np.shape(o)) for o in outputs], names, batch)
+    if problem:
+        raise TaskMismatch(f"{spec.spec_file}: task {spec.task}: {problem}")
+
+
 def preflight_format(fmt: str) -> None:
     """Fail before any work when a format cannot be produced on this machine."""
     runtime = get_format(fmt).runtime
@@ -54,6 +70,7 @@ def convert(spec: ModelSpec, fmt: str, out_dir: Path, *, original=None, atol: fl
     if original is None:
         progress(f"{spec.name}: loading the original model ({spec.source.kind})")
         original = export.load_original(spec)
+    check_task(spec, original)
     progress(f"{spec.name}: exporting to {fmt}")
     artifact = export.export(spec, original, out_dir, fmt)
     progress(f"{spec.name}: checking {artifact.path.name} ({fmt}) against the original")
@@ -61,7 +78,8 @@ def convert(spec: ModelSpec, fmt: str, out_dir: Path, *, original=None, atol: fl
                                     artifact.runtime_options)
     random, real = gate_batches(spec)
     report = validate.validate(spec, export.runner_for(original), runner, fmt,
-                               validate.limits_for(fmt, spec.tolerance, atol), random, real)
+                               validate.limits_for(fmt, spec.tolerance, atol), random, real,
+                               export.output_names(original, len(runner(random[0]))))
     validate.require(report, spec.name, accept=accept_drift)
     if report.accepted_despite_problems:
         progress(f"{spec.name}: WARNING: {fmt} accepted despite: " + "; ".join(report.problems))

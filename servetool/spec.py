@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from handlers.preprocess import INTERPOLATIONS
 from servetool.errors import ServetoolError
 from servetool.formats import FORMATS as FORMAT_TABLE
 from servetool.formats import ONNX_FAMILY
@@ -20,7 +21,7 @@ from servetool.formats import ONNX_FAMILY
 SPEC_FILE = "servetool.yaml"
 FORMATS = tuple(FORMAT_TABLE)
 TASKS = ("image-classification", "tensor")
-SOURCE_KINDS = ("state_dict", "torchscript", "onnx", "random_weights")
+SOURCE_KINDS = ("state_dict", "torchscript", "onnx", "pickled_module", "random_weights")
 TORCHSCRIPT_METHODS = ("auto", "trace", "script")
 GRAPH_OPTIMIZATION = ("disabled", "basic", "extended", "all")
 DTYPES = ("float32", "float64", "int64", "int32")
@@ -40,6 +41,7 @@ class Source:
     class_name: str | None = None
     init_args: dict[str, Any] = field(default_factory=dict)
     seed: int = 0  # random_weights: torch.manual_seed before building the model
+    trust_pickle: bool = False  # pickled_module: the explicit opt-in (unpickling runs code)
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,18 @@ class Tolerance:
     rtol: float | None = None
     min_top1_agreement: float | None = None
     max_accuracy_drop: float | None = None
+    min_cosine: float | None = None  # per-example cosine similarity floor (embeddings)
 
 
 @dataclass(frozen=True)
 class Preprocess:
     grayscale: bool = False
-    resize: tuple[int, int] | None = None  # (height, width)
+    # (height, width): exact; an int: the shorter side, aspect kept (torchvision's Resize(int))
+    resize: tuple[int, int] | int | None = None
+    interpolation: str = "bilinear"  # bilinear | bicubic | nearest (antialiased, as torchvision)
     center_crop: tuple[int, int] | None = None
+    letterbox: dict[str, Any] | None = None  # {fill}: fit inside the input size, aspect kept
+    jpeg_draft: bool = True  # large JPEGs decode at a reduced scale (see handlers/imaging.py)
     invert: bool = False  # dark ink on light paper -> the light-on-dark the model was trained on
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -111,8 +118,11 @@ class Preprocess:
     def as_dict(self) -> dict[str, Any]:
         return {
             "grayscale": self.grayscale,
-            "resize": list(self.resize) if self.resize else None,
+            "resize": list(self.resize) if isinstance(self.resize, tuple) else self.resize,
+            "interpolation": self.interpolation,
             "center_crop": list(self.center_crop) if self.center_crop else None,
+            "letterbox": dict(self.letterbox) if self.letterbox else None,
+            "jpeg_draft": self.jpeg_draft,
             "invert": self.invert,
             "mean": list(self.mean) if self.mean else None,
             "std": list(self.std) if self.std else None,
@@ -259,6 +269,16 @@ def _int_list(length: int | None = None):
     return check
 
 
+def _size(value: int | list) -> str | None:
+    if isinstance(value, int):
+        return None if value >= 1 else f"must be a positive size, got {value}"
+    return _int_list(2)(value)
+
+
+def _byte(value: int) -> str | None:
+    return None if 0 <= value <= 255 else f"must be a pixel value 0-255, got {value}"
+
+
 def _number_list(value: list) -> str | None:
     ok = value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     return None if ok else f"must be a non-empty list of numbers, got {value!r}"
@@ -334,6 +354,7 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         for key, values in (("mean", pre.mean), ("std", pre.std)):
             if values is not None and len(values) not in (1, shape[0]):
                 top.fail(f"has {len(values)} values for {shape[0]} channel(s)", f"preprocess.{key}")
+        _check_geometry(top, pre, shape[1], shape[2])
     spec = ModelSpec(
         name=name, version=version, directory=directory, spec_file=spec_file, source=source,
         input_shape=shape, input_dtype=dtype, format=fmt, task=task, preprocess=pre,
@@ -368,8 +389,19 @@ def _parse_source(src: _Reader, directory: Path) -> Source:
                              f"must be a Python class name, got {v!r}")
         init_args = src.get("init_args", dict, {})
         seed = src.get("seed", int, 0) if kind == "random_weights" else 0
+    trust = False
+    if kind == "pickled_module":
+        # The class may live in a model.py the pickle refers to (or was defined in __main__).
+        rel = src.get("model_file", str, None)
+        model_file = _existing_file(src, directory, "model_file", rel) if rel else None
+        trust = src.get("trust_pickle", bool, False)
+        if not trust:
+            src.fail(f"names {path.name}, a whole pickled module (torch.save(model)): loading it "
+                     "unpickles, which runs code from the file. Set source.trust_pickle: true if "
+                     "you trust where it came from, or save and name a state_dict instead",
+                     src.key(kind))
     src.finish()
-    return Source(kind, path, model_file, class_name, init_args, seed)
+    return Source(kind, path, model_file, class_name, init_args, seed, trust)
 
 
 def _parse_workers(section: _Reader | None) -> tuple[int | None, int | None]:
@@ -458,6 +490,7 @@ def _parse_tolerance(section: _Reader | None) -> Tolerance:
         rtol=section.get("rtol", (int, float), None, check=non_negative),
         min_top1_agreement=section.get("min_top1_agreement", (int, float), None, check=share),
         max_accuracy_drop=section.get("max_accuracy_drop", (int, float), None, check=non_negative),
+        min_cosine=section.get("min_cosine", (int, float), None, check=share),
     )
     section.finish()
     return result
@@ -466,16 +499,32 @@ def _parse_tolerance(section: _Reader | None) -> Tolerance:
 def _parse_preprocess(pre: _Reader | None, spec_file: Path) -> Preprocess:
     if pre is None:
         return Preprocess()
-    resize = pre.get("resize", list, None, check=_int_list(2))
-    crop = pre.get("center_crop", list, None, check=_int_list(2))
+    resize = pre.get("resize", (int, list), None, check=_size)
+    crop = pre.get("center_crop", (int, list), None, check=_size)
+    crop = [crop, crop] if isinstance(crop, int) else crop  # torchvision's CenterCrop(int)
+    # letterbox: true, or {fill: 114}: the image fitted inside the input size, aspect kept
+    letterbox = pre.get("letterbox", (bool, dict), None)
+    letterbox_opts: dict[str, Any] | None = None
+    if isinstance(letterbox, dict):
+        section = pre.child("letterbox")
+        letterbox_opts = {"fill": section.get("fill", int, 114, check=_byte)}
+        section.finish()
+    elif letterbox:
+        letterbox_opts = {"fill": 114}
+    if letterbox_opts and (resize or crop):
+        pre.fail("fits the image inside the model's input by itself: drop resize and "
+                 "center_crop", pre.key("letterbox"))
     mean = pre.get("mean", list, None, check=_number_list)
     std = pre.get("std", list, None, check=_number_list)
     if std is not None and any(v == 0 for v in std):
         pre.fail("must not contain 0", pre.key("std"))
     result = Preprocess(
         grayscale=pre.get("grayscale", bool, False),
-        resize=tuple(resize) if resize else None,
+        resize=tuple(resize) if isinstance(resize, list) else resize,
+        interpolation=pre.get("interpolation", str, "bilinear", check=_one_of(INTERPOLATIONS)),
         center_crop=tuple(crop) if crop else None,
+        letterbox=letterbox_opts,
+        jpeg_draft=pre.get("jpeg_draft", bool, True),
         invert=pre.get("invert", bool, False),
         mean=tuple(float(v) for v in mean) if mean else None,
         std=tuple(float(v) for v in std) if std else None,
@@ -484,6 +533,23 @@ def _parse_preprocess(pre: _Reader | None, spec_file: Path) -> Preprocess:
     )
     pre.finish()
     return result
+
+
+def _check_geometry(top: _Reader, pre: Preprocess, height: int, width: int) -> None:
+    """The image must come out of preprocessing at the model's input size, for every image."""
+    if pre.center_crop and tuple(pre.center_crop) != (height, width):
+        top.fail(f"is {list(pre.center_crop)}, but input.shape takes {height}x{width} images "
+                 f"([height, width] = [{height}, {width}])", "preprocess.center_crop")
+    if pre.center_crop or pre.letterbox:
+        return
+    if isinstance(pre.resize, int):
+        top.fail(f"is {pre.resize}: the shorter side, aspect kept, so images of other shapes come "
+                 f"out in other sizes; add center_crop: [{height}, {width}] (torchvision's "
+                 f"Resize({pre.resize}) + CenterCrop), or give resize as [{height}, {width}]",
+                 "preprocess.resize")
+    if pre.resize and tuple(pre.resize) != (height, width):
+        top.fail(f"is {list(pre.resize)}, but input.shape takes [{height}, {width}]; add a "
+                 "center_crop of that size, or resize to it", "preprocess.resize")
 
 
 def _parse_formats(pre: _Reader) -> tuple[str, ...] | None:

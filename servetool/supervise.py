@@ -56,6 +56,12 @@ def launch(opts: torchserve.ServerOptions) -> int:
                             start_new_session=True, cwd=run_dir)
     log.close()
     (run_dir / SUPERVISOR_FILE).write_text(json.dumps({"pid": proc.pid, "options": options}))
+    deadline = time.monotonic() + 10  # until the child has become the supervisor (exec'd)
+    while running_pid(run_dir) != proc.pid and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServetoolError(f"the crash supervisor exited at once (code {proc.returncode}); "
+                                 f"see {_log_path(run_dir)}")
+        time.sleep(0.02)
     return proc.pid
 
 

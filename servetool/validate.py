@@ -1,8 +1,9 @@
 """The gate: the original model against its converted artifact, with explicit tolerances.
 
 Like Optimum's validate step, a failure names which output drifted, by how much, and the bound it
-broke. Two checks: parity on sample inputs (max abs/rel diff and top-1 agreement, bounds per format),
-and, where the spec names a labelled validation set, top-1 accuracy of original vs converted.
+broke. Two checks: parity on sample inputs (max abs/rel diff and cosine similarity for every output,
+top-1 agreement for a classifier's scores only, bounds per format), and, where the spec names a
+labelled validation set, top-1 accuracy of original vs converted.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Limits:
     rtol: float  # relative to the largest |value| of the original output
     min_top1_agreement: float
     max_accuracy_drop: float  # percentage points
+    min_cosine: float | None = None  # per example, for outputs that are vectors (the spec's)
 
 
 def limits_for(fmt: str, tolerance: Tolerance = Tolerance(), atol: float | None = None) -> Limits:
@@ -41,6 +43,7 @@ def limits_for(fmt: str, tolerance: Tolerance = Tolerance(), atol: float | None 
         rtol=pick(tolerance.rtol, f.rtol),
         min_top1_agreement=pick(tolerance.min_top1_agreement, f.min_top1_agreement),
         max_accuracy_drop=pick(tolerance.max_accuracy_drop, f.max_accuracy_drop),
+        min_cosine=None if tolerance.min_cosine is None else float(tolerance.min_cosine),
     )
 
 
@@ -50,8 +53,9 @@ class OutputParity:
     max_abs_diff: float
     max_rel_diff: float
     bound: float  # atol + rtol * max|original|
-    top1_agreement: float | None  # for outputs with a class axis
+    top1_agreement: float | None  # a classifier's scores only
     shape: list[int]
+    min_cosine: float | None = None  # the lowest per-example cosine similarity (embeddings)
 
 
 @dataclass
@@ -86,7 +90,8 @@ class ValidationReport:
 
 def check_parity(original, artifact, batches: list[np.ndarray], fmt: str,
                  limits: Limits | None = None, output_names: list[str] | None = None,
-                 report: ValidationReport | None = None) -> ValidationReport:
+                 report: ValidationReport | None = None, classifier: bool = True
+                 ) -> ValidationReport:
     """Run both runners on each batch and compare every output; never raises on drift."""
     limits = limits or limits_for(fmt)
     report = report or ValidationReport(format=fmt, limits=limits)
@@ -107,11 +112,13 @@ def check_parity(original, artifact, batches: list[np.ndarray], fmt: str,
                 return report
             per_output.setdefault(i, []).append((e, a))
     for i, pairs in per_output.items():
-        report.outputs.append(_compare(_name(output_names, i), pairs, fmt, limits, report.problems))
+        report.outputs.append(_compare(_name(output_names, i), pairs, fmt, limits, report.problems,
+                                       classifier and len(per_output) == 1))
     return report
 
 
-def _compare(name: str, pairs, fmt: str, limits: Limits, problems: list[str]) -> OutputParity:
+def _compare(name: str, pairs, fmt: str, limits: Limits, problems: list[str],
+             classifier: bool) -> OutputParity:
     e = np.concatenate([p[0].reshape(len(p[0]), -1) for p in pairs]).astype(np.float64)
     a = np.concatenate([p[1].reshape(len(p[1]), -1) for p in pairs]).astype(np.float64)
     diff = np.abs(e - a)
@@ -119,7 +126,11 @@ def _compare(name: str, pairs, fmt: str, limits: Limits, problems: list[str]) ->
     max_rel = float((diff / np.maximum(np.abs(e), 1e-12)).max()) if diff.size else 0.0
     scale = float(np.abs(e).max()) if e.size else 0.0
     bound = limits.atol + limits.rtol * scale
-    top1 = float((e.argmax(1) == a.argmax(1)).mean()) if e.ndim == 2 and e.shape[1] > 1 else None
+    top1 = (float((e.argmax(1) == a.argmax(1)).mean())
+            if classifier and e.ndim == 2 and e.shape[1] > 1 else None)
+    norms = np.linalg.norm(e, axis=1) * np.linalg.norm(a, axis=1)
+    cosine = (float(np.min(np.where(norms > 0, (e * a).sum(1) / np.maximum(norms, 1e-300), 1.0)))
+              if e.size and e.shape[1] > 1 else None)
     if not np.isfinite(a).all():
         problems.append(f"output '{name}' of the {fmt} artifact has NaN or infinity")
     elif max_abs > bound:
@@ -129,7 +140,10 @@ def _compare(name: str, pairs, fmt: str, limits: Limits, problems: list[str]) ->
     if top1 is not None and top1 < limits.min_top1_agreement:
         problems.append(f"output '{name}': top-1 agreement with the original {top1:.1%} < "
                         f"required {limits.min_top1_agreement:.1%}")
-    return OutputParity(name, max_abs, max_rel, bound, top1, list(pairs[0][0].shape[1:]))
+    if cosine is not None and limits.min_cosine is not None and cosine < limits.min_cosine:
+        problems.append(f"output '{name}': cosine similarity with the original down to "
+                        f"{cosine:.10g} < required {limits.min_cosine}")
+    return OutputParity(name, max_abs, max_rel, bound, top1, list(pairs[0][0].shape[1:]), cosine)
 
 
 def top1_accuracy(run, x: np.ndarray, y: np.ndarray) -> float:
@@ -154,7 +168,8 @@ def check_accuracy(original, artifact, x: np.ndarray, y: np.ndarray, limits: Lim
 
 
 def validate(spec: ModelSpec, original, artifact, fmt: str, limits: Limits,
-             random_batches: list[np.ndarray], real_batches: list[np.ndarray]) -> ValidationReport:
+             random_batches: list[np.ndarray], real_batches: list[np.ndarray],
+             output_names: list[str] | None = None) -> ValidationReport:
     """Parity on real inputs (and random ones for full-precision formats), then accuracy."""
     report = ValidationReport(format=fmt, limits=limits)
     batches = list(real_batches)
@@ -162,7 +177,10 @@ def validate(spec: ModelSpec, original, artifact, fmt: str, limits: Limits,
         # random inputs probe the whole input range, but a reduced-precision model is calibrated
         # for real data only, so it is judged on that when there is any
         batches += random_batches
-    check_parity(original, artifact, batches, fmt, limits, report=report)
+    # A classifier: the image task, or a model whose labelled validation set declares it one.
+    classifier = spec.task == "image-classification" or spec.validation is not None
+    check_parity(original, artifact, batches, fmt, limits, report=report, classifier=classifier,
+                 output_names=output_names)
     if spec.validation is not None and report.outputs:
         x, y = spec.load_data(spec.validation)
         check_accuracy(original, artifact, x.astype(spec.input_dtype), y, limits, report)

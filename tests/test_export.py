@@ -186,8 +186,11 @@ def test_load_original_reports_a_wrong_state_dict(tmp_path):
     bad = load_spec(write_spec(tmp_path / "bad", source={
         "model_file": str(SPEC.source.model_file), "class": "DigitsNet",
         "state_dict": str(tmp_path / "other.pt")}))
-    with pytest.raises(ExportError, match="not a state_dict for DigitsNet"):
+    with pytest.raises(ExportError, match="not a state_dict for DigitsNet") as err:
         export.load_original(bad)
+    # the whole cause on one line: what is missing and what was unexpected
+    assert "Missing key(s)" in str(err.value) and "Unexpected key(s) in state_dict: \"nope\"" in \
+        str(err.value) and "\n" not in str(err.value)
     missing_class = load_spec(write_spec(tmp_path / "cls", source={
         "model_file": str(SPEC.source.model_file), "class": "NoSuchNet",
         "state_dict": str(SPEC.source.path)}))

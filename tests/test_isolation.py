@@ -165,3 +165,40 @@ def test_large_jpegs_decode_at_a_reduced_scale_for_a_small_target():
     # over the pixel limit at full size, within it once reduced: served
     task = ImageClassification(IMAGE_CONFIG, None)
     assert task.preprocess(encoded("JPEG", size=(6000, 4000))).shape == (1, 8, 8)
+
+
+def test_a_detection_shaped_model_is_refused_by_image_classification(tmp_path):
+    from tests.test_cli import run
+
+    folder = fragile_spec(tmp_path / "det", "DetectLikeNet", [3, 16, 16], "float32", "onnx")
+    raw = yaml.safe_load((folder / "servetool.yaml").read_text())
+    raw |= {"task": "image-classification", "preprocess": {"resize": [16, 16]}}
+    (folder / "servetool.yaml").write_text(yaml.safe_dump(raw))
+    proc = run("package", str(folder), "--model-store", str(tmp_path / "store"))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and last.startswith("error: ")
+    assert ("task image-classification: image-classification needs one output of shape [batch, "
+            "classes]; the model's output output has shape [2, 9, 256] (it looks like a detector's "
+            "output") in last and "use task: tensor" in last
+    assert not (tmp_path / "store" / "detectlikenet.mar").exists()
+    raw["task"] = "tensor"  # the same model as raw tensors is fine
+    (folder / "servetool.yaml").write_text(yaml.safe_dump(raw))
+    assert run("package", str(folder), "--model-store", str(tmp_path / "store")).returncode == 0
+
+
+def test_parity_fits_the_output_no_top1_for_a_model_that_is_not_a_classifier(tmp_path):
+    from servetool.package import convert
+
+    spec = load_spec(fragile_spec(tmp_path / "spec", "ExpNet", [3], "float32", "onnx"))
+    _, report = convert(spec, "onnx", tmp_path / "out")
+    out = report.outputs[0]
+    assert out.name == "output" and out.top1_agreement is None  # no meaningless "top-1 100%"
+    assert out.min_cosine is not None and out.min_cosine > 0.99999 and report.ok
+    # a floor the spec asks for is enforced, and named when missed
+    strict = fragile_spec(tmp_path / "strict", "ExpNet", [3], "float32", "onnx-fp16")
+    raw = yaml.safe_load((strict / "servetool.yaml").read_text())
+    raw["tolerance"] = {"min_cosine": 1.0, "atol": 1e9}
+    (strict / "servetool.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(Exception, match=r"output 'output': cosine similarity with the original "
+                                         r"down to [\d.]+ < required 1\.0"):
+        convert(load_spec(strict), "onnx-fp16", tmp_path / "out16")

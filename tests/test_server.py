@@ -44,7 +44,7 @@ def test_deploy_registers_every_archive_with_ready_workers(served):
     _, result = served
     names = {m["name"]: m for m in result["models"]}
     assert set(names) == {"digits", "digits_ts", "digits_tensor", "digits_batch", "embednet",
-                          *FORMAT_TWINS}
+                          "digits_short", *FORMAT_TWINS}
     for name, model in names.items():
         assert model["action"] == "registered"
         expected = available_cores() if name == "digits" else 1  # digits: workers on auto
@@ -410,7 +410,7 @@ def test_archives_of_one_model_are_ordered_by_version_not_file_name(tmp_path, mo
     newer = package(load_spec(write_spec(tmp_path / "v2", name="digits_ts", version="2.0",
                                          format="torchscript", workers={"min": 1, "max": 1})),
                     tmp_path / "built")
-    shutil.copyfile(newer, store / "a-digits_ts-2.0.mar")  # sorts first by name
+    shutil.copyfile(newer["archive"], store / "a-digits_ts-2.0.mar")  # sorts first by name
     target = LocalTarget(server_options(tmp_path / "run", store))
     try:
         for _ in range(2):  # a second deploy must not "upgrade" 2.0 to 1.0
@@ -445,3 +445,34 @@ def test_torchserve_answers_that_say_too_little_are_explained():
     died = explain_failure(500, "Worker died.", 10)
     assert "response_timeout" in died and "model_log.log" in died
     assert explain_failure(400, "bad image", 10) == "bad image"
+
+
+def test_served_answers_on_non_square_images_match_torchvision_preprocessing(served, held_out):
+    """digits_short: Resize(10) + CenterCrop(8), served, against the eager model fed by a literal
+    torchvision-style preprocessing of the same images (shorter side, aspect kept, rounded crop)."""
+    import io
+
+    from PIL import Image
+
+    from tests.test_preprocess import torchvision_reference
+
+    spec = load_spec(DIGITS)
+    model = export.load_original(spec)
+    state = served[0].running()
+    images, _ = held_out
+    for i, (width, height) in enumerate([(64, 24), (48, 64), (30, 30)]):
+        gray = Image.fromarray(np.rint(images[i][0] * 255).astype(np.uint8), "L")
+        picture = gray.resize((width, height), Image.NEAREST).convert("RGB")
+        buffer = io.BytesIO()
+        picture.save(buffer, "PNG")
+        reply = http_predict(state, "digits_short", buffer.getvalue())
+        assert reply.status_code == 200, reply.text
+        # torchvision on the RGB picture, then one channel (the picture is gray: all are equal)
+        x = torchvision_reference(picture, 10, 8, "bilinear")[0] * 0.229 + 0.485
+        x = (x - spec.preprocess.mean[0]) / spec.preprocess.std[0]
+        with torch.inference_mode():
+            probs = torch.softmax(model(torch.from_numpy(x[None, None].astype(np.float32))), 1)[0]
+        top = torch.topk(probs, 3)
+        expected = {LABELS[int(j)]: float(p) for p, j in zip(top.values, top.indices, strict=True)}
+        assert list(reply.json()) == list(expected)
+        np.testing.assert_allclose(list(reply.json().values()), list(expected.values()), atol=2e-5)

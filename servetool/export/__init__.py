@@ -6,7 +6,9 @@ except where a format's construction needs a decision (TorchScript's trace-or-sc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -61,18 +63,91 @@ def load_original(spec: ModelSpec):
             raise ExportError(f"{src.class_name}(**source.init_args) failed: {exc}") from None
         if src.kind == "state_dict":
             try:
-                state = torch.load(src.path, map_location="cpu", weights_only=True)
-                model.load_state_dict(state)
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0]
-                raise ExportError(f"{src.path}: not a state_dict for {src.class_name}: {first}") from None
+                model.load_state_dict(_load_state_dict(src.path, src.class_name))
+            except RuntimeError as exc:  # missing, unexpected or mis-shaped weights: all named
+                raise ExportError(f"{src.path}: not a state_dict for {src.class_name}: "
+                                  f"{whole_cause(exc, limit=1200)}") from None
         return model.eval()
+    if src.kind == "pickled_module":
+        from servetool.export.pickled import load_pickled_module
+
+        return load_pickled_module(src.path, src.model_file).eval()
     if src.kind == "torchscript":
         try:
             return torch.jit.load(str(src.path), map_location="cpu").eval()
         except Exception as exc:
-            raise ExportError(f"{src.path}: not a TorchScript file: {exc}") from None
+            raise ExportError(f"{src.path}: not a TorchScript file ({_saved_as(src.path)}): "
+                              f"{whole_cause(exc)}") from None
     return src.path  # an ONNX source is its own original
+
+
+def _load_state_dict(path: Path, class_name: str) -> dict:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        kind = _saved_as(path)
+        hint = ("; it looks like a whole module saved with torch.save(model): name it as "
+                "source.pickled_module (with trust_pickle: true, since loading it runs code)"
+                if "pickled objects" in kind else "")
+        raise ExportError(f"{path}: not a state_dict ({kind}){hint}: {whole_cause(exc)}") from None
+    if not isinstance(state, dict):
+        raise ExportError(f"{path}: holds a {type(state).__name__}, not a state_dict (a dict of "
+                          "tensors, as model.state_dict() gives)")
+    return state
+
+
+def _saved_as(path: Path) -> str:
+    """What kind of PyTorch file `path` is, read from its zip layout (nothing is unpickled)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            pickle_name = next((n for n in names if n.endswith("/data.pkl")), None)
+            if any(n.endswith("/constants.pkl") for n in names):
+                return "a TorchScript file"
+            data = zf.read(pickle_name) if pickle_name else b""
+    except (OSError, zipfile.BadZipFile):
+        return "not a file torch.save or torch.jit.save wrote"
+    if b"torch.nn.modules" in data or b"__main__" in data:
+        return "a torch.save file holding pickled objects: a whole module, not a state_dict"
+    return "a torch.save file"
+
+
+@contextlib.contextmanager
+def quiet_native_output():
+    """Silence what exporters print straight to the process's stdout and stderr (graph dumps,
+    "Evaluation failed" lines): servetool reports their outcome itself, on one line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def whole_cause(exc: BaseException, limit: int = 600) -> str:
+    """A library's multi-line error as one line: every line that says something, the root cause
+    first (a wrapper's advice after it), instead of the wrapper's first line alone."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        parts.append(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+        exc = exc.__cause__ or exc.__context__
+    line = " -- raised as: ".join(reversed(parts))
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def import_file(path: Path, module_name: str):
@@ -122,6 +197,15 @@ def runner_for(original) -> Runner:
         return [o.numpy() for o in outs]
 
     return run
+
+
+def output_names(original, count: int) -> list[str]:
+    """The original's output names where its format has them (ONNX), else output, output_1..."""
+    if isinstance(original, (str, Path)):
+        from handlers.runtimes import load_runtime
+
+        return list(load_runtime("onnx", str(original), 1).output_names)
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
 def artifact_runner(runtime: str, path: Path, threads: int = 1,

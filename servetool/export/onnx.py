@@ -21,20 +21,27 @@ def export_onnx(model, example: np.ndarray, target: Path, spec: ModelSpec) -> di
     import onnx
     import torch
 
-    batch = torch.export.Dim("batch", min=1, max=4096)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
+    # "Evaluation failed: cannot reshape ..." from constant folding: harmless, and not ours to say
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
+    from servetool.export import quiet_native_output
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_native_output():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model, (torch.from_numpy(example),), dynamo=True, external_data=False,
-                input_names=["input"], output_names=None, dynamic_shapes=({0: batch},),
-                opset_version=spec.export.onnx_opset, verbose=False,
-            )
+            if isinstance(model, torch.jit.ScriptModule):
+                proto = _export_scripted(model, example, spec)
+            else:
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                proto = torch.onnx.export(
+                    model, (torch.from_numpy(example),), dynamo=True, external_data=False,
+                    input_names=["input"], output_names=None, dynamic_shapes=({0: batch},),
+                    opset_version=spec.export.onnx_opset, verbose=False,
+                ).model_proto
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first}") from None
-    proto = program.model_proto
+        from servetool.export import whole_cause
+
+        raise ExportError(f"ONNX export failed: {whole_cause(exc)}") from None
     opsets = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     notes: dict[str, Any] = {"opset": opsets[0] if opsets else None}
     if spec.export.onnx_simplify:
@@ -44,6 +51,26 @@ def export_onnx(model, example: np.ndarray, target: Path, spec: ModelSpec) -> di
     check(target)
     notes["nodes"] = len(proto.graph.node)
     return notes
+
+
+def _export_scripted(model, example: np.ndarray, spec: ModelSpec):
+    """TorchScript (a ScriptModule, e.g. a TorchScript source): the dynamo exporter does not take
+    ScriptModules, so the TorchScript-based exporter does, with the batch axis dynamic."""
+    import io
+
+    import onnx
+    import torch
+
+    x = torch.from_numpy(example)
+    with torch.inference_mode():
+        out = model(x)
+    count = len(out) if isinstance(out, (list, tuple)) else 1
+    outputs = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["input"],
+                      output_names=outputs, opset_version=spec.export.onnx_opset or 17,
+                      dynamic_axes={name: {0: "batch"} for name in ["input", *outputs]})
+    return onnx.load_from_string(buffer.getvalue())
 
 
 def _simplify(proto):

@@ -25,3 +25,14 @@ class ExpNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.exp(x * self.scale)
+
+
+class DetectLikeNet(nn.Module):
+    """An image in, a detector-shaped output out: [batch, 4 + 5 classes, 256 anchors]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, 9, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x).flatten(2)
