@@ -47,6 +47,8 @@ def handler_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
         "preprocess": spec.preprocess.as_dict(),
         "labels": "labels.txt" if spec.labels else None,
         "top_k": spec.top_k,
+        "max_request_bytes": spec.max_request_bytes,
+        "output_values": artifact.notes.get("output_values"),
     }
 
 
@@ -103,6 +105,42 @@ def build_archive(spec: ModelSpec, artifact: Artifact, model_store: Path, *,
         shutil.copyfile(built, staged)
         os.replace(staged, target)
     return target
+
+
+# A JSON number as a client writes it, with its separator: "-0.123456789," is 13 bytes; 24 covers
+# full float64 precision ("-1.2345678901234567e-05,").
+JSON_BYTES_PER_VALUE = 24
+REQUEST_OVERHEAD_BYTES = 64 * 1024
+
+
+def request_bytes_needed(config: dict[str, Any]) -> int | None:
+    """The largest request body a model's handler expects (its model-config.yaml), or None where
+    TorchServe's default does (images are compressed files of any size up to the pixel limit)."""
+    handler = config.get("handler") or {}
+    if handler.get("max_request_bytes"):
+        return int(handler["max_request_bytes"])
+    if handler.get("task") == "tensor" and handler.get("input_shape"):
+        values = 1
+        for dim in handler["input_shape"]:
+            values *= int(dim)
+        return values * JSON_BYTES_PER_VALUE + REQUEST_OVERHEAD_BYTES
+    return None
+
+
+def response_bytes_needed(config: dict[str, Any]) -> int | None:
+    """The largest answer a tensor model gives (its outputs as JSON), or None."""
+    handler = config.get("handler") or {}
+    if handler.get("task") == "tensor" and handler.get("output_values"):
+        return int(handler["output_values"]) * JSON_BYTES_PER_VALUE + REQUEST_OVERHEAD_BYTES
+    return None
+
+
+def archives_request_bytes(archives: list[Path]) -> tuple[int | None, int | None]:
+    """What the largest request to, and answer from, any of these archives may need."""
+    configs = [archive_manifest(p)["config"] for p in archives]
+    requests = [n for n in map(request_bytes_needed, configs) if n]
+    responses = [n for n in map(response_bytes_needed, configs) if n]
+    return max(requests, default=None), max(responses, default=None)
 
 
 def archive_digest(path: Path) -> str:

@@ -84,14 +84,15 @@ def requirements(archives: Iterable[Path]) -> list[str]:
     return [pinned(p) for p in dict.fromkeys(needed)]
 
 
-def container_properties(base_config: Path | None, extra: dict[str, str]) -> dict[str, str]:
+def container_properties(base_config: Path | None, extra: dict[str, str],
+                         sizes: tuple[int | None, int | None] = (None, None)) -> dict[str, str]:
     """The image's TorchServe config: every API on the container's interfaces (the target decides
     what is reachable from outside), the baked model store, and TS_* environment overrides on."""
     base = torchserve.read_properties(base_config) if base_config else {}
     # TorchServe's management API on a socket only the container's user reaches; servetool's
     # front takes the management port (servetool/pod.py says why).
     props = torchserve.server_properties(base, "0.0.0.0", CONTAINER_PORTS, CONTAINER_STORE,
-                                         "/opt/servetool/log4j2.xml", CONTAINER_SOCKET)
+                                         "/opt/servetool/log4j2.xml", CONTAINER_SOCKET, sizes)
     props["enable_envvars_config"] = "true"
     props.update(extra)
     return props
@@ -108,7 +109,8 @@ def render(opts: ImageOptions, archives: list[Path]) -> Path:
     shutil.copyfile(POD_HELPER, out / "runtime" / "servetool_pod.py")
     shutil.copyfile(RESOURCES / "log4j2.xml", out / "runtime" / "log4j2.xml")
     torchserve.write_properties(out / "runtime" / "config.properties",
-                                container_properties(opts.base_config, opts.extra_properties),
+                                container_properties(opts.base_config, opts.extra_properties,
+                                                     archive.archives_request_bytes(archives)),
                                 f"{opts.base_config or 'built-in defaults'} by servetool's image")
     (out / "build" / "requirements.txt").write_text("\n".join(requirements(archives)) + "\n")
     if opts.bake_models:

@@ -21,7 +21,7 @@ from urllib.parse import quote
 import requests
 
 from servetool.errors import ServetoolError
-from servetool.torchserve import ServerState
+from servetool.torchserve import DEFAULT_MAX_REQUEST_SIZE, ServerState
 
 # TorchServe's archiver accepts model names of this form; versions are ours (spec.VERSION_RE).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -221,7 +221,6 @@ class Client:
         return self.session.get(url, timeout=self.timeout_s).text
 
 
-DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's max_request_size when config.properties says none
 
 
 def explain_failure(status: int, message: str, body_size: int,

@@ -210,7 +210,8 @@ def pod_properties(opts: KubeOptions, archives: list[Path]) -> str:
              "grpc_inference": POD_PORTS["grpc_inference"],
              "grpc_management": POD_PORTS["grpc_management"]}
     props = torchserve.server_properties(base, "127.0.0.1", ports, image.CONTAINER_STORE,
-                                         "/opt/servetool/log4j2.xml")
+                                         "/opt/servetool/log4j2.xml",
+                                         sizes=archive.archives_request_bytes(archives))
     bind_all = "0.0.0.0"
     props["metrics_address"] = f"http://{bind_all}:{POD_PORTS['metrics']}"
     if not opts.token_auth:

@@ -81,6 +81,8 @@ def convert(spec: ModelSpec, fmt: str, out_dir: Path, *, original=None, atol: fl
                                validate.limits_for(fmt, spec.tolerance, atol), random, real,
                                export.output_names(original, len(runner(random[0]))))
     validate.require(report, spec.name, accept=accept_drift)
+    # how many numbers one answer carries: what max_response_size must allow (tensor answers)
+    artifact.notes["output_values"] = sum(int(np.prod(o.shape)) for o in report.outputs)
     if report.accepted_despite_problems:
         progress(f"{spec.name}: WARNING: {fmt} accepted despite: " + "; ".join(report.problems))
     return artifact, report

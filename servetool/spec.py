@@ -156,6 +156,7 @@ class ModelSpec:
     calibration: DataRef | None = None
     tolerance: Tolerance = Tolerance()
     allow_nonfinite: bool = False  # NaN and infinity in tensor requests (refused by default)
+    max_request_bytes: int | None = None  # the largest request body; None: from the input shape
 
     def label_names(self) -> list[str] | None:
         if self.labels is None:
@@ -334,6 +335,7 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         batch.finish()
     min_w, max_w = _parse_workers(top.child("workers", None))
     timeout = top.get("response_timeout_s", int, 120, check=_positive)
+    max_request_bytes = top.get("max_request_bytes", int, None, check=_positive)
     export = _parse_export(top.child("export", None))
     runtime = _parse_runtime(top.child("runtime", None))
     validation = _parse_data(top.child("validation", None), directory, labelled=True)
@@ -361,7 +363,7 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         labels=labels, top_k=top_k, batch_size=batch_size, max_batch_delay_ms=delay,
         min_workers=min_w, max_workers=max_w, response_timeout_s=timeout, export=export,
         runtime=runtime, validation=validation, calibration=calibration, tolerance=tolerance,
-        allow_nonfinite=allow_nonfinite,
+        allow_nonfinite=allow_nonfinite, max_request_bytes=max_request_bytes,
     )
     if labels is not None and not spec.label_names():
         top.fail(f"names an empty labels file: {labels}", "labels")

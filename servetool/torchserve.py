@@ -84,6 +84,8 @@ class ServerOptions:
     host: str = "127.0.0.1"
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     startup_timeout_s: float = 90.0
+    # the largest request and answer of the models served (max_request_size, max_response_size)
+    sizes: tuple[int | None, int | None] = (None, None)
 
 
 def _url_host(host: str) -> str:
@@ -117,8 +119,12 @@ def read_properties(path: Path) -> dict[str, str]:
     return pod.parse_properties(path.read_text())
 
 
+DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's (and max_response_size's), when unset
+
+
 def server_properties(base: dict[str, str], host: str, ports: dict[str, int], store: str,
-                      log_config: str, management_socket: str | None = None) -> dict[str, str]:
+                      log_config: str, management_socket: str | None = None,
+                      sizes: tuple[int | None, int | None] = (None, None)) -> dict[str, str]:
     """TorchServe's properties: servetool's defaults, the user's base config over them, then the
     keys servetool manages (addresses, ports, model store, quiet logging) over both. With
     `management_socket`, TorchServe's management API listens there (behind servetool's front)."""
@@ -144,6 +150,11 @@ def server_properties(base: dict[str, str], host: str, ports: dict[str, int], st
         "vmargs": f"{user_vmargs} -Dlog4j.configurationFile=file://{log_config}".strip(),
     }
     props["allowed_urls"] = props["allowed_urls"].replace("{model_store}", re.escape(store))
+    # Raised (never lowered) to what the served models take: a tensor model's JSON body is larger
+    # than TorchServe's 6.5 MB default from about 270,000 values on.
+    for key, needed in zip(("max_request_size", "max_response_size"), sizes, strict=True):
+        if needed and needed > int(props.get(key) or DEFAULT_MAX_REQUEST_SIZE):
+            props[key] = str(needed)
     return props
 
 
@@ -164,7 +175,7 @@ def render_config(opts: ServerOptions) -> Path:
     base = read_properties(opts.base_config) if opts.base_config else {}
     props = server_properties(base, opts.host, opts.ports, str(opts.model_store.resolve()),
                               str((RESOURCES / "log4j2.xml").resolve()),
-                              str(private_dir(opts.run_dir) / MANAGEMENT_SOCKET))
+                              str(private_dir(opts.run_dir) / MANAGEMENT_SOCKET), opts.sizes)
     return write_properties(opts.run_dir / "config.properties", props,
                             str(opts.base_config or "built-in defaults"))
 

@@ -476,3 +476,27 @@ def test_served_answers_on_non_square_images_match_torchvision_preprocessing(ser
         expected = {LABELS[int(j)]: float(p) for p, j in zip(top.values, top.indices, strict=True)}
         assert list(reply.json()) == list(expected)
         np.testing.assert_allclose(list(reply.json().values()), list(expected.values()), atol=2e-5)
+
+
+def test_deploy_raises_the_request_and_response_limits_to_what_a_tensor_model_needs(tmp_path):
+    """A [3, 256, 512] float input as JSON is ~8 MB, over TorchServe's 6.5 MB default both ways."""
+    from servetool.package import package
+    from tests.test_isolation import fragile_spec
+
+    spec = load_spec(fragile_spec(tmp_path / "spec", "ExpNet", [3, 256, 512], "float32", "onnx"))
+    package(spec, tmp_path / "store")
+    target = LocalTarget(server_options(tmp_path / "run", tmp_path / "store"))
+    try:
+        target.deploy([])
+        state = target.running()
+        props = torchserve.read_properties(Path(state.run_dir) / "config.properties")
+        need = 3 * 256 * 512 * 24 + 64 * 1024
+        assert int(props["max_request_size"]) == need and int(props["max_response_size"]) == need
+        x = np.random.default_rng(0).standard_normal((3, 256, 512)).astype(np.float32)
+        body = json.dumps(x.tolist()).encode()
+        assert len(body) > 6_553_500
+        reply = http_predict(state, "expnet", body, "application/json")
+        assert reply.status_code == 200, reply.text[:300]
+        np.testing.assert_allclose(np.array(reply.json(), np.float32), x * np.exp(x), rtol=1e-5)
+    finally:
+        target.down()

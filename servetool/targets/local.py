@@ -114,7 +114,11 @@ class LocalTarget:
     def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
         started = time.perf_counter()
         archives = find_archives(names, self.opts.model_store)
+        self.opts.sizes = archive.archives_request_bytes(
+            archives + recorded_archives(self.opts.run_dir, self.opts.model_store, archives))
         state, fresh = self.up()
+        if not fresh:
+            self._check_request_limit(state)
         if fresh:  # a new server: every recorded model comes back, not only the ones named
             archives += recorded_archives(Path(state.run_dir), self.opts.model_store, archives)
         archives = self.newest_per_model(archives)
@@ -139,6 +143,20 @@ class LocalTarget:
             "models": results,
             "seconds": round(time.perf_counter() - started, 2),
         }
+
+    def _check_request_limit(self, state: torchserve.ServerState) -> None:
+        """max_request_size is fixed when the server starts: say so when a model needs more."""
+        config = Path(state.run_dir) / "config.properties"
+        if not config.is_file():
+            return
+        props = torchserve.read_properties(config)
+        for key, needed in zip(("max_request_size", "max_response_size"), self.opts.sizes,
+                               strict=True):
+            limit = int(props.get(key) or torchserve.DEFAULT_MAX_REQUEST_SIZE)
+            if needed and needed > limit:
+                self.progress(f"warning: these models need a {key} of {needed} bytes, but the "
+                              f"running server's is {limit}: `servetool stop`, then deploy "
+                              "again, to raise it")
 
     def newest_per_model(self, archives: list[Path]) -> list[Path]:
         """One archive per model: the highest version (numeric-aware: 10.0 after 9.1), whatever
