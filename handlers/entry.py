@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from handlers.batching import as_feeds, collate, dynamic_lengths, example_outputs
 from handlers.errors import RequestError, describe, model_failure, to_json_bytes
 from handlers.runtimes import load_runtime, threads_per_worker
 from handlers.tasks import make_task, request_payload
@@ -35,15 +36,21 @@ class ServeHandler:
         model_dir = context.system_properties["model_dir"]
         model_config = context.model_yaml_config or {}
         config = model_config.get("handler") or {}
-        missing = [k for k in ("runtime", "artifact", "task", "input_shape") if k not in config]
-        if missing:
-            raise ValueError(f"model-config.yaml handler section lacks {', '.join(missing)}")
-        options = config.get("runtime_options") or {}
+        missing = [k for k in ("runtime", "artifact", "task") if k not in config]
+        if missing or not (config.get("inputs") or config.get("input_shape")):
+            raise ValueError("model-config.yaml handler section lacks "
+                             f"{', '.join(missing or ['inputs'])}")
+        # archives from before named inputs carry input_shape/input_dtype: one input, "input"
+        self.inputs = config.get("inputs") or [{"name": "input", "shape": config["input_shape"],
+                                                "dtype": config.get("input_dtype", "float32")}]
+        options = {**(config.get("runtime_options") or {}),
+                   "input_names": [i["name"] for i in self.inputs]}
         threads = int(options.get("intra_op_threads")
                       or threads_per_worker(model_config.get("maxWorkers")))
         self.runtime = load_runtime(config["runtime"], os.path.join(model_dir, config["artifact"]),
                                     threads, options)
-        self.task = make_task(config, self._labels(model_dir, config))
+        self.task = make_task({**config, "inputs": self.inputs}, self._labels(model_dir, config))
+        self.task.output_names = list(self.runtime.output_names)
         logger.info("servetool handler ready: %s, %s on %s, %d intra-op thread(s)",
                     config["task"], config.get("format"), config["runtime"], threads)
         self.initialized = True
@@ -65,16 +72,19 @@ class ServeHandler:
         return self.task.preprocess(request_payload(request))
 
     def inference(self, items: list[Any]) -> list[Any]:
-        """Runs the good requests as one batch; bad ones pass through untouched. When the batch run
-        raises, each request runs alone, so only the one the model cannot process gets an error."""
+        """Runs the good requests as one batch (dynamic axes padded to this batch's longest); bad
+        ones pass through untouched. When the batch run raises, each request runs alone, so only
+        the one the model cannot process gets an error."""
         good = [i for i, item in enumerate(items) if not isinstance(item, RequestError)]
         results: list[Any] = list(items)
         if not good:
             return results
+        names = [spec["name"] for spec in self.inputs]
+        examples = {i: as_feeds(items[i], names) for i in good}
         try:
-            outputs = self.runtime.run(np.stack([items[i] for i in good]))
+            outputs = self.runtime.run(collate([examples[i] for i in good], self.inputs))
             for row, i in enumerate(good):
-                results[i] = [out[row] for out in outputs]
+                results[i] = self._cut(outputs, row, examples[i])
         except Exception as exc:
             if len(good) == 1:
                 logger.warning("the model failed on request %d", good[0], exc_info=True)
@@ -83,12 +93,16 @@ class ServeHandler:
             logger.warning("the model failed on a batch of %d; running them one by one (%s)",
                            len(good), describe(exc))
             for i in good:
-                results[i] = self._run_alone(items[i], i)
+                results[i] = self._run_alone(examples[i], i)
         return results
 
-    def _run_alone(self, item: np.ndarray, index: int) -> Any:
+    def _cut(self, outputs: list[np.ndarray], row: int, example: dict[str, np.ndarray]) -> list:
+        lengths = dynamic_lengths(example, self.inputs)
+        return example_outputs(outputs, row, lengths, self.runtime.output_axes)
+
+    def _run_alone(self, example: dict[str, np.ndarray], index: int) -> Any:
         try:
-            return [out[0] for out in self.runtime.run(item[None])]
+            return self._cut(self.runtime.run(collate([example], self.inputs)), 0, example)
         except Exception as exc:
             logger.warning("the model failed on request %d", index, exc_info=True)
             return model_failure(exc)

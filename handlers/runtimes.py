@@ -1,7 +1,9 @@
 """The format part of the handler: load one serialized model and run a batch through it.
 
-Each runtime takes a numpy batch and returns a list of numpy outputs, so a task never needs to know
-which format it runs on.
+Each runtime takes the feeds of a batch ({input name: array}, or one array for a one-input model)
+and returns a list of numpy outputs, so a task never needs to know which format it runs on.
+`output_axes` names each output's axes where the model file does (ONNX dim_params), which lets the
+handler crop padded dynamic axes per request (handlers/batching.py).
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from typing import Protocol
 
 import numpy as np
 
+from handlers.batching import as_feeds
+
 
 class Runtime(Protocol):
+    input_names: list[str]
     output_names: list[str]
+    output_axes: list[list[object]] | None
     metadata: dict[str, str]  # what the model file says about itself (ONNX metadata_props)
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]: ...
+    def run(self, batch: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
 def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
@@ -67,11 +73,14 @@ class TorchScriptRuntime:
             pass
         self._torch = torch
         self.module = torch.jit.load(path, map_location="cpu").eval()
+        self.input_names = list((options or {}).get("input_names") or ["input"])
         self.output_names = ["output"]
+        self.output_axes = None
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+    def run(self, batch: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = as_feeds(batch, self.input_names)
         with self._torch.inference_mode():
-            out = self.module(self._torch.from_numpy(batch))
+            out = self.module(*(self._torch.from_numpy(feeds[n]) for n in self.input_names))
         if isinstance(out, dict):
             self.output_names = list(out)
             out = list(out.values())
@@ -103,14 +112,15 @@ class OnnxRuntime:
                                                            self.LEVELS[level])
         self.session = ort.InferenceSession(path, session_options,
                                             providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_axes = [list(o.shape) for o in self.session.get_outputs()]
         custom = self.session.get_modelmeta().custom_metadata_map
         self.metadata = {k.removeprefix("servetool."): v for k, v in custom.items()
                          if k.startswith("servetool.")}
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {self.input_name: batch})
+    def run(self, batch: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, as_feeds(batch, self.input_names))
 
 
 class OpenVINORuntime:
@@ -127,11 +137,15 @@ class OpenVINORuntime:
             "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": precision})
         self.request = self.compiled.create_infer_request()
+        self.input_names = [i.get_any_name() if i.get_names() else f"input_{n}"
+                            for n, i in enumerate(self.compiled.inputs)]
         self.output_names = [o.get_any_name() if o.get_names() else f"output_{i}"
                              for i, o in enumerate(self.compiled.outputs)]
+        self.output_axes = None
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        results = self.request.infer({0: batch})
+    def run(self, batch: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = as_feeds(batch, self.input_names)
+        results = self.request.infer({i: feeds[n] for i, n in enumerate(self.input_names)})
         return [np.asarray(results[o]) for o in self.compiled.outputs]
 
 
@@ -154,11 +168,14 @@ class TensorRTRuntime:
                                "torch_tensorrt package in TorchServe's Python environment") from None
         self._torch = torch
         self.module = torch.jit.load(path, map_location="cuda").eval()
+        self.input_names = list((options or {}).get("input_names") or ["input"])
         self.output_names = ["output"]
+        self.output_axes = None
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+    def run(self, batch: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = as_feeds(batch, self.input_names)
         with self._torch.inference_mode():
-            out = self.module(self._torch.from_numpy(batch).cuda())
+            out = self.module(*(self._torch.from_numpy(feeds[n]).cuda() for n in self.input_names))
         outs = out if isinstance(out, (list, tuple)) else [out]
         return [o.float().cpu().numpy() for o in outs]
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from handlers import preprocess as geometry
+from handlers.batching import dynamic_lengths
 from handlers.errors import RequestError
 from handlers.imaging import DEFAULT_FORMATS, decode, default_max_pixels
 from handlers.tensors import DTYPES, parse_json, to_array
@@ -98,25 +99,56 @@ class ImageClassification:
 
 
 class Tensor:
-    """A JSON array (or {"data": array}) of the spec's shape in, the outputs as JSON lists out."""
+    """JSON in: for one input, an array of its shape (or {"data": array}); for several, an object
+    with an array per input name. Out: the outputs as JSON lists (an object by output name when
+    there are several)."""
+
+    output_names: list[str] = []
 
     def __init__(self, config: dict[str, Any], labels: list[str] | None) -> None:
-        self.shape = tuple(config["input_shape"])
-        self.dtype = config.get("input_dtype", "float32")
-        self.allow_nonfinite = bool(config.get("allow_nonfinite", False))
+        self.inputs = config.get("inputs") or [{
+            "name": "input", "shape": config["input_shape"],
+            "dtype": config.get("input_dtype", "float32"),
+            "allow_nonfinite": config.get("allow_nonfinite", False)}]
+        self.allow_nonfinite = any(i.get("allow_nonfinite") for i in self.inputs)
 
-    def preprocess(self, payload: Any) -> np.ndarray:
+    def preprocess(self, payload: Any) -> np.ndarray | dict[str, np.ndarray]:
         value = parse_json(payload, allow_nonfinite=self.allow_nonfinite)
-        if isinstance(value, dict):
-            if "data" not in value:
-                raise RequestError(400, "a JSON object must carry the input under \"data\"")
-            value = value["data"]
-        return to_array(value, self.shape, self.dtype, allow_nonfinite=self.allow_nonfinite)
+        if len(self.inputs) == 1:
+            if isinstance(value, dict):
+                if "data" not in value:
+                    raise RequestError(400, "a JSON object must carry the input under \"data\"")
+                value = value["data"]
+            return self._array(self.inputs[0], value)
+        if not isinstance(value, dict):
+            raise RequestError(400, "this model takes several inputs: send a JSON object with "
+                                    f"{', '.join(repr(i['name']) for i in self.inputs)}")
+        names = [i["name"] for i in self.inputs]
+        missing = [n for n in names if n not in value]
+        unknown = [k for k in value if k not in names]
+        if missing or unknown:
+            raise RequestError(400, "the JSON object must hold exactly the inputs "
+                                    f"{', '.join(map(repr, names))}"
+                                    + (f"; missing {', '.join(map(repr, missing))}" if missing else "")
+                                    + (f"; unknown {', '.join(map(repr, unknown))}" if unknown
+                                       else ""))
+        feeds = {i["name"]: self._array(i, value[i["name"]]) for i in self.inputs}
+        try:
+            dynamic_lengths(feeds, self.inputs)
+        except ValueError as exc:
+            raise RequestError(400, str(exc)) from None
+        return feeds
+
+    def _array(self, spec: dict[str, Any], value: Any) -> np.ndarray:
+        return to_array(value, tuple(spec["shape"]), spec.get("dtype", "float32"),
+                        allow_nonfinite=bool(spec.get("allow_nonfinite")), name=spec["name"])
 
     def postprocess(self, outputs: list[np.ndarray]) -> Any:
         if len(outputs) == 1:
             return np.asarray(outputs[0]).tolist()
-        return [np.asarray(o).tolist() for o in outputs]
+        names = self.output_names if len(self.output_names) == len(outputs) else [
+            f"output_{i}" for i in range(len(outputs))]
+        return {name: np.asarray(o).tolist() for name, o in zip(names, outputs, strict=True)}
 
 
 TASKS = {"image-classification": ImageClassification, "tensor": Tensor}

@@ -39,27 +39,32 @@ def parse_json(payload: Any, *, allow_nonfinite: bool = False) -> Any:
         raise RequestError(400, f"request body is not usable JSON ({describe(exc)})") from None
 
 
-def to_array(value: Any, shape: tuple[int, ...], dtype: str, *,
-             allow_nonfinite: bool = False) -> np.ndarray:
-    """A nested JSON list of exactly `shape` as an array of `dtype`."""
+def to_array(value: Any, shape: tuple[int | str, ...], dtype: str, *,
+             allow_nonfinite: bool = False, name: str = "input") -> np.ndarray:
+    """A nested JSON list of `shape` as an array of `dtype`; a string in `shape` is a dynamic
+    axis (any length from 1)."""
     if not isinstance(value, list):
-        raise RequestError(400, f"expected a JSON array of shape {list(shape)}, got "
+        raise RequestError(400, f"expected a JSON array of shape {list(shape)} for {name}, got "
                                 f"{_json_kind(value)}")
     try:
         cells = np.array(value, dtype=object)
     except (ValueError, RecursionError) as exc:
-        raise RequestError(400, f"input must be a rectangular array of shape {list(shape)} "
+        raise RequestError(400, f"{name} must be a rectangular array of shape {list(shape)} "
                                 f"({describe(exc)})") from None
-    if cells.shape != shape:
-        raise RequestError(400, f"input has shape {list(cells.shape)}, the model takes "
-                                f"{list(shape)} (a rectangular array of numbers)")
+    if len(cells.shape) != len(shape) or any(
+            (want != got) if isinstance(want, int) else got < 1
+            for want, got in zip(shape, cells.shape, strict=False)):
+        raise RequestError(400, f"{name} has shape {list(cells.shape)}, the model takes "
+                                f"{list(shape)} (a rectangular array of numbers"
+                                + (", any length >= 1 on named axes)" if any(
+                                    isinstance(d, str) for d in shape) else ")"))
     kinds = {type(v) for v in cells.flat}
     target = np.dtype(DTYPES[dtype])
     allowed = {int} if target.kind == "i" else {int, float}
     if not kinds <= allowed:
         wrong = sorted(_json_kind_of_type(t) for t in kinds - allowed)
         expected = "integers" if target.kind == "i" else "numbers"
-        raise RequestError(400, f"input {dtype} takes {expected} only, got {', '.join(wrong)}")
+        raise RequestError(400, f"{name} ({dtype}) takes {expected} only, got {', '.join(wrong)}")
     return _ints(cells, target) if target.kind == "i" else _floats(cells, target, allow_nonfinite)
 
 

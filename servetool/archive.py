@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 import handlers
@@ -41,7 +42,8 @@ def handler_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
         "artifact": artifact.path.name,
         "runtime_options": artifact.runtime_options,
         "task": spec.task,
-        "input_shape": list(spec.input_shape),
+        "inputs": [i.as_dict() for i in spec.inputs],
+        "input_shape": list(spec.input_shape),  # the first input's: for archives' older readers
         "input_dtype": spec.input_dtype,
         "allow_nonfinite": spec.allow_nonfinite,
         "preprocess": spec.preprocess.as_dict(),
@@ -119,12 +121,14 @@ def request_bytes_needed(config: dict[str, Any]) -> int | None:
     handler = config.get("handler") or {}
     if handler.get("max_request_bytes"):
         return int(handler["max_request_bytes"])
-    if handler.get("task") == "tensor" and handler.get("input_shape"):
-        values = 1
-        for dim in handler["input_shape"]:
-            values *= int(dim)
-        return values * JSON_BYTES_PER_VALUE + REQUEST_OVERHEAD_BYTES
-    return None
+    inputs = handler.get("inputs") or ([{"shape": handler["input_shape"]}]
+                                       if handler.get("input_shape") else [])
+    if handler.get("task") != "tensor" or not inputs:
+        return None
+    if any(isinstance(d, str) for i in inputs for d in i["shape"]):
+        return None  # a dynamic axis has no largest length: the spec's max_request_bytes says
+    values = sum(int(np.prod(i["shape"])) for i in inputs)
+    return values * JSON_BYTES_PER_VALUE + REQUEST_OVERHEAD_BYTES
 
 
 def response_bytes_needed(config: dict[str, Any]) -> int | None:

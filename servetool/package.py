@@ -24,9 +24,10 @@ def _quiet(_: str) -> None:
 
 def gate_batches(spec: ModelSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(random, real) input batches of sizes 1, 4 and 16 for the parity check."""
-    random = [export.example_batch(spec, n, seed=n) for n in PARITY_BATCH_SIZES]
+    # dynamic axes at other lengths than the export example's
+    random = [export.example_batch(spec, n, seed=n, length=3 + 2 * n) for n in PARITY_BATCH_SIZES]
     real: list[np.ndarray] = []
-    if spec.validation is not None or spec.calibration is not None:
+    if (spec.validation is not None or spec.calibration is not None) and len(spec.inputs) == 1:
         x = export.sample_inputs(spec, sum(PARITY_BATCH_SIZES))
         edges = np.cumsum((0, *PARITY_BATCH_SIZES))
         real = [x[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b <= len(x)]
@@ -43,7 +44,7 @@ def check_task(spec: ModelSpec, original) -> None:
 
     batch = 2
     outputs = export.runner_for(original)(export.example_batch(spec, batch))
-    names = export.output_names(original, len(outputs))
+    names = export.output_names(original, len(outputs), spec.outputs)
     problem = output_problem(spec.task, [tuple(np.shape(o)) for o in outputs], names, batch)
     if problem:
         raise TaskMismatch(f"{spec.spec_file}: task {spec.task}: {problem}")
@@ -75,11 +76,12 @@ def convert(spec: ModelSpec, fmt: str, out_dir: Path, *, original=None, atol: fl
     artifact = export.export(spec, original, out_dir, fmt)
     progress(f"{spec.name}: checking {artifact.path.name} ({fmt}) against the original")
     runner = export.artifact_runner(artifact.format.runtime, artifact.path, 1,
-                                    artifact.runtime_options)
+                                    artifact.runtime_options, [i.name for i in spec.inputs])
     random, real = gate_batches(spec)
     report = validate.validate(spec, export.runner_for(original), runner, fmt,
                                validate.limits_for(fmt, spec.tolerance, atol), random, real,
-                               export.output_names(original, len(runner(random[0]))))
+                               export.output_names(original, len(runner(random[0])),
+                                                   spec.outputs))
     validate.require(report, spec.name, accept=accept_drift)
     # how many numbers one answer carries: what max_response_size must allow (tensor answers)
     artifact.notes["output_values"] = sum(int(np.prod(o.shape)) for o in report.outputs)

@@ -43,7 +43,10 @@ def sample_requests(spec: ModelSpec) -> list[tuple[bytes, str]]:
         return [(buffer.getvalue(), "image/png"), (b"this is not an image", "image/png")]
     from servetool.export import example_batch  # what the gate feeds: integers for int inputs
 
-    good = json.dumps(example_batch(spec, 1)[0].round(4).tolist()).encode()
+    example = example_batch(spec, 1)
+    value = ({name: a[0].round(4).tolist() for name, a in example.items()}
+             if isinstance(example, dict) else example[0].round(4).tolist())
+    good = json.dumps(value).encode()
     return [(good, "application/json"), (b"[1, 2,", "text/plain")]
 
 
@@ -54,7 +57,8 @@ def _check_good(spec: ModelSpec, body: Any) -> str | None:
         if not all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in body.values()):
             return f"probabilities must be numbers in [0, 1], got {body!r:.200}"
         return None
-    return None if isinstance(body, list) else f"expected a JSON list, got {body!r:.200}"
+    # one output: a list; several: an object by output name
+    return None if isinstance(body, (list, dict)) else f"expected JSON lists, got {body!r:.200}"
 
 
 def run(model_dir: Path, spec: ModelSpec) -> dict[str, Any]:

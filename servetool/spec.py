@@ -45,6 +45,27 @@ class Source:
 
 
 @dataclass(frozen=True)
+class InputSpec:
+    """One named model input: its shape for one example (no batch axis), where a string is a
+    dynamic axis named so (the same name on two inputs is one length), its dtype, and the value
+    that pads a dynamic axis when requests of different lengths share a batch."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+    pad: float = 0
+    allow_nonfinite: bool = False
+
+    @property
+    def dynamic(self) -> bool:
+        return any(isinstance(d, str) for d in self.shape)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "pad": self.pad, "allow_nonfinite": self.allow_nonfinite}
+
+
+@dataclass(frozen=True)
 class ExportOptions:
     torchscript_method: str = "auto"  # auto: trace, and script where the trace disagrees
     onnx_simplify: bool = True  # onnxslim after export
@@ -157,6 +178,8 @@ class ModelSpec:
     tolerance: Tolerance = Tolerance()
     allow_nonfinite: bool = False  # NaN and infinity in tensor requests (refused by default)
     max_request_bytes: int | None = None  # the largest request body; None: from the input shape
+    inputs: tuple[InputSpec, ...] = ()  # every input by name (input_shape/dtype: the first's)
+    outputs: tuple[str, ...] = ()  # output names for an export (default: output, output_0, ...)
 
     def label_names(self) -> list[str] | None:
         if self.labels is None:
@@ -314,15 +337,15 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     if not VERSION_RE.match(version):
         top.fail(f"must be a version like 1.0 or 2, got {version!r}", "version")
     source = _parse_source(top.child("source"), directory)
-    inp = top.child("input")
-    shape = tuple(inp.get("shape", list, check=_int_list()))
-    dtype = inp.get("dtype", str, "float32", check=_one_of(DTYPES))
-    allow_nonfinite = inp.get("allow_nonfinite", bool, False)
-    inp.finish()
     fmt = top.get("format", str, "onnx", check=_one_of(FORMATS))
     if source.kind == "onnx" and fmt not in ONNX_FAMILY:
         top.fail(f"is {fmt!r}, but an ONNX source can only be served as one of "
                  f"{', '.join(ONNX_FAMILY)}", "format")
+    inputs = _parse_inputs(top, source)
+    outputs = tuple(top.get("outputs", list, [], check=lambda v: None if all(
+        isinstance(n, str) and INPUT_NAME.match(n) for n in v) and len(set(v)) == len(v)
+        else f"must be a list of distinct output names, got {v!r}"))
+    shape, dtype, allow_nonfinite = inputs[0].shape, inputs[0].dtype, inputs[0].allow_nonfinite
     task = top.get("task", str, check=_one_of(TASKS))
     pre = _parse_preprocess(top.child("preprocess", None), spec_file)
     labels_rel = top.get("labels", str, None)
@@ -347,6 +370,10 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
                  "(an .npz with x)", "format")
 
     if task == "image-classification":
+        if len(inputs) != 1 or inputs[0].dynamic:
+            top.fail("image-classification takes one input of a fixed [channels, height, width]; "
+                     f"this model has {len(inputs)} ({_describe_inputs(inputs)}): use task: tensor",
+                     "task")
         if len(shape) != 3 or shape[0] not in (1, 3):
             top.fail(f"must be [channels, height, width] with 1 or 3 channels for "
                      f"image-classification, got {list(shape)}", "input.shape")
@@ -363,11 +390,107 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         labels=labels, top_k=top_k, batch_size=batch_size, max_batch_delay_ms=delay,
         min_workers=min_w, max_workers=max_w, response_timeout_s=timeout, export=export,
         runtime=runtime, validation=validation, calibration=calibration, tolerance=tolerance,
-        allow_nonfinite=allow_nonfinite, max_request_bytes=max_request_bytes,
+        allow_nonfinite=allow_nonfinite, max_request_bytes=max_request_bytes, inputs=inputs,
+        outputs=outputs,
     )
     if labels is not None and not spec.label_names():
         top.fail(f"names an empty labels file: {labels}", "labels")
     return spec
+
+
+INPUT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
+AXIS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _parse_inputs(top: _Reader, source: Source) -> tuple[InputSpec, ...]:
+    """`input:` (one), `inputs:` (several, by name), or, for an ONNX source, the file's own."""
+    if "input" in top.data and "inputs" in top.data:
+        top.fail("and input both given: use input for one, inputs for several", "inputs")
+    if "inputs" in top.data:
+        items = top.get("inputs", list, check=lambda v: None if v else "must list an input")
+        inputs = tuple(_parse_input(_Reader(item, f"inputs[{i}]", top.file), None)
+                       for i, item in enumerate(items))
+        names = [i.name for i in inputs]
+        if len(set(names)) != len(names):
+            top.fail(f"names an input twice: {names}", "inputs")
+        return inputs
+    if "input" in top.data:
+        default = onnx_inputs(source.path)[0].name if source.kind == "onnx" else "input"
+        return (_parse_input(top.child("input"), default),)
+    top.seen.add("input")
+    if source.kind == "onnx":  # read from the file: names, dtypes, fixed and dynamic axes
+        return onnx_inputs(source.path)
+    top.fail("is required (or inputs, for several): the shape and dtype the model takes", "input")
+    raise AssertionError
+
+
+def _parse_input(inp: _Reader, default_name: str | None) -> InputSpec:
+    if not isinstance(inp.data, dict):
+        inp.fail("must be a mapping with name, shape and dtype")
+    name = inp.get("name", str, default_name if default_name else ...,
+                   check=lambda v: None if INPUT_NAME.match(v) else f"is not a usable name: {v!r}")
+    raw_shape = inp.get("shape", list)
+    shape: list[int | str] = []
+    for i, dim in enumerate(raw_shape):
+        if dim is None or dim == -1:  # dynamic, unnamed
+            shape.append(f"{name.replace('.', '_')}_{i}")
+        elif _axis(dim):
+            shape.append(dim)
+        else:
+            inp.fail(f"has {dim!r} at position {i}: an axis is a positive length, or a name "
+                     "(or null) for a dynamic one, e.g. [seq] or [3, null, null]",
+                     inp.key("shape"))
+    result = InputSpec(
+        name=name, shape=tuple(shape),
+        dtype=inp.get("dtype", str, "float32", check=_one_of(DTYPES)),
+        pad=inp.get("pad", (int, float), 0),
+        allow_nonfinite=inp.get("allow_nonfinite", bool, False))
+    inp.finish()
+    return result
+
+
+def _axis(dim: Any) -> bool:
+    """A fixed length, or a dynamic axis's name."""
+    if isinstance(dim, str):
+        return bool(AXIS_NAME.match(dim))
+    return isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1
+
+
+ONNX_DTYPES = {1: "float32", 11: "float64", 7: "int64", 6: "int32"}
+
+
+def onnx_inputs(path: Path) -> tuple[InputSpec, ...]:
+    """An ONNX file's inputs (not its initializers), without their batch axis."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:
+        raise SpecError(f"{path}: not an ONNX model ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())})") from None
+    weights = {i.name for i in graph.initializer}
+    inputs = []
+    for value in graph.input:
+        if value.name in weights:
+            continue
+        tensor = value.type.tensor_type
+        if tensor.elem_type not in ONNX_DTYPES:
+            raise SpecError(f"{path}: input {value.name!r} has ONNX element type "
+                            f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}, which servetool "
+                            f"does not take ({', '.join(ONNX_DTYPES.values())})")
+        dims = list(tensor.shape.dim)[1:]  # the first axis is the batch
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
+                      (d.dim_param if AXIS_NAME.match(d.dim_param or "") else
+                       f"{value.name.replace('.', '_')}_{i}")
+                      for i, d in enumerate(dims, start=1))
+        inputs.append(InputSpec(value.name, shape, ONNX_DTYPES[tensor.elem_type]))
+    if not inputs:
+        raise SpecError(f"{path}: the model has no inputs")
+    return tuple(inputs)
+
+
+def _describe_inputs(inputs: tuple[InputSpec, ...]) -> str:
+    return ", ".join(f"{i.name} {list(i.shape)} {i.dtype}" for i in inputs)
 
 
 def _parse_source(src: _Reader, directory: Path) -> Source:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from handlers.batching import batch_size
 from servetool.errors import ServetoolError
 from servetool.formats import get_format
 from servetool.spec import ModelSpec, Tolerance
@@ -95,7 +96,7 @@ def check_parity(original, artifact, batches: list[np.ndarray], fmt: str,
     """Run both runners on each batch and compare every output; never raises on drift."""
     limits = limits or limits_for(fmt)
     report = report or ValidationReport(format=fmt, limits=limits)
-    report.samples += sum(len(b) for b in batches)
+    report.samples += sum(batch_size(b) for b in batches)
     per_output: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for batch in batches:
         expected, actual = original(batch), artifact(batch)
@@ -108,7 +109,8 @@ def check_parity(original, artifact, batches: list[np.ndarray], fmt: str,
             if e.shape != a.shape:
                 report.problems.append(f"output '{_name(output_names, i)}' has shape "
                                        f"{list(a.shape)} in the {fmt} artifact but "
-                                       f"{list(e.shape)} in the original (batch of {len(batch)})")
+                                       f"{list(e.shape)} in the original (batch of "
+                                       f"{batch_size(batch)})")
                 return report
             per_output.setdefault(i, []).append((e, a))
     for i, pairs in per_output.items():
@@ -119,19 +121,31 @@ def check_parity(original, artifact, batches: list[np.ndarray], fmt: str,
 
 def _compare(name: str, pairs, fmt: str, limits: Limits, problems: list[str],
              classifier: bool) -> OutputParity:
-    e = np.concatenate([p[0].reshape(len(p[0]), -1) for p in pairs]).astype(np.float64)
-    a = np.concatenate([p[1].reshape(len(p[1]), -1) for p in pairs]).astype(np.float64)
-    diff = np.abs(e - a)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    max_rel = float((diff / np.maximum(np.abs(e), 1e-12)).max()) if diff.size else 0.0
-    scale = float(np.abs(e).max()) if e.size else 0.0
+    """One output over every batch (batches may differ in a dynamic axis's length)."""
+    max_abs = max_rel = scale = 0.0
+    hits = rows = 0
+    cosine: float | None = None
+    finite = True
+    for e, a in pairs:
+        e = e.reshape(len(e), -1).astype(np.float64)
+        a = a.reshape(len(a), -1).astype(np.float64)
+        finite = finite and bool(np.isfinite(a).all())
+        if not e.size:
+            continue
+        diff = np.abs(e - a)
+        max_abs = max(max_abs, float(diff.max()))
+        max_rel = max(max_rel, float((diff / np.maximum(np.abs(e), 1e-12)).max()))
+        scale = max(scale, float(np.abs(e).max()))
+        if e.shape[1] > 1:
+            norms = np.linalg.norm(e, axis=1) * np.linalg.norm(a, axis=1)
+            low = float(np.min(np.where(norms > 0, (e * a).sum(1) / np.maximum(norms, 1e-300),
+                                        1.0)))
+            cosine = low if cosine is None else min(cosine, low)
+            hits += int((e.argmax(1) == a.argmax(1)).sum())
+            rows += len(e)
     bound = limits.atol + limits.rtol * scale
-    top1 = (float((e.argmax(1) == a.argmax(1)).mean())
-            if classifier and e.ndim == 2 and e.shape[1] > 1 else None)
-    norms = np.linalg.norm(e, axis=1) * np.linalg.norm(a, axis=1)
-    cosine = (float(np.min(np.where(norms > 0, (e * a).sum(1) / np.maximum(norms, 1e-300), 1.0)))
-              if e.size and e.shape[1] > 1 else None)
-    if not np.isfinite(a).all():
+    top1 = hits / rows if classifier and rows and len(pairs[0][0].shape) == 2 else None
+    if not finite:
         problems.append(f"output '{name}' of the {fmt} artifact has NaN or infinity")
     elif max_abs > bound:
         how = f"{limits.atol:.3g}" + (f" + {limits.rtol:.3g} x {scale:.3g}" if limits.rtol else "")

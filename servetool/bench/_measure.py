@@ -41,7 +41,8 @@ def timed_loop(run, inputs: list[np.ndarray], iterations: int, budget_s: float) 
 def main() -> None:
     with open(sys.argv[1]) as f:
         req = json.load(f)
-    samples = np.load(req["inputs"])
+    with np.load(req["inputs"]) as npz:  # {input name: samples}, in the spec's order
+        samples = {name: npz[name] for name in npz.files}
     import torch
 
     torch.set_num_threads(req["threads"])
@@ -55,12 +56,16 @@ def main() -> None:
     else:
         from servetool.export import artifact_runner
 
-        run = artifact_runner(req["runtime"], req["artifact"], req["threads"], req["options"])
+        run = artifact_runner(req["runtime"], req["artifact"], req["threads"], req["options"],
+                              list(samples))
     load_ms = (time.perf_counter() - t0) * 1000
-    singles = [np.ascontiguousarray(samples[i:i + 1]) for i in range(min(len(samples), 64))]
+    count = len(next(iter(samples.values())))
+    singles = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in samples.items()}
+               for i in range(min(count, 64))]
     batch = req["batch"]
-    reps = -(-batch // len(samples))
-    batched = [np.ascontiguousarray(np.concatenate([samples] * reps)[:batch])]
+    reps = -(-batch // count)
+    batched = [{k: np.ascontiguousarray(np.concatenate([v] * reps)[:batch])
+                for k, v in samples.items()}]
     timed_loop(run, singles, req["warmup"], 1e9)  # warm-up: allocations, kernel selection
     latencies = np.array(timed_loop(run, singles, req["iterations"], req["seconds"])) * 1000
     timed_loop(run, batched, 2, 1e9)

@@ -55,14 +55,17 @@ def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, itera
     threads = threads or available_cores()
     original = export.load_original(spec)
     with tempfile.TemporaryDirectory(prefix=f"servetool-bench-{spec.name}-") as tmp:
-        inputs = Path(tmp) / "inputs.npy"
-        np.save(inputs, export.sample_inputs(spec, 64))
+        inputs = Path(tmp) / "inputs.npz"
+        samples = export.sample_inputs(spec, 64)
+        np.savez(inputs, **(samples if isinstance(samples, dict) else
+                            {spec.inputs[0].name: samples}))
         common = {"inputs": str(inputs), "threads": threads, "batch": batch,
                   "iterations": iterations, "seconds": seconds, "warmup": 20}
         rows: list[dict[str, Any]] = []
         if spec.source.kind != "onnx":
             progress("eager PyTorch: measuring")
-            eager = measure({**common, "kind": "eager", "spec": str(spec.spec_file)})
+            eager = measure({**common, "kind": "eager", "spec": str(spec.spec_file),
+                             "input_names": [i.name for i in spec.inputs]})
             rows.append(_row("eager", "fp32", None, eager, _source_size(spec),
                              accuracy=_eager_accuracy(spec, original)))
         for i, fmt in enumerate(formats, 1):

@@ -27,8 +27,10 @@ class ExportError(ServetoolError):
     pass
 
 
-# A callable from a numpy batch to a list of numpy outputs: how validate.py sees any model.
-Runner = Callable[[np.ndarray], list[np.ndarray]]
+# A callable from a batch's feeds ({input name: array}, or one array for one input) to a list of
+# numpy outputs: how validate.py sees any model.
+Runner = Callable[[Any], list[np.ndarray]]
+EXAMPLE_LENGTH = 7  # of a dynamic axis in sample inputs (other lengths probe it, see lengths_for)
 
 
 @dataclass
@@ -164,13 +166,19 @@ def import_file(path: Path, module_name: str):
     return module
 
 
-def example_batch(spec: ModelSpec, batch: int, seed: int = 0) -> np.ndarray:
-    """Deterministic sample inputs of the spec's shape, for tracing and parity checks."""
+def example_batch(spec: ModelSpec, batch: int, seed: int = 0, length: int | None = None) -> Any:
+    """Deterministic sample inputs, for tracing and parity checks: one array for a one-input
+    model, else {input name: array}. Dynamic axes get `length` (default: EXAMPLE_LENGTH)."""
     rng = np.random.default_rng(seed)
-    shape = (batch, *spec.input_shape)
-    if spec.input_dtype.startswith("int"):
-        return rng.integers(0, 10, size=shape).astype(spec.input_dtype)
-    return rng.standard_normal(shape).astype(spec.input_dtype)
+    feeds = {}
+    for inp in spec.inputs:
+        shape = (batch, *(d if isinstance(d, int) else (length or EXAMPLE_LENGTH)
+                          for d in inp.shape))
+        if inp.dtype.startswith("int"):
+            feeds[inp.name] = rng.integers(0, 10, size=shape).astype(inp.dtype)
+        else:
+            feeds[inp.name] = rng.standard_normal(shape).astype(inp.dtype)
+    return next(iter(feeds.values())) if len(feeds) == 1 else feeds
 
 
 def sample_inputs(spec: ModelSpec, count: int = 64) -> np.ndarray:
@@ -190,30 +198,43 @@ def runner_for(original) -> Runner:
 
     import torch
 
-    def run(batch: np.ndarray) -> list[np.ndarray]:
+    def run(batch: Any) -> list[np.ndarray]:
+        arrays = list(batch.values()) if isinstance(batch, dict) else [batch]  # in spec order
         with torch.inference_mode():
-            out = original(torch.from_numpy(batch))
+            out = original(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+        if isinstance(out, dict):
+            out = list(out.values())
         outs = out if isinstance(out, (list, tuple)) else [out]
         return [o.numpy() for o in outs]
 
     return run
 
 
-def output_names(original, count: int) -> list[str]:
+def _require_single_input_for(spec: ModelSpec, fmt: Format) -> None:
+    if fmt.name == "onnx-int8-static" and len(spec.inputs) > 1:
+        raise ExportError(f"{spec.name}: onnx-int8-static calibrates one input; this model has "
+                          f"{len(spec.inputs)}: use onnx-int8 (dynamic) or onnx")
+
+
+def output_names(original, count: int, spec_outputs: tuple[str, ...] = ()) -> list[str]:
     """The original's output names where its format has them (ONNX), else output, output_1..."""
     if isinstance(original, (str, Path)):
         from handlers.runtimes import load_runtime
 
         return list(load_runtime("onnx", str(original), 1).output_names)
+    if spec_outputs and len(spec_outputs) == count:
+        return list(spec_outputs)
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
 def artifact_runner(runtime: str, path: Path, threads: int = 1,
-                    options: dict[str, Any] | None = None) -> Runner:
+                    options: dict[str, Any] | None = None,
+                    input_names: list[str] | None = None) -> Runner:
     """The artifact as the handler will run it: through the handler's own runtime classes."""
     from handlers.runtimes import load_runtime
 
-    return load_runtime(runtime, str(path), threads, options or {}).run
+    options = {**(options or {}), **({"input_names": input_names} if input_names else {})}
+    return load_runtime(runtime, str(path), threads, options).run
 
 
 def export(spec: ModelSpec, original, out_dir: Path, fmt: str | None = None) -> Artifact:
@@ -241,6 +262,8 @@ def _export_onnx_family(spec: ModelSpec, original, out_dir: Path, fmt: Format) -
         onnx_export.check(base)
     else:
         notes.update(onnx_export.export_onnx(original, example_batch(spec, 2), base, spec))
+    if spec.source.kind == "onnx" or len(spec.inputs) > 1:
+        _require_single_input_for(spec, fmt)
     if fmt.name == "onnx":
         artifact = Artifact(fmt, base, [base], notes)
     elif fmt.runtime == "openvino":

@@ -17,7 +17,14 @@ from servetool.spec import ModelSpec
 METADATA_PREFIX = "servetool."
 
 
-def export_onnx(model, example: np.ndarray, target: Path, spec: ModelSpec) -> dict[str, Any]:
+def dynamic_axes(spec: ModelSpec) -> dict[str, dict[int, str]]:
+    """{input name: {axis: name}} with the batch axis, as the exporters take them (axis 0 is the
+    batch; the spec's named axes follow, one past their place in the spec's shape)."""
+    return {inp.name: {0: "batch", **{i + 1: d for i, d in enumerate(inp.shape)
+                                      if isinstance(d, str)}} for inp in spec.inputs}
+
+
+def export_onnx(model, example: Any, target: Path, spec: ModelSpec) -> dict[str, Any]:
     import onnx
     import torch
 
@@ -32,11 +39,12 @@ def export_onnx(model, example: np.ndarray, target: Path, spec: ModelSpec) -> di
             if isinstance(model, torch.jit.ScriptModule):
                 proto = _export_scripted(model, example, spec)
             else:
-                batch = torch.export.Dim("batch", min=1, max=4096)
                 proto = torch.onnx.export(
-                    model, (torch.from_numpy(example),), dynamo=True, external_data=False,
-                    input_names=["input"], output_names=None, dynamic_shapes=({0: batch},),
-                    opset_version=spec.export.onnx_opset, verbose=False,
+                    model, _tensors(example), dynamo=True, external_data=False,
+                    input_names=[i.name for i in spec.inputs],
+                    output_names=_output_names(model, example, spec),
+                    dynamic_shapes=_dims(spec), opset_version=spec.export.onnx_opset,
+                    verbose=False,
                 ).model_proto
     except Exception as exc:
         from servetool.export import whole_cause
@@ -61,16 +69,51 @@ def _export_scripted(model, example: np.ndarray, spec: ModelSpec):
     import onnx
     import torch
 
-    x = torch.from_numpy(example)
-    with torch.inference_mode():
-        out = model(x)
-    count = len(out) if isinstance(out, (list, tuple)) else 1
-    outputs = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+    args = _tensors(example)
+    outputs = _output_names(model, example, spec)
     buffer = io.BytesIO()
-    torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["input"],
+    torch.onnx.export(model, args, buffer, dynamo=False, input_names=[i.name for i in spec.inputs],
                       output_names=outputs, opset_version=spec.export.onnx_opset or 17,
-                      dynamic_axes={name: {0: "batch"} for name in ["input", *outputs]})
+                      dynamic_axes={**dynamic_axes(spec), **{o: {0: "batch"} for o in outputs}})
     return onnx.load_from_string(buffer.getvalue())
+
+
+def _output_names(model, example: Any, spec: ModelSpec) -> list[str]:
+    """The spec's output names, else output (one) or output_0, output_1, ... (several)."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(*_tensors(example))
+    count = len(out) if isinstance(out, (list, tuple, dict)) else 1
+    if spec.outputs:
+        if len(spec.outputs) != count:
+            raise ExportError(f"{spec.spec_file}: outputs names {len(spec.outputs)} output(s), "
+                              f"the model gives {count}")
+        return list(spec.outputs)
+    if isinstance(out, dict):
+        return [str(k) for k in out]
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def _tensors(example: Any) -> tuple:
+    import torch
+
+    arrays = list(example.values()) if isinstance(example, dict) else [example]
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+
+
+def _dims(spec: ModelSpec) -> tuple:
+    """torch.export's dynamic shapes: one Dim per axis name, shared by the inputs that use it."""
+    import torch
+
+    dims: dict[str, Any] = {}
+    for axes in dynamic_axes(spec).values():
+        for name in axes.values():
+            if name not in dims:
+                dims[name] = torch.export.Dim(name, min=1, max=4096) if name == "batch" else \
+                    torch.export.Dim(name, min=2, max=65536)
+    return tuple({axis: dims[name] for axis, name in dynamic_axes(spec)[i.name].items()}
+                 for i in spec.inputs)
 
 
 def _simplify(proto):
@@ -94,6 +137,7 @@ def write_metadata(proto, spec: ModelSpec) -> None:
         "input_name": proto.graph.input[0].name,
         "input_shape": json.dumps(list(spec.input_shape)),
         "input_dtype": spec.input_dtype,
+        "inputs": json.dumps([i.as_dict() for i in spec.inputs]),
         "labels": json.dumps(spec.label_names() or []),
         "preprocess": json.dumps(spec.preprocess.as_dict()),
         "model": f"{spec.name} {spec.version}",

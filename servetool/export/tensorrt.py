@@ -37,6 +37,10 @@ def export(spec: ModelSpec, model, out_dir: Path, fmt: Format) -> Artifact:
 
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"{spec.name}: tensorrt needs a PyTorch model, the source is {model}")
+    if len(spec.inputs) != 1 or spec.inputs[0].dynamic:
+        raise ExportError(f"{spec.name}: the tensorrt formats take one input of a fixed shape "
+                          "here; this model's are "
+                          + ", ".join(f"{i.name} {list(i.shape)}" for i in spec.inputs))
     precision = torch.float16 if fmt.precision == "fp16" else torch.float32
     shape = tuple(spec.input_shape)
     inputs = [torch_tensorrt.Input(min_shape=(1, *shape), opt_shape=(8, *shape),

@@ -13,17 +13,21 @@ from pathlib import Path
 
 import numpy as np
 
+from handlers.batching import apply, batch_size
 from servetool.export import Artifact, ExportError, example_batch, runner_for
 from servetool.formats import Format
 from servetool.spec import ModelSpec
 
 
-def probe_inputs(spec: ModelSpec) -> list[np.ndarray]:
-    """Inputs unlike the tracing example: other batch sizes, signs and scales."""
-    base = [example_batch(spec, n, seed=100 + n) for n in (1, 3, 5)]
-    if spec.input_dtype.startswith("int"):
+def probe_inputs(spec: ModelSpec) -> list:
+    """Inputs unlike the tracing example: other batch sizes, lengths of dynamic axes, signs and
+    scales."""
+    base = [example_batch(spec, n, seed=100 + n, length=length)
+            for n, length in ((1, 3), (3, 11), (5, 5))]
+    if any(i.dtype.startswith("int") for i in spec.inputs):
         return base
-    return base + [-base[1], base[1] * 10.0, np.abs(base[2]), np.zeros_like(base[0])]
+    return base + [apply(base[1], np.negative), apply(base[1], lambda a: a * 10.0),
+                   apply(base[2], np.abs), apply(base[0], np.zeros_like)]
 
 
 def disagreement(model, candidate, inputs: list[np.ndarray], atol: float) -> str | None:
@@ -33,13 +37,15 @@ def disagreement(model, candidate, inputs: list[np.ndarray], atol: float) -> str
         try:
             got = other(x)
         except Exception as exc:  # a trace with a frozen shape fails outright on another batch
-            return f"fails on a batch of {len(x)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            return (f"fails on a batch of {batch_size(x)}: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0]}")
         for i, (e, a) in enumerate(zip(eager(x), got, strict=False)):
             if e.shape != a.shape:
                 return f"output {i} has shape {list(a.shape)} instead of {list(e.shape)}"
             diff = float(np.abs(e - a).max()) if e.size else 0.0
             if not diff <= atol:
-                return f"output {i} differs by {diff:.3g} (> {atol:g}) on a batch of {len(x)}"
+                return (f"output {i} differs by {diff:.3g} (> {atol:g}) on a batch of "
+                        f"{batch_size(x)}")
     return None
 
 
@@ -77,14 +83,16 @@ def export(spec: ModelSpec, model, target: Path, fmt: Format) -> Artifact:
     return Artifact(fmt, target, [target], notes)
 
 
-def _trace(model, example: np.ndarray):
+def _trace(model, example):
     import torch
 
+    arrays = list(example.values()) if isinstance(example, dict) else [example]
     with warnings.catch_warnings():
         # jit.trace is deprecated in torch 2.13 but remains what TorchServe loads natively.
         warnings.simplefilter("ignore")
         try:
-            return torch.jit.trace(model, torch.from_numpy(example), check_trace=False)
+            return torch.jit.trace(model, tuple(torch.from_numpy(a) for a in arrays),
+                                   check_trace=False)
         except Exception as exc:
             raise ExportError(f"TorchScript trace failed: {type(exc).__name__}: {exc}") from None
 

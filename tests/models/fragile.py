@@ -36,3 +36,19 @@ class DetectLikeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x).flatten(2)
+
+
+class MaskedMean(nn.Module):
+    """Two named inputs with a dynamic `seq` axis (token ids and their attention mask), two outputs:
+    the mask-weighted mean of the token states ([4]) and the states themselves ([seq, 4])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        states = self.proj(self.embed(input_ids))
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return pooled, states

@@ -1,0 +1,149 @@
+"""The model contract: several named inputs, dynamic axes padded per batch, outputs by name,
+through package, the handler and a real TorchServe; an ONNX source's inputs read from the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from ts.context import Context, RequestProcessor
+
+from handlers.entry import ServeHandler
+from servetool import archive, export
+from servetool.package import convert, package
+from servetool.spec import SpecError, load_spec
+from servetool.targets.local import LocalTarget
+from tests.conftest import server_options
+from tests.test_server import http_predict
+
+FRAGILE = Path(__file__).with_name("models") / "fragile.py"
+INPUTS = [{"name": "input_ids", "shape": ["seq"], "dtype": "int64"},
+          {"name": "attention_mask", "shape": ["seq"], "dtype": "int64"}]
+
+
+def write(folder: Path, raw: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "servetool.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return folder
+
+
+def masked_mean_spec(folder: Path, **extra) -> Path:
+    return write(folder, {"name": "maskedmean", "source": {
+        "model_file": str(FRAGILE), "class": "MaskedMean", "random_weights": True},
+        "inputs": INPUTS, "outputs": ["pooled", "states"], "task": "tensor", "format": "onnx",
+        **extra})
+
+
+def request(ids: list[int]) -> dict:
+    return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
+def handle(folder: Path, config: dict, payloads: list) -> tuple[list, list[int]]:
+    context = Context("m", str(folder), {}, len(payloads), None, "0.12.0", model_yaml_config=config)
+    handler = ServeHandler()
+    handler.initialize(context)
+    context.request_processor = [RequestProcessor({}) for _ in payloads]
+    replies = handler.handle([{"body": json.dumps(p).encode()} for p in payloads], context)
+    return ([json.loads(r) for r in replies],
+            [context.get_response_status(i)[0] or 200 for i in range(len(payloads))])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("maskedmean")
+    spec = load_spec(masked_mean_spec(folder / "spec"))
+    artifact, report = convert(spec, "onnx", folder)
+    return spec, folder, artifact, report
+
+
+def test_named_inputs_and_dynamic_axes_export_and_pass_the_gate(exported):
+    spec, _, artifact, report = exported
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(artifact.path))
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [
+        ("input_ids", ["batch", "seq"]), ("attention_mask", ["batch", "seq"])]
+    assert [o.name for o in session.get_outputs()] == ["pooled", "states"]
+    assert report.ok and [o.name for o in report.outputs] == ["pooled", "states"]
+    assert all(o.top1_agreement is None for o in report.outputs)  # not a classifier
+
+
+def test_requests_of_different_lengths_in_one_batch_get_their_answers_alone(exported):
+    spec, folder, artifact, _ = exported
+    config = archive.model_config(spec, artifact)
+    payloads = [request([1, 2, 3]), request([4, 5, 6, 7, 8, 9, 1, 2]), {"input_ids": [1]},
+                request([9]), {"input_ids": [1, 2], "attention_mask": [1]},
+                request([5, 5, 5, 5, 5])]
+    replies, statuses = handle(folder, config, payloads)
+    assert statuses == [200, 200, 400, 200, 400, 200]
+    assert "missing 'attention_mask'" in replies[2]["error"]
+    assert "axis 'seq' is 2 long in one input and 1 in 'attention_mask'" in replies[4]["error"]
+    for i in (0, 1, 3, 5):
+        alone, _ = handle(folder, config, [payloads[i]])
+        assert set(replies[i]) == {"pooled", "states"}
+        assert len(replies[i]["states"]) == len(payloads[i]["input_ids"])  # padding cropped off
+        np.testing.assert_allclose(replies[i]["pooled"], alone[0]["pooled"], atol=1e-6)
+        np.testing.assert_allclose(replies[i]["states"], alone[0]["states"], atol=1e-6)
+    model = export.load_original(spec)
+    with torch.inference_mode():
+        pooled, _ = model(torch.tensor([[4, 5, 6, 7, 8, 9, 1, 2]]), torch.ones(1, 8, dtype=torch.long))
+    np.testing.assert_allclose(replies[1]["pooled"], pooled[0].numpy(), atol=1e-5)
+
+
+def test_an_onnx_source_is_read_for_its_inputs_and_served_over_http(exported, tmp_path):
+    _, _, artifact, _ = exported
+    shutil.copyfile(artifact.path, tmp_path / "model.onnx")
+    folder = write(tmp_path / "spec", {"name": "fromonnx", "source": {"onnx": "../model.onnx"},
+                                       "task": "tensor"})
+    spec = load_spec(folder)  # no input: section at all
+    assert [(i.name, i.shape, i.dtype) for i in spec.inputs] == [
+        ("input_ids", ("seq",), "int64"), ("attention_mask", ("seq",), "int64")]
+    # and a TorchScript source with the same two inputs, exported to ONNX
+    scripted = torch.jit.script(export.load_original(load_spec(masked_mean_spec(tmp_path / "m"))))
+    scripted.save(str(tmp_path / "mm.ts"))
+    ts_folder = write(tmp_path / "ts", {"name": "fromts", "source": {"torchscript": "../mm.ts"},
+                                        "inputs": INPUTS, "task": "tensor"})
+    store = tmp_path / "store"
+    package(spec, store)
+    package(load_spec(ts_folder), store)
+    target = LocalTarget(server_options(tmp_path / "run", store))
+    try:
+        target.deploy([])
+        state = target.running()
+        bodies = [request([1, 2, 3]), request([7] * 9), request([4]), request([2, 3])]
+        for model in ("fromonnx", "fromts"):
+            with ThreadPoolExecutor(4) as pool:
+                replies = list(pool.map(lambda b, m=model: http_predict(
+                    state, m, json.dumps(b).encode(), "application/json"), bodies))
+            assert [r.status_code for r in replies] == [200] * 4, replies[0].text
+            for body, reply in zip(bodies, replies, strict=True):
+                answer = reply.json()
+                states = answer["states"] if model == "fromonnx" else answer["output_1"]
+                assert len(states) == len(body["input_ids"])
+    finally:
+        target.down()
+
+
+def test_spec_errors_for_inputs(tmp_path):
+    cases = [
+        ({"inputs": INPUTS + [INPUTS[0]]}, "names an input twice"),
+        ({"inputs": [{"name": "x", "shape": ["seq", 0]}]}, "has 0 at position 1"),
+        ({"inputs": [{"shape": [4]}]}, "key 'inputs[0].name' is required"),
+        ({"input": {"shape": [4]}, "inputs": INPUTS}, "and input both given"),
+    ]
+    for extra, words in cases:
+        with pytest.raises(SpecError, match=None) as err:
+            raw = yaml.safe_load((masked_mean_spec(tmp_path / "x").joinpath("servetool.yaml"))
+                                 .read_text())
+            raw.pop("inputs")
+            raw.update(extra)
+            load_spec(write(tmp_path / "y", raw))
+        assert words in str(err.value), str(err.value)
+    with pytest.raises(SpecError, match="image-classification takes one input"):
+        load_spec(masked_mean_spec(tmp_path / "z", task="image-classification"))
