@@ -432,8 +432,8 @@ def _parse_input(inp: _Reader, default_name: str | None) -> InputSpec:
     raw_shape = inp.get("shape", list)
     shape: list[int | str] = []
     for i, dim in enumerate(raw_shape):
-        if dim is None or dim == -1:  # dynamic, unnamed
-            shape.append(f"{name.replace('.', '_')}_{i}")
+        if dim is None or dim == -1:  # dynamic, unnamed: named for its axis (batch is 0)
+            shape.append(f"{name.replace('.', '_')}_{i + 1}")
         elif _axis(dim):
             shape.append(dim)
         else:

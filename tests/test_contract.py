@@ -20,6 +20,7 @@ from servetool.package import convert, package
 from servetool.spec import SpecError, load_spec
 from servetool.targets.local import LocalTarget
 from tests.conftest import server_options
+from tests.test_cli import run
 from tests.test_server import http_predict
 
 FRAGILE = Path(__file__).with_name("models") / "fragile.py"
@@ -100,7 +101,9 @@ def test_an_onnx_source_is_read_for_its_inputs_and_served_over_http(exported, tm
     _, _, artifact, _ = exported
     shutil.copyfile(artifact.path, tmp_path / "model.onnx")
     folder = write(tmp_path / "spec", {"name": "fromonnx", "source": {"onnx": "../model.onnx"},
-                                       "task": "tensor"})
+                                       "task": "tensor",  # batches of 4: lengths mix in one batch
+                                       "batch": {"size": 4, "max_delay_ms": 1000},
+                                       "workers": {"min": 1, "max": 1}})
     spec = load_spec(folder)  # no input: section at all
     assert [(i.name, i.shape, i.dtype) for i in spec.inputs] == [
         ("input_ids", ("seq",), "int64"), ("attention_mask", ("seq",), "int64")]
@@ -110,22 +113,33 @@ def test_an_onnx_source_is_read_for_its_inputs_and_served_over_http(exported, tm
     ts_folder = write(tmp_path / "ts", {"name": "fromts", "source": {"torchscript": "../mm.ts"},
                                         "inputs": INPUTS, "task": "tensor"})
     store = tmp_path / "store"
-    package(spec, store)
+    packaged = run("package", str(folder), "--model-store", str(store))  # through the CLI
+    assert packaged.returncode == 0, packaged.stderr
     package(load_spec(ts_folder), store)
     target = LocalTarget(server_options(tmp_path / "run", store))
     try:
         target.deploy([])
         state = target.running()
         bodies = [request([1, 2, 3]), request([7] * 9), request([4]), request([2, 3])]
+        alone = [http_predict(state, "fromonnx", json.dumps(b).encode(), "application/json").json()
+                 for b in bodies]
         for model in ("fromonnx", "fromts"):
             with ThreadPoolExecutor(4) as pool:
                 replies = list(pool.map(lambda b, m=model: http_predict(
                     state, m, json.dumps(b).encode(), "application/json"), bodies))
             assert [r.status_code for r in replies] == [200] * 4, replies[0].text
-            for body, reply in zip(bodies, replies, strict=True):
+            for body, reply, single in zip(bodies, replies, alone, strict=True):
                 answer = reply.json()
                 states = answer["states"] if model == "fromonnx" else answer["output_1"]
                 assert len(states) == len(body["input_ids"])
+                pooled = answer["pooled"] if model == "fromonnx" else answer["output_0"]
+                np.testing.assert_allclose(pooled, single["pooled"], atol=1e-5)
+        sample = tmp_path / "request.json"
+        sample.write_text(json.dumps(request([3, 1, 4, 1, 5])))
+        predicted = run("predict", "fromonnx", str(sample), "--json", "--run-dir",
+                        str(target.opts.run_dir), "--model-store", str(store))
+        assert predicted.returncode == 0, predicted.stderr
+        assert len(json.loads(predicted.stdout)["prediction"]["states"]) == 5
     finally:
         target.down()
 
@@ -147,3 +161,14 @@ def test_spec_errors_for_inputs(tmp_path):
         assert words in str(err.value), str(err.value)
     with pytest.raises(SpecError, match="image-classification takes one input"):
         load_spec(masked_mean_spec(tmp_path / "z", task="image-classification"))
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ([-1], ("x_1",)), ([None, 4], ("x_1", 4)), (["seq"], ("seq",)), ([3, "h", "w"], (3, "h", "w")),
+])
+def test_any_length_axes_can_be_written_as_a_name_null_or_minus_one(tmp_path, shape, expected):
+    spec = load_spec(write(tmp_path / "s", {
+        "name": "anylength", "source": {"model_file": str(FRAGILE), "class": "ExpNet",
+                                        "random_weights": True},
+        "input": {"name": "x", "shape": shape}, "task": "tensor"}))
+    assert spec.inputs[0].shape == expected

@@ -136,3 +136,24 @@ def test_an_export_failure_is_one_line_with_the_whole_cause(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if not line.startswith("... ")]
     assert len(lines) == 1 and lines[0].startswith("error: ONNX export failed: "), proc.stderr
     assert "GuardOnDataDependentSymNode" in lines[0] and len(lines[0]) > 200
+
+
+def test_a_whole_module_with_the_opt_in_is_packaged_and_served(tmp_path):
+    from servetool.targets.local import LocalTarget
+    from tests.conftest import server_options
+    from tests.test_server import http_predict
+
+    pickled = save_whole_module(tmp_path / "whole.pt")
+    folder = spec_with_source(tmp_path / "s", {
+        "pickled_module": str(pickled), "trust_pickle": True,
+        "model_file": str(DIGITS / "model.py")}, name="digits_pickled")
+    proc = run("package", str(folder), "--model-store", str(tmp_path / "store"))
+    assert proc.returncode == 0, proc.stderr
+    target = LocalTarget(server_options(tmp_path / "run", tmp_path / "store"))
+    try:
+        target.deploy([])
+        reply = http_predict(target.running(), "digits_pickled",
+                             (DIGITS / "samples" / "digit_7.png").read_bytes())
+        assert reply.status_code == 200 and next(iter(reply.json())) == "seven"
+    finally:
+        target.down()
