@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from handlers.batching import batch_size, take
 from servetool import archive, export, validate
 from servetool.formats import get_format
 from servetool.spec import ModelSpec
@@ -26,11 +27,12 @@ def gate_batches(spec: ModelSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(random, real) input batches of sizes 1, 4 and 16 for the parity check."""
     # dynamic axes at other lengths than the export example's
     random = [export.example_batch(spec, n, seed=n, length=3 + 2 * n) for n in PARITY_BATCH_SIZES]
-    real: list[np.ndarray] = []
-    if (spec.validation is not None or spec.calibration is not None) and len(spec.inputs) == 1:
+    real: list = []
+    if spec.validation is not None or spec.calibration is not None:
         x = export.sample_inputs(spec, sum(PARITY_BATCH_SIZES))
         edges = np.cumsum((0, *PARITY_BATCH_SIZES))
-        real = [x[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b <= len(x)]
+        real = [take(x, a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)
+                if b <= batch_size(x)]
     return random, real
 
 

@@ -96,13 +96,22 @@ class DataRef:
     samples: int | None = None
     images: bool = False
 
-    def load(self) -> tuple[Any, Any]:
+    def load(self, names: list[str] | None = None) -> tuple[Any, Any]:
+        """(x, y): x an array, or {input name: array} for a model of several inputs (the .npz
+        then holds one array per input name instead of x)."""
         import numpy as np
 
         with np.load(self.path) as data:
-            x = data["x"][: self.samples] if self.samples else data["x"]
-            y = data["y"][: len(x)] if "y" in data.files else None
-        return x, y
+            keys = names if names and len(names) > 1 else ["x"]
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise SpecError(f"{self.path}: holds {', '.join(data.files)}, not "
+                                f"{', '.join(missing)} (one array per model input"
+                                + (", under its name)" if len(keys) > 1 else ")"))
+            arrays = {k: data[k][: self.samples] if self.samples else data[k] for k in keys}
+            count = len(next(iter(arrays.values())))
+            y = data["y"][:count] if "y" in data.files else None
+        return (arrays["x"] if keys == ["x"] else arrays), y
 
     def image_files(self) -> list[tuple[Path, str | None]]:
         files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -189,7 +198,7 @@ class ModelSpec:
     def load_data(self, ref: DataRef) -> tuple[Any, Any]:
         """Model inputs (and labels, where known) of a validation or calibration set."""
         if not ref.images:
-            return ref.load()
+            return ref.load([i.name for i in self.inputs])
         import numpy as np
 
         from handlers.tasks import ImageClassification
@@ -361,8 +370,8 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     max_request_bytes = top.get("max_request_bytes", int, None, check=_positive)
     export = _parse_export(top.child("export", None))
     runtime = _parse_runtime(top.child("runtime", None))
-    validation = _parse_data(top.child("validation", None), directory, labelled=True)
-    calibration = _parse_data(top.child("calibration", None), directory, labelled=False)
+    validation = _parse_data(top.child("validation", None), directory, True, inputs)
+    calibration = _parse_data(top.child("calibration", None), directory, False, inputs)
     tolerance = _parse_tolerance(top.child("tolerance", None))
     top.finish()
     if fmt == "onnx-int8-static" and calibration is None and validation is None:
@@ -575,7 +584,8 @@ def _parse_runtime(section: _Reader | None) -> RuntimeOptions:
     return result
 
 
-def _parse_data(section: _Reader | None, directory: Path, labelled: bool) -> DataRef | None:
+def _parse_data(section: _Reader | None, directory: Path, labelled: bool,
+                inputs: tuple[InputSpec, ...] = ()) -> DataRef | None:
     if section is None:
         return None
     samples = section.get("samples", int, None, check=_positive)
@@ -598,7 +608,8 @@ def _parse_data(section: _Reader | None, directory: Path, labelled: bool) -> Dat
             files = set(data.files)
     except (OSError, ValueError) as exc:
         section.fail(f"names a file that is not an .npz archive: {path} ({exc})", section.key("data"))
-    needed = {"x", "y"} if labelled else {"x"}
+    arrays = {i.name for i in inputs} if len(inputs) > 1 else {"x"}  # several: one per name
+    needed = arrays | ({"y"} if labelled else set())
     if not needed <= files:
         section.fail(f"names {path}, which lacks array(s) {', '.join(sorted(needed - files))} "
                      f"(has {', '.join(sorted(files)) or 'none'})", section.key("data"))

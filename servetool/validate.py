@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from handlers.batching import batch_size
+from handlers.batching import apply, batch_size, take
 from servetool.errors import ServetoolError
 from servetool.formats import get_format
 from servetool.spec import ModelSpec, Tolerance
@@ -160,23 +160,23 @@ def _compare(name: str, pairs, fmt: str, limits: Limits, problems: list[str],
     return OutputParity(name, max_abs, max_rel, bound, top1, list(pairs[0][0].shape[1:]), cosine)
 
 
-def top1_accuracy(run, x: np.ndarray, y: np.ndarray) -> float:
-    """Share of samples whose first output's argmax is the label."""
-    hits = 0
-    for start in range(0, len(x), ACCURACY_BATCH):
-        out = run(np.ascontiguousarray(x[start:start + ACCURACY_BATCH]))[0]
+def top1_accuracy(run, x, y: np.ndarray) -> float:
+    """Share of samples whose first output's argmax is the label (x: an array, or feeds)."""
+    hits, count = 0, batch_size(x)
+    for start in range(0, count, ACCURACY_BATCH):
+        out = run(apply(take(x, start, start + ACCURACY_BATCH), np.ascontiguousarray))[0]
         hits += int((np.asarray(out).argmax(1) == y[start:start + ACCURACY_BATCH]).sum())
-    return hits / len(x)
+    return hits / count
 
 
-def check_accuracy(original, artifact, x: np.ndarray, y: np.ndarray, limits: Limits,
+def check_accuracy(original, artifact, x, y: np.ndarray, limits: Limits,
                    report: ValidationReport) -> ValidationReport:
     before, after = top1_accuracy(original, x, y), top1_accuracy(artifact, x, y)
     drop = (before - after) * 100
-    report.accuracy = Accuracy(len(x), before, after, drop)
+    report.accuracy = Accuracy(batch_size(x), before, after, drop)
     if drop > limits.max_accuracy_drop:
         report.problems.append(f"top-1 accuracy fell from {before:.2%} to {after:.2%} on "
-                               f"{len(x)} validation samples: {drop:.2f} points > allowed "
+                               f"{batch_size(x)} validation samples: {drop:.2f} points > allowed "
                                f"{limits.max_accuracy_drop:.2f}")
     return report
 
@@ -196,8 +196,11 @@ def validate(spec: ModelSpec, original, artifact, fmt: str, limits: Limits,
     check_parity(original, artifact, batches, fmt, limits, report=report, classifier=classifier,
                  output_names=output_names)
     if spec.validation is not None and report.outputs:
+        from servetool.export import as_input_dtypes
+
         x, y = spec.load_data(spec.validation)
-        check_accuracy(original, artifact, x.astype(spec.input_dtype), y, limits, report)
+        if y is not None:
+            check_accuracy(original, artifact, as_input_dtypes(spec, x), y, limits, report)
     return report
 
 

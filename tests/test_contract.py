@@ -172,3 +172,16 @@ def test_any_length_axes_can_be_written_as_a_name_null_or_minus_one(tmp_path, sh
                                         "random_weights": True},
         "input": {"name": "x", "shape": shape}, "task": "tensor"}))
     assert spec.inputs[0].shape == expected
+
+
+def test_validation_data_for_several_inputs_is_one_array_per_input_name(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 10, (20, 6))
+    np.savez(tmp_path / "val.npz", input_ids=ids, attention_mask=np.ones_like(ids),
+             y=rng.integers(0, 4, 20))
+    spec = load_spec(masked_mean_spec(tmp_path / "s", validation={"data": str(tmp_path / "val.npz")}))
+    _, report = convert(spec, "onnx", tmp_path / "out")
+    assert report.ok and report.accuracy.samples == 20 and report.accuracy.drop_points == 0
+    np.savez(tmp_path / "bad.npz", x=ids, y=rng.integers(0, 4, 20))
+    with pytest.raises(SpecError, match="lacks array.s. attention_mask, input_ids"):
+        load_spec(masked_mean_spec(tmp_path / "b", validation={"data": str(tmp_path / "bad.npz")}))

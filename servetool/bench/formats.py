@@ -98,7 +98,9 @@ def _eager_accuracy(spec: ModelSpec, original) -> float | None:
     from servetool.validate import top1_accuracy
 
     x, y = spec.load_data(spec.validation)
-    return top1_accuracy(export.runner_for(original), x, y)
+    if y is None:
+        return None
+    return top1_accuracy(export.runner_for(original), export.as_input_dtypes(spec, x), y)
 
 
 def _row(fmt: str, precision: str, report, numbers: dict[str, Any], size: int,

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from handlers.batching import take
 from servetool.errors import ServetoolError
 from servetool.formats import Format, get_format
 from servetool.spec import ModelSpec
@@ -187,8 +188,16 @@ def sample_inputs(spec: ModelSpec, count: int = 64) -> np.ndarray:
     for ref in (spec.validation, spec.calibration):
         if ref is not None:
             x, _ = spec.load_data(ref)
-            return np.ascontiguousarray(x[:count], dtype=spec.input_dtype)
+            return as_input_dtypes(spec, take(x, 0, count))
     return example_batch(spec, count, seed=7)
+
+
+def as_input_dtypes(spec: ModelSpec, batch: Any) -> Any:
+    """Data as each input's dtype (an .npz may hold float64 or int32 where the model takes
+    float32 or int64)."""
+    if isinstance(batch, dict):
+        return {i.name: np.ascontiguousarray(batch[i.name], dtype=i.dtype) for i in spec.inputs}
+    return np.ascontiguousarray(batch, dtype=spec.input_dtype)
 
 
 def runner_for(original) -> Runner:
