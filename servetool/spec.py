@@ -333,7 +333,7 @@ def load_spec(path: str | Path) -> ModelSpec:
     try:
         raw = yaml.safe_load(spec_file.read_text())
     except yaml.YAMLError as exc:
-        raise SpecError(f"{spec_file}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise SpecError(f"{spec_file}: not valid YAML: {' '.join(str(exc).split())}") from None
     return parse_spec(raw, spec_file)
 
 

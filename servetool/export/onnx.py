@@ -164,7 +164,9 @@ def check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"{path}: onnx.checker rejects the model: {str(exc).splitlines()[0]}") from None
+        from servetool.export import whole_cause
+
+        raise ExportError(f"{path}: onnx.checker rejects the model: {whole_cause(exc)}") from None
 
 
 def add_optimized_model(artifact: Artifact, spec: ModelSpec) -> None:

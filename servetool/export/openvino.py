@@ -24,8 +24,9 @@ def convert(base: Path, target: Path, fmt: Format) -> Artifact:
         model = ov.convert_model(str(base))
         ov.save_model(model, str(target), compress_to_fp16=False)
     except Exception as exc:
-        raise ExportError(f"OpenVINO conversion failed: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0]}") from None
+        from servetool.export import whole_cause
+
+        raise ExportError(f"OpenVINO conversion failed: {whole_cause(exc)}") from None
     weights = target.with_suffix(".bin")
     # The IR stays fp32; the precision is a property of how the CPU plugin compiles it.
     options = {"inference_precision": "bf16" if fmt.precision == "bf16" else "f32"}

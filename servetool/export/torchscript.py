@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from handlers.batching import apply, batch_size
-from servetool.export import Artifact, ExportError, example_batch, runner_for
+from servetool.export import Artifact, ExportError, example_batch, runner_for, whole_cause
 from servetool.formats import Format
 from servetool.spec import ModelSpec
 
@@ -94,7 +94,7 @@ def _trace(model, example):
             return torch.jit.trace(model, tuple(torch.from_numpy(a) for a in arrays),
                                    check_trace=False)
         except Exception as exc:
-            raise ExportError(f"TorchScript trace failed: {type(exc).__name__}: {exc}") from None
+            raise ExportError(f"TorchScript trace failed: {whole_cause(exc)}") from None
 
 
 def _script(spec: ModelSpec, model, why: str | None):
@@ -105,6 +105,6 @@ def _script(spec: ModelSpec, model, why: str | None):
         try:
             return torch.jit.script(model)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0]
             reason = f"the trace was rejected ({why}) and " if why else ""
-            raise ExportError(f"{spec.name}: {reason}torch.jit.script failed: {first}") from None
+            raise ExportError(f"{spec.name}: {reason}torch.jit.script failed: "
+                              f"{whole_cause(exc)}") from None
