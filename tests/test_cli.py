@@ -155,3 +155,32 @@ def test_package_deploy_predict_scale_status_stop(tmp_path):
 def test_model_names_and_versions_are_checked_before_any_request(args, words, tmp_path):
     proc = run(*args, "--run-dir", str(tmp_path / "nothing-runs-here"))
     assert_clean_error(proc, words, "is not valid")
+
+
+@pytest.mark.server
+def test_a_deployment_outside_the_repository_gets_the_same_frontend_settings(tmp_path, model_store):
+    """servetool's tuning is its own default, not this repository's config.properties."""
+    import shutil
+
+    from servetool import torchserve
+
+    scratch = tmp_path / "project"
+    (scratch / "model_store").mkdir(parents=True)
+    shutil.copyfile(model_store / "digits.mar", scratch / "model_store" / "digits.mar")
+    ports = free_ports()
+    deployed = run("deploy", *[f"--{api.replace('_', '-')}-port={p}" for api, p in ports.items()],
+                   cwd=scratch)
+    try:
+        assert deployed.returncode == 0, deployed.stderr
+        outside = torchserve.read_properties(scratch / ".servetool" / "config.properties")
+    finally:
+        run("stop", cwd=scratch)
+    inside_file = torchserve.render_config(torchserve.ServerOptions(
+        run_dir=tmp_path / "inside", model_store=scratch / "model_store",
+        base_config=ROOT / "config.properties"))
+    inside = torchserve.read_properties(inside_file)
+    for key in ("number_of_netty_threads", "netty_client_threads", "vmargs", "async_logging",
+                "job_queue_size", "default_response_timeout", "metrics_mode"):
+        assert outside[key] == inside[key], key
+    assert outside["number_of_netty_threads"] == "1" and "-XX:+UseSerialGC" in outside["vmargs"]
+    assert "-XX:TieredStopAtLevel=1" in outside["vmargs"]

@@ -193,8 +193,8 @@ def test_build_failure_quotes_the_failing_step(tmp_path, model_store, docker_eng
 def test_container_that_exits_is_explained(tmp_path, model_store, docker_engine):
     # A JVM that cannot start: the container exits at once and its last log lines are quoted.
     broken = tmp_path / "config.properties"
-    broken.write_text((ROOT / "config.properties").read_text().replace(
-        "vmargs=", "vmargs=-XX:+ThisOptionDoesNotExist "))
+    broken.write_text((ROOT / "config.properties").read_text()
+                      + "\nvmargs=-XX:+ThisOptionDoesNotExist\n")
     proc = cli("deploy", "digits", "--target", "docker", "--network", "host", "--base-image",
                LOCAL_BASE_IMAGE, "--model-store", str(model_store), "--config", str(broken),
                "--container-name", "servetool-broken", *port_args(free_ports()),
