@@ -1,5 +1,6 @@
 """Serving throughput side by side, in one run: the in-process limit, Flask + eager PyTorch, stock
-TorchServe (a tutorial handler with default config and logging), and servetool's default deployment.
+TorchServe (a tutorial handler with default config and logging), servetool's default deployment,
+and the same run as a user gets it (the CLI in a scratch folder outside this repository, no flags).
 
 Same machine, same model, same request bodies, same closed-loop load (servetool's load generator,
 whose own CPU use is reported). Run on demand, not in CI:
@@ -254,12 +255,36 @@ def servetool_default(spec: ModelSpec, workdir: Path) -> tuple[LocalTarget, str,
     return target, f"{target.running().url('inference')}/predictions/{spec.name}", headers
 
 
+# --- 5. servetool as a user runs it: the CLI, from a folder outside this repository, no flags -------
+def servetool_as_user(spec: ModelSpec, workdir: Path) -> tuple[Any, str, dict]:
+    """`servetool package` and `servetool deploy` in a scratch project folder: no
+    config.properties of this repository applies, only servetool's own defaults."""
+    import json as json_module
+
+    cli = str(Path(sys.executable).with_name("servetool"))
+    project = workdir / "project"
+    project.mkdir()
+    subprocess.run([cli, "package", str(spec.directory)], cwd=project, check=True,
+                   capture_output=True)
+    ports = free_ports()
+    subprocess.run([cli, "deploy", *(f"--{api.replace('_', '-')}-port={port}"
+                                     for api, port in ports.items())],
+                   cwd=project, check=True, capture_output=True)
+    keys = json_module.loads((project / ".servetool" / "key_file.json").read_text())
+    headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
+    url = f"http://127.0.0.1:{ports['inference']}/predictions/{spec.name}"
+    return (lambda: subprocess.run([cli, "stop"], cwd=project, capture_output=True)), url, headers
+
+
 SAMPLE_BODY: list[bytes] = []
 
 
 def stop(handle) -> None:
     if isinstance(handle, LocalTarget):
         handle.down()
+        return
+    if callable(handle):
+        handle()
         return
     try:
         os.killpg(handle.pid, signal.SIGTERM)
@@ -305,7 +330,8 @@ def bench_model(model: str, args) -> dict[str, Any]:
                      "throughput": int8["throughput"]})
     setups = [("Flask dev server + eager PyTorch", flask_server),
               ("stock TorchServe (tutorial handler, defaults)", stock_torchserve),
-              ("servetool default deployment", servetool_default)]
+              ("servetool default deployment", servetool_default),
+              ("servetool as a user runs it (CLI, scratch folder, no flags)", servetool_as_user)]
     if args.int8:  # the same deployment, with the format swapped for one that passes the gate
         setups.append(("servetool default deployment, onnx-int8-static",
                        lambda spec, workdir: servetool_default(replace(spec, format="onnx-int8-static"),
