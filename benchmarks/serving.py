@@ -162,7 +162,11 @@ TUTORIAL_HANDLER = textwrap.dedent('''
             for row in data:
                 raw = row.get("data") or row.get("body")
                 image = Image.open(io.BytesIO(raw)).convert("L" if PRE["grayscale"] else "RGB")
-                if PRE["resize"]:
+                if isinstance(PRE["resize"], int):  # torchvision's Resize(int): shorter side
+                    w, h = image.size
+                    s = PRE["resize"]
+                    image = image.resize((s, int(s * h / w)) if w <= h else (int(s * w / h), s))
+                elif PRE["resize"]:
                     image = image.resize((PRE["resize"][1], PRE["resize"][0]))
                 if PRE["center_crop"]:
                     h, w = PRE["center_crop"]
@@ -219,9 +223,14 @@ def stock_torchserve(spec: ModelSpec, workdir: Path) -> tuple[subprocess.Popen, 
         stderr=subprocess.DEVNULL, start_new_session=True)
     key_file = workdir / "key_file.json"
     deadline = time.monotonic() + 180
-    while not key_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.3)
-    keys = json.loads(key_file.read_text())
+    keys = None
+    while keys is None and time.monotonic() < deadline:  # the file appears before its content
+        try:
+            keys = json.loads(key_file.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.3)
+    if keys is None:
+        raise RuntimeError(f"stock TorchServe wrote no {key_file} within 180 s")
     headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
     url = f"http://127.0.0.1:{ports['inference']}/predictions/{spec.name}"
     _wait_prediction(url, headers)
