@@ -116,7 +116,11 @@ FLASK_APP = textwrap.dedent('''
     @app.post("/predict")
     def predict():
         image = Image.open(io.BytesIO(request.get_data())).convert("L" if pre.grayscale else "RGB")
-        if pre.resize:
+        if isinstance(pre.resize, int):  # torchvision's Resize(int): the shorter side
+            w, h = image.size
+            s = pre.resize
+            image = image.resize((s, int(s * h / w)) if w <= h else (int(s * w / h), s))
+        elif pre.resize:
             image = image.resize((pre.resize[1], pre.resize[0]))
         if pre.center_crop:
             h, w = pre.center_crop
