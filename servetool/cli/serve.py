@@ -1,261 +1,36 @@
-"""servetool's command line: thin click commands that parse options and call plain functions."""
+"""Commands that run and operate a deployment: deploy, image, predict, scale, status, token, stop."""
 
 from __future__ import annotations
 
-import functools
 import json
 import mimetypes
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from servetool import __version__
+from servetool.cli.common import (
+    TARGETS,
+    check_model_args,
+    default_config,
+    echo_stderr,
+    emit,
+    friendly_errors,
+    json_option,
+    kube_options,
+    kube_target,
+    main,
+    make_target,
+    progress,
+    require_name,
+    server_options,
+    server_setting,
+    store_options,
+)
 from servetool.errors import ServetoolError
-from servetool.formats import FORMATS
-from servetool.management import check_name, check_version, explain_failure, model_path
-from servetool.torchserve import DEFAULT_PORTS, ServerOptions
-
-RUN_DIR_DEFAULT = ".servetool"
-FORMAT_NAMES = list(FORMATS)
-
-
-def _stderr(message: str) -> None:
-    click.echo(message, err=True)
-
-
-def progress(message: str) -> None:
-    """Progress goes to stderr so that --json output on stdout stays parseable."""
-    _stderr(f"... {message}")
-
-
-def friendly_errors(func):
-    """Expected failures become one message and exit 1; never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except ServetoolError as exc:
-            _stderr(f"error: {exc}")
-            sys.exit(1)
-        except KeyboardInterrupt:
-            _stderr("interrupted")
-            sys.exit(130)
-
-    return wrapper
-
-
-def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
-    click.echo(json.dumps(data, indent=2) if as_json else text)
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-
-
-TARGETS = ["local", "docker", "kubernetes"]
-target_option = click.option(
-    "--target", type=click.Choice(TARGETS), envvar="SERVETOOL_TARGET", default="local",
-    show_default=True, help="Which deployment: the embedded local server, the Docker container, or "
-                            "a Kubernetes deployment (with the --kubeconfig/--name options).")
-
-
-def kube_options(func):
-    """Which Kubernetes deployment, and how to reach the cluster."""
-    options = [
-        click.option("--kubeconfig", type=click.Path(path_type=Path), envvar="KUBECONFIG",
-                     default=None, help="kubernetes: the cluster's kubeconfig (never implied).") ,
-        click.option("--kube-context", default=None, help="kubernetes: a context of the kubeconfig."),
-        click.option("--namespace", default="default", show_default=True, help="kubernetes."),
-        click.option("--name", "deployment_name", default=None,
-                     help="kubernetes: the deployment (overlay) name [default: the model names]."),
-        click.option("--manifests", "manifests_dir", type=click.Path(path_type=Path),
-                     default="deploy/kubernetes", show_default=True,
-                     help="kubernetes: where the kustomize base and overlays are written."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def kube_target(kubeconfig: Path | None, kube_context: str | None, manifests_dir: Path):
-    from servetool.targets.kubernetes import KubernetesTarget
-
-    return KubernetesTarget(manifests_dir, kubeconfig, kube_context, progress)
-
-
-def require_name(deployment_name: str | None) -> str:
-    if not deployment_name:
-        raise ServetoolError("--target kubernetes needs --name (the deployment's overlay name)")
-    return deployment_name
-
-
-def store_options(func):
-    """Where the server's files live and which archives it serves."""
-    options = [
-        click.option("--run-dir", type=click.Path(path_type=Path), envvar="SERVETOOL_RUN_DIR",
-                      default=RUN_DIR_DEFAULT, show_default=True,
-                      help="Folder for the server's config, logs, keys and pid."),
-        click.option("--model-store", type=click.Path(path_type=Path),
-                     envvar="SERVETOOL_MODEL_STORE", default="model_store", show_default=True,
-                     help="Folder of .mar archives."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def server_options(func):
-    """store_options plus which deployment a command talks to."""
-    return target_option(store_options(func))
-
-
-def default_config() -> Path | None:
-    """./config.properties when present: the project's base TorchServe config for every target."""
-    return Path("config.properties") if Path("config.properties").is_file() else None
-
-
-def make_target(run_dir: Path, model_store: Path, target: str = "local", docker_opts: Any = None,
-                **kwargs: Any):
-    if target == "kubernetes":
-        raise ServetoolError(
-            "this command talks to one TorchServe; on kubernetes use `servetool scale --target "
-            "kubernetes`, `servetool token --target kubernetes`, or kubectl (port-forward the "
-            "Service for predictions; `kubectl get pods -l app.kubernetes.io/name=servetool`)")
-    if target == "docker":
-        from servetool.targets.docker import DockerTarget
-
-        opts = ServerOptions(run_dir=run_dir / "docker", model_store=model_store, **kwargs)
-        return DockerTarget(opts, docker_opts, progress)
-    from servetool.targets.local import LocalTarget
-
-    return LocalTarget(ServerOptions(run_dir=run_dir, model_store=model_store, **kwargs), progress)
-
-
-def server_setting(state: Any, key: str) -> str | None:
-    """A setting of the server's rendered config.properties (local target), if it says one."""
-    from servetool.torchserve import read_properties
-
-    config = Path(state.run_dir) / "config.properties"
-    return read_properties(config).get(key) if config.is_file() else None
-
-
-def check_model_args(model: str, version: str | None) -> None:
-    """Model names and versions go into URL paths: checked before anything is sent."""
-    check_name(model)
-    if version is not None:
-        check_version(version)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="servetool")
-def main() -> None:
-    """Package PyTorch models for TorchServe, deploy them, and operate the service.
-
-    \b
-    Typical use:
-      servetool package models/digits     # export, check parity, build model_store/digits.mar
-      servetool deploy                    # start TorchServe on 127.0.0.1, register every archive
-      servetool predict digits models/digits/samples/digit_3.png
-      servetool scale digits --workers 3
-      servetool status
-      servetool stop
-
-    \b
-    Other targets (see --target on each command):
-      servetool deploy --target docker                 # servetool's image in a container
-      servetool deploy --target kubernetes --dry-run   # kustomize manifests in deploy/kubernetes
-    """
-
-
-atol_option = click.option(
-    "--atol", type=float, default=None,
-    help="Parity tolerance (max abs diff), overriding the format's default and the spec's.")
-accept_option = click.option(
-    "--accept-drift", is_flag=True,
-    help="Package even when the gate finds drift (the problems are still reported).")
-
-
-def gate_summary(gate: dict[str, Any]) -> str:
-    parts = []
-    if gate["outputs"]:
-        out = gate["outputs"][0]
-        parts.append(f"max abs diff {out['max_abs_diff']:.2g} (bound {out['bound']:.2g})")
-        if out["top1_agreement"] is not None:
-            parts.append(f"top-1 agreement {out['top1_agreement']:.1%}")
-        elif out.get("min_cosine") is not None:
-            parts.append(f"cosine similarity >= {out['min_cosine']:.6f}")
-    if gate["accuracy"]:
-        acc = gate["accuracy"]
-        parts.append(f"accuracy {acc['original']:.2%} -> {acc['converted']:.2%} "
-                     f"({(acc['converted'] - acc['original']) * 100:+.2f} pts)")
-    if gate["problems"]:
-        parts.append("ACCEPTED DESPITE: " + "; ".join(gate["problems"]))
-    return ", ".join(parts)
-
-
-@main.command()
-@click.argument("model_dirs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--model-store", type=click.Path(path_type=Path), envvar="SERVETOOL_MODEL_STORE",
-              default="model_store", show_default=True, help="Where to write the .mar archives.")
-@click.option("--models-root", type=click.Path(path_type=Path), default="models", show_default=True,
-              help="Where to look for models when no MODEL_DIR is given.")
-@atol_option
-@accept_option
-@json_option
-@friendly_errors
-def package(model_dirs: tuple[Path, ...], model_store: Path, models_root: Path,
-            atol: float | None, accept_drift: bool, as_json: bool) -> None:
-    """Convert each model to its spec's format, gate it, and build its .mar.
-
-    MODEL_DIRS are folders holding a servetool.yaml (default: every model under --models-root).
-    """
-    from servetool.package import package as package_model
-    from servetool.spec import find_specs
-
-    specs = find_specs([str(d) for d in model_dirs], models_root)
-    results = [package_model(spec, model_store, atol=atol, accept_drift=accept_drift,
-                             progress=progress) for spec in specs]
-    lines = [f"{r['archive']}: {r['name']} {r['version']} as {r['format']}, "
-             f"{r['archive_bytes'] / 1e6:.2f} MB, {gate_summary(r['parity'])}, {r['seconds']} s"
-             for r in results]
-    emit({"models": results}, as_json, "\n".join(lines))
-
-
-@main.command()
-@click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--format", "formats", multiple=True, type=click.Choice(FORMAT_NAMES),
-              help="A format to produce (repeatable) [default: the spec's format].")
-@click.option("--out", type=click.Path(path_type=Path), default="build", show_default=True,
-              help="Artifacts go to OUT/NAME/FORMAT/.")
-@atol_option
-@accept_option
-@json_option
-@friendly_errors
-def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | None,
-            accept_drift: bool, as_json: bool) -> None:
-    """Export MODEL_DIR's model to serving formats and check each against the original.
-
-    Every artifact passes the gate (parity on sample inputs with the format's tolerance, and top-1
-    accuracy on the spec's validation set) or the command fails naming the drift.
-    """
-    from servetool import export
-    from servetool.package import convert as convert_model
-    from servetool.package import describe
-    from servetool.spec import load_spec
-
-    spec = load_spec(model_dir)
-    original = export.load_original(spec)
-    rows = []
-    for fmt in formats or (spec.format,):
-        artifact, report = convert_model(spec, fmt, out / spec.name / fmt, original=original,
-                                         atol=atol, accept_drift=accept_drift, progress=progress)
-        rows.append(describe(artifact, report))
-    lines = [f"{r['format']}: {r['files'][0]} ({r['size_bytes'] / 1e6:.2f} MB), "
-             f"{gate_summary(r['gate'])}" for r in rows]
-    emit({"model": spec.name, "formats": rows}, as_json, "\n".join(lines))
+from servetool.management import explain_failure
+from servetool.torchserve import DEFAULT_PORTS
 
 
 @main.command()
@@ -349,7 +124,7 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
         emit(result, as_json, kube_summary(result))
         return
     if host not in ("127.0.0.1", "localhost", "::1"):
-        _stderr(f"warning: listening on {host}: the inference, management and metrics APIs are "
+        echo_stderr(f"warning: listening on {host}: the inference, management and metrics APIs are "
                 "reachable from the network (token auth stays on)")
     ports = {"inference": inference_port, "management": management_port, "metrics": metrics_port,
              "grpc_inference": grpc_inference_port, "grpc_management": grpc_management_port}
@@ -624,111 +399,3 @@ def stop(run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     else:
         text = f"no TorchServe was running from {run_dir} ({target})"
     emit({"target": target, "stopped": was_running, "was": before}, as_json, text)
-
-
-@main.group()
-def bench() -> None:
-    """Measure serving formats side by side, or load-test a deployed model."""
-
-
-@bench.command("formats")
-@click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--format", "formats", multiple=True, type=click.Choice(FORMAT_NAMES),
-              help="A format to include (repeatable) [default: every format; tensorrt shows why "
-                   "it is skipped on a machine without CUDA].")
-@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Batch size for the throughput column.")
-@click.option("--iterations", type=click.IntRange(min=10), default=300, show_default=True,
-              help="Batch-1 runs per format (fewer if --seconds runs out first).")
-@click.option("--seconds", type=float, default=8.0, show_default=True,
-              help="Time budget per format and measurement.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Intra-op threads for every format [default: all cores].")
-@click.option("--out", type=click.Path(path_type=Path), default="bench", show_default=True,
-              help="Folder for NAME-formats.md, .csv and .png.")
-@json_option
-@friendly_errors
-def bench_formats_command(model_dir: Path, formats: tuple[str, ...], batch: int, iterations: int,
-                          seconds: float, threads: int | None, out: Path, as_json: bool) -> None:
-    """One row per serving format of MODEL_DIR's model: accuracy, latency, throughput, size, memory.
-
-    Everything is measured in one run on the same inputs, each format in its own process after a
-    warm-up, with the speedup against eager PyTorch measured the same way.
-    """
-    from servetool.bench.formats import DEFAULT_FORMATS, bench_formats, markdown_table, write_outputs
-    from servetool.spec import load_spec
-
-    spec = load_spec(model_dir)
-    result = bench_formats(spec, list(formats) or DEFAULT_FORMATS, batch=batch,
-                           iterations=iterations, seconds=seconds, threads=threads,
-                           progress=progress)
-    result["files"] = write_outputs(result, out)
-    text = markdown_table(result) + "\nWritten: " + ", ".join(result["files"].values())
-    emit(result, as_json, text)
-
-
-@bench.command("serve")
-@click.argument("model")
-@click.option("--payload", "payloads", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="A request body file or a folder of them (repeatable) "
-                   "[default: models/MODEL/samples].")
-@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Clients, each sending its next request when its last one is answered.")
-@click.option("--duration", type=float, default=20.0, show_default=True, help="Seconds to run.")
-@click.option("--requests", "count", type=click.IntRange(min=1), default=None,
-              help="Send exactly this many requests instead of running for --duration.")
-@click.option("--engine", type=click.Choice(["auto", "wrk", "python"]), default="auto",
-              show_default=True,
-              help="auto: wrk when installed (least CPU), Python when not or with --requests.")
-@click.option("--version", "model_version", default=None, help="A model version.")
-@click.option("--out", type=click.Path(path_type=Path), default="bench", show_default=True)
-@server_options
-@json_option
-@friendly_errors
-def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int, duration: float,
-                        count: int | None, engine: str, model_version: str | None, out: Path,
-                        run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
-    """Load-test a deployed MODEL: throughput, p50/p90/p99 latency, errors by status, lost requests."""
-    from servetool.bench.serve import (
-        load_payloads,
-        markdown,
-        payload_files,
-        run_load,
-        run_wrk,
-        write_outputs,
-        wrk_path,
-    )
-
-    check_model_args(model, model_version)
-    target = make_target(run_dir, model_store, target)
-    client = target.client()
-    if not client.has_model(model):
-        raise ServetoolError(f"no model {model!r} is registered (see `servetool status`)")
-    sources = list(payloads) or [Path("models") / model / "samples"]
-    if not all(p.exists() for p in sources):
-        raise ServetoolError(f"no payloads: pass --payload FILE_OR_FOLDER ({sources[0]} does not exist)")
-    token = client.token("inference")
-    url = f"{client.state.url('inference')}/predictions{model_path(model, model_version)}"
-    if engine == "wrk" and (count or not wrk_path()):
-        raise ServetoolError("--engine wrk needs wrk installed (apt-get install wrk) and runs "
-                             "for --duration, not --requests")
-    use_wrk = engine == "wrk" or (engine == "auto" and not count and wrk_path() is not None)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    progress(f"{concurrency} clients on {url} for "
-             + (f"{count} requests" if count else f"{duration:.0f} s")
-             + f" ({'wrk' if use_wrk else 'Python'} engine)")
-    if use_wrk:
-        result = run_wrk(url, payload_files(sources), concurrency=concurrency,
-                         duration_s=duration, headers=headers)
-    else:
-        result = run_load(url, load_payloads(sources), concurrency=concurrency,
-                          duration_s=None if count else duration, requests=count,
-                          headers=headers, progress=progress)
-    summary = result.summary()
-    summary["files"] = write_outputs(result, out, f"{model}-serve")
-    emit(summary, as_json, markdown(summary) + "\nWritten: " + ", ".join(summary["files"].values()))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()

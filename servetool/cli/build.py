@@ -1,0 +1,212 @@
+"""Commands that build and measure artifacts: package, convert, bench formats, bench serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from servetool.cli.common import (
+    FORMAT_NAMES,
+    check_model_args,
+    emit,
+    friendly_errors,
+    json_option,
+    main,
+    make_target,
+    progress,
+    server_options,
+)
+from servetool.errors import ServetoolError
+from servetool.management import model_path
+
+atol_option = click.option(
+    "--atol", type=float, default=None,
+    help="Parity tolerance (max abs diff), overriding the format's default and the spec's.")
+accept_option = click.option(
+    "--accept-drift", is_flag=True,
+    help="Package even when the gate finds drift (the problems are still reported).")
+
+
+def gate_summary(gate: dict[str, Any]) -> str:
+    parts = []
+    if gate["outputs"]:
+        out = gate["outputs"][0]
+        parts.append(f"max abs diff {out['max_abs_diff']:.2g} (bound {out['bound']:.2g})")
+        if out["top1_agreement"] is not None:
+            parts.append(f"top-1 agreement {out['top1_agreement']:.1%}")
+        elif out.get("min_cosine") is not None:
+            parts.append(f"cosine similarity >= {out['min_cosine']:.6f}")
+    if gate["accuracy"]:
+        acc = gate["accuracy"]
+        parts.append(f"accuracy {acc['original']:.2%} -> {acc['converted']:.2%} "
+                     f"({(acc['converted'] - acc['original']) * 100:+.2f} pts)")
+    if gate["problems"]:
+        parts.append("ACCEPTED DESPITE: " + "; ".join(gate["problems"]))
+    return ", ".join(parts)
+
+
+@main.command()
+@click.argument("model_dirs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--model-store", type=click.Path(path_type=Path), envvar="SERVETOOL_MODEL_STORE",
+              default="model_store", show_default=True, help="Where to write the .mar archives.")
+@click.option("--models-root", type=click.Path(path_type=Path), default="models", show_default=True,
+              help="Where to look for models when no MODEL_DIR is given.")
+@atol_option
+@accept_option
+@json_option
+@friendly_errors
+def package(model_dirs: tuple[Path, ...], model_store: Path, models_root: Path,
+            atol: float | None, accept_drift: bool, as_json: bool) -> None:
+    """Convert each model to its spec's format, gate it, and build its .mar.
+
+    MODEL_DIRS are folders holding a servetool.yaml (default: every model under --models-root).
+    """
+    from servetool.package import package as package_model
+    from servetool.spec import find_specs
+
+    specs = find_specs([str(d) for d in model_dirs], models_root)
+    results = [package_model(spec, model_store, atol=atol, accept_drift=accept_drift,
+                             progress=progress) for spec in specs]
+    lines = [f"{r['archive']}: {r['name']} {r['version']} as {r['format']}, "
+             f"{r['archive_bytes'] / 1e6:.2f} MB, {gate_summary(r['parity'])}, {r['seconds']} s"
+             for r in results]
+    emit({"models": results}, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--format", "formats", multiple=True, type=click.Choice(FORMAT_NAMES),
+              help="A format to produce (repeatable) [default: the spec's format].")
+@click.option("--out", type=click.Path(path_type=Path), default="build", show_default=True,
+              help="Artifacts go to OUT/NAME/FORMAT/.")
+@atol_option
+@accept_option
+@json_option
+@friendly_errors
+def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | None,
+            accept_drift: bool, as_json: bool) -> None:
+    """Export MODEL_DIR's model to serving formats and check each against the original.
+
+    Every artifact passes the gate (parity on sample inputs with the format's tolerance, and top-1
+    accuracy on the spec's validation set) or the command fails naming the drift.
+    """
+    from servetool import export
+    from servetool.package import convert as convert_model
+    from servetool.package import describe
+    from servetool.spec import load_spec
+
+    spec = load_spec(model_dir)
+    original = export.load_original(spec)
+    rows = []
+    for fmt in formats or (spec.format,):
+        artifact, report = convert_model(spec, fmt, out / spec.name / fmt, original=original,
+                                         atol=atol, accept_drift=accept_drift, progress=progress)
+        rows.append(describe(artifact, report))
+    lines = [f"{r['format']}: {r['files'][0]} ({r['size_bytes'] / 1e6:.2f} MB), "
+             f"{gate_summary(r['gate'])}" for r in rows]
+    emit({"model": spec.name, "formats": rows}, as_json, "\n".join(lines))
+
+
+@main.group()
+def bench() -> None:
+    """Measure serving formats side by side, or load-test a deployed model."""
+
+
+@bench.command("formats")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--format", "formats", multiple=True, type=click.Choice(FORMAT_NAMES),
+              help="A format to include (repeatable) [default: every format; tensorrt shows why "
+                   "it is skipped on a machine without CUDA].")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Batch size for the throughput column.")
+@click.option("--iterations", type=click.IntRange(min=10), default=300, show_default=True,
+              help="Batch-1 runs per format (fewer if --seconds runs out first).")
+@click.option("--seconds", type=float, default=8.0, show_default=True,
+              help="Time budget per format and measurement.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads for every format [default: all cores].")
+@click.option("--out", type=click.Path(path_type=Path), default="bench", show_default=True,
+              help="Folder for NAME-formats.md, .csv and .png.")
+@json_option
+@friendly_errors
+def bench_formats_command(model_dir: Path, formats: tuple[str, ...], batch: int, iterations: int,
+                          seconds: float, threads: int | None, out: Path, as_json: bool) -> None:
+    """One row per serving format of MODEL_DIR's model: accuracy, latency, throughput, size, memory.
+
+    Everything is measured in one run on the same inputs, each format in its own process after a
+    warm-up, with the speedup against eager PyTorch measured the same way.
+    """
+    from servetool.bench.formats import DEFAULT_FORMATS, bench_formats, markdown_table, write_outputs
+    from servetool.spec import load_spec
+
+    spec = load_spec(model_dir)
+    result = bench_formats(spec, list(formats) or DEFAULT_FORMATS, batch=batch,
+                           iterations=iterations, seconds=seconds, threads=threads,
+                           progress=progress)
+    result["files"] = write_outputs(result, out)
+    text = markdown_table(result) + "\nWritten: " + ", ".join(result["files"].values())
+    emit(result, as_json, text)
+
+
+@bench.command("serve")
+@click.argument("model")
+@click.option("--payload", "payloads", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="A request body file or a folder of them (repeatable) "
+                   "[default: models/MODEL/samples].")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Clients, each sending its next request when its last one is answered.")
+@click.option("--duration", type=float, default=20.0, show_default=True, help="Seconds to run.")
+@click.option("--requests", "count", type=click.IntRange(min=1), default=None,
+              help="Send exactly this many requests instead of running for --duration.")
+@click.option("--engine", type=click.Choice(["auto", "wrk", "python"]), default="auto",
+              show_default=True,
+              help="auto: wrk when installed (least CPU), Python when not or with --requests.")
+@click.option("--version", "model_version", default=None, help="A model version.")
+@click.option("--out", type=click.Path(path_type=Path), default="bench", show_default=True)
+@server_options
+@json_option
+@friendly_errors
+def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int, duration: float,
+                        count: int | None, engine: str, model_version: str | None, out: Path,
+                        run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
+    """Load-test a deployed MODEL: throughput, p50/p90/p99 latency, errors by status, lost requests."""
+    from servetool.bench.serve import (
+        load_payloads,
+        markdown,
+        payload_files,
+        run_load,
+        run_wrk,
+        write_outputs,
+        wrk_path,
+    )
+
+    check_model_args(model, model_version)
+    target = make_target(run_dir, model_store, target)
+    client = target.client()
+    if not client.has_model(model):
+        raise ServetoolError(f"no model {model!r} is registered (see `servetool status`)")
+    sources = list(payloads) or [Path("models") / model / "samples"]
+    if not all(p.exists() for p in sources):
+        raise ServetoolError(f"no payloads: pass --payload FILE_OR_FOLDER ({sources[0]} does not exist)")
+    token = client.token("inference")
+    url = f"{client.state.url('inference')}/predictions{model_path(model, model_version)}"
+    if engine == "wrk" and (count or not wrk_path()):
+        raise ServetoolError("--engine wrk needs wrk installed (apt-get install wrk) and runs "
+                             "for --duration, not --requests")
+    use_wrk = engine == "wrk" or (engine == "auto" and not count and wrk_path() is not None)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    progress(f"{concurrency} clients on {url} for "
+             + (f"{count} requests" if count else f"{duration:.0f} s")
+             + f" ({'wrk' if use_wrk else 'Python'} engine)")
+    if use_wrk:
+        result = run_wrk(url, payload_files(sources), concurrency=concurrency,
+                         duration_s=duration, headers=headers)
+    else:
+        result = run_load(url, load_payloads(sources), concurrency=concurrency,
+                          duration_s=None if count else duration, requests=count,
+                          headers=headers, progress=progress)
+    summary = result.summary()
+    summary["files"] = write_outputs(result, out, f"{model}-serve")
+    emit(summary, as_json, markdown(summary) + "\nWritten: " + ", ".join(summary["files"].values()))
