@@ -225,19 +225,23 @@ def stock_torchserve(spec: ModelSpec, workdir: Path) -> tuple[subprocess.Popen, 
          "--model-store", str(store), "--models", f"{spec.name}={spec.name}.mar",
          "--ts-config", str(config)], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
-    key_file = workdir / "key_file.json"
-    deadline = time.monotonic() + 180
-    keys = None
-    while keys is None and time.monotonic() < deadline:  # the file appears before its content
-        try:
-            keys = json.loads(key_file.read_text())
-        except (OSError, ValueError):
-            time.sleep(0.3)
-    if keys is None:
-        raise RuntimeError(f"stock TorchServe wrote no {key_file} within 180 s")
-    headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
-    url = f"http://127.0.0.1:{ports['inference']}/predictions/{spec.name}"
-    _wait_prediction(url, headers)
+    try:  # a server that never answers must not outlive the benchmark
+        key_file = workdir / "key_file.json"
+        deadline = time.monotonic() + 180
+        keys = None
+        while keys is None and time.monotonic() < deadline:  # the file appears before its content
+            try:
+                keys = json.loads(key_file.read_text())
+            except (OSError, ValueError):
+                time.sleep(0.3)
+        if keys is None:
+            raise RuntimeError(f"stock TorchServe wrote no {key_file} within 180 s")
+        headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
+        url = f"http://127.0.0.1:{ports['inference']}/predictions/{spec.name}"
+        _wait_prediction(url, headers)
+    except BaseException:
+        stop(proc)
+        raise
     return proc, url, headers
 
 
