@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -12,6 +13,8 @@ import numpy as np
 
 from handlers.batching import batch_size, take
 from servetool import archive, export, validate
+from servetool.errors import ServetoolError
+from servetool.export import whole_cause
 from servetool.formats import get_format
 from servetool.spec import ModelSpec
 
@@ -38,6 +41,28 @@ def gate_batches(spec: ModelSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 class TaskMismatch(export.ExportError):
     pass
+
+
+def sample_range(inp) -> str:
+    if inp.range:
+        return f"[{inp.range[0]}, {inp.range[1]})"
+    return "[0, 2)" if inp.dtype.startswith("int") else "normal"
+
+
+@contextlib.contextmanager
+def sample_inputs_failures(spec: ModelSpec):
+    """A model that raises on the gate's sample inputs: one line saying so, and what to set (the
+    samples are guesses where the spec has no data: integers in [0, 2), normal floats)."""
+    try:
+        yield
+    except ServetoolError:
+        raise
+    except Exception as exc:
+        ranges = ", ".join(f"{i.name} {sample_range(i)}" for i in spec.inputs)
+        raise export.ExportError(
+            f"{spec.name}: the model raised on servetool's sample inputs ({ranges}): "
+            f"{whole_cause(exc)}. Give inputs[].range the values it takes, or validation data"
+        ) from None
 
 
 def check_task(spec: ModelSpec, original) -> None:
@@ -73,17 +98,19 @@ def convert(spec: ModelSpec, fmt: str, out_dir: Path, *, original=None, atol: fl
     if original is None:
         progress(f"{spec.name}: loading the original model ({spec.source.kind})")
         original = export.load_original(spec)
-    check_task(spec, original)
+    with sample_inputs_failures(spec):
+        check_task(spec, original)
     progress(f"{spec.name}: exporting to {fmt}")
     artifact = export.export(spec, original, out_dir, fmt)
     progress(f"{spec.name}: checking {artifact.path.name} ({fmt}) against the original")
     runner = export.artifact_runner(artifact.format.runtime, artifact.path, 1,
                                     artifact.runtime_options, [i.name for i in spec.inputs])
     random, real = gate_batches(spec)
-    report = validate.validate(spec, export.runner_for(original), runner, fmt,
-                               validate.limits_for(fmt, spec.tolerance, atol), random, real,
-                               export.output_names(original, len(runner(random[0])),
-                                                   spec.outputs))
+    with sample_inputs_failures(spec):
+        report = validate.validate(spec, export.runner_for(original), runner, fmt,
+                                   validate.limits_for(fmt, spec.tolerance, atol), random, real,
+                                   export.output_names(original, len(runner(random[0])),
+                                                       spec.outputs))
     validate.require(report, spec.name, accept=accept_drift)
     # how many numbers one answer carries: what max_response_size must allow (tensor answers)
     artifact.notes["output_values"] = sum(int(np.prod(o.shape)) for o in report.outputs)

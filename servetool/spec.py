@@ -55,6 +55,9 @@ class InputSpec:
     dtype: str = "float32"
     pad: float = 0
     allow_nonfinite: bool = False
+    # [low, high): the values the gate's sample inputs take. Integer inputs are often indices
+    # (token ids, type ids, masks), so the default there is [0, 2), valid for any of them.
+    range: tuple[float, float] | None = None
 
     @property
     def dynamic(self) -> bool:
@@ -453,9 +456,17 @@ def _parse_input(inp: _Reader, default_name: str | None) -> InputSpec:
         name=name, shape=tuple(shape),
         dtype=inp.get("dtype", str, "float32", check=_one_of(DTYPES)),
         pad=inp.get("pad", (int, float), 0),
-        allow_nonfinite=inp.get("allow_nonfinite", bool, False))
+        allow_nonfinite=inp.get("allow_nonfinite", bool, False),
+        range=_range(inp))
     inp.finish()
     return result
+
+
+def _range(inp: _Reader) -> tuple[float, float] | None:
+    value = inp.get("range", list, None, check=lambda v: None if len(v) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) and v[0] < v[1]
+        else f"must be [low, high] with low < high, got {v!r}")
+    return (value[0], value[1]) if value else None
 
 
 def _axis(dim: Any) -> bool:

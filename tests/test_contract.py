@@ -185,3 +185,18 @@ def test_validation_data_for_several_inputs_is_one_array_per_input_name(tmp_path
     np.savez(tmp_path / "bad.npz", x=ids, y=rng.integers(0, 4, 20))
     with pytest.raises(SpecError, match="lacks array.s. attention_mask, input_ids"):
         load_spec(masked_mean_spec(tmp_path / "b", validation={"data": str(tmp_path / "bad.npz")}))
+
+
+def test_a_model_that_raises_on_the_sample_inputs_is_one_line_naming_the_range(tmp_path):
+    """Integer samples default to [0, 2) (valid ids, masks and type ids); a range the model does not
+    take says so on one line (found with a real BERT: token_type_ids take 0 and 1 only)."""
+    raw = {"name": "embednet", "source": {"model_file": str(FRAGILE), "class": "EmbedNet",
+                                          "random_weights": True},
+           "input": {"name": "ids", "shape": [4], "dtype": "int64"}, "task": "tensor"}
+    assert package(load_spec(write(tmp_path / "ok", raw)), tmp_path / "store")["parity"]["ok"]
+    raw["input"]["range"] = [0, 50]  # the embedding has 10 rows
+    proc = run("package", str(write(tmp_path / "bad", raw)), "--model-store", str(tmp_path / "s2"))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert last.startswith("error: embednet: the model raised on servetool's sample inputs "
+                           "(ids [0, 50)): ") and "Give inputs[].range the values it takes" in last

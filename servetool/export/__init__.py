@@ -176,7 +176,10 @@ def example_batch(spec: ModelSpec, batch: int, seed: int = 0, length: int | None
         shape = (batch, *(d if isinstance(d, int) else (length or EXAMPLE_LENGTH)
                           for d in inp.shape))
         if inp.dtype.startswith("int"):
-            feeds[inp.name] = rng.integers(0, 10, size=shape).astype(inp.dtype)
+            low, high = inp.range or (0, 2)
+            feeds[inp.name] = rng.integers(int(low), int(high), size=shape).astype(inp.dtype)
+        elif inp.range:
+            feeds[inp.name] = rng.uniform(*inp.range, size=shape).astype(inp.dtype)
         else:
             feeds[inp.name] = rng.standard_normal(shape).astype(inp.dtype)
     return next(iter(feeds.values())) if len(feeds) == 1 else feeds
