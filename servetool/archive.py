@@ -139,7 +139,7 @@ def response_bytes_needed(config: dict[str, Any]) -> int | None:
     return None
 
 
-def archives_request_bytes(archives: list[Path]) -> tuple[int | None, int | None]:
+def archive_sizes(archives: list[Path]) -> tuple[int | None, int | None]:
     """What the largest request to, and answer from, any of these archives may need."""
     configs = [archive_manifest(p)["config"] for p in archives]
     requests = [n for n in map(request_bytes_needed, configs) if n]

@@ -110,7 +110,7 @@ def render(opts: ImageOptions, archives: list[Path]) -> Path:
     shutil.copyfile(RESOURCES / "log4j2.xml", out / "runtime" / "log4j2.xml")
     torchserve.write_properties(out / "runtime" / "config.properties",
                                 container_properties(opts.base_config, opts.extra_properties,
-                                                     archive.archives_request_bytes(archives)),
+                                                     archive.archive_sizes(archives)),
                                 f"{opts.base_config or 'built-in defaults'} by servetool's image")
     (out / "build" / "requirements.txt").write_text("\n".join(requirements(archives)) + "\n")
     if opts.bake_models:

@@ -211,7 +211,7 @@ def pod_properties(opts: KubeOptions, archives: list[Path]) -> str:
              "grpc_management": POD_PORTS["grpc_management"]}
     props = torchserve.server_properties(base, "127.0.0.1", ports, image.CONTAINER_STORE,
                                          "/opt/servetool/log4j2.xml",
-                                         sizes=archive.archives_request_bytes(archives))
+                                         sizes=archive.archive_sizes(archives))
     bind_all = "0.0.0.0"
     props["metrics_address"] = f"http://{bind_all}:{POD_PORTS['metrics']}"
     if not opts.token_auth:

@@ -13,8 +13,7 @@ import numpy as np
 
 from handlers.batching import batch_size, take
 from servetool import archive, export, validate
-from servetool.errors import ServetoolError
-from servetool.export import whole_cause
+from servetool.errors import ServetoolError, whole_cause
 from servetool.formats import get_format
 from servetool.spec import ModelSpec
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from handlers.batching import apply, batch_size, take
 from servetool.errors import ServetoolError
+from servetool.export import as_input_dtypes
 from servetool.formats import get_format
 from servetool.spec import ModelSpec, Tolerance
 
@@ -196,8 +197,6 @@ def validate(spec: ModelSpec, original, artifact, fmt: str, limits: Limits,
     check_parity(original, artifact, batches, fmt, limits, report=report, classifier=classifier,
                  output_names=output_names)
     if spec.validation is not None and report.outputs:
-        from servetool.export import as_input_dtypes
-
         x, y = spec.load_data(spec.validation)
         if y is not None:
             check_accuracy(original, artifact, as_input_dtypes(spec, x), y, limits, report)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from handlers.batching import take
-from servetool.errors import ServetoolError
+from servetool.errors import ServetoolError, whole_cause
 from servetool.formats import Format, get_format
 from servetool.spec import ModelSpec
 
@@ -138,19 +138,6 @@ def quiet_native_output():
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
-
-
-def whole_cause(exc: BaseException, limit: int = 600) -> str:
-    """A library's multi-line error as one line: every line that says something, the root cause
-    first (a wrapper's advice after it), instead of the wrapper's first line alone."""
-    parts, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        parts.append(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
-        exc = exc.__cause__ or exc.__context__
-    line = " -- raised as: ".join(reversed(parts))
-    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def import_file(path: Path, module_name: str):

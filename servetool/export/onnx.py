@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from servetool.errors import whole_cause
 from servetool.export import Artifact, ExportError
 from servetool.spec import ModelSpec
 
@@ -47,8 +48,6 @@ def export_onnx(model, example: Any, target: Path, spec: ModelSpec) -> dict[str,
                     verbose=False,
                 ).model_proto
     except Exception as exc:
-        from servetool.export import whole_cause
-
         raise ExportError(f"ONNX export failed: {whole_cause(exc)}") from None
     opsets = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     notes: dict[str, Any] = {"opset": opsets[0] if opsets else None}
@@ -164,8 +163,6 @@ def check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        from servetool.export import whole_cause
-
         raise ExportError(f"{path}: onnx.checker rejects the model: {whole_cause(exc)}") from None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from servetool.errors import whole_cause
 from servetool.export import Artifact, ExportError
 from servetool.formats import Format
 
@@ -24,8 +25,6 @@ def convert(base: Path, target: Path, fmt: Format) -> Artifact:
         model = ov.convert_model(str(base))
         ov.save_model(model, str(target), compress_to_fp16=False)
     except Exception as exc:
-        from servetool.export import whole_cause
-
         raise ExportError(f"OpenVINO conversion failed: {whole_cause(exc)}") from None
     weights = target.with_suffix(".bin")
     # The IR stays fp32; the precision is a property of how the CPU plugin compiles it.

@@ -13,7 +13,7 @@ import sys
 import types
 from pathlib import Path
 
-from servetool.errors import ServetoolError
+from servetool.errors import ServetoolError, whole_cause
 
 
 class PickleSourceError(ServetoolError):
@@ -49,8 +49,6 @@ def load_pickled_module(path: Path, model_file: Path | None):
             f"{path}: the pickled module refers to a class Python cannot find ({exc}); name the "
             "file that defines it as source.model_file") from None
     except Exception as exc:
-        from servetool.export import whole_cause
-
         raise PickleSourceError(f"{path}: not a module saved with torch.save(model): "
                                 f"{whole_cause(exc)}") from None
     finally:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from handlers.batching import apply, batch_size
-from servetool.export import Artifact, ExportError, example_batch, runner_for, whole_cause
+from servetool.errors import whole_cause
+from servetool.export import Artifact, ExportError, example_batch, runner_for
 from servetool.formats import Format
 from servetool.spec import ModelSpec
 

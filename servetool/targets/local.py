@@ -114,13 +114,13 @@ class LocalTarget:
     def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
         started = time.perf_counter()
         archives = find_archives(names, self.opts.model_store)
-        self.opts.sizes = archive.archives_request_bytes(
-            archives + recorded_archives(self.opts.run_dir, self.opts.model_store, archives))
+        recorded = recorded_archives(self.opts.run_dir, self.opts.model_store, archives)
+        self.opts.sizes = archive.archive_sizes(archives + recorded)
         state, fresh = self.up()
-        if not fresh:
-            self._check_request_limit(state)
         if fresh:  # a new server: every recorded model comes back, not only the ones named
-            archives += recorded_archives(Path(state.run_dir), self.opts.model_store, archives)
+            archives += recorded
+        else:
+            self._check_size_limits(state)
         archives = self.newest_per_model(archives)
         if Path(state.model_store) != self.opts.model_store.resolve():
             raise DeployError(f"the running TorchServe serves archives from {state.model_store}, not "
@@ -144,7 +144,7 @@ class LocalTarget:
             "seconds": round(time.perf_counter() - started, 2),
         }
 
-    def _check_request_limit(self, state: torchserve.ServerState) -> None:
+    def _check_size_limits(self, state: torchserve.ServerState) -> None:
         """max_request_size is fixed when the server starts: say so when a model needs more."""
         config = Path(state.run_dir) / "config.properties"
         if not config.is_file():
