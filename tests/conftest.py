@@ -102,6 +102,25 @@ def served(tmp_path_factory, model_store):
     target.down()
 
 
+def serve_in_process(folder: Path, config: dict, bodies: list) -> tuple[list, list[int], list[str]]:
+    """One batch through servetool's handler as a TorchServe worker runs it (TorchServe's own
+    Context): the JSON answers, each request's status and its reason phrase."""
+    import json
+
+    from ts.context import Context, RequestProcessor
+
+    from handlers.entry import ServeHandler
+
+    context = Context("m", str(folder), {}, len(bodies), None, "0.12.0", model_yaml_config=config)
+    handler = ServeHandler()
+    handler.initialize(context)
+    context.request_processor = [RequestProcessor({}) for _ in bodies]
+    replies = handler.handle([{"body": b} for b in bodies], context)
+    assert all(isinstance(r, bytes) for r in replies)  # serialized by the handler itself
+    raw = [context.get_response_status(i) for i in range(len(bodies))]
+    return [json.loads(r) for r in replies], [s[0] or 200 for s in raw], [s[1] for s in raw]
+
+
 def png_bytes(image01: np.ndarray) -> bytes:
     import io
 

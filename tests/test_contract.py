@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from ts.context import Context, RequestProcessor
 
-from handlers.entry import ServeHandler
 from servetool import archive, export
 from servetool.package import convert, package
 from servetool.spec import SpecError, load_spec
 from servetool.targets.local import LocalTarget
-from tests.conftest import server_options
+from tests.conftest import serve_in_process, server_options
 from tests.test_cli import run
 from tests.test_server import http_predict
 
@@ -46,13 +44,8 @@ def request(ids: list[int]) -> dict:
 
 
 def handle(folder: Path, config: dict, payloads: list) -> tuple[list, list[int]]:
-    context = Context("m", str(folder), {}, len(payloads), None, "0.12.0", model_yaml_config=config)
-    handler = ServeHandler()
-    handler.initialize(context)
-    context.request_processor = [RequestProcessor({}) for _ in payloads]
-    replies = handler.handle([{"body": json.dumps(p).encode()} for p in payloads], context)
-    return ([json.loads(r) for r in replies],
-            [context.get_response_status(i)[0] or 200 for i in range(len(payloads))])
+    replies, statuses, _ = serve_in_process(folder, config, [json.dumps(p).encode() for p in payloads])
+    return replies, statuses
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from ts.context import Context, RequestProcessor
+from ts.context import Context
 
 from handlers.entry import ServeHandler
 from handlers.runtimes import threads_per_worker
@@ -19,7 +19,7 @@ from handlers.tasks import ImageClassification, RequestError, Tensor, request_pa
 from servetool import archive, export
 from servetool.formats import get_format
 from servetool.spec import load_spec
-from tests.conftest import DIGITS, png_bytes, write_spec
+from tests.conftest import DIGITS, png_bytes, serve_in_process, write_spec
 
 SPEC = load_spec(DIGITS)
 IMAGE_CONFIG = archive.handler_config(SPEC, export.Artifact(get_format("onnx"), Path("model.onnx"), []))
@@ -138,16 +138,8 @@ def model_dir(request, tmp_path_factory):
 
 
 def run_batch(model_dir, payloads, config=None):
-    folder, config = model_dir[0], config or model_dir[1]
-    context = Context("digits", str(folder), {}, len(payloads), None, "0.12.0",
-                      model_yaml_config=config)
-    handler = ServeHandler()
-    handler.initialize(context)
-    context.request_processor = [RequestProcessor({}) for _ in payloads]
-    replies = handler.handle([{"body": p} for p in payloads], context)
-    assert all(isinstance(r, bytes) for r in replies)  # serialized by the handler itself
-    statuses = [context.get_response_status(i)[0] or 200 for i in range(len(payloads))]
-    return [json.loads(r) for r in replies], statuses
+    replies, statuses, _ = serve_in_process(model_dir[0], config or model_dir[1], payloads)
+    return replies, statuses
 
 
 def test_a_bad_request_fails_alone_in_its_batch(model_dir, held_out):

@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from ts.context import Context, RequestProcessor
 
-from handlers.entry import ServeHandler
 from handlers.imaging import decode, default_max_pixels
 from handlers.tasks import ImageClassification, RequestError, Tensor
 from servetool import archive, export
 from servetool.formats import get_format
 from servetool.spec import load_spec
-from tests.conftest import DIGITS
+from tests.conftest import DIGITS, serve_in_process
 
 FRAGILE = Path(__file__).with_name("models") / "fragile.py"
 SPEC = load_spec(DIGITS)
@@ -44,23 +42,16 @@ def embed_model(request, tmp_path_factory):
 
 
 def run_batch(model, payloads):
-    folder, config = model
-    context = Context("m", str(folder), {}, len(payloads), None, "0.12.0", model_yaml_config=config)
-    handler = ServeHandler()
-    handler.initialize(context)
-    context.request_processor = [RequestProcessor({}) for _ in payloads]
-    replies = handler.handle([{"body": p} for p in payloads], context)
-    statuses = [context.get_response_status(i) for i in range(len(payloads))]
-    return [json.loads(r) for r in replies], [s[0] or 200 for s in statuses], statuses
+    return serve_in_process(model[0], model[1], payloads)
 
 
 def test_the_request_the_model_fails_on_gets_422_and_the_rest_of_the_batch_is_answered(embed_model):
     good = [[1, 2, 3, 4], [0, 9, 9, 0], [5, 5, 5, 5]]
     payloads = [json.dumps(good[0]), json.dumps([1, 2, 100, 4]), json.dumps(good[1]),
                 b"[1, 2,", json.dumps(good[2])]
-    replies, statuses, raw = run_batch(embed_model, payloads)
+    replies, statuses, reasons = run_batch(embed_model, payloads)
     assert statuses == [200, 422, 200, 400, 200]
-    assert raw[1] == (422, "Unprocessable Entity") and raw[3] == (400, "Bad Request")
+    assert reasons[1] == "Unprocessable Entity" and reasons[3] == "Bad Request"
     error = replies[1]["error"]
     assert error.startswith("the model could not process this input (") and replies[1]["type"] == \
         "model_error"
