@@ -60,23 +60,29 @@ def wait_http(url: str, timeout_s: float = 120, headers: dict | None = None) -> 
 
 # --- 1. the in-process limit -----------------------------------------------------------------
 def _limit_worker(artifact: str, runtime: str, config: dict, bodies: list[bytes], seconds: float,
-                  queue) -> None:
+                  batch: int, queue) -> None:
+    import numpy as np
+
     from handlers.runtimes import load_runtime
     from handlers.tasks import make_task
 
     run = load_runtime(runtime, artifact, 1, config.get("runtime_options") or {}).run
     task = make_task(config, None)
-    for body in bodies[:3]:  # warm-up
-        run(task.preprocess(body)[None])
+
+    def one_batch(start: int) -> None:
+        run(np.stack([task.preprocess(bodies[(start + i) % len(bodies)]) for i in range(batch)]))
+
+    one_batch(0)  # warm-up
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        run(task.preprocess(bodies[done % len(bodies)])[None])
-        done += 1
+        one_batch(done)
+        done += batch
     queue.put(done / (time.perf_counter() - started))
 
 
 def in_process_limit(spec: ModelSpec, fmt: str, bodies: list[bytes], seconds: float) -> dict[str, Any]:
-    """decode + preprocess + inference, one process per core with one thread each."""
+    """decode + preprocess + inference (in batches of the spec's size), one process per core with
+    one thread each."""
     from handlers.runtimes import available_cores
     from servetool import archive
     from servetool.package import convert
@@ -86,7 +92,7 @@ def in_process_limit(spec: ModelSpec, fmt: str, bodies: list[bytes], seconds: fl
     config = archive.handler_config(spec, artifact)
     queue = mp.get_context("spawn").Queue()
     procs = [mp.get_context("spawn").Process(target=_limit_worker, args=(
-        str(artifact.path), artifact.format.runtime, config, bodies, seconds, queue))
+        str(artifact.path), artifact.format.runtime, config, bodies, seconds, spec.batch_size, queue))
         for _ in range(available_cores())]
     for p in procs:
         p.start()
@@ -339,7 +345,8 @@ def bench_model(model: str, args) -> dict[str, Any]:
     rows = []
     say(f"{model}: in-process limit ({spec.format}, decode + preprocess + inference)")
     limit = in_process_limit(spec, spec.format, bodies, args.duration / 2)
-    rows.append({"setup": f"in-process limit ({spec.format}, {limit['processes']} proc x 1 thread)",
+    at = f", batch {spec.batch_size}" if spec.batch_size > 1 else ""
+    rows.append({"setup": f"in-process limit ({spec.format}, {limit['processes']} proc x 1 thread{at})",
                  "throughput": limit["throughput"]})
     if args.int8:
         int8 = in_process_limit(spec, "onnx-int8-static", bodies, args.duration / 2)
@@ -353,6 +360,17 @@ def bench_model(model: str, args) -> dict[str, Any]:
         setups.append(("servetool default deployment, onnx-int8-static",
                        lambda spec, workdir: servetool_default(replace(spec, format="onnx-int8-static"),
                                                                workdir)))
+    # The same deployment batching what is queued (waiting at most 1 ms), against the in-process
+    # limit at that batch size: batching changes what the model itself costs per example.
+    limits = {}
+    for size in args.batch_variants:
+        batched = replace(spec, batch_size=size, max_batch_delay_ms=1)
+        lim = in_process_limit(batched, spec.format, bodies, args.duration / 2)
+        limits[f"batch {size}"] = lim["throughput"]
+        rows.append({"setup": f"in-process limit ({spec.format}, {lim['processes']} proc x 1 thread, "
+                              f"batch {size})", "throughput": lim["throughput"], "limit": f"batch {size}"})
+        setups.append((f"servetool default deployment, batch {size} (max 1 ms)",
+                       lambda _spec, workdir, b=batched: servetool_default(b, workdir)))
     for name, start in setups:
         if args.only and not any(o in name for o in args.only):
             continue
@@ -361,13 +379,16 @@ def bench_model(model: str, args) -> dict[str, Any]:
         handle = None
         try:
             handle, url, headers = start(spec, workdir)
-            rows.append(measure(name, url, headers, files, args))
+            row = measure(name, url, headers, files, args)
+            if ", batch " in name:
+                row["limit"] = name.rsplit(", ", 1)[1].split(" (")[0]
+            rows.append(row)
         finally:
             if handle is not None:
                 stop(handle)
             shutil.rmtree(workdir, ignore_errors=True)
     for row in rows:
-        row["vs_limit"] = round(row["throughput"] / limit["throughput"], 3)
+        row["vs_limit"] = round(row["throughput"] / limits.get(row.get("limit"), limit["throughput"]), 3)
     return {"model": model, "concurrency": args.concurrency, "duration_s": args.duration,
             "payloads": len(files), "rows": rows}
 
@@ -397,6 +418,8 @@ def main() -> None:
                         help="skip the int8 in-process limit")
     parser.add_argument("--python-engine", action="store_true",
                         help="drive the load with the Python engine even where wrk is installed")
+    parser.add_argument("--batch-variants", nargs="*", type=int, default=[],
+                        help="also serve at these batch sizes (each against its own limit)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     try:

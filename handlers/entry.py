@@ -27,6 +27,19 @@ logger = logging.getLogger(__name__)
 JSON = "application/json"
 
 
+def _not_request_line(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Backend received inference")
+
+
+def quiet_request_lines() -> None:
+    """Drop the line TorchServe's worker prints for every batch it receives. It goes to stdout, where
+    the frontend reads, parses and then discards it (servetool's log4j2.xml denies it): CPU on both
+    sides of the pipe for nothing, which shows on small models (benchmarks/serving.py)."""
+    for handler in logging.getLogger().handlers:
+        if _not_request_line not in handler.filters:
+            handler.addFilter(_not_request_line)
+
+
 class ServeHandler:
     def __init__(self) -> None:
         self.initialized = False
@@ -54,6 +67,7 @@ class ServeHandler:
         logger.info("servetool handler ready: %s, %s on %s, %d intra-op thread(s)",
                     config["task"], config.get("format"), config["runtime"], threads)
         self.initialized = True
+        quiet_request_lines()
 
     def _labels(self, model_dir: str, config: dict[str, Any]) -> list[str] | None:
         """The archive's labels file, else the labels the model file carries in its metadata."""

@@ -61,7 +61,9 @@ def model_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
     return {
         **workers,
         "batchSize": spec.batch_size,
-        "maxBatchDelay": spec.max_batch_delay_ms,
+        # TorchServe reads 0 as "unset" and waits its default 100 ms for every batch to fill; 1 ms
+        # is the least it waits, which is what a spec's 0 asks for.
+        "maxBatchDelay": max(1, spec.max_batch_delay_ms),
         "responseTimeout": spec.response_timeout_s,
         "handler": handler_config(spec, artifact),
     }

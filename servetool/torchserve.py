@@ -354,7 +354,7 @@ def wait_healthy(state: ServerState, timeout_s: float, proc: subprocess.Popen | 
             last = json.dumps(reply)
         except (requests.RequestException, ServetoolError) as exc:
             last = str(exc).splitlines()[0]
-        time.sleep(0.25)
+        time.sleep(0.05)  # a refused connection costs nothing; every poll saved is start-up time
     raise ServerError(f"TorchServe was not healthy within {timeout_s:.0f} s (last: {last}).\n"
                       + explain_failure(state))
 

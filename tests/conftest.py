@@ -79,7 +79,9 @@ def model_store(tmp_path_factory) -> Path:
                         workers=one)
     package(load_spec(batchy), store)
     # torchvision's Resize(int) + CenterCrop: the shorter side to 10, the middle 8x8
-    package(load_spec(write_spec(specs / "short", name="digits_short", workers=one, preprocess={
+    # ... batching with no wait asked for (TorchServe alone would read the 0 as 100 ms)
+    package(load_spec(write_spec(specs / "short", name="digits_short", workers=one,
+                                 batch={"size": 4, "max_delay_ms": 0}, preprocess={
         **yaml.safe_load((DIGITS / "servetool.yaml").read_text())["preprocess"],
         "resize": 10, "center_crop": [8, 8]})), store)
     # A model that raises on some inputs (token ids out of its embedding's range), batching 8.

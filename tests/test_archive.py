@@ -21,7 +21,7 @@ def test_archive_is_self_contained_with_its_config(model_store):
             "handlers/__init__.py", "handlers/entry.py", "handlers/runtimes.py",
             "handlers/tasks.py"} <= names
     assert not any("servetool" in n for n in names)
-    assert (config["batchSize"], config["maxBatchDelay"]) == (1, 0)
+    assert (config["batchSize"], config["maxBatchDelay"]) == (8, 1)  # the spec's
     assert "minWorkers" not in config and "maxWorkers" not in config  # auto: chosen at deploy
     assert config["handler"]["format"] == "onnx"
     assert config["handler"]["artifact"] == "model.onnx"

@@ -105,6 +105,12 @@ def test_docker_deploy_predict_scale_stop(tmp_path, model_store, docker_engine, 
         assert container.attrs["Config"]["User"] == "1000:1000"
         assert "tini" in container.attrs["Config"]["Entrypoint"][0]
         assert container.attrs["HostConfig"]["NanoCpus"] == 1_000_000_000
+        # What the image carries: under 1 GB, a Java runtime of only the frontend's modules (made
+        # by jlink: no compiler, no jshell), no pip.
+        assert deployed["image"]["size_bytes"] < 1e9, deployed["image"]
+        modules = container.exec_run(["java", "--list-modules"], user="1000").output.decode()
+        assert "java.base@" in modules and "jdk.compiler" not in modules, modules
+        assert container.exec_run(["python3", "-m", "pip", "--version"]).exit_code != 0
 
         # Management goes through servetool's front in the container: registering anything but
         # an archive of the model store (here a directory inside the container) is refused.
@@ -185,7 +191,12 @@ def test_build_failure_quotes_the_failing_step(tmp_path, model_store, docker_eng
                env=docker_engine, cwd=tmp_path, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     error = proc.stderr[proc.stderr.index("\nerror: ") + 1:]
-    assert error.startswith("error: the image build failed at step 7/"), error  # the first RUN
+    # the first RUN instruction of the rendered Dockerfile, counted as the builder counts steps
+    instructions = [line.split()[0] for line in
+                    (tmp_path / "deploy" / "docker" / "Dockerfile").read_text().splitlines()
+                    if line[:1].isupper()]
+    first_run = instructions.index("RUN") + 1
+    assert error.startswith(f"error: the image build failed at step {first_run}/"), error
     assert "/bin/bash" in error and "---> " not in error
 
 

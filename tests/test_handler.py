@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from ts.context import Context
 
-from handlers.entry import ServeHandler
+from handlers.entry import ServeHandler, quiet_request_lines
 from handlers.runtimes import threads_per_worker
 from handlers.tasks import ImageClassification, RequestError, Tensor, request_payload
 from servetool import archive, export
@@ -190,3 +190,28 @@ def test_available_cores_follows_the_pod_request_and_the_cgroup_quota(tmp_path, 
     assert available_cores(str(tmp_path)) == 1
     monkeypatch.setenv("SERVETOOL_CPUS", "64")  # never more than the cores it may run on
     assert available_cores(str(tmp_path)) == affinity
+
+
+def test_the_worker_stops_printing_a_line_per_batch():
+    """TorchServe's worker logs every batch it receives to stdout (read and parsed by the frontend);
+    the handler drops that line and nothing else."""
+    import logging
+
+    out = io.StringIO()
+    root = logging.getLogger()
+    stream = logging.StreamHandler(out)  # as the worker's logging.basicConfig(stream=sys.stdout)
+    root.addHandler(stream)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        quiet_request_lines()
+        quiet_request_lines()  # twice (a second model in the worker's process) adds nothing
+        logging.info("Backend received inference at: %d", 1700000000)
+        logging.info("[METRICS]PredictionTime.Milliseconds:0.4")
+        logging.warning("model failed")
+    finally:
+        root.removeHandler(stream)
+        root.setLevel(level)
+    assert out.getvalue().splitlines() == ["[METRICS]PredictionTime.Milliseconds:0.4",
+                                           "model failed"]
+    assert len(stream.filters) == 1

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from sklearn.datasets import load_digits
 
 from handlers.runtimes import available_cores
 from servetool import export, torchserve
@@ -51,6 +52,23 @@ def test_deploy_registers_every_archive_with_ready_workers(served):
         assert [w["status"] for w in model["workers"]] == ["READY"] * expected
     assert result["endpoints"]["inference"].startswith("http://127.0.0.1:")
     assert result["token_auth"] is True
+
+
+def test_a_batch_waits_at_most_what_the_spec_asks(served):
+    """A spec's max_delay_ms of 0 must not become TorchServe's 100 ms wait for a batch to fill."""
+    target, _ = served
+    client = target.client()
+    assert [(m["batchSize"], m["maxBatchDelay"]) for m in client.describe("digits_short")] == [(4, 1)]
+    assert [(m["batchSize"], m["maxBatchDelay"]) for m in client.describe("digits")] == [(8, 1)]
+    state = target.running()
+    body = png_bytes(load_digits().images[3])
+    http_predict(state, "digits_short", body)
+    took = []
+    for _ in range(5):
+        start = time.perf_counter()
+        assert http_predict(state, "digits_short", body).status_code == 200
+        took.append(time.perf_counter() - start)
+    assert sorted(took)[2] < 0.05, took  # one request alone; 100 ms means a batch waited in vain
 
 
 @pytest.mark.parametrize("model", ["digits", "digits_ts", *FORMAT_TWINS])

@@ -19,9 +19,14 @@ def test_digits_spec_parses_into_typed_fields():
     assert spec.input_shape == (1, 8, 8)
     assert spec.format == "onnx" and spec.task == "image-classification"
     assert spec.preprocess.grayscale and spec.preprocess.resize == (8, 8)
-    assert spec.batch_size == 1 and spec.max_batch_delay_ms == 0  # servetool's CPU defaults
+    assert (spec.batch_size, spec.max_batch_delay_ms) == (8, 1)  # the example batches
     assert (spec.min_workers, spec.max_workers) == (None, None)  # auto: one per serving core
     assert spec.label_names()[3] == "three"
+
+
+def test_batching_is_off_unless_the_spec_asks(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "m", batch=None))
+    assert (spec.batch_size, spec.max_batch_delay_ms) == (1, 0)  # servetool's CPU default
 
 
 def spec_with(tmp_path: Path, **overrides) -> Path:
