@@ -12,9 +12,20 @@ in "shape" names a dynamic axis. A plain numpy array stands for the feeds of a o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+
+@dataclass
+class Rows:
+    """Several examples from one request (a text task's several texts): each is one row of the
+    batch; the request is answered from all of its rows' outputs together."""
+
+    examples: list[dict[str, np.ndarray]]
+    meta: Any = None
+    outputs: list[list[np.ndarray]] | None = None  # per example, filled in by the handler
 
 
 def as_feeds(batch: Any, names: list[str]) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from handlers.batching import as_feeds, collate, dynamic_lengths, example_outputs
+from handlers.batching import Rows, as_feeds, collate, dynamic_lengths, example_outputs
 from handlers.errors import RequestError, describe, model_failure, to_json_bytes
 from handlers.runtimes import load_runtime, threads_per_worker
 from handlers.tasks import make_task, request_payload
@@ -62,7 +62,8 @@ class ServeHandler:
                       or threads_per_worker(model_config.get("maxWorkers")))
         self.runtime = load_runtime(config["runtime"], os.path.join(model_dir, config["artifact"]),
                                     threads, options)
-        self.task = make_task({**config, "inputs": self.inputs}, self._labels(model_dir, config))
+        self.task = make_task({**config, "inputs": self.inputs}, self._labels(model_dir, config),
+                              model_dir)
         self.task.output_names = list(self.runtime.output_names)
         logger.info("servetool handler ready: %s, %s on %s, %d intra-op thread(s)",
                     config["task"], config.get("format"), config["runtime"], threads)
@@ -87,18 +88,22 @@ class ServeHandler:
 
     def inference(self, items: list[Any]) -> list[Any]:
         """Runs the good requests as one batch (dynamic axes padded to this batch's longest); bad
-        ones pass through untouched. When the batch run raises, each request runs alone, so only
-        the one the model cannot process gets an error."""
+        ones pass through untouched. A request may bring several rows (Rows: a text task's
+        texts). When the batch run raises, each request runs alone, so only the one the model
+        cannot process gets an error."""
         good = [i for i, item in enumerate(items) if not isinstance(item, RequestError)]
         results: list[Any] = list(items)
         if not good:
             return results
-        names = [spec["name"] for spec in self.inputs]
-        examples = {i: as_feeds(items[i], names) for i in good}
+        rows = {i: self._rows(items[i]) for i in good}
+        flat = [example for i in good for example in rows[i]]
         try:
-            outputs = self.runtime.run(collate([examples[i] for i in good], self.inputs))
-            for row, i in enumerate(good):
-                results[i] = self._cut(outputs, row, examples[i])
+            outputs = self.runtime.run(collate(flat, self.inputs))
+            row = 0
+            for i in good:
+                cut = [self._cut(outputs, row + k, e) for k, e in enumerate(rows[i])]
+                results[i] = self._answer(items[i], cut)
+                row += len(rows[i])
         except Exception as exc:
             if len(good) == 1:
                 logger.warning("the model failed on request %d", good[0], exc_info=True)
@@ -107,16 +112,27 @@ class ServeHandler:
             logger.warning("the model failed on a batch of %d; running them one by one (%s)",
                            len(good), describe(exc))
             for i in good:
-                results[i] = self._run_alone(examples[i], i)
+                results[i] = self._run_alone(items[i], rows[i], i)
         return results
+
+    def _rows(self, item: Any) -> list[dict[str, np.ndarray]]:
+        names = [spec["name"] for spec in self.inputs]
+        return item.examples if isinstance(item, Rows) else [as_feeds(item, names)]
+
+    @staticmethod
+    def _answer(item: Any, cut: list[list[np.ndarray]]) -> Any:
+        if isinstance(item, Rows):
+            return Rows(item.examples, item.meta, cut)
+        return cut[0]
 
     def _cut(self, outputs: list[np.ndarray], row: int, example: dict[str, np.ndarray]) -> list:
         lengths = dynamic_lengths(example, self.inputs)
         return example_outputs(outputs, row, lengths, self.runtime.output_axes)
 
-    def _run_alone(self, example: dict[str, np.ndarray], index: int) -> Any:
+    def _run_alone(self, item: Any, examples: list[dict[str, np.ndarray]], index: int) -> Any:
         try:
-            return self._cut(self.runtime.run(collate([example], self.inputs)), 0, example)
+            outputs = self.runtime.run(collate(examples, self.inputs))
+            return self._answer(item, [self._cut(outputs, k, e) for k, e in enumerate(examples)])
         except Exception as exc:
             logger.warning("the model failed on request %d", index, exc_info=True)
             return model_failure(exc)

@@ -27,9 +27,13 @@ def request_payload(request: dict[str, Any]) -> Any:
         if request.get(key) is not None:
             return request[key]
     for value in request.values():
-        if isinstance(value, (bytes, bytearray, str, list, dict)):
+        if isinstance(value, (bytes, bytearray, str, list, dict)) and len(value):
             return value
-    raise RequestError(400, "empty request: send the input as the request body or a form field")
+    # TorchServe also drops a body sent as application/x-www-form-urlencoded (curl -d's default),
+    # whose text became a form field's name
+    raise RequestError(400, "empty request: send the input as the request body or a form field "
+                            "(curl -d/--data-binary sends a form unless given a Content-Type: add "
+                            "-H 'Content-Type: text/plain' or application/json, or use -T FILE)")
 
 
 class ImageClassification:
@@ -154,6 +158,9 @@ class Tensor:
 TASKS = {"image-classification": ImageClassification, "tensor": Tensor}
 
 
+TEXT_OUTPUT_RANKS = {"feature-extraction": 2, "text-classification": 2, "token-classification": 3}
+
+
 def output_problem(task: str, shapes: list[tuple[int, ...]], names: list[str],
                    batch: int) -> str | None:
     """Why a model's outputs (for a batch of `batch` examples) cannot serve `task`, or None.
@@ -162,6 +169,13 @@ def output_problem(task: str, shapes: list[tuple[int, ...]], names: list[str],
     if any(not s or s[0] != batch for s in shapes):
         return (f"the model's outputs ({described}) do not all start with the batch axis (a batch "
                 f"of {batch} went in)")
+    if task in TEXT_OUTPUT_RANKS:
+        rank = TEXT_OUTPUT_RANKS[task]
+        if len(shapes) != 1 or len(shapes[0]) != rank:
+            axes = "[batch, hidden]" if task == "feature-extraction" else (
+                "[batch, labels]" if rank == 2 else "[batch, sequence, labels]")
+            return f"{task} needs one output of shape {axes}; the model gives {described}"
+        return None
     if task != "image-classification":
         return None
     if len(shapes) != 1:
@@ -177,11 +191,17 @@ def output_problem(task: str, shapes: list[tuple[int, ...]], names: list[str],
             f"{names[0]} has shape {list(shape)} ({hint}): use task: tensor for its raw output")
 
 
-def make_task(config: dict[str, Any], labels: list[str] | None):
+def make_task(config: dict[str, Any], labels: list[str] | None, model_dir: str = "."):
+    """The task the archive's config names; text tasks load their tokenizer from model_dir."""
+    from handlers.text_tasks import TEXT_TASKS  # late: the tokenizers library, for text only
+
+    if config.get("task") in TEXT_TASKS:
+        return TEXT_TASKS[config["task"]](config, labels, model_dir)
     try:
         task_class = TASKS[config["task"]]
     except KeyError:
-        raise ValueError(f"unknown task {config.get('task')!r}; known: {', '.join(TASKS)}") from None
+        raise ValueError(f"unknown task {config.get('task')!r}; known: "
+                         f"{', '.join([*TASKS, *TEXT_TASKS])}") from None
     return task_class(config, labels)
 
 

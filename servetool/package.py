@@ -16,6 +16,7 @@ from servetool import archive, export, validate
 from servetool.errors import ServetoolError, whole_cause
 from servetool.formats import get_format
 from servetool.spec import ModelSpec
+from servetool.text_samples import sample_texts, text_batch
 
 PARITY_BATCH_SIZES = (1, 4, 16)  # more than one, so a batch axis frozen at export is caught
 Progress = Callable[[str], None]
@@ -30,7 +31,12 @@ def gate_batches(spec: ModelSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
     # dynamic axes at other lengths than the export example's
     random = [export.example_batch(spec, n, seed=n, length=3 + 2 * n) for n in PARITY_BATCH_SIZES]
     real: list = []
-    if spec.validation is not None or spec.calibration is not None:
+    if spec.is_text():  # the sample sentences, tokenized as the worker does
+        texts = sample_texts(spec, sum(PARITY_BATCH_SIZES))
+        edges = np.cumsum((0, *PARITY_BATCH_SIZES))
+        real = [text_batch(spec, texts[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)
+                if b <= len(texts)]
+    elif spec.validation is not None or spec.calibration is not None:
         x = export.sample_inputs(spec, sum(PARITY_BATCH_SIZES))
         edges = np.cumsum((0, *PARITY_BATCH_SIZES))
         real = [take(x, a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)
@@ -107,7 +113,8 @@ def convert(spec: ModelSpec, fmt: str, out_dir: Path, *, original=None, atol: fl
     random, real = gate_batches(spec)
     with sample_inputs_failures(spec):
         report = validate.validate(spec, export.runner_for(original), runner, fmt,
-                                   validate.limits_for(fmt, spec.tolerance, atol), random, real,
+                                   validate.limits_for(fmt, spec.tolerance, atol, spec.task),
+                                   random, real,
                                    export.output_names(original, len(runner(random[0])),
                                                        spec.outputs))
     validate.require(report, spec.name, accept=accept_drift)

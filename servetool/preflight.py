@@ -41,6 +41,9 @@ def sample_requests(spec: ModelSpec) -> list[tuple[bytes, str]]:
         buffer = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
         return [(buffer.getvalue(), "image/png"), (b"this is not an image", "image/png")]
+    if spec.is_text():
+        good = json.dumps({"inputs": ["A first sentence.", "Une deuxième, plus longue phrase."]})
+        return [(good.encode(), "application/json"), (b"\xff\xfe not UTF-8", "text/plain")]
     from servetool.export import example_batch  # what the gate feeds: integers for int inputs
 
     example = example_batch(spec, 1)
@@ -56,6 +59,12 @@ def _check_good(spec: ModelSpec, body: Any) -> str | None:
             return f"expected a {{label: probability}} object, got {body!r:.200}"
         if not all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in body.values()):
             return f"probabilities must be numbers in [0, 1], got {body!r:.200}"
+        return None
+    if spec.is_text():
+        key = {"feature-extraction": "embeddings", "text-classification": "predictions",
+               "token-classification": "entities"}[spec.task]
+        if not isinstance(body, dict) or not isinstance(body.get(key), list) or len(body[key]) != 2:
+            return f"expected {{\"{key}\": [one per text]}} for 2 texts, got {body!r:.200}"
         return None
     # one output: a list; several: an object by output name
     return None if isinstance(body, (list, dict)) else f"expected JSON lists, got {body!r:.200}"

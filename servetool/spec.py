@@ -20,8 +20,11 @@ from servetool.formats import ONNX_FAMILY
 
 SPEC_FILE = "servetool.yaml"
 FORMATS = tuple(FORMAT_TABLE)
-TASKS = ("image-classification", "tensor")
-SOURCE_KINDS = ("state_dict", "torchscript", "onnx", "pickled_module", "random_weights")
+TEXT_TASKS = ("feature-extraction", "text-classification", "token-classification")
+TASKS = ("image-classification", "tensor", *TEXT_TASKS)
+SOURCE_KINDS = ("state_dict", "torchscript", "onnx", "pickled_module", "random_weights",
+                "transformers")
+POOLINGS = ("mean", "cls")
 TORCHSCRIPT_METHODS = ("auto", "trace", "script")
 GRAPH_OPTIMIZATION = ("disabled", "basic", "extended", "all")
 DTYPES = ("float32", "float64", "int64", "int32")
@@ -134,6 +137,27 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
+class TextOptions:
+    """How a text task tokenizes: the tokenizer file the worker loads, the longest input and what
+    happens beyond it, the texts one request may carry, and (embeddings) pooling."""
+
+    tokenizer: Path
+    max_length: int
+    truncate: bool = True  # False: a longer text is refused (413) naming its length and the limit
+    max_texts: int = 32
+    pooling: str = "mean"  # feature-extraction: mean over the attention mask, or the CLS token
+    normalize: bool = False  # feature-extraction: L2-normalised embeddings
+    samples: Path | None = None  # sentences, one per line, for the gate
+    labels: tuple[str, ...] | None = None  # classifiers: from config.json's id2label
+    multi_label: bool = False  # text-classification: sigmoid per label instead of softmax
+
+    def handler_dict(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer.name, "max_length": self.max_length,
+                "truncate": self.truncate, "max_texts": self.max_texts, "pooling": self.pooling,
+                "normalize": self.normalize, "multi_label": self.multi_label}
+
+
+@dataclass(frozen=True)
 class Preprocess:
     grayscale: bool = False
     # (height, width): exact; an int: the shorter side, aspect kept (torchvision's Resize(int))
@@ -192,10 +216,14 @@ class ModelSpec:
     max_request_bytes: int | None = None  # the largest request body; None: from the input shape
     inputs: tuple[InputSpec, ...] = ()  # every input by name (input_shape/dtype: the first's)
     outputs: tuple[str, ...] = ()  # output names for an export (default: output, output_0, ...)
+    text: TextOptions | None = None  # the text tasks'
+
+    def is_text(self) -> bool:
+        return self.task in TEXT_TASKS
 
     def label_names(self) -> list[str] | None:
         if self.labels is None:
-            return None
+            return list(self.text.labels) if self.text and self.text.labels else None
         return [line.strip() for line in self.labels.read_text().splitlines() if line.strip()]
 
     def load_data(self, ref: DataRef) -> tuple[Any, Any]:
@@ -376,11 +404,21 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     validation = _parse_data(top.child("validation", None), directory, True, inputs)
     calibration = _parse_data(top.child("calibration", None), directory, False, inputs)
     tolerance = _parse_tolerance(top.child("tolerance", None))
+    text = None
+    if task in TEXT_TASKS:
+        text = _parse_text(top.child("text", None), top, task, source, directory)
+    elif "text" in top.data:
+        top.fail(f"is for the text tasks ({', '.join(TEXT_TASKS)}); task is {task}", "text")
     top.finish()
     if fmt == "onnx-int8-static" and calibration is None and validation is None:
         top.fail("is onnx-int8-static, which needs calibration data: add calibration.data "
                  "(an .npz with x)", "format")
 
+    if source.kind == "transformers" and task not in (*TEXT_TASKS, "tensor"):
+        top.fail(f"is {task}, but a Hugging Face text model serves one of {', '.join(TEXT_TASKS)} "
+                 "(or tensor, for raw token ids)", "task")
+    if task == "text-classification" and not (labels or (text and text.labels)):
+        top.fail("needs labels: config.json's id2label, or a labels file", "labels")
     if task == "image-classification":
         if len(inputs) != 1 or inputs[0].dynamic:
             top.fail("image-classification takes one input of a fixed [channels, height, width]; "
@@ -403,7 +441,7 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         min_workers=min_w, max_workers=max_w, response_timeout_s=timeout, export=export,
         runtime=runtime, validation=validation, calibration=calibration, tolerance=tolerance,
         allow_nonfinite=allow_nonfinite, max_request_bytes=max_request_bytes, inputs=inputs,
-        outputs=outputs,
+        outputs=outputs, text=text,
     )
     if labels is not None and not spec.label_names():
         top.fail(f"names an empty labels file: {labels}", "labels")
@@ -432,6 +470,8 @@ def _parse_inputs(top: _Reader, source: Source) -> tuple[InputSpec, ...]:
     top.seen.add("input")
     if source.kind == "onnx":  # read from the file: names, dtypes, fixed and dynamic axes
         return onnx_inputs(source.path)
+    if source.kind == "transformers":  # what its tokenizer feeds this model
+        return _transformers_inputs(source.path)
     top.fail("is required (or inputs, for several): the shape and dtype the model takes", "input")
     raise AssertionError
 
@@ -523,6 +563,8 @@ def _parse_source(src: _Reader, directory: Path) -> Source:
         # Explicit, so that a forgotten state_dict is an error and not a silently untrained model.
         if src.get(kind, bool) is not True:
             src.fail("must be true (or name a state_dict instead)", src.key(kind))
+    elif kind == "transformers":
+        path = _transformers_folder(src, directory)
     else:
         path = _existing_file(src, directory, kind, src.get(kind, str))
     model_file = class_name = None
@@ -547,6 +589,77 @@ def _parse_source(src: _Reader, directory: Path) -> Source:
                      src.key(kind))
     src.finish()
     return Source(kind, path, model_file, class_name, init_args, seed, trust)
+
+
+def _transformers_folder(src: _Reader, directory: Path) -> Path:
+    from servetool import hf
+
+    folder = (directory / src.get("transformers", str)).resolve()
+    if not folder.is_dir():
+        src.fail(f"names a folder that does not exist: {folder} (a Hugging Face model folder: "
+                 "config.json, the weights, tokenizer.json)", src.key("transformers"))
+    missing = hf.missing_files(folder)
+    if missing:
+        src.fail(f"names {folder}, which lacks {', '.join(missing)} (servetool loads a Hugging Face "
+                 "folder offline; save one with save_pretrained, tokenizer included)",
+                 src.key("transformers"))
+    try:
+        hf.read_json(folder / "config.json")
+    except ValueError as exc:
+        src.fail(str(exc), src.key("transformers"))
+    return folder
+
+
+def _transformers_inputs(folder: Path) -> tuple[InputSpec, ...]:
+    """input_ids, attention_mask (and token_type_ids where the model has types), one dynamic
+    "sequence" axis they share; padded as the tokenizer pads; sample values the model accepts."""
+    from servetool import hf
+
+    config = hf.read_json(folder / "config.json")
+    vocab = hf.vocab_size(config) or 2
+    pad_id = config.get("pad_token_id")
+    ranges = {"input_ids": (0, vocab), "attention_mask": (1, 2), "token_type_ids": (0, 1)}
+    pads = {"input_ids": pad_id if isinstance(pad_id, int) else 0}
+    return tuple(InputSpec(name, ("sequence",), "int64", pads.get(name, 0), range=ranges[name])
+                 for name in hf.input_names(config))
+
+
+def _parse_text(section: _Reader | None, top: _Reader, task: str, source: Source,
+                directory: Path) -> TextOptions:
+    from servetool import hf
+
+    section = section or _Reader({}, "text", top.file)
+    config: dict[str, Any] = {}
+    folder = source.path if source.kind == "transformers" else None
+    if folder is not None:
+        config = hf.read_json(folder / "config.json")
+    rel = section.get("tokenizer", str, None)
+    if rel:
+        tokenizer = _existing_file(section, directory, "tokenizer", rel)
+    elif folder is not None:
+        tokenizer = folder / hf.TOKENIZER
+    else:
+        section.fail("is required for a text task whose source is not a Hugging Face folder: the "
+                     "tokenizer.json file the model's tokenizer saved", section.key("tokenizer"))
+    model_limit = hf.max_length(folder, config) if folder is not None else hf.DEFAULT_MAX_LENGTH
+    max_length = section.get("max_length", int, model_limit, check=_positive)
+    if max_length > model_limit and folder is not None:
+        section.fail(f"is {max_length}, more than the model takes ({model_limit} tokens)",
+                     section.key("max_length"))
+    declared_pooling, declared_normalize = hf.sentence_pooling(folder) if folder else (None, False)
+    pooling = section.get("pooling", str, declared_pooling or "mean", check=_one_of(POOLINGS))
+    normalize = section.get("normalize", bool, declared_normalize)
+    samples_rel = section.get("samples", str, None)
+    samples = _existing_file(section, directory, "samples", samples_rel) if samples_rel else None
+    options = TextOptions(
+        tokenizer=tokenizer, max_length=max_length, truncate=section.get("truncate", bool, True),
+        max_texts=section.get("max_texts", int, 32, check=_positive), pooling=pooling,
+        normalize=normalize, samples=samples,
+        labels=tuple(hf.labels(config) or ()) or None, multi_label=hf.multi_label(config))
+    section.finish()
+    if task != "feature-extraction" and ("pooling" in section.data or "normalize" in section.data):
+        section.fail(f"sets pooling/normalize, which only feature-extraction uses (task: {task})")
+    return options
 
 
 def _parse_workers(section: _Reader | None) -> tuple[int | None, int | None]:

@@ -75,6 +75,10 @@ def load_original(spec: ModelSpec):
         from servetool.export.pickled import load_pickled_module
 
         return load_pickled_module(src.path, src.model_file).eval()
+    if src.kind == "transformers":
+        from servetool.export import transformers
+
+        return transformers.load(spec)
     if src.kind == "torchscript":
         try:
             return torch.jit.load(str(src.path), map_location="cpu").eval()
@@ -174,7 +178,11 @@ def example_batch(spec: ModelSpec, batch: int, seed: int = 0, length: int | None
 
 def sample_inputs(spec: ModelSpec, count: int = 64) -> np.ndarray:
     """Realistic inputs where the spec has data (quantized formats are judged on real data), else
-    random ones."""
+    random ones. A text model's are its sample sentences, tokenized."""
+    if spec.is_text():
+        from servetool.text_samples import sample_texts, text_batch
+
+        return text_batch(spec, sample_texts(spec, count))
     for ref in (spec.validation, spec.calibration):
         if ref is not None:
             x, _ = spec.load_data(ref)

@@ -63,9 +63,12 @@ def dynamic_int8(base: Path, target: Path) -> dict[str, str]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
-        quantize_dynamic(str(_preprocessed(base, Path(tmp))), str(target),
+        # Per-channel weight scales: one scale per output column keeps the transformer's
+        # projections apart (all-MiniLM-L6-v2's worst cosine on the gate's sentences: 0.87 with
+        # one scale per tensor, 0.98 per channel).
+        quantize_dynamic(str(_preprocessed(base, Path(tmp))), str(target), per_channel=True,
                          weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-    return {"quantization": "dynamic int8, MatMul/Gemm weights"}
+    return {"quantization": "dynamic int8, MatMul/Gemm weights per channel"}
 
 
 def static_int8(base: Path, target: Path, inputs: np.ndarray) -> dict[str, str]:

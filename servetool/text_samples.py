@@ -1,0 +1,31 @@
+"""Sample sentences as model inputs: what the gate, calibration and benchmarks feed a text model,
+tokenized by the handler's own encoder so they see exactly what the worker will."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from servetool.spec import ModelSpec
+
+SENTENCES = Path(__file__).with_name("resources") / "sentences.txt"
+
+
+def sample_texts(spec: ModelSpec, count: int) -> list[str]:
+    """`count` of the spec's sample sentences (text.samples), else of servetool's varied set
+    (accents, CJK, emoji, numbers, a text longer than most models take), repeated as needed."""
+    source = spec.text.samples if spec.text and spec.text.samples else SENTENCES
+    texts = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()
+             if line.strip()]
+    return (texts * (count // max(len(texts), 1) + 1))[:count] if texts else []
+
+
+def text_batch(spec: ModelSpec, texts: list[str]) -> dict[str, np.ndarray]:
+    """Texts as one batch of the model's feeds, padded to the longest as the handler pads."""
+    from handlers.batching import collate
+    from handlers.text import TextEncoder
+
+    encoder = TextEncoder(str(spec.text.tokenizer), [i.name for i in spec.inputs],
+                          spec.text.max_length, truncate=True, max_texts=len(texts))
+    return collate([e.feeds for e in encoder.encode(texts)], [i.as_dict() for i in spec.inputs])
