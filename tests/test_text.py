@@ -118,9 +118,13 @@ def test_a_base_model_is_refused_as_a_classifier(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["onnx-int8", "openvino", "torchscript"])
-def test_minilm_formats_pass_the_gate_on_real_sentences(tmp_path, fmt):
+def test_minilm_formats_pass_the_gate_on_real_sentences(tmp_path, monkeypatch, fmt):
     spec = load_spec(MINILM)
-    artifact, report = convert(spec, fmt, tmp_path)
+    project = tmp_path / "project"  # where the user runs servetool: nothing may land there
+    project.mkdir()
+    monkeypatch.chdir(project)
+    artifact, report = convert(spec, fmt, tmp_path / "out")
+    assert list(project.iterdir()) == []
     assert report.ok, report.problems
     (out,) = report.outputs
     assert out.shape == [384]

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -23,14 +24,19 @@ CALIBRATION_SAMPLES = 256
 
 
 def quantize(spec: ModelSpec, base: Path, target: Path, fmt: Format) -> Artifact:
-    if fmt.name == "onnx-fp16":
-        notes = to_fp16(base, target)
-    elif fmt.name == "onnx-int8":
-        notes = dynamic_int8(base, target)
-    elif fmt.name == "onnx-int8-static":
-        notes = static_int8(base, target, calibration_inputs(spec))
-    else:
-        raise ExportError(f"no quantizer for format {fmt.name}")
+    # ONNX Runtime's quantizer writes a large model's weights to a uuid-named .data file in the
+    # current directory (seen with all-MiniLM-L6-v2: 90 MB per run, in the user's project folder):
+    # it works in a scratch directory instead.
+    with tempfile.TemporaryDirectory(prefix="servetool-quantize-") as scratch, \
+            contextlib.chdir(scratch):
+        if fmt.name == "onnx-fp16":
+            notes = to_fp16(base, target)
+        elif fmt.name == "onnx-int8":
+            notes = dynamic_int8(base, target)
+        elif fmt.name == "onnx-int8-static":
+            notes = static_int8(base, target, calibration_inputs(spec))
+        else:
+            raise ExportError(f"no quantizer for format {fmt.name}")
     _copy_metadata(base, target)
     return Artifact(fmt, target, [target], notes)
 
