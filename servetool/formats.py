@@ -30,6 +30,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "TorchScript (trace, or script where tracing would freeze control flow)"),
     Format("onnx", "onnx", "model.onnx", "fp32", 1e-4, 0.0, 1.0, 0.1,
            "ONNX Runtime, fp32"),
+    # Fused kernels (one Attention op, SkipLayerNormalization, a GELU op) add up differently.
+    Format("onnx-transformer", "onnx", "model.onnx", "fp32", 1e-3, 1e-3, 1.0, 0.1,
+           "ONNX Runtime, fp32, with its transformer optimizer's fusions (attention, LayerNorm, "
+           "GELU)"),
     Format("onnx-fp16", "onnx", "model.onnx", "fp16", 1e-2, 1e-2, 0.98, 0.5,
            "ONNX Runtime, fp16 weights and activations (fp32 inputs/outputs)"),
     Format("onnx-int8", "onnx", "model.onnx", "int8", 5e-2, 5e-2, 0.97, 0.5,

@@ -117,7 +117,7 @@ def test_a_base_model_is_refused_as_a_classifier(tmp_path):
         export.load_original(spec)
 
 
-@pytest.mark.parametrize("fmt", ["onnx-int8", "openvino", "torchscript"])
+@pytest.mark.parametrize("fmt", ["onnx-transformer", "onnx-int8", "openvino", "torchscript"])
 def test_minilm_formats_pass_the_gate_on_real_sentences(tmp_path, monkeypatch, fmt):
     spec = load_spec(MINILM)
     project = tmp_path / "project"  # where the user runs servetool: nothing may land there
@@ -125,11 +125,26 @@ def test_minilm_formats_pass_the_gate_on_real_sentences(tmp_path, monkeypatch, f
     monkeypatch.chdir(project)
     artifact, report = convert(spec, fmt, tmp_path / "out")
     assert list(project.iterdir()) == []
+    if fmt == "onnx-transformer":  # every fusion ONNX Runtime has for a BERT encoder applied
+        for fused in ("Attention x6", "EmbedLayerNormalization x1", "SkipLayerNormalization x12"):
+            assert fused in artifact.notes["fusions"], artifact.notes
     assert report.ok, report.problems
     (out,) = report.outputs
     assert out.shape == [384]
     assert out.min_cosine >= (0.98 if fmt == "onnx-int8" else 0.999)
     assert report.limits.min_cosine == (0.98 if fmt == "onnx-int8" else 0.999)
+
+
+def test_bench_text_sets_are_short_and_long_and_never_padded_alone(tmp_path):
+    from servetool.bench._measure import load_samples
+    from servetool.bench.formats import save_text_sets
+
+    paths, tokens = save_text_sets(load_spec(MINILM), tmp_path)
+    assert tokens["long"] == 256 and tokens["short"] < 40
+    batch, singles = load_samples(str(paths["short"]))
+    lengths = [s["input_ids"].shape[1] for s in singles]
+    assert batch["input_ids"].shape == (64, max(lengths)) and min(lengths) < max(lengths)
+    assert all(s["attention_mask"].all() for s in singles)  # no padding in a text alone
 
 
 def test_sample_sentences_repeat_to_the_count_asked():

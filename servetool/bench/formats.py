@@ -26,7 +26,7 @@ from servetool.package import convert
 from servetool.spec import ModelSpec
 
 COLUMNS = ["format", "precision", "accuracy", "accuracy_drop_points", "gate", "p50_ms", "p90_ms",
-           "throughput", "size_mb", "peak_rss_mb", "load_ms", "speedup_vs_eager"]
+           "p50_long_ms", "throughput", "size_mb", "peak_rss_mb", "load_ms", "speedup_vs_eager"]
 
 
 class BenchError(ServetoolError):
@@ -56,11 +56,15 @@ def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, itera
     original = export.load_original(spec)
     with tempfile.TemporaryDirectory(prefix=f"servetool-bench-{spec.name}-") as tmp:
         inputs = Path(tmp) / "inputs.npz"
-        samples = export.sample_inputs(spec, 64)
-        np.savez(inputs, **(samples if isinstance(samples, dict) else
-                            {spec.inputs[0].name: samples}))
         common = {"inputs": str(inputs), "threads": threads, "batch": batch,
                   "iterations": iterations, "seconds": seconds, "warmup": 20}
+        if spec.is_text():  # short sentences, and long texts for a second batch-1 latency
+            text_sets, tokens = save_text_sets(spec, Path(tmp))
+            common.update(inputs=str(text_sets["short"]), inputs_long=str(text_sets["long"]))
+        else:
+            samples = export.sample_inputs(spec, 64)
+            np.savez(inputs, **(samples if isinstance(samples, dict) else
+                                {spec.inputs[0].name: samples}))
         rows: list[dict[str, Any]] = []
         if spec.source.kind != "onnx":
             progress("eager PyTorch: measuring")
@@ -85,11 +89,45 @@ def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, itera
     for row in rows:
         if "p50_ms" in row:
             row["speedup_vs_eager"] = round(eager_p50 / row["p50_ms"], 2) if eager_p50 else None
-    return {"model": spec.name, "threads": threads, "batch": batch, "rows": rows}
+    result = {"model": spec.name, "threads": threads, "batch": batch, "rows": rows}
+    if spec.is_text():
+        result["tokens"] = tokens
+    return result
+
+
+def save_text_sets(spec: ModelSpec, folder: Path) -> tuple[dict[str, Path], dict[str, int]]:
+    """The sample sentences as the short set; long texts (several sentences joined, cut at the
+    model's max_length) as the long one. Each an .npz padded to its longest, with lengths."""
+    from handlers.batching import collate
+    from handlers.text import TextEncoder
+    from servetool.bench._measure import LENGTHS
+    from servetool.text_samples import sample_texts
+
+    short = sample_texts(spec, 64)
+    joined = " ".join(short)
+    long = [" ".join([joined[i:], joined[:i]]) for i in range(0, 64 * 37, 37)][:64]
+    encoder = TextEncoder(str(spec.text.tokenizer), [i.name for i in spec.inputs],
+                          spec.text.max_length, truncate=True, max_texts=64)
+    paths, tokens = {}, {}
+    for name, texts in (("short", short), ("long", long)):
+        encoded = encoder.encode(texts)
+        feeds = collate([e.feeds for e in encoded], [i.as_dict() for i in spec.inputs])
+        lengths = [e.tokens for e in encoded]
+        tokens[name] = int(np.mean(lengths))  # the mean: what the latency column is read by
+        paths[name] = folder / f"{name}.npz"
+        np.savez(paths[name], **feeds, **{LENGTHS: np.array(lengths)})
+    return paths, tokens
 
 
 def _source_size(spec: ModelSpec) -> int:
-    return spec.source.path.stat().st_size if spec.source.path else 0
+    path = spec.source.path
+    if path is None:
+        return 0
+    if path.is_dir():  # a Hugging Face folder: its weights
+        from servetool import hf
+
+        return sum((path / name).stat().st_size for name in hf.WEIGHTS if (path / name).is_file())
+    return path.stat().st_size
 
 
 def _eager_accuracy(spec: ModelSpec, original) -> float | None:
@@ -121,6 +159,7 @@ def _row(fmt: str, precision: str, report, numbers: dict[str, Any], size: int,
         "gate": gate,
         "p50_ms": round(numbers["p50_ms"], 4),
         "p90_ms": round(numbers["p90_ms"], 4),
+        "p50_long_ms": round(numbers["p50_long_ms"], 4) if "p50_long_ms" in numbers else None,
         "throughput": round(numbers["throughput"], 1),
         "size_mb": round(size / 1e6, 3),
         "peak_rss_mb": numbers["peak_rss_mb"],
@@ -148,7 +187,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
         return "-"
     if key == "accuracy":
         return f"{value:.2%}"
-    if key in ("p50_ms", "p90_ms"):
+    if key in ("p50_ms", "p90_ms", "p50_long_ms"):
         return f"{value:.3f}" if value < 1 else f"{value:.2f}"
     if key == "speedup_vs_eager":
         return f"{value:.2f}x"
@@ -161,6 +200,11 @@ def markdown_table(result: dict[str, Any]) -> str:
              "gate"]
     keys = ["format", "precision", "accuracy", "accuracy_drop_points", "p50_ms", "p90_ms",
             "throughput", "size_mb", "peak_rss_mb", "speedup_vs_eager", "gate"]
+    if "tokens" in result:  # text: batch-1 latency on short sentences and on long texts
+        short, long = result["tokens"]["short"], result["tokens"]["long"]
+        heads[4:6] = [f"p50 ms (b=1, ~{short} tokens)", f"p50 ms (b=1, ~{long} tokens)"]
+        keys[4:6] = ["p50_ms", "p50_long_ms"]
+        heads[6] = f"texts/s (b={result['batch']}, short)"
     lines = [f"# {result['model']}: serving formats ({result['threads']} thread(s), same inputs)",
              "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for row in result["rows"]:

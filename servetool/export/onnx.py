@@ -25,7 +25,11 @@ def dynamic_axes(spec: ModelSpec) -> dict[str, dict[int, str]]:
                                       if isinstance(d, str)}} for inp in spec.inputs}
 
 
-def export_onnx(model, example: Any, target: Path, spec: ModelSpec) -> dict[str, Any]:
+def export_onnx(model, example: Any, target: Path, spec: ModelSpec,
+                torchscript_exporter: bool = False) -> dict[str, Any]:
+    """The model as ONNX with the spec's input names and dynamic axes. torchscript_exporter: the
+    TorchScript-based exporter (always for ScriptModules), whose graph patterns ONNX Runtime's
+    transformer optimizer recognises (its attention fusion does not match the dynamo export)."""
     import onnx
     import torch
 
@@ -37,7 +41,7 @@ def export_onnx(model, example: Any, target: Path, spec: ModelSpec) -> dict[str,
     try:
         with warnings.catch_warnings(), quiet_native_output():
             warnings.simplefilter("ignore")
-            if isinstance(model, torch.jit.ScriptModule):
+            if isinstance(model, torch.jit.ScriptModule) or torchscript_exporter:
                 proto = _export_scripted(model, example, spec)
             else:
                 proto = torch.onnx.export(
@@ -61,8 +65,8 @@ def export_onnx(model, example: Any, target: Path, spec: ModelSpec) -> dict[str,
 
 
 def _export_scripted(model, example: np.ndarray, spec: ModelSpec):
-    """TorchScript (a ScriptModule, e.g. a TorchScript source): the dynamo exporter does not take
-    ScriptModules, so the TorchScript-based exporter does, with the batch axis dynamic."""
+    """The TorchScript-based exporter (the dynamo exporter does not take ScriptModules), with the
+    batch axis dynamic, and a token classifier's sequence axis in its output."""
     import io
 
     import onnx
@@ -73,8 +77,14 @@ def _export_scripted(model, example: np.ndarray, spec: ModelSpec):
     buffer = io.BytesIO()
     torch.onnx.export(model, args, buffer, dynamo=False, input_names=[i.name for i in spec.inputs],
                       output_names=outputs, opset_version=spec.export.onnx_opset or 17,
-                      dynamic_axes={**dynamic_axes(spec), **{o: {0: "batch"} for o in outputs}})
+                      dynamic_axes={**dynamic_axes(spec), **{o: _output_axes(spec) for o in outputs}})
     return onnx.load_from_string(buffer.getvalue())
+
+
+def _output_axes(spec: ModelSpec) -> dict[int, str]:
+    if spec.task == "token-classification":
+        return {0: "batch", 1: "sequence"}
+    return {0: "batch"}
 
 
 def _output_names(model, example: Any, spec: ModelSpec) -> list[str]:

@@ -22,7 +22,9 @@ AUTO_CLASSES = {"feature-extraction": "AutoModel", "tensor": "AutoModel",
                 "token-classification": "AutoModelForTokenClassification"}
 
 
-def load(spec: ModelSpec) -> Any:
+def load(spec: ModelSpec, attention: str | None = None) -> Any:
+    """The folder's model for the spec's task, wrapped; `attention` picks transformers'
+    attention implementation (None: its default, SDPA where available)."""
     from servetool.export import ExportError
 
     folder = spec.source.path
@@ -37,8 +39,9 @@ def load(spec: ModelSpec) -> Any:
     quiet.setLevel(logging.ERROR)  # its "weights not initialised" warning becomes our error
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            model, info = auto.from_pretrained(str(folder), local_files_only=True,
-                                               output_loading_info=True)
+            model, info = auto.from_pretrained(
+                str(folder), local_files_only=True, output_loading_info=True,
+                **({"attn_implementation": attention} if attention else {}))
     except Exception as exc:
         raise ExportError(f"{folder}: cannot load it as a {AUTO_CLASSES[spec.task]} "
                           f"({whole_cause(exc, limit=600)})") from None
