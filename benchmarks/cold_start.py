@@ -1,6 +1,6 @@
 """Cold start: from `servetool deploy` to the first answer, as a user runs it.
 
-Run: .venv/bin/python benchmarks/cold_start.py [--model resnet18] [--runs 3] [--docker] [--json]
+Run: .venv/bin/python benchmarks/cold_start.py [--model resnet18|minilm] [--runs 3] [--docker]
 The servetool CLI in a scratch folder outside this repository, no flags but free ports. The model
 is packaged once (not timed); then, per run: `servetool deploy` until it returns (the frontend up
 and every worker READY), the first prediction, and `servetool stop`. TorchServe's own
@@ -38,7 +38,7 @@ def cli(*args: str, cwd: Path) -> str:
     return proc.stdout
 
 
-def one_run(work: Path, model: str, sample: Path, target_args: list[str],
+def one_run(work: Path, model: str, sample: tuple[bytes, str], target_args: list[str],
             ports: dict[str, int]) -> dict[str, float]:
     port_args = [f"--{api.replace('_', '-')}-port={port}" for api, port in ports.items()
                  if not api.startswith("grpc")]
@@ -48,8 +48,10 @@ def one_run(work: Path, model: str, sample: Path, target_args: list[str],
     header = cli("token", "--header", *target_args[:2], cwd=work).strip()
     name, _, value = header.partition(": ")
     asked = time.perf_counter()
+    body, content_type = sample
     reply = requests.post(f"http://127.0.0.1:{ports['inference']}/predictions/{model}",
-                          data=sample.read_bytes(), headers={name: value}, timeout=120)
+                          data=body, headers={name: value, "Content-Type": content_type},
+                          timeout=120)
     answered = time.perf_counter()
     if reply.status_code != 200:
         raise SystemExit(f"first prediction answered {reply.status_code}: {reply.text[:300]}")
@@ -71,7 +73,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     folder = ROOT / "models" / args.model
-    sample = sorted((folder / "samples").iterdir())[0]
+    if (folder / "samples").is_dir():  # an image model's sample files
+        sample = (sorted((folder / "samples").iterdir())[0].read_bytes(), "application/octet-stream")
+    else:  # a text model: its first sample sentence
+        text = (folder / "samples.txt").read_text(encoding="utf-8").splitlines()[0]
+        sample = (json.dumps({"inputs": text}).encode(), "application/json")
     target_args = ["--target", "docker", "--network", "host"] if args.docker else []
     if args.docker and args.base_image:
         target_args += ["--base-image", args.base_image]
