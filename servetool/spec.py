@@ -101,6 +101,19 @@ class DataRef:
     path: Path
     samples: int | None = None
     images: bool = False
+    texts: bool = False  # a text file of labelled lines: LABEL<TAB>TEXT
+
+    def labelled_texts(self) -> list[tuple[str, str]]:
+        """(label, text) per line of a texts file; SpecError naming a line without a tab."""
+        pairs = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            label, tab, text = line.partition("\t")
+            if not tab or not text.strip():
+                raise SpecError(f"{self.path}:{number}: expected LABEL<TAB>TEXT, got {line[:80]!r}")
+            pairs.append((label.strip(), text))
+        return pairs[: self.samples] if self.samples else pairs
 
     def load(self, names: list[str] | None = None) -> tuple[Any, Any]:
         """(x, y): x an array, or {input name: array} for a model of several inputs (the .npz
@@ -221,6 +234,21 @@ class ModelSpec:
     def is_text(self) -> bool:
         return self.task in TEXT_TASKS
 
+    def _load_texts(self, ref: DataRef) -> tuple[Any, Any]:
+        """Labelled texts, tokenized as the worker tokenizes them (one padded batch)."""
+        import numpy as np
+
+        from servetool.text_samples import text_batch
+
+        names = self.label_names() or []
+        pairs = ref.labelled_texts()
+        unknown = sorted({label for label, _ in pairs if label not in names})
+        if unknown:
+            raise SpecError(f"{ref.path}: label(s) {', '.join(map(repr, unknown[:5]))} are not "
+                            f"the model's ({', '.join(names[:10])})")
+        x = text_batch(self, [text for _, text in pairs])
+        return x, np.array([names.index(label) for label, _ in pairs], np.int64)
+
     def label_names(self) -> list[str] | None:
         if self.labels is None:
             return list(self.text.labels) if self.text and self.text.labels else None
@@ -228,6 +256,8 @@ class ModelSpec:
 
     def load_data(self, ref: DataRef) -> tuple[Any, Any]:
         """Model inputs (and labels, where known) of a validation or calibration set."""
+        if ref.texts:
+            return self._load_texts(ref)
         if not ref.images:
             return ref.load([i.name for i in self.inputs])
         import numpy as np
@@ -407,6 +437,12 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     text = None
     if task in TEXT_TASKS:
         text = _parse_text(top.child("text", None), top, task, source, directory)
+        for key, ref in (("validation", validation), ("calibration", calibration)):
+            if ref is not None and not ref.texts:
+                top.fail("must be {texts: FILE} (LABEL<TAB>TEXT lines) for a text model", key)
+        if validation is not None and task != "text-classification":
+            top.fail(f"labelled texts judge a text classifier's accuracy; {task} has none to "
+                     "judge (its gate compares with the original on text.samples)", "validation")
     elif "text" in top.data:
         top.fail(f"is for the text tasks ({', '.join(TEXT_TASKS)}); task is {task}", "text")
     top.finish()
@@ -713,6 +749,19 @@ def _parse_data(section: _Reader | None, directory: Path, labelled: bool,
     if section is None:
         return None
     samples = section.get("samples", int, None, check=_positive)
+    if "texts" in section.data:
+        path = _existing_file(section, directory, "texts", section.get("texts", str))
+        section.finish()
+        if not labelled:
+            section.fail("takes no texts file: a text model's calibration uses its sample "
+                         "sentences (text.samples)", section.key("texts"))
+        ref = DataRef(path, samples, texts=True)
+        try:
+            if not ref.labelled_texts():
+                section.fail(f"names an empty file: {path}", section.key("texts"))
+        except SpecError as exc:
+            section.fail(str(exc), section.key("texts"))
+        return ref
     if "images" in section.data:
         folder = (directory / section.get("images", str)).resolve()
         section.finish()

@@ -4,10 +4,12 @@ tokenized by the handler's own encoder so they see exactly what the worker will.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from servetool.spec import ModelSpec
+if TYPE_CHECKING:  # the spec loads labelled texts through this module
+    from servetool.spec import ModelSpec
 
 SENTENCES = Path(__file__).with_name("resources") / "sentences.txt"
 

@@ -147,6 +147,29 @@ def test_bench_text_sets_are_short_and_long_and_never_padded_alone(tmp_path):
     assert all(s["attention_mask"].all() for s in singles)  # no padding in a text alone
 
 
+def test_a_labelled_text_set_gates_a_classifier_by_accuracy(tmp_path):
+    folder = small_classifier(tmp_path, "sequence")
+    labelled = tmp_path / "labelled.tsv"
+    labelled.write_text("positive\tI love this.\nnegative\tI hate this.\n"
+                        "neutral\tIt is a chair.\n\npositive\tBest day ever 😍\n")
+    spec = load_spec(write_text_spec(tmp_path / "s", folder, "sentiment", "text-classification",
+                                     validation={"texts": str(labelled)}))
+    _, report = convert(spec, "onnx-int8", tmp_path / "out")
+    assert report.ok and report.accuracy.samples == 4
+    assert 0.0 <= report.accuracy.original <= 1.0 and report.accuracy.drop_points <= 0.5
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("happy\tI love this.\n")
+    spec = load_spec(write_text_spec(tmp_path / "b", folder, "sentiment", "text-classification",
+                                     validation={"texts": str(bad)}))
+    with pytest.raises(SpecError, match="label\\(s\\) 'happy' are not the model's"):
+        convert(spec, "onnx", tmp_path / "out2")
+    no_tab = tmp_path / "no_tab.tsv"
+    no_tab.write_text("positive I love this.\n")
+    with pytest.raises(SpecError, match=r"no_tab.tsv:1: expected LABEL<TAB>TEXT"):
+        load_spec(write_text_spec(tmp_path / "n", folder, "sentiment", "text-classification",
+                                  validation={"texts": str(no_tab)}))
+
+
 def test_sample_sentences_repeat_to_the_count_asked():
     texts = sample_texts(load_spec(MINILM), 21)
     assert len(texts) == 21 and texts[16] == texts[0]  # samples.txt holds 16
