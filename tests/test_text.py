@@ -280,3 +280,36 @@ def test_token_classification_over_http(text_server):
     too_long = post(text_server, "ner", json={"inputs": "word " * 40})
     assert too_long.status_code == 413
     assert "42 tokens long" in too_long.json()["error"] and "at most 32" in too_long.json()["error"]
+
+
+@pytest.mark.docker
+def test_a_text_model_serves_from_the_docker_image(tmp_path, docker_engine):
+    """The image carries the tokenizer library for a text archive (and not transformers)."""
+    from servetool.torchserve import free_ports
+    from tests.conftest import LOCAL_BASE_IMAGE
+    from tests.test_docker import cli, port_args
+
+    store = tmp_path / "store"
+    spec = yaml.safe_load((MINILM / "servetool.yaml").read_text())
+    spec["source"]["transformers"] = str(minilm_folder())
+    spec["text"]["samples"] = str(MINILM / "samples.txt")
+    spec |= {"format": "onnx-int8", "workers": {"min": 1, "max": 1}}
+    (tmp_path / "spec").mkdir()
+    (tmp_path / "spec" / "servetool.yaml").write_text(yaml.safe_dump(spec))
+    package(load_spec(tmp_path / "spec"), store)
+    ports = free_ports()
+    proc = cli("deploy", "--target", "docker", "--network", "host", "--base-image",
+               LOCAL_BASE_IMAGE, "--model-store", str(store), "--container-name",
+               "servetool-text-e2e", *port_args(ports), env=docker_engine, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        key = cli("token", "--target", "docker", env=docker_engine, cwd=tmp_path).stdout.strip()
+        reply = requests.post(f"http://127.0.0.1:{ports['inference']}/predictions/minilm",
+                              json={"inputs": ["Served from a container.", "Bonjour"]},
+                              headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["dimensions"] == 384 and len(reply.json()["embeddings"]) == 2
+        reqs = (tmp_path / "deploy" / "docker" / "build" / "requirements.txt").read_text()
+        assert "tokenizers==" in reqs and "transformers" not in reqs
+    finally:
+        cli("stop", "--target", "docker", env=docker_engine, cwd=tmp_path)
