@@ -67,9 +67,20 @@ def _report(encoded) -> dict[str, Any]:
     return {"tokens": [e.tokens for e in encoded], "truncated": [e.truncated for e in encoded]}
 
 
+def _short_floats(vector: np.ndarray) -> list[float]:
+    """The vector to 7 significant digits of its largest value, float32's precision: the JSON
+    is half as long as float32 values written as float64 (8.4 -> 4.4 KB for 384 numbers) and
+    quicker to write, while no value moves by more than 5e-8 x its largest."""
+    vector = np.asarray(vector, dtype=np.float64).reshape(-1)
+    top = float(np.abs(vector).max()) if vector.size else 0.0
+    if not np.isfinite(top) or top == 0.0:
+        return vector.tolist()
+    return np.round(vector, max(0, 7 - int(np.ceil(np.log10(top))))).tolist()
+
+
 class FeatureExtraction(TextTask):
     def answer(self, outputs, encoded, text):
-        return np.asarray(outputs[0], dtype=np.float32).reshape(-1).tolist()
+        return _short_floats(outputs[0])
 
     def wrap(self, answers, request, encoded):
         if request.style == "openai":
