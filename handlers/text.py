@@ -48,8 +48,13 @@ def parse_request(payload: Any) -> TextRequest:
         if stripped.startswith(JSON_START):
             try:
                 return parse_request(json.loads(_decode_utf8(payload)))
-            except (ValueError, RecursionError):
-                pass  # a text that happens to start with a bracket
+            except (ValueError, RecursionError) as exc:
+                # "[1] Introduction" is a text; a body opening with "{" is a JSON object that
+                # does not parse (TorchServe hands over the bytes of invalid JSON as they came)
+                if stripped.startswith(b"{"):
+                    raise RequestError(400, f"the body starts like a JSON object but is not valid "
+                                            f"JSON ({exc}); send a text as {{\"inputs\": \"...\"}} "
+                                            "or as text/plain") from None
         return TextRequest([_decode_utf8(payload)], "single")
     if isinstance(payload, str):
         return TextRequest([payload], "single")

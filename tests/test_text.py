@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from handlers.text import TextEncoder
 from servetool import export
@@ -86,6 +88,45 @@ def test_worker_tokenization_equals_transformers_tokenizer():
             assert mine.feeds[name].tolist() == theirs[name], (text, name)
     assert [e.truncated for e in ours] == [False] * 7 + [True]
     assert ours[-1].tokens == 128
+
+
+KEYS = st.sampled_from(["inputs", "input", "model", "encoding_format", "x"]) | st.text(max_size=8)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(KEYS, children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=200), st.text(max_size=200), JSON_VALUES,
+                 JSON_VALUES.map(lambda v: json.dumps(v).encode())))
+def test_any_text_request_is_texts_or_a_request_error(payload):
+    """Whatever a client sends (bytes, text, any JSON), the text path answers with tokenized
+    rows or a RequestError naming the problem, never another exception."""
+    from handlers.errors import RequestError
+    from handlers.text import parse_request
+
+    encoder = _fuzz_encoder()
+    try:
+        request = parse_request(payload)
+        encoded = encoder.encode(request.texts)
+    except RequestError as error:
+        assert 400 <= error.status < 500 and error.args
+        return
+    assert len(encoded) == len(request.texts) >= 1
+    assert all(1 <= e.tokens <= 64 and e.feeds["input_ids"].dtype == np.int64 for e in encoded)
+
+
+_ENCODER: list = []
+
+
+def _fuzz_encoder():
+    if not _ENCODER:
+        _ENCODER.append(TextEncoder(str(minilm_folder() / "tokenizer.json"),
+                                    ["input_ids", "attention_mask", "token_type_ids"], 64,
+                                    truncate=True, max_texts=8))
+    return _ENCODER[0]
 
 
 def test_spec_reads_the_folder_and_names_what_is_missing(tmp_path):
@@ -237,11 +278,16 @@ def test_a_batch_mixing_good_and_bad_texts_answers_each_alone(text_server):
         ({"inputs": ["a", "b", "c", "d", "e"]}, 413),  # more texts than max_texts (4)
         ({"inputs": [1, 2]}, 400),  # token ids, not texts
         ({"prompt": "x"}, 400),
+        ((b'{"inputs": ["cut off', "application/json"), 400),  # broken JSON: not a text
+        ((b"[1] Introduction, a text opening with a bracket", "application/octet-stream"), 200),
         ({"inputs": ["Another good one", "and a second"]}, 200),
     ]
+    assert len(bodies) <= 10
 
     def send(item):
         body, _ = item
+        if isinstance(body, tuple):
+            return post(text_server, "minilm", data=body[0], headers={"Content-Type": body[1]})
         if isinstance(body, bytes):
             return post(text_server, "minilm", data=body, headers={"Content-Type": "text/plain"})
         return post(text_server, "minilm", json=body)
@@ -254,7 +300,8 @@ def test_a_batch_mixing_good_and_bad_texts_answers_each_alone(text_server):
     assert "text 1 is empty" in replies[2].json()["error"]
     assert "UTF-8" in replies[3].json()["error"]
     assert "at most 4" in replies[4].json()["error"]
-    assert len(replies[7].json()["embeddings"]) == 2
+    assert len(replies[9].json()["embeddings"]) == 2
+    assert "not valid JSON" in replies[7].json()["error"]
 
 
 def test_text_classification_over_http(text_server):
