@@ -83,24 +83,31 @@ def _limit_worker(artifact: str, runtime: str, config: dict, bodies: list[bytes]
 def in_process_limit(spec: ModelSpec, fmt: str, bodies: list[bytes], seconds: float) -> dict[str, Any]:
     """decode + preprocess + inference (in batches of the spec's size), one process per core with
     one thread each."""
-    from handlers.runtimes import available_cores
     from servetool import archive
     from servetool.package import convert
 
     tmp = Path(tempfile.mkdtemp(prefix="servetool-limit-"))
     artifact, _ = convert(spec, fmt, tmp)
     config = archive.handler_config(spec, artifact)
-    queue = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=_limit_worker, args=(
-        str(artifact.path), artifact.format.runtime, config, bodies, seconds, spec.batch_size, queue))
-        for _ in range(available_cores())]
+    rates = per_core(_limit_worker, (str(artifact.path), artifact.format.runtime, config, bodies,
+                                     seconds, spec.batch_size), seconds)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"throughput": round(sum(rates), 2), "processes": len(rates)}
+
+
+def per_core(worker, args: tuple, seconds: float) -> list[float]:
+    """worker(*args, queue) in one fresh process per core; the rate each one puts on the queue."""
+    from handlers.runtimes import available_cores
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(*args, queue)) for _ in range(available_cores())]
     for p in procs:
         p.start()
     rates = [queue.get(timeout=seconds + 300) for _ in procs]
     for p in procs:
         p.join()
-    shutil.rmtree(tmp, ignore_errors=True)
-    return {"throughput": round(sum(rates), 2), "processes": len(procs)}
+    return rates
 
 
 # --- 2. Flask dev server + eager PyTorch ---------------------------------------------------
@@ -282,20 +289,24 @@ def servetool_default(spec: ModelSpec, workdir: Path) -> tuple[LocalTarget, str,
 def servetool_as_user(spec: ModelSpec, workdir: Path) -> tuple[Any, str, dict]:
     """`servetool package` and `servetool deploy` in a scratch project folder: no
     config.properties of this repository applies, only servetool's own defaults."""
-    import json as json_module
+    return deploy_with_cli(spec.directory, spec.name, workdir)
 
+
+def deploy_with_cli(model_dir: Path, name: str, workdir: Path) -> tuple[Any, str, dict]:
+    """Package and deploy model_dir with the CLI from workdir/project, on free ports: (a stop
+    function, the predictions URL, the auth headers)."""
     cli = str(Path(sys.executable).with_name("servetool"))
     project = workdir / "project"
     project.mkdir()
-    subprocess.run([cli, "package", str(spec.directory)], cwd=project, check=True,
+    subprocess.run([cli, "package", str(model_dir)], cwd=project, check=True,
                    capture_output=True)
     ports = free_ports()
     subprocess.run([cli, "deploy", *(f"--{api.replace('_', '-')}-port={port}"
                                      for api, port in ports.items())],
                    cwd=project, check=True, capture_output=True)
-    keys = json_module.loads((project / ".servetool" / "key_file.json").read_text())
+    keys = json.loads((project / ".servetool" / "key_file.json").read_text())
     headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
-    url = f"http://127.0.0.1:{ports['inference']}/predictions/{spec.name}"
+    url = f"http://127.0.0.1:{ports['inference']}/predictions/{name}"
     return (lambda: subprocess.run([cli, "stop"], cwd=project, capture_output=True)), url, headers
 
 

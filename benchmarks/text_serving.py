@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import shutil
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import measure, say, stop, wait_http  # noqa: E402
+from benchmarks.serving import deploy_with_cli, measure, per_core, say, stop, wait_http  # noqa: E402
 from servetool.spec import load_spec  # noqa: E402
 from servetool.text_samples import sample_texts  # noqa: E402
 from servetool.torchserve import free_ports  # noqa: E402
@@ -73,18 +72,7 @@ def _limit_worker(mar: str, texts: list[str], seconds: float, queue) -> None:
 
 
 def in_process_limit(mar: Path, texts: list[str], seconds: float) -> float:
-    from handlers.runtimes import available_cores
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_limit_worker, args=(str(mar), texts, seconds, queue))
-             for _ in range(available_cores())]
-    for p in procs:
-        p.start()
-    rates = [queue.get(timeout=seconds + 300) for _ in procs]
-    for p in procs:
-        p.join()
-    return round(sum(rates), 1)
+    return round(sum(per_core(_limit_worker, (str(mar), texts, seconds), seconds)), 1)
 
 
 FLASK_APP = textwrap.dedent('''
@@ -133,8 +121,6 @@ def flask_server(workdir: Path, threads: int) -> tuple[subprocess.Popen, str, di
 
 def servetool_as_user(workdir: Path, batch: int | None) -> tuple[Any, str, dict]:
     """The CLI in a scratch project folder; with `batch`, a copy of the spec that batches."""
-    project = workdir / "project"
-    project.mkdir()
     model_dir = MODEL
     if batch:
         model_dir = workdir / "minilm"
@@ -142,17 +128,7 @@ def servetool_as_user(workdir: Path, batch: int | None) -> tuple[Any, str, dict]
         raw = yaml.safe_load((model_dir / "servetool.yaml").read_text())
         raw["batch"] = {"size": batch, "max_delay_ms": 1}
         (model_dir / "servetool.yaml").write_text(yaml.safe_dump(raw))
-    subprocess.run([SERVETOOL, "package", str(model_dir)], cwd=project, check=True,
-                   capture_output=True)
-    ports = free_ports()
-    subprocess.run([SERVETOOL, "deploy", *(f"--{api.replace('_', '-')}-port={port}"
-                                           for api, port in ports.items())],
-                   cwd=project, check=True, capture_output=True)
-    keys = json.loads((project / ".servetool" / "key_file.json").read_text())
-    headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
-    url = f"http://127.0.0.1:{ports['inference']}/predictions/minilm"
-    return (lambda: subprocess.run([SERVETOOL, "stop"], cwd=project, capture_output=True)), url, \
-        headers
+    return deploy_with_cli(model_dir, "minilm", workdir)
 
 
 def main() -> None:

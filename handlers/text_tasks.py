@@ -17,6 +17,7 @@ Answers (every list is per text, in request order):
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -30,8 +31,6 @@ class TextTask:
 
     def __init__(self, config: dict[str, Any], labels: list[str] | None,
                  model_dir: str = ".") -> None:
-        import os
-
         text = config.get("text") or {}
         names = [i["name"] for i in config.get("inputs") or []]
         self.encoder = TextEncoder(os.path.join(model_dir, text.get("tokenizer", "tokenizer.json")),
@@ -117,10 +116,11 @@ class TokenClassification(TextTask):
         words: list[tuple[str, float, int, int]] = []  # (tag, score, start, end) per word
         seen: set[int] = set()
         for t, word in enumerate(encoded.word_ids):
-            if word is None or encoded.special[t] or word in seen:
-                if word is not None and word in seen and words:  # a later piece widens the word
-                    tag, score, start, _ = words[-1]
-                    words[-1] = (tag, score, start, encoded.offsets[t][1])
+            if word is None or encoded.special[t]:
+                continue
+            if word in seen:  # a later piece of the word: it widens the word, keeps its label
+                tag, score, start, _ = words[-1]
+                words[-1] = (tag, score, start, encoded.offsets[t][1])
                 continue
             seen.add(word)
             best = int(scores[t].argmax())

@@ -16,7 +16,7 @@ from servetool import archive, export, validate
 from servetool.errors import ServetoolError, whole_cause
 from servetool.formats import get_format
 from servetool.spec import ModelSpec
-from servetool.text_samples import sample_texts, text_batch
+from servetool.text_samples import collate_texts, encode_texts, sample_texts
 
 PARITY_BATCH_SIZES = (1, 4, 16)  # more than one, so a batch axis frozen at export is caught
 Progress = Callable[[str], None]
@@ -32,10 +32,10 @@ def gate_batches(spec: ModelSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
     random = [export.example_batch(spec, n, seed=n, length=3 + 2 * n) for n in PARITY_BATCH_SIZES]
     real: list = []
     if spec.is_text():  # the sample sentences, tokenized as the worker does
-        texts = sample_texts(spec, sum(PARITY_BATCH_SIZES))
+        encoded = encode_texts(spec, sample_texts(spec, sum(PARITY_BATCH_SIZES)))
         edges = np.cumsum((0, *PARITY_BATCH_SIZES))
-        real = [text_batch(spec, texts[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)
-                if b <= len(texts)]
+        real = [collate_texts(spec, encoded[a:b])
+                for a, b in zip(edges[:-1], edges[1:], strict=True) if b <= len(encoded)]
     elif spec.validation is not None or spec.calibration is not None:
         x = export.sample_inputs(spec, sum(PARITY_BATCH_SIZES))
         edges = np.cumsum((0, *PARITY_BATCH_SIZES))

@@ -23,11 +23,22 @@ def sample_texts(spec: ModelSpec, count: int) -> list[str]:
     return (texts * (count // max(len(texts), 1) + 1))[:count] if texts else []
 
 
-def text_batch(spec: ModelSpec, texts: list[str]) -> dict[str, np.ndarray]:
-    """Texts as one batch of the model's feeds, padded to the longest as the handler pads."""
-    from handlers.batching import collate
+def encode_texts(spec: ModelSpec, texts: list[str]) -> list:
+    """Each text as the worker encodes it (handlers.text.Encoded: feeds, tokens, ...)."""
     from handlers.text import TextEncoder
 
     encoder = TextEncoder(str(spec.text.tokenizer), [i.name for i in spec.inputs],
-                          spec.text.max_length, truncate=True, max_texts=len(texts))
-    return collate([e.feeds for e in encoder.encode(texts)], [i.as_dict() for i in spec.inputs])
+                          spec.text.max_length, truncate=True, max_texts=max(len(texts), 1))
+    return encoder.encode(texts)
+
+
+def collate_texts(spec: ModelSpec, encoded: list) -> dict[str, np.ndarray]:
+    """Encoded texts as one batch of feeds, padded to the longest as the handler pads."""
+    from handlers.batching import collate
+
+    return collate([e.feeds for e in encoded], [i.as_dict() for i in spec.inputs])
+
+
+def text_batch(spec: ModelSpec, texts: list[str]) -> dict[str, np.ndarray]:
+    """Texts as one batch of the model's feeds, padded to the longest as the handler pads."""
+    return collate_texts(spec, encode_texts(spec, texts))

@@ -98,24 +98,19 @@ def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, itera
 def save_text_sets(spec: ModelSpec, folder: Path) -> tuple[dict[str, Path], dict[str, int]]:
     """The sample sentences as the short set; long texts (several sentences joined, cut at the
     model's max_length) as the long one. Each an .npz padded to its longest, with lengths."""
-    from handlers.batching import collate
-    from handlers.text import TextEncoder
     from servetool.bench._measure import LENGTHS
-    from servetool.text_samples import sample_texts
+    from servetool.text_samples import collate_texts, encode_texts, sample_texts
 
     short = sample_texts(spec, 64)
     joined = " ".join(short)
     long = [" ".join([joined[i:], joined[:i]]) for i in range(0, 64 * 37, 37)][:64]
-    encoder = TextEncoder(str(spec.text.tokenizer), [i.name for i in spec.inputs],
-                          spec.text.max_length, truncate=True, max_texts=64)
     paths, tokens = {}, {}
     for name, texts in (("short", short), ("long", long)):
-        encoded = encoder.encode(texts)
-        feeds = collate([e.feeds for e in encoded], [i.as_dict() for i in spec.inputs])
+        encoded = encode_texts(spec, texts)
         lengths = [e.tokens for e in encoded]
         tokens[name] = int(np.mean(lengths))  # the mean: what the latency column is read by
         paths[name] = folder / f"{name}.npz"
-        np.savez(paths[name], **feeds, **{LENGTHS: np.array(lengths)})
+        np.savez(paths[name], **collate_texts(spec, encoded), **{LENGTHS: np.array(lengths)})
     return paths, tokens
 
 

@@ -22,12 +22,17 @@ BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "elect
 
 
 def _shape(spec: ModelSpec) -> tuple[int, int]:
-    """(attention heads, hidden size) from the Hugging Face config; 0, 0 lets the optimizer guess."""
+    """(attention heads, hidden size) from the Hugging Face config, refusing a family the
+    optimizer does not cover; 0, 0 (the optimizer guesses) for other sources."""
     if spec.source.kind != "transformers":
         return 0, 0
     from servetool import hf
 
     config = hf.read_json(spec.source.path / "config.json")
+    family = config.get("model_type")
+    if family not in BERT_LIKE:
+        raise ExportError(f"{spec.name}: onnx-transformer fuses encoder transformers "
+                          f"({', '.join(sorted(BERT_LIKE))}); this model is {family!r}")
     heads = config.get("num_attention_heads") or config.get("n_heads") or 0
     hidden = config.get("hidden_size") or config.get("dim") or 0
     return int(heads), int(hidden)
@@ -36,13 +41,6 @@ def _shape(spec: ModelSpec) -> tuple[int, int]:
 def optimize(spec: ModelSpec, base: Path, target: Path, fmt: Format) -> Artifact:
     from onnxruntime.transformers.optimizer import optimize_model
 
-    if spec.source.kind == "transformers":
-        from servetool import hf
-
-        family = hf.read_json(spec.source.path / "config.json").get("model_type")
-        if family not in BERT_LIKE:
-            raise ExportError(f"{spec.name}: onnx-transformer fuses encoder transformers "
-                              f"({', '.join(sorted(BERT_LIKE))}); this model is {family!r}")
     heads, hidden = _shape(spec)
     noise = logging.getLogger("onnxruntime.transformers")
     level = noise.level
