@@ -25,6 +25,7 @@ from handlers.tasks import make_task, request_payload
 
 logger = logging.getLogger(__name__)
 JSON = "application/json"
+VERSION_HEADER = "X-Model-Version"
 
 
 def _not_request_line(record: logging.LogRecord) -> bool:
@@ -44,6 +45,7 @@ class ServeHandler:
     def __init__(self) -> None:
         self.initialized = False
         self.context = None
+        self.version = ""
 
     def initialize(self, context: Any) -> None:
         model_dir = context.system_properties["model_dir"]
@@ -65,6 +67,10 @@ class ServeHandler:
         self.task = make_task({**config, "inputs": self.inputs}, self._labels(model_dir, config),
                               model_dir)
         self.task.output_names = list(self.runtime.output_names)
+        # Every answer says which version gave it (X-Model-Version), so a client, a canary split
+        # or a test sees the switch from one version to the next.
+        model = (getattr(context, "manifest", None) or {}).get("model") or {}
+        self.version = str(model.get("modelVersion") or "")
         logger.info("servetool handler ready: %s, %s on %s, %d intra-op thread(s)",
                     config["task"], config.get("format"), config["runtime"], threads)
         self.initialized = True
@@ -166,6 +172,8 @@ class ServeHandler:
         replies = []
         for idx, answer in enumerate(answers):
             context.set_response_content_type(idx, JSON)
+            if self.version:
+                context.set_response_header(idx, VERSION_HEADER, self.version)
             if isinstance(answer, RequestError):
                 context.set_response_status(answer.status, answer.reason, idx)
                 answer = to_json_bytes(answer.body())

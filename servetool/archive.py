@@ -7,6 +7,7 @@ there, and only then moved into the model store, so a broken build never replace
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from servetool.spec import ModelSpec
 
 HANDLER_PACKAGE = Path(handlers.__file__).resolve().parent
 ENTRY = HANDLER_PACKAGE / "entry.py"
+SMOKE_FILE = "smoke-request.json"  # a request that must be answered 200: see build_archive
 
 
 class ArchiveError(ServetoolError):
@@ -89,6 +91,11 @@ def build_archive(spec: ModelSpec, artifact: Artifact, model_store: Path, *,
             (extra / "labels.txt").write_text("\n".join(spec.label_names()) + "\n")
         if spec.text:
             shutil.copyfile(spec.text.tokenizer, extra / spec.text.tokenizer.name)
+        # The request a new version is smoke-tested with once it is registered, before it takes
+        # traffic (servetool.lifecycle): the pre-flight's good request, answered 200 in-process.
+        body, content_type = preflight.sample_requests(spec)[0]
+        (extra / SMOKE_FILE).write_text(json.dumps({
+            "content_type": content_type, "body": base64.b64encode(body).decode()}) + "\n")
         for companion in artifact.files:  # e.g. OpenVINO's .bin, a pre-optimised ONNX model
             if companion != artifact.path:
                 shutil.copyfile(companion, extra / companion.name)
@@ -180,3 +187,14 @@ def archive_manifest(path: Path) -> dict[str, Any]:
     except (zipfile.BadZipFile, KeyError, ValueError) as exc:
         raise ArchiveError(f"{path}: not a model archive servetool can read: {exc}") from None
     return {"manifest": manifest, "config": config or {}}
+
+
+def smoke_request(path: Path) -> tuple[bytes, str] | None:
+    """The archive's smoke-test request (body, content type), or None for an archive servetool
+    did not build (or built before it carried one)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            raw = json.loads(zf.read(SMOKE_FILE))
+        return base64.b64decode(raw["body"]), str(raw["content_type"])
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile):
+        return None

@@ -12,10 +12,7 @@ Its pid and the server's options are in RUN_DIR/supervisor.json, its log in RUN_
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -23,63 +20,32 @@ from datetime import datetime
 from pathlib import Path
 
 from servetool import torchserve
+from servetool.daemon import Daemon
 from servetool.errors import ServetoolError
 
-SUPERVISOR_FILE = "supervisor.json"
-LOG_FILE = "supervisor.log"
 POLL_S = 1.0
 MAX_BACKOFF_S = 60.0
 
 
+def daemon(run_dir: Path) -> Daemon:
+    return Daemon(run_dir, "supervisor", "servetool.supervise")
+
+
 def running_pid(run_dir: Path) -> int | None:
     """The supervisor's pid if it is alive (and really is this run folder's supervisor)."""
-    try:
-        pid = int(json.loads((run_dir / SUPERVISOR_FILE).read_text())["pid"])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return pid if b"servetool.supervise" in cmdline and str(run_dir.resolve()).encode() in cmdline \
-        else None
+    return daemon(run_dir).pid()
 
 
 def launch(opts: torchserve.ServerOptions) -> int:
     """Start the supervisor for opts.run_dir (once: a running one is kept) and return its pid."""
-    run_dir = opts.run_dir.resolve()
-    if (pid := running_pid(run_dir)) is not None:
-        return pid
     # absolute: the supervisor runs in the run folder, not where deploy was started
     options = {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in asdict(opts).items()}
-    (run_dir / SUPERVISOR_FILE).write_text(json.dumps({"pid": None, "options": options}))
-    log = open(_log_path(run_dir), "ab")  # noqa: SIM115 (handed to the child)
-    proc = subprocess.Popen([sys.executable, "-m", "servetool.supervise", str(run_dir)],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=run_dir)
-    log.close()
-    (run_dir / SUPERVISOR_FILE).write_text(json.dumps({"pid": proc.pid, "options": options}))
-    deadline = time.monotonic() + 10  # until the child has become the supervisor (exec'd)
-    while running_pid(run_dir) != proc.pid and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServetoolError(f"the crash supervisor exited at once (code {proc.returncode}); "
-                                 f"see {_log_path(run_dir)}")
-        time.sleep(0.02)
-    return proc.pid
+    return daemon(opts.run_dir).launch(options)
 
 
 def stop(run_dir: Path, timeout_s: float = 10.0) -> bool:
     """End the supervisor (before the server is stopped, so it does not bring it back)."""
-    pid = running_pid(run_dir)
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while running_pid(run_dir) is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-    (run_dir / SUPERVISOR_FILE).unlink(missing_ok=True)
-    return pid is not None
-
-
-def _log_path(run_dir: Path) -> Path:
-    # not logs/: torchserve.start empties that folder at every start
-    return run_dir / LOG_FILE
+    return daemon(run_dir).stop(timeout_s)
 
 
 def _say(message: str) -> None:
@@ -87,7 +53,7 @@ def _say(message: str) -> None:
 
 
 def _options(run_dir: Path) -> torchserve.ServerOptions:
-    raw = json.loads((run_dir / SUPERVISOR_FILE).read_text())["options"]
+    raw = daemon(run_dir).options()
     return torchserve.ServerOptions(
         run_dir=Path(raw["run_dir"]), model_store=Path(raw["model_store"]),
         base_config=Path(raw["base_config"]) if raw.get("base_config") else None,
@@ -96,16 +62,10 @@ def _options(run_dir: Path) -> torchserve.ServerOptions:
 
 
 def restore(opts: torchserve.ServerOptions) -> dict:
-    """Start the crashed server again with every recorded model (the local target's deploy)."""
-    from servetool.targets.local import LocalTarget, read_record
+    """Start the crashed server again with every recorded version and default."""
+    from servetool.targets.local import LocalTarget
 
-    record = read_record(opts.run_dir)
-    target = LocalTarget(opts, _say)
-    if not record:  # nothing was serving: the server alone
-        target.up()
-        return {"models": []}
-    names = [str(opts.model_store / entry["archive"]) for entry in record.values()]
-    return target.deploy(names)
+    return LocalTarget(opts, _say).restore()
 
 
 def main(run_dir: Path) -> int:

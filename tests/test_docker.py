@@ -296,3 +296,64 @@ def test_mounted_models_and_config_instead_of_baked(tmp_path, model_store, docke
         assert predict(png_bytes(images[0])).status_code == 200
     finally:
         cli("stop", env=env, cwd=tmp_path)
+
+
+def test_docker_deploy_watch_serves_published_versions_and_a_new_container_restores_them(
+        tmp_path, model_store, docker_engine):
+    """`deploy --target docker --watch`: the watcher on the host adds versions to the mounted
+    store; rollback and a replaced container keep to what was serving."""
+    from tests.test_lifecycle import IMAGE, publish, rewrite_archive
+
+    env = {**docker_engine, "SERVETOOL_TARGET": "docker"}
+    tmp_path.chmod(0o755)  # the container's user reads the store and the pinned archives
+    store, source = tmp_path / "store", tmp_path / "published"
+    store.mkdir(mode=0o755)
+    source.mkdir(mode=0o755)
+    shutil.copy(model_store / "digits.mar", store / "digits.mar")
+    (store / "digits.mar").chmod(0o644)
+    ports = free_ports()
+    common = ["--model-store", str(store), "--json"]
+
+    def deploy():
+        proc = cli("deploy", "digits", "--target", "docker", "--network", "host", "--watch",
+                   str(source), "--watch-metrics-port", "0", "--base-image", LOCAL_BASE_IMAGE,
+                   "--container-name", "servetool-watch", *common, *port_args(ports), env=env,
+                   cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
+
+    def answering() -> str:
+        key = cli("token", env=env, cwd=tmp_path).stdout.strip()
+        reply = requests.post(f"http://127.0.0.1:{ports['inference']}/predictions/digits",
+                              data=IMAGE, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        return reply.headers["X-Model-Version"]
+
+    def versions() -> dict[str, bool]:
+        rows = json.loads(cli("versions", "digits", *common, env=env, cwd=tmp_path).stdout)
+        return {r["version"]: r["default"] for r in rows["versions"] if r["loaded"]}
+
+    result = deploy()
+    try:
+        assert result["models_baked"] is False and result["watcher_pid"] > 0
+        assert answering() == "1.0"
+        publish(source, "digits", "2.0", rewrite_archive(store / "digits.mar",
+                                                         tmp_path / "v2" / "digits.mar",
+                                                         version="2.0"))
+        deadline = time.monotonic() + 60
+        while answering() != "2.0":
+            assert time.monotonic() < deadline, cli("status", env=env, cwd=tmp_path).stdout
+            time.sleep(0.2)
+        assert versions() == {"1.0": False, "2.0": True}
+        status = json.loads(cli("status", "--json", env=env, cwd=tmp_path).stdout)
+        assert status["watcher"]["running"] and status["watcher"]["events"]["digits"]["outcome"] \
+            == "serving"
+        assert cli("rollback", "digits", env=env, cwd=tmp_path).returncode == 0
+        assert answering() == "1.0"
+        # a new container (stop, deploy): the record survives with a mounted store
+        assert cli("stop", env=env, cwd=tmp_path).returncode == 0
+        assert deploy()["server_started"] is True
+        assert versions() == {"1.0": True, "2.0": False}
+        assert answering() == "1.0"
+    finally:
+        cli("stop", env=env, cwd=tmp_path)

@@ -188,7 +188,8 @@ def test_redeploy_is_idempotent_and_picks_up_changed_archives(served, tmp_path):
     assert [m["action"] for m in again["models"]] == ["unchanged", "unchanged"]
     assert again["server_started"] is False
 
-    # a new version of digits_ts: registered beside the old one, made default, old one removed
+    # a new version of digits_ts: registered beside the old one and made default; the old one
+    # stays loaded (the keep policy: 2), so a rollback is instant
     from servetool.package import package
     from tests.conftest import write_spec
 
@@ -198,7 +199,7 @@ def test_redeploy_is_idempotent_and_picks_up_changed_archives(served, tmp_path):
     upgraded = target.deploy(["digits_ts"])["models"][0]
     assert (upgraded["action"], upgraded["version"]) == ("upgraded", "2.0")
     versions = [m for m in target.status()["models"] if m["name"] == "digits_ts"]
-    assert [(m["version"], m["default"]) for m in versions] == [("2.0", True)]
+    assert sorted((m["version"], m["default"]) for m in versions) == [("1.0", False), ("2.0", True)]
     reply = http_predict(target.running(), "digits_ts",
                          (DIGITS / "samples" / "digit_8.png").read_bytes())
     assert reply.json() == {"eight": pytest.approx(reply.json()["eight"])} and len(reply.json()) == 1

@@ -40,6 +40,7 @@ class Sample:
     start_s: float  # since the run began
     latency_ms: float
     status: int  # 0: lost
+    version: str | None = None  # the X-Model-Version that answered (servetool's handler says it)
 
 
 @dataclass
@@ -142,15 +143,17 @@ def run_wrk(url: str, files: list[Path], *, concurrency: int = 8, duration_s: fl
 def run_load(url: str, payloads: list[Payload], *, concurrency: int = 8,
              duration_s: float | None = 20.0, requests: int | None = None,
              headers: dict[str, str] | None = None, timeout_s: float = 30.0,
-             progress: Callable[[str], None] | None = None) -> LoadResult:
-    """Drive `url` with POSTs until `requests` are sent or `duration_s` has passed."""
-    if requests is None and duration_s is None:
-        raise ValueError("give a request count or a duration")
+             progress: Callable[[str], None] | None = None,
+             stop: threading.Event | None = None) -> LoadResult:
+    """Drive `url` with POSTs until `requests` are sent, `duration_s` has passed or `stop` is set
+    (a steady load behind something else being measured)."""
+    if requests is None and duration_s is None and stop is None:
+        raise ValueError("give a request count, a duration or a stop event")
     parts = urlsplit(url)
     path = parts.path or "/"
     tickets = itertools.count()
     samples: list[list[Sample]] = [[] for _ in range(concurrency)]
-    stop = threading.Event()
+    stop = stop or threading.Event()
     begun = time.perf_counter()
     deadline = begun + duration_s if duration_s is not None else float("inf")
     cpu_before = time.process_time()
@@ -171,16 +174,17 @@ def run_load(url: str, payloads: list[Payload], *, concurrency: int = 8,
                              headers={"Content-Type": content_type, **(headers or {})})
                 reply = conn.getresponse()
                 reply.read()
-                status = reply.status
+                status, version = reply.status, reply.getheader("X-Model-Version")
                 if reply.will_close:
                     conn.close()
                     conn = None
             except (OSError, http.client.HTTPException):
-                status = 0
+                status, version = 0, None
                 if conn is not None:
                     conn.close()
                 conn = None
-            mine.append(Sample(sent_at - begun, (time.perf_counter() - sent_at) * 1000, status))
+            mine.append(Sample(sent_at - begun, (time.perf_counter() - sent_at) * 1000, status,
+                               version))
         if conn is not None:
             conn.close()
 

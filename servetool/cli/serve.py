@@ -28,6 +28,7 @@ from servetool.cli.common import (
     server_setting,
     store_options,
 )
+from servetool.cli.lifecycle import keep_option, watch_options
 from servetool.errors import ServetoolError
 from servetool.management import explain_failure
 from servetool.torchserve import DEFAULT_PORTS
@@ -92,6 +93,12 @@ from servetool.torchserve import DEFAULT_PORTS
                    "using the archives baked into the image.")
 @click.option("--no-token-auth", is_flag=True,
               help="kubernetes: serve without any key (no gateway, TorchServe's token auth off).")
+@click.option("--watch", "watch_source", default=None, metavar="SOURCE",
+              help="local, docker: leave a watcher serving new versions published to SOURCE (a "
+                   "folder or s3://BUCKET/PREFIX; see `servetool watch --help`). docker: implies "
+                   "--mount-models.")
+@watch_options("watch-")
+@keep_option
 @json_option
 @friendly_errors
 def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Path,
@@ -104,7 +111,9 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
            kube_context: str | None, namespace: str,
            deployment_name: str | None, manifests_dir: Path, dry_run: bool, kube_image: str | None,
            replicas: int, max_replicas: int, cpu: str, memory: str, models_pvc: str | None,
-           no_token_auth: bool, as_json: bool) -> None:
+           no_token_auth: bool, watch_source: str | None, endpoint_url: str | None,
+           interval_s: float | None, watch_metrics_port: int | None, keep: int | None,
+           as_json: bool) -> None:
     """Start TorchServe (if not running) and register MODELS (default: every archive).
 
     MODELS are model names (model_store/NAME.mar) or archive paths. Running it again registers
@@ -112,7 +121,13 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
     holds its context) and the container replaced when the image changed.
     """
     base_config = base_config or default_config()
+    if watch_source and target == "docker":
+        mount_models = True  # the watcher adds archives to the store the container reads
     if target == "kubernetes":
+        if watch_source:
+            raise ServetoolError("--watch is for the local and docker targets; on kubernetes "
+                                 "every pod follows a source through its own watcher (see the "
+                                 "README's Kubernetes section)")
         from servetool.targets.kubernetes import KubeRequest, deploy_kubernetes
 
         result = deploy_kubernetes(KubeRequest(
@@ -142,9 +157,19 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
             cpus=docker_cpus, memory_limit=docker_memory, restart_on_crash=restart_on_crash)
     tgt = make_target(run_dir, model_store, target, docker_opts, base_config=base_config,
                       host=host, ports=ports, startup_timeout_s=timeout)
+    if keep is not None:
+        tgt.keep = keep
     result = tgt.deploy(models, timeout_s=timeout)
     if restart_on_crash and target == "local":
         result["supervisor_pid"] = tgt.supervise()
+    if watch_source:
+        from servetool import watch
+
+        result["watcher_pid"] = watch.launch(
+            tgt, watch_source, endpoint_url=endpoint_url, interval_s=interval_s, keep=keep,
+            metrics_port=watch.DEFAULT_METRICS_PORT if watch_metrics_port is None
+            else watch_metrics_port)
+        result["watching"] = watch_source
     emit(result, as_json, deploy_summary(result))
 
 
@@ -184,6 +209,8 @@ def deploy_summary(result: dict[str, Any]) -> str:
         first = result["models"][0]
         lines += ["", "Predict with curl (token auth is on; `servetool token` prints the current key):",
                   f"  curl {auth}-T IMAGE_OR_JSON_FILE {first['predictions_url']}"]
+    if result.get("watching"):
+        lines.append(f"Watching {result['watching']} for new versions (pid {result['watcher_pid']})")
     lines += [f"Scale: servetool scale NAME --workers N{flag}    Status: servetool status{flag}    "
               f"Stop: servetool stop{flag}"]
     return "\n".join(lines)
@@ -345,7 +372,23 @@ def status(run_dir: Path, model_store: Path, target: str, kubeconfig: Path | Non
                      f"workers [{states}]")
     if not result["models"]:
         lines.append("  no models registered")
+    lines += watcher_lines(result.get("watcher"))
     emit(result, as_json, "\n".join(lines))
+
+
+def watcher_lines(watcher: dict[str, Any] | None) -> list[str]:
+    if not watcher:
+        return []
+    state = f"running (pid {watcher['pid']})" if watcher["running"] else "not running"
+    lines = [f"Watcher of {watcher['source']}: {state}, every {watcher['interval_s']:g} s, last "
+             f"check {watcher['last_check'] or 'never'}"
+             + (f", metrics {watcher['metrics']}" if watcher.get("metrics") else "")]
+    if watcher.get("last_error"):
+        lines.append(f"  last check failed: {watcher['last_error']}")
+    for model, event in sorted(watcher["events"].items()):
+        lines.append(f"  {model} {event['version']}: {event['outcome']} at {event['at']}: "
+                     f"{event['detail']}")
+    return lines
 
 
 @main.command()

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from servetool import image, torchserve
+from servetool import image, lifecycle, torchserve
 from servetool.errors import first_line
 from servetool.management import APIError, Client
-from servetool.targets.local import DeployError, LocalTarget, find_archives
+from servetool.targets.local import DeployError, LocalTarget, find_archives, stop_watcher
 
 STATE_FILE = "docker.json"
 KEY_FILE = f"{image.CONTAINER_WORK}/key_file.json"
@@ -110,6 +110,12 @@ class DockerTarget(LocalTarget):
         self.docker_opts = docker_opts or DockerOptions(image.ImageOptions(opts.model_store))
         self._engine: Any = None
         self._image: dict[str, Any] | None = None
+
+    @property
+    def pins_archives(self) -> bool:
+        """Versions need files of their own in the store the container reads: a mounted one."""
+        baked = self._record().get("run_config", {}).get("baked", self.docker_opts.image.bake_models)
+        return not baked
 
     # --- the engine and the container ------------------------------------------------------------
     @property
@@ -260,7 +266,8 @@ class DockerTarget(LocalTarget):
                                        ports=dict(opts.ports), model_store=str(opts.model_store.resolve()),
                                        token_auth=torchserve.token_auth_enabled(rendered))
         opts.run_dir.mkdir(parents=True, exist_ok=True)
-        (opts.run_dir / "deployed.json").unlink(missing_ok=True)  # a new container has no models
+        if dopts.image.bake_models:  # a new image holds only the archives it was built with
+            (opts.run_dir / lifecycle.RECORD_FILE).unlink(missing_ok=True)
         self.state_file.write_text(json.dumps({"container_id": container.id, "name": container.name,
                                                "image": self._image, "network": dopts.network,
                                                "run_config": self._run_config(),
@@ -302,6 +309,7 @@ class DockerTarget(LocalTarget):
                           f"(last: {last}).\n" + self.failure_logs())
 
     def down(self) -> bool:
+        stop_watcher(self.opts.run_dir)
         container = self.container()
         if container is None:
             return False

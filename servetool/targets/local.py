@@ -1,39 +1,36 @@
 """The local target: an embedded TorchServe on this machine, models registered through its API.
 
-Deploying is idempotent: an archive already registered with the same digest is left alone, a changed
-one is re-registered (a new version is registered first and made default, then the old one removed,
-so predictions keep being answered), and the server is started only when none is running.
+Deploying is idempotent: an archive already registered with the same digest is left alone, a new
+version is registered beside the serving one, smoke-tested, made the default, and what the keep
+policy drops is unloaded after it drained (servetool/lifecycle.py), and the server is started only
+when none is running.
 
-What should be serving is recorded in the run folder (deployed.json: each model's version, archive
-digest and worker count, kept up to date by `deploy` and `scale`). When `deploy` finds the server
-crashed or stopped, it starts it again and registers all of that, not only the archives it was
-named; `deploy --restart-on-crash` leaves a supervisor (servetool/supervise.py) doing the same.
+What should be serving is recorded in the run folder (deployed.json: every version, each model's
+default and history, kept up to date by `deploy`, `scale`, `promote`, `rollback` and the watcher).
+When `deploy` finds the server crashed or stopped, it starts it again and registers all of that, not
+only the archives it was named; `deploy --restart-on-crash` leaves a supervisor
+(servetool/supervise.py) doing the same.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from servetool import archive, torchserve
-from servetool.errors import ServetoolError
+from servetool import archive, lifecycle, torchserve
+from servetool.lifecycle import DeployError, version_key, wait_ready
 from servetool.management import APIError, Client
 
-DEPLOYED_FILE = "deployed.json"
-
-
-class DeployError(ServetoolError):
-    pass
+__all__ = ["DeployError", "LocalTarget", "find_archives", "version_key"]
 
 
 def find_archives(names: list[str] | tuple[str, ...], model_store: Path) -> list[Path]:
     """Archives named by model name or path, or every archive in the model store."""
     if not names:
-        found = sorted(model_store.glob("*.mar"))
+        # pinned copies of registered versions (lifecycle.pin) are not archives to deploy
+        found = sorted(p for p in model_store.glob("*.mar") if not lifecycle.is_pinned(p))
         if not found:
             raise DeployError(f"no archives in {model_store}: run `servetool package` first")
         return found
@@ -51,6 +48,8 @@ def find_archives(names: list[str] | tuple[str, ...], model_store: Path) -> list
 
 class LocalTarget:
     name = "local"
+    pins_archives = True  # each version's archive keeps its own file in the model store
+    keep: int | None = None  # the keep policy deploy sets for the models it installs
 
     def __init__(self, opts: torchserve.ServerOptions,
                  progress: Callable[[str], None] = lambda _: None) -> None:
@@ -94,6 +93,7 @@ class LocalTarget:
         from servetool import supervise
 
         supervise.stop(self.opts.run_dir)  # first, or it would bring the server back
+        stop_watcher(self.opts.run_dir)
         return torchserve.stop(self.opts.run_dir)
 
     def supervise(self) -> int:
@@ -114,35 +114,52 @@ class LocalTarget:
     def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
         started = time.perf_counter()
         archives = find_archives(names, self.opts.model_store)
-        recorded = recorded_archives(self.opts.run_dir, self.opts.model_store, archives)
+        recorded = lifecycle.recorded_archives(self.opts.run_dir, self.opts.model_store)
         self.opts.sizes = archive.archive_sizes(archives + recorded)
         state, fresh = self.up()
-        if fresh:  # a new server: every recorded model comes back, not only the ones named
-            archives += recorded
-        else:
+        if not fresh:
             self._check_size_limits(state)
-        archives = self.newest_per_model(archives)
         if Path(state.model_store) != self.opts.model_store.resolve():
             raise DeployError(f"the running TorchServe serves archives from {state.model_store}, not "
                               f"{self.opts.model_store.resolve()}: use that model store, or "
                               "`servetool stop` first")
-        client = self.make_client(state)
-        record_file = Path(state.run_dir) / DEPLOYED_FILE
-        record = _read_json(record_file)
-        results = []
-        for path in archives:
-            result = self._deploy_one(client, state, path, record, timeout_s)
-            results.append(result)
-            record_file.write_text(json.dumps(record, indent=2) + "\n")
+        life = lifecycle.Lifecycle(self, state)
+        # what the record says should serve comes back first (every version, each default): after
+        # a restart that is exactly what was serving, not only the archives named here
+        results = {(r["name"], r["version"]): r for r in life.restore(timeout_s)}
+        record = lifecycle.read_record(Path(state.run_dir))
+        for path in self.newest_per_model(archives):
+            if not names and self._behind_default(path, record):
+                continue
+            result = life.install(path, keep=self.keep, timeout_s=timeout_s)
+            results.setdefault((result["name"], result["version"]), result)
         return {
             "target": self.name,
             "server_started": fresh,
             "run_dir": state.run_dir,
             "endpoints": endpoints(state),
             "token_auth": state.token_auth,
-            "models": results,
+            "models": list(results.values()),
             "seconds": round(time.perf_counter() - started, 2),
         }
+
+    def _behind_default(self, path: Path, record: dict[str, Any]) -> bool:
+        """An archive in the store older than its model's serving default is not deployed unless
+        named: a plain `deploy` after a rollback or a watcher's upgrade must not undo it."""
+        meta = archive.archive_manifest(path)["manifest"]["model"]
+        model = record.get(meta["modelName"], {})
+        version, default = str(meta["modelVersion"]), model.get("default")
+        if not default or version in model.get("versions", {}) or \
+                version_key(version) >= version_key(default):
+            return False
+        self.progress(f"{meta['modelName']}: {path.name} ({version}) is older than the serving "
+                      f"default {default}; left out (name it to deploy it)")
+        return True
+
+    def restore(self, timeout_s: float = 300) -> dict[str, Any]:
+        """The server up with every recorded version and default (the crash supervisor's job)."""
+        state, _ = self.up()
+        return {"models": lifecycle.Lifecycle(self, state).restore(timeout_s)}
 
     def _check_size_limits(self, state: torchserve.ServerState) -> None:
         """max_request_size is fixed when the server starts: say so when a model needs more."""
@@ -175,63 +192,12 @@ class LocalTarget:
             newest[name] = (key, path)
         return [path for _, path in newest.values()]
 
-    def _deploy_one(self, client: Client, state: torchserve.ServerState, path: Path,
-                    record: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        contents = archive.archive_manifest(path)
-        meta = contents["manifest"]["model"]
-        name, version = meta["modelName"], meta["modelVersion"]
-        digest = archive.archive_digest(path)
-        versions = _registered_versions(client, name)
-        known = record.get(name, {})
-        same = known.get("digest") == digest and known.get("version") == version
-        # the worker count last set (scale), for the version the record describes
-        workers = known.get("workers") if same else None
-        if version in versions and same:
-            self.progress(f"{name} {version}: unchanged, left as it is")
-            action = "unchanged"
-        else:
-            if version in versions:  # same version, new content: it must go before it can return
-                self.progress(f"{name} {version}: archive changed, re-registering")
-                client.unregister(name, version)
-                versions.remove(version)
-                action = "re-registered"
-            else:
-                action = ("restored" if same else "registered") if not versions else "upgraded"
-            self.progress(f"{name} {version}: registering {path.name} and starting workers")
-            recorded = workers
-            workers = self._register(client, state, path, name, version, contents["config"],
-                                     workers)
-            if recorded is not None:  # a count set by `scale` may lie outside the archive's
-                self._scale(name, recorded, version)  # min/max, which registration keeps to
-            if versions:
-                client.set_default(name, version)
-                for old in versions:
-                    self.progress(f"{name}: removing old version {old}")
-                    client.unregister(name, old)
-            record[name] = {"version": version, "digest": digest, "archive": path.name,
-                            "workers": workers}
-        workers = wait_ready(client, name, version, timeout_s)
-        return {"name": name, "version": version, "action": action, "archive": str(path),
-                "workers": workers, "predictions_url": f"{state.url('inference')}/predictions/{name}"}
-
-    def _register(self, client: Client, state: torchserve.ServerState, path: Path, name: str,
-                  version: str, config: dict[str, Any], workers: int | None = None) -> int:
-        workers = workers if workers is not None else int(config.get("minWorkers")
-                                                          or self.default_workers())
-        try:
-            client.register(path.name, name, workers, timeout=float(config.get("responseTimeout", 120)) + 120)
-        except APIError as exc:
-            raise DeployError(f"registering {name} {version} failed: {exc}\n"
-                              + self.failure_logs(state)) from None
-        return workers
-
     def scale(self, name: str, workers: int, version: str | None = None) -> dict[str, Any]:
         result = self._scale(name, workers, version)
-        record_file = Path(self.require_running().run_dir) / DEPLOYED_FILE
-        record = _read_json(record_file)
-        if record.get(name, {}).get("version") == result["version"]:  # what a restart restores
-            record[name]["workers"] = workers
-            record_file.write_text(json.dumps(record, indent=2) + "\n")
+        with lifecycle.locked(Path(self.require_running().run_dir)) as models:
+            entry = models.get(name, {}).get("versions", {}).get(result["version"])
+            if entry is not None:  # what a restart restores, and what the next version inherits
+                entry["workers"] = workers
         return result
 
     def _scale(self, name: str, workers: int, version: str | None = None) -> dict[str, Any]:
@@ -286,7 +252,8 @@ class LocalTarget:
                 })
         return {"target": self.name, "running": True, "state": cond, "run_dir": state.run_dir,
                 "pid": state.pid, "endpoints": endpoints(state), "token_auth": state.token_auth,
-                "supervised": supervisor_pid(self.opts.run_dir) is not None, "models": models}
+                "supervised": supervisor_pid(self.opts.run_dir) is not None, "models": models,
+                "watcher": watcher_status(self.opts.run_dir)}
 
 
 def default_workers() -> int:
@@ -303,58 +270,6 @@ def endpoints(state: torchserve.ServerState) -> dict[str, str]:
             "metrics": f"{state.url('metrics')}/metrics"}
 
 
-def _registered_versions(client: Client, name: str) -> list[str]:
-    if not client.has_model(name):
-        return []
-    return [m["modelVersion"] for m in client.describe(name)]
-
-
-def wait_ready(client: Client, name: str, version: str, timeout_s: float,
-               expect: int | None = None) -> list[dict[str, Any]]:
-    """Poll until the version's workers are all READY (and `expect` of them, when given)."""
-    deadline = time.monotonic() + timeout_s
-    workers: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        described = client.describe(name, version)[0]
-        workers = described.get("workers", [])
-        want = expect if expect is not None else described.get("minWorkers", 1)
-        if len(workers) == want and all(w["status"] == "READY" for w in workers):
-            return [{"id": w["id"], "status": w["status"], "pid": w.get("pid")} for w in workers]
-        time.sleep(0.2)
-    states = ", ".join(f"{w['id']}={w['status']}" for w in workers) or "none"
-    raise DeployError(f"{name} {version}: workers not READY within {timeout_s:.0f} s ({states})")
-
-
-def version_key(version: str) -> tuple:
-    """Sort key of a version string: numbers compare as numbers (2.10 after 2.9), and a release
-    after its pre-releases (1.0 after 1.0-rc1)."""
-    parts = [(2, int(p), "") if p.isdigit() else (0, 0, p.lower())
-             for p in re.findall(r"\d+|[A-Za-z]+", version)]
-    # zeros that end a run of numbers say nothing: 2.0 == 2, and 1.0rc1 is 1rc1
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i] == (2, 0, "") and (i + 1 == len(parts) or parts[i + 1][0] != 2):
-            del parts[i]
-    # the end sorts after a suffix (1.0-rc1 < 1.0) and before more numbers (1.0 < 1.0.1)
-    return (*parts, (1, 0, ""))
-
-
-def recorded_archives(run_dir: Path, model_store: Path, named: list[Path]) -> list[Path]:
-    """The archives of recorded models that `named` leaves out and the store still holds."""
-    have = {p.name for p in named}
-    found = []
-    for entry in _read_json(run_dir / DEPLOYED_FILE).values():
-        path = model_store / str(entry.get("archive", ""))
-        if path.name not in have and path.suffix == ".mar" and path.is_file():
-            found.append(path)
-            have.add(path.name)
-    return found
-
-
-def read_record(run_dir: Path) -> dict[str, Any]:
-    """What should be serving: {model: {version, digest, archive, workers}} (deployed.json)."""
-    return _read_json(run_dir / DEPLOYED_FILE)
-
-
 def supervisor_pid(run_dir: Path) -> int | None:
     """The pid of this run folder's crash supervisor, if one is alive."""
     from servetool import supervise
@@ -362,8 +277,14 @@ def supervisor_pid(run_dir: Path) -> int | None:
     return supervise.running_pid(run_dir)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+def stop_watcher(run_dir: Path) -> bool:
+    """End the background watcher of a run folder (`deploy --watch`), if one runs."""
+    from servetool import watch
+
+    return watch.daemon(run_dir).stop()
+
+
+def watcher_status(run_dir: Path) -> dict[str, Any] | None:
+    from servetool import watch
+
+    return watch.describe(run_dir.resolve())

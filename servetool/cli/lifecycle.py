@@ -1,0 +1,163 @@
+"""Commands that change which model version serves: versions, promote, rollback, watch."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from servetool.cli.common import (
+    check_model_args,
+    emit,
+    friendly_errors,
+    json_option,
+    main,
+    make_target,
+    progress,
+    server_options,
+)
+from servetool.errors import ServetoolError
+
+keep_option = click.option(
+    "--keep", type=click.IntRange(min=1), default=None,
+    help="How many of the latest defaults stay loaded, so a rollback is instant [default: the "
+         "model's policy, 2 unless set].")
+
+
+def _lifecycle(run_dir: Path, model_store: Path, target: str):
+    from servetool.lifecycle import Lifecycle
+
+    return Lifecycle(make_target(run_dir, model_store, target))
+
+
+@main.command()
+@click.argument("model")
+@server_options
+@json_option
+@friendly_errors
+def versions(model: str, run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
+    """List MODEL's versions: which is the default, workers, when loaded, archive digest."""
+    check_model_args(model, None)
+    rows = _lifecycle(run_dir, model_store, target).versions(model)
+    lines = [f"{'VERSION':<12} {'DEFAULT':<8} {'WORKERS':<10} {'LOADED AT':<26} DIGEST"]
+    for r in rows:
+        ready = sum(w["status"] == "READY" for w in r["workers"])
+        workers = f"{ready}/{len(r['workers'])} ready" if r["loaded"] else "not loaded"
+        lines.append(f"{r['version']:<12} {'yes' if r['default'] else '':<8} {workers:<10} "
+                     f"{r['loaded_at'] or '-':<26} {(r['digest'] or '-')[:12]}"
+                     + (f"  from {r['source']}" if r["source"] else ""))
+    emit({"model": model, "versions": rows}, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.argument("model")
+@click.argument("version")
+@keep_option
+@server_options
+@json_option
+@friendly_errors
+def promote(model: str, version: str, keep: int | None, run_dir: Path, model_store: Path,
+            target: str, as_json: bool) -> None:
+    """Make VERSION of MODEL the default, after a smoke test on its own URL."""
+    check_model_args(model, version)
+    life = _lifecycle(run_dir, model_store, target)
+    if keep is not None:
+        life.set_keep(model, keep)
+    result = life.promote(model, version)
+    emit(result, as_json, f"{model}: {version} is the default")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--to", "to_version", default=None,
+              help="The version to go back to [default: the previous default].")
+@server_options
+@json_option
+@friendly_errors
+def rollback(model: str, to_version: str | None, run_dir: Path, model_store: Path, target: str,
+             as_json: bool) -> None:
+    """Make MODEL's previous default the default again (it stayed loaded: no cold start)."""
+    check_model_args(model, to_version)
+    result = _lifecycle(run_dir, model_store, target).rollback(model, to_version)
+    emit(result, as_json, f"{model}: {result['default']} is the default (was {result['previous']})")
+
+
+def watch_options(prefix: str = ""):
+    """The watcher's options; `deploy` names them --watch-* beside its own (--metrics-port)."""
+    def decorate(func):
+        options = [
+            click.option(f"--{prefix}endpoint-url", "endpoint_url",
+                         envvar="SERVETOOL_S3_ENDPOINT_URL", default=None,
+                         help="s3: the S3-compatible store's URL when it is not AWS (credentials "
+                              "come from boto3's usual chain: AWS_* variables, ~/.aws, roles)."),
+            click.option(f"--{prefix}interval", "interval_s", type=click.FloatRange(min=0.2),
+                         default=None, help="Seconds between listings of the source [default: 2 "
+                                            "for a folder, 10 for a bucket]."),
+            click.option(f"--{prefix}metrics-port", "watch_metrics_port",
+                         type=click.IntRange(min=0, max=65535), default=None,
+                         help="Serve the watcher's Prometheus metrics on 127.0.0.1:PORT (0: none) "
+                              "[default: 8090 in the background, none in the foreground]."),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
+
+
+@main.command()
+@click.argument("source")
+@watch_options()
+@keep_option
+@click.option("--once", is_flag=True, help="Check once, print what happened, and exit.")
+@click.option("--background", is_flag=True,
+              help="Leave a watcher running after this command (`servetool stop` ends it).")
+@server_options
+@json_option
+@friendly_errors
+def watch(source: str, endpoint_url: str | None, interval_s: float | None,
+          watch_metrics_port: int | None, keep: int | None, once: bool, background: bool, run_dir: Path,
+          model_store: Path, target: str, as_json: bool) -> None:
+    """Serve new versions published to SOURCE: a folder or s3://BUCKET/PREFIX.
+
+    \b
+    Layout: SOURCE/MODEL/VERSION/ holding one .mar, or a servetool model folder (packaged here,
+    gate and pre-flight included), and a READY file written last (optionally {"sha256": ...} of
+    the .mar). Each new version is registered, smoke-tested on its own URL, made the default, and
+    versions beyond --keep are unloaded; one that fails never takes traffic and is retried only
+    when its content changes. Runs in the foreground until Ctrl-C.
+    """
+    from servetool import watch as watching
+
+    tgt = make_target(run_dir, model_store, target)
+    tgt.require_running()
+    if background:
+        pid = watching.launch(tgt, source, endpoint_url=endpoint_url, interval_s=interval_s,
+                              keep=keep, metrics_port=watching.DEFAULT_METRICS_PORT
+                              if watch_metrics_port is None else watch_metrics_port)
+        emit({"watcher_pid": pid, "source": source}, as_json,
+             f"watching {source} in the background (pid {pid}); `servetool status` shows it")
+        return
+    if watching.daemon(Path(tgt.opts.run_dir)).pid() is not None:
+        raise ServetoolError("a background watcher already serves this deployment (`servetool "
+                             "status`); `servetool stop` ends it with the server")
+    watcher = watching.Watcher(tgt, watching.open_source(source, endpoint_url),
+                               interval_s=interval_s, keep=keep,
+                               metrics_port=watch_metrics_port, say=progress)
+    if once:
+        events = watcher.check_once()
+        summary: dict[str, Any] = {"source": watcher.source.url, "events": events,
+                                   "last_error": watcher.state["last_error"]}
+        lines = [f"{e['model']} {e['version']}: {e['outcome']}: {e['detail']}" for e in events]
+        emit(summary, as_json, "\n".join(lines) or (watcher.state["last_error"] or "nothing new"))
+        if watcher.state["last_error"] or any(e["outcome"] == "failed" for e in events):
+            raise SystemExit(1)
+        return
+    stop: list[bool] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        watcher.run(lambda: bool(stop))
+    except KeyboardInterrupt:
+        pass
+    progress("watcher stopped")
