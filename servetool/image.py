@@ -20,12 +20,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import handlers
 from servetool import archive, torchserve
 from servetool.errors import ServetoolError, first_line
 from servetool.formats import FORMATS
 
 RESOURCES = Path(__file__).with_name("resources") / "docker"
 POD_HELPER = Path(__file__).with_name("pod.py")
+HANDLERS = Path(handlers.__file__).resolve().parent
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
 CONTAINER_STORE = "/home/model-server/model-store"
 CONTAINER_WORK = "/home/model-server/work"
@@ -36,6 +38,8 @@ CONTAINER_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
 TORCH_VERSION = "2.13.0"
 # What the handlers import at serving time, by format (torch is installed on its own, CPU-only).
 RUNTIME_PACKAGES = ["torchserve", "numpy", "pillow", "pyyaml", "psutil", "packaging"]
+WATCHER_PACKAGES = ["boto3", "prometheus-client", "requests"]
+WATCHER_LIB = "lib"  # /opt/servetool/lib in the image: the servetool and handlers packages
 FORMAT_PACKAGES = {"onnx": ["onnxruntime"], "openvino": ["openvino"],
                    "tensorrt": ["torch-tensorrt"]}
 LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
@@ -61,6 +65,9 @@ class ImageOptions:
     # None: this machine's locally added CAs (needed where TLS to the registries is intercepted).
     ca_certs: list[Path] | None = None
     extra_properties: dict[str, str] = field(default_factory=dict)
+    # the watcher of a Kubernetes pod (servetool/pod_watch.py): servetool's own code and the
+    # packages it needs (boto3, prometheus-client), else the image holds none of servetool
+    with_watcher: bool = False
 
 
 def pinned(package: str) -> str:
@@ -71,8 +78,8 @@ def pinned(package: str) -> str:
         return package
 
 
-def requirements(archives: Iterable[Path]) -> list[str]:
-    needed = list(RUNTIME_PACKAGES)
+def requirements(archives: Iterable[Path], with_watcher: bool = False) -> list[str]:
+    needed = list(RUNTIME_PACKAGES) + (WATCHER_PACKAGES if with_watcher else [])
     for path in archives:
         handler = archive.archive_manifest(path)["config"].get("handler", {})
         fmt = FORMATS.get(handler.get("format", ""))
@@ -114,7 +121,12 @@ def render(opts: ImageOptions, archives: list[Path]) -> Path:
                                 container_properties(opts.base_config, opts.extra_properties,
                                                      archive.archive_sizes(archives)),
                                 f"{opts.base_config or 'built-in defaults'} by servetool's image")
-    (out / "build" / "requirements.txt").write_text("\n".join(requirements(archives)) + "\n")
+    (out / "build" / "requirements.txt").write_text(
+        "\n".join(requirements(archives, opts.with_watcher)) + "\n")
+    if opts.with_watcher:
+        for package in (Path(__file__).resolve().parent, HANDLERS):
+            shutil.copytree(package, out / "runtime" / WATCHER_LIB / package.name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "docker"))
     if opts.bake_models:
         for path in archives:
             _link_or_copy(path, out / "model-store" / path.name)

@@ -225,6 +225,7 @@ class Lifecycle:
             if keep is not None:
                 model["keep"] = keep
             loaded = self.registered(name)
+            self._adopt(model, name, loaded)
             known = model["versions"].get(version)
             same = bool(known) and known.get("digest") == digest
             if version in loaded and same:
@@ -393,6 +394,18 @@ class Lifecycle:
             self.client.scale(name, workers, workers, version)
         wait_ready(self.client, name, version, timeout_s, expect=workers)
         return workers
+
+    def _adopt(self, model: dict[str, Any], name: str, loaded: list[str]) -> None:
+        """A model registered without servetool's record (a pod's startup models, another client):
+        its serving default enters the record, so the keep policy and rollback know it."""
+        if model["history"] or not loaded:
+            return
+        described = self.client.describe(name, None)[0]
+        default = described["modelVersion"]
+        model["default"], model["history"] = default, [default]
+        model["versions"].setdefault(default, {
+            "archive": described.get("modelUrl"), "digest": None,
+            "workers": len(described.get("workers", [])) or None, "loaded_at": None})
 
     def _workers_for(self, model: dict[str, Any], config: dict[str, Any]) -> int | None:
         """A new version gets the worker count its predecessor serves with (set by `scale` for

@@ -49,6 +49,17 @@ class ManifestError(ServetoolError):
 
 
 @dataclass
+class WatchSpec:
+    """Every pod follows one source with a watcher container of its own (servetool/pod_watch.py)."""
+
+    source: str
+    endpoint_url: str | None = None
+    secret: str | None = None  # a Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the env
+    interval_s: float | None = None
+    keep: int | None = None
+
+
+@dataclass
 class KubeOptions:
     name: str
     image: str
@@ -63,6 +74,7 @@ class KubeOptions:
     models_pvc: str | None = None  # mount this PersistentVolumeClaim as the model store
     workers: dict[str, int] = field(default_factory=dict)  # per model; default: the archive's, or 1
     base_config: Path | None = None
+    watch: WatchSpec | None = None
 
     def check(self) -> None:
         if not NAME_RE.match(self.name) or len(self.name) > 40:
@@ -76,6 +88,12 @@ class KubeOptions:
         cpu_cores(self.cpu_request)
         if self.models_pvc is not None and not NAME_RE.match(self.models_pvc):
             raise ManifestError(f"--models-pvc {self.models_pvc!r} is not a valid claim name")
+        if self.watch is not None:
+            if self.models_pvc is not None:
+                raise ManifestError("--watch needs the pods' own writable model store (the watcher "
+                                    "adds versions to it); it does not combine with --models-pvc")
+            if self.watch.secret is not None and not NAME_RE.match(self.watch.secret):
+                raise ManifestError(f"--watch-secret {self.watch.secret!r} is not a valid name")
 
 
 # --- the generic base ---------------------------------------------------------------------------
@@ -209,8 +227,11 @@ def pod_properties(opts: KubeOptions, archives: list[Path]) -> str:
              "management": POD_PORTS["management"], "metrics": POD_PORTS["metrics"],
              "grpc_inference": POD_PORTS["grpc_inference"],
              "grpc_management": POD_PORTS["grpc_management"]}
+    # A watching pod registers versions: through the management front, which admits only archives
+    # of the model store (servetool/pod.py), with TorchServe's own API on a Unix socket.
     props = torchserve.server_properties(base, "127.0.0.1", ports, image.CONTAINER_STORE,
                                          "/opt/servetool/log4j2.xml",
+                                         image.CONTAINER_SOCKET if opts.watch else None,
                                          sizes=archive.archive_sizes(archives))
     bind_all = "0.0.0.0"
     props["metrics_address"] = f"http://{bind_all}:{POD_PORTS['metrics']}"
@@ -219,7 +240,7 @@ def pod_properties(opts: KubeOptions, archives: list[Path]) -> str:
         props["disable_token_authorization"] = "true"
     else:
         props.pop("disable_token_authorization", None)
-    props["enable_model_api"] = "false"
+    props["enable_model_api"] = "true" if opts.watch else "false"
     props["enable_envvars_config"] = "false"
     models: dict[str, Any] = {}
     for path in archives:
@@ -239,7 +260,8 @@ def pod_properties(opts: KubeOptions, archives: list[Path]) -> str:
     props["models"] = json.dumps(models, sort_keys=True)
     return torchserve.format_properties(
         props, "Rendered by servetool for Kubernetes pods: models load at start (load_models, "
-               "models); the model API is off.")
+               "models); the model API is off"
+               + (", except through the front, for the pod's watcher." if opts.watch else "."))
 
 
 def cpu_cores(quantity: str) -> int:
@@ -299,6 +321,8 @@ def overlay(opts: KubeOptions, archives: list[Path]) -> tuple[dict[str, Any], li
              "value": {"exec": {"command": ["python3", "/opt/servetool/servetool_pod.py", "ready"]},
                        "periodSeconds": 5, "timeoutSeconds": 10, "failureThreshold": 2}},
         ]
+    if opts.watch:
+        deploy_ops += watch_ops(opts.watch, opts.token_auth)
     patches = [
         {"target": {"kind": "ConfigMap", "name": BASE_NAME},
          "patch": [{"op": "replace", "path": "/data/config.properties", "value": props}]},
@@ -321,6 +345,54 @@ def overlay(opts: KubeOptions, archives: list[Path]) -> tuple[dict[str, Any], li
                     for p in patches],
     }
     return kustomization, patches
+
+
+WATCH_STATE = f"{image.CONTAINER_WORK}/watch-state.json"
+WATCH_METRICS_PORT = 8090
+FRONT_LISTEN = f"127.0.0.1:{POD_PORTS['management']}"
+
+
+def watch_ops(watch: WatchSpec, token_auth: bool) -> list[dict[str, Any]]:
+    """The pod's watcher: a writable model store seeded with the image's archives, the watcher
+    container, the front for registrations, and readiness that waits for the first check."""
+    pod = "/spec/template/spec"
+    models = {"name": "models", "mountPath": image.CONTAINER_STORE}
+    state_env = {"name": "SERVETOOL_WATCH_STATE", "value": WATCH_STATE}
+    seed = _container("seed", env=[], volumeMounts=[{"name": "models", "mountPath": "/seed"}],
+                      resources={"requests": {"cpu": "100m", "memory": "64Mi"},
+                                 "limits": {"memory": "256Mi"}})
+    seed["args"] = ["seed", "/seed"]
+    env = [{"name": "SERVETOOL_WATCH_SOURCE", "value": watch.source},
+           {"name": "SERVETOOL_FRONT_LISTEN", "value": FRONT_LISTEN},
+           {"name": "SERVETOOL_WATCH_METRICS_PORT", "value": str(WATCH_METRICS_PORT)}]
+    for name, value in (("SERVETOOL_S3_ENDPOINT_URL", watch.endpoint_url),
+                        ("SERVETOOL_WATCH_INTERVAL", watch.interval_s),
+                        ("SERVETOOL_WATCH_KEEP", watch.keep)):
+        if value is not None:
+            env.append({"name": name, "value": str(value)})
+    watcher = _container(
+        "watch", env=env,
+        ports=[{"name": "watch-metrics", "containerPort": WATCH_METRICS_PORT, "protocol": "TCP"}],
+        resources={"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        volumeMounts=[{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                      {"name": "work", "mountPath": image.CONTAINER_WORK}, models,
+                      {"name": "tmp", "mountPath": "/tmp"}])
+    watcher["name"] = "watcher"
+    if watch.secret:  # credentials from a Secret, never in the manifests or the arguments
+        watcher["envFrom"] = [{"secretRef": {"name": watch.secret}}]
+    ops = [
+        {"op": "add", "path": f"{pod}/volumes/-",
+         "value": {"name": "models", "emptyDir": {"sizeLimit": "8Gi"}}},
+        {"op": "add", "path": f"{pod}/initContainers", "value": [seed]},
+        {"op": "add", "path": f"{pod}/containers/0/volumeMounts/-", "value": models},
+        {"op": "add", "path": f"{pod}/containers/0/env/-",
+         "value": {"name": "SERVETOOL_FRONT_LISTEN", "value": FRONT_LISTEN}},
+        {"op": "add", "path": f"{pod}/containers/0/env/-", "value": state_env},
+    ]
+    if token_auth:  # the gateway's /readyz
+        ops.append({"op": "add", "path": f"{pod}/containers/1/env/-", "value": state_env})
+    ops.append({"op": "add", "path": f"{pod}/containers/-", "value": watcher})
+    return ops
 
 
 def secret_object(key: str) -> dict[str, Any]:
@@ -355,7 +427,7 @@ def objects(opts: KubeOptions, archives: list[Path], key: str | None) -> list[di
             spec["selector"]["matchLabels"].update(instance)
             pod = spec["template"]
             pod["metadata"]["labels"].update(instance)
-            for container in pod["spec"]["containers"]:
+            for container in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):
                 if container["image"] == BASE_IMAGE_NAME:
                     container["image"] = ref
             for volume in pod["spec"]["volumes"]:

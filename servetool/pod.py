@@ -10,6 +10,10 @@ Standard library only, so the image needs nothing of servetool itself. Subcomman
   health             exit 0 when /ping answers Healthy (Docker HEALTHCHECK; token read in-container)
   ready              health, and every registered model has a READY worker
   scale NAME N       set NAME's workers through the management API on this container's server
+  seed DIR           copy the image's archives into DIR (a pod's writable model store, which its
+                     watcher adds versions to)
+  watch              the pod's watcher (servetool/pod_watch.py, from servetool's code in lib/,
+                     which images built for a watching deployment carry)
   gateway            the Kubernetes front door: checks the Bearer key every replica shares (from a
                      Secret) and forwards to this pod's TorchServe with the pod's own key
 
@@ -36,6 +40,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import stat
 import subprocess
@@ -289,7 +294,31 @@ def ready() -> tuple[bool, str]:
         return False, f"{found} of {expected} models loaded"
     if missing:
         return False, "no READY worker yet: " + ", ".join(missing)
+    watching = os.environ.get("SERVETOOL_WATCH_STATE")
+    if watching and not watcher_checked(Path(watching)):
+        # a new pod serves what the source holds, not an older baked version
+        return False, "the watcher has not finished its first check of the source yet"
     return True, f"ready: {found} model(s)"
+
+
+def watcher_checked(state_file: Path) -> bool:
+    """The pod's watcher has listed its source and acted on it at least once."""
+    try:
+        return bool(json.loads(state_file.read_text()).get("last_check"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def seed(dest: Path) -> int:
+    """Copy the image's archives into a pod's writable model store; the number copied."""
+    store = Path(config().get("model_store", "/home/model-server/model-store"))
+    copied = 0
+    for archive in sorted(store.glob("*.mar")):
+        staged = dest / f".{archive.name}.partial"
+        shutil.copyfile(archive, staged)
+        os.replace(staged, dest / archive.name)
+        copied += 1
+    return copied
 
 
 def scale(name: str, workers: int) -> tuple[bool, str]:
@@ -708,12 +737,19 @@ def main(argv: list[str]) -> int:
         ok, detail = health() if command == "health" else ready()
         print(detail)
         return 0 if ok else 1
+    if command == "seed" and len(argv) == 2:
+        print(f"copied {seed(Path(argv[1]))} archive(s) into {argv[1]}")
+        return 0
+    if command == "watch":
+        lib = str(Path(__file__).resolve().parent / "lib")
+        env = {**os.environ, "PYTHONPATH": lib, "SERVETOOL_POD_HELPER": os.path.abspath(__file__)}
+        os.execve(sys.executable, [sys.executable, "-m", "servetool.pod_watch"], env)
     if command == "scale" and len(argv) == 3 and argv[2].isdigit():
         ok, detail = scale(argv[1], int(argv[2]))
         print(detail)
         return 0 if ok else 1
     print("usage: servetool_pod.py torchserve|gateway|front [HOST:PORT]|exec COMMAND...|keys|"
-          "health|ready|scale NAME WORKERS", file=sys.stderr)
+          "health|ready|scale NAME WORKERS|seed DIR|watch", file=sys.stderr)
     return 2
 
 

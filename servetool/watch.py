@@ -238,8 +238,13 @@ class Watcher:
                     raise WatchError(f"{path.name} has SHA-256 {got[:16]}..., its READY marker "
                                      f"names {want[:16]}...: a partial or altered upload")
         elif kind == "folder":
-            from servetool.package import package
-            from servetool.spec import load_spec
+            try:
+                from servetool.package import package
+                from servetool.spec import load_spec
+            except ImportError as exc:
+                raise WatchError(f"a model folder is packaged by the full servetool, and this "
+                                 f"watcher runs without its export tools ({exc}; a Kubernetes "
+                                 "pod): publish the .mar `servetool package` builds") from None
 
             spec = load_spec(staging)
             if spec.name != item.model:

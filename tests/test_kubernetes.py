@@ -23,7 +23,7 @@ import yaml
 
 from servetool import image, kubecheck, manifests
 from servetool.targets.kubernetes import set_workers
-from servetool.torchserve import port_in_use
+from servetool.torchserve import free_ports, port_in_use
 from tests.conftest import LOCAL_BASE_IMAGE, ROOT, png_bytes
 from tests.test_cli import assert_clean_error, run
 
@@ -184,6 +184,46 @@ def test_variants_no_token_auth_and_models_volume(tmp_path, model_store):
         assert_valid(objs, version, tmp_path)
 
 
+def test_watching_pods_each_follow_the_bucket(tmp_path, model_store):
+    """--watch: a watcher container per pod, a writable model store seeded from the image,
+    registrations only through the front, readiness after the first check, credentials from a
+    Secret the user owns (never in the manifests)."""
+    result = render(tmp_path, model_store, "--watch", "s3://models/prod", "--watch-endpoint-url",
+                    "http://minio.storage:9000", "--watch-secret", "models-s3", "--keep", "3",
+                    name="watched")
+    objs = kustomize(str(tmp_path / result["overlay"]))
+    assert kubecheck.problems(objs, ("Secret/models-s3",)) == []
+    kinds = by_kind(objs)
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert list(containers) == ["torchserve", "gateway", "watcher"]
+    [seed] = pod["initContainers"]
+    assert seed["args"] == ["seed", "/seed"] and seed["image"] == containers["watcher"]["image"]
+    watcher = containers["watcher"]
+    assert watcher["args"] == ["watch"] and watcher["envFrom"] == [{"secretRef": {"name": "models-s3"}}]
+    env = {e["name"]: e["value"] for e in watcher["env"]}
+    assert env["SERVETOOL_WATCH_SOURCE"] == "s3://models/prod"
+    assert env["SERVETOOL_S3_ENDPOINT_URL"] == "http://minio.storage:9000"
+    assert env["SERVETOOL_WATCH_KEEP"] == "3" and "AWS_SECRET_ACCESS_KEY" not in env
+    store = {"name": "models", "mountPath": image.CONTAINER_STORE}
+    assert store in containers["torchserve"]["volumeMounts"] and store in watcher["volumeMounts"]
+    assert {"name": "models", "emptyDir": {"sizeLimit": "8Gi"}} in pod["volumes"]
+    gateway_env = {e["name"]: e.get("value") for e in containers["gateway"]["env"]}
+    assert gateway_env["SERVETOOL_WATCH_STATE"] == manifests.WATCH_STATE
+    props = kinds["ConfigMap"]["data"]["config.properties"]
+    assert "enable_model_api=true" in props
+    assert f"management_address=unix:{image.CONTAINER_SOCKET}" in props
+    for version in (K8S_VERSIONS[0], K8S_VERSIONS[-1]):
+        assert_valid(objs, version, tmp_path)
+    # the image it names carries the watcher: another tag than the plain one
+    (tmp_path / "plain").mkdir()
+    plain = render(tmp_path / "plain", model_store, name="plain")
+    assert result["image"] != plain["image"]
+    proc = run("deploy", "digits", "--target", "kubernetes", "--dry-run", "--model-store",
+               str(model_store), "--watch", "s3://m/p", "--models-pvc", "pvc", cwd=tmp_path)
+    assert_clean_error(proc, "does not combine with --models-pvc")
+
+
 def test_cluster_commands_without_kubeconfig_say_so(tmp_path, model_store):
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     proc = run("deploy", "--target", "kubernetes", "--model-store", str(model_store), cwd=tmp_path,
@@ -205,9 +245,11 @@ def test_set_workers_edits_only_that_model():
 
 
 # --- the rendered pod under the local Docker engine --------------------------------------------------
-def run_pod(engine, pod: dict, volumes_dir: Path, objs: list[dict], name: str) -> list:
-    """Start each container of `pod` as the kubelet would (image, args, env, mounts, user,
-    read-only root, dropped capabilities), on the host network (this engine has no bridge)."""
+def run_pod(engine, pod: dict, volumes_dir: Path, objs: list[dict], name: str,
+            secrets: dict[str, dict[str, str]] | None = None) -> list:
+    """Start each container of `pod` as the kubelet would (init containers first, to completion;
+    image, args, env and envFrom, mounts, user, read-only root, dropped capabilities), on the host
+    network (this engine has no bridge). `secrets`: the Secrets the user owns in the cluster."""
     kinds = by_kind(objs)
     binds: dict[str, dict] = {}
     for volume in pod["volumes"]:
@@ -226,18 +268,29 @@ def run_pod(engine, pod: dict, volumes_dir: Path, objs: list[dict], name: str) -
         binds[volume["name"]] = {"path": str(folder)}
     uid = pod["securityContext"]["runAsUser"]
     started = []
-    for c in pod["containers"]:
-        mounts = {binds[m["name"]]["path"]: {"bind": m["mountPath"],
-                                              "mode": "ro" if m.get("readOnly") else "rw"}
-                  for m in c["volumeMounts"]}
-        started.append(engine.containers.run(
-            c["image"], c.get("args"), detach=True, name=f"{name}-{c['name']}",
-            environment={e["name"]: env_value(e, pod) for e in c.get("env", [])}, volumes=mounts,
-            user=f"{uid}:{pod['securityContext']['runAsGroup']}",
-            group_add=[str(pod["securityContext"]["fsGroup"])],
-            read_only=c["securityContext"]["readOnlyRootFilesystem"],
-            cap_drop=c["securityContext"]["capabilities"]["drop"],
-            security_opt=["no-new-privileges"], network_mode="host"))
+    for init in (True, False):
+        for c in pod.get("initContainers" if init else "containers", []):
+            mounts = {binds[m["name"]]["path"]: {"bind": m["mountPath"],
+                                                  "mode": "ro" if m.get("readOnly") else "rw"}
+                      for m in c["volumeMounts"]}
+            env = {k: v for ref in c.get("envFrom", [])
+                   for k, v in (secrets or {})[ref["secretRef"]["name"]].items()}
+            env |= {e["name"]: env_value(e, pod) for e in c.get("env", [])}
+            container = engine.containers.run(
+                c["image"], c.get("args"), detach=True, name=f"{name}-{c['name']}",
+                environment=env, volumes=mounts,
+                user=f"{uid}:{pod['securityContext']['runAsGroup']}",
+                group_add=[str(pod["securityContext"]["fsGroup"])],
+                read_only=c["securityContext"]["readOnlyRootFilesystem"],
+                cap_drop=c["securityContext"]["capabilities"]["drop"],
+                security_opt=["no-new-privileges"], network_mode="host")
+            if init:  # to completion, before any container starts
+                code = container.wait(timeout=120)["StatusCode"]
+                logs = container.logs().decode(errors="replace")
+                container.remove(force=True)
+                assert code == 0, f"init container {c['name']}: {logs}"
+            else:
+                started.append(container)
     return started
 
 
@@ -367,3 +420,91 @@ def test_live_cluster(tmp_path, model_store):
     scaled = json.loads(proc.stdout)
     assert scaled["replicas"]["rollout"]["available"] >= 3
     assert len(scaled["workers"]["pods"]) == 3
+
+
+@pytest.mark.docker
+def test_a_watching_pod_under_docker_serves_what_is_published_to_the_bucket(
+        tmp_path, model_store, docker_engine):
+    """The rendered watching pod (seed init container, TorchServe, gateway, watcher) as a kubelet
+    would run it, following a bucket of moto's S3 server: version 2.0 uploaded there is served
+    through the gateway without anyone calling the pod."""
+    from tests.test_lifecycle import moto_server, rewrite_archive
+
+    engine = image.docker_client_for(docker_engine["DOCKER_HOST"])
+    busy = [p for p in (*manifests.POD_PORTS.values(), manifests.WATCH_METRICS_PORT)
+            if port_in_use("127.0.0.1", p)]
+    assert not busy, f"the stand-in pod needs ports {busy} free on this machine"
+    proc = run("image", "digits", "--with-watcher", "--model-store", str(model_store),
+               "--base-image", LOCAL_BASE_IMAGE, "--config", str(ROOT / "config.properties"),
+               "--json", cwd=tmp_path, env=docker_engine, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    built = json.loads(proc.stdout)
+    import boto3
+
+    s3_port = free_ports(("s3",))["s3"]
+    s3_server = moto_server(s3_port)
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    creds = {"AWS_ACCESS_KEY_ID": "pod", "AWS_SECRET_ACCESS_KEY": "pod-secret",
+             "AWS_DEFAULT_REGION": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="pod",
+                      aws_secret_access_key="pod-secret", region_name="us-east-1")
+    s3.create_bucket(Bucket="models")
+    result = render(tmp_path, model_store, "--image", built["tag"], "--watch", "s3://models/prod",
+                    "--watch-endpoint-url", endpoint, "--watch-interval", "1", "--watch-secret",
+                    "models-s3", name="watched")
+    objs = kustomize(str(tmp_path / result["overlay"]))
+    pod = by_kind(objs)["Deployment"]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    started = run_pod(engine, pod, tmp_path / "volumes", objs, "watched",
+                      secrets={"models-s3": creds})
+    key = by_kind(objs)["Secret"]["stringData"]["inference-key"]
+    url = "http://127.0.0.1:8080/predictions/digits"
+    body = (ROOT / "models" / "digits" / "samples" / "digit_3.png").read_bytes()
+
+    def answering() -> str | None:
+        reply = requests.post(url, data=body, headers={"Authorization": f"Bearer {key}"},
+                              timeout=30)
+        return reply.headers.get("X-Model-Version") if reply.status_code == 200 else None
+
+    try:
+        handles = {c.name.split("-", 1)[1]: c for c in started}
+        deadline = time.monotonic() + 180
+        ready = (False, "")
+        while time.monotonic() < deadline and not ready[0]:
+            for handle in handles.values():
+                handle.reload()
+                assert handle.status == "running", handle.logs(tail=30).decode()
+            ready = probe(containers["gateway"], "readinessProbe", handles["gateway"])
+            time.sleep(1)
+        assert ready[0], ready[1] + handles["watcher"].logs(tail=30).decode()
+        assert answering() == "1.0"
+        v2 = rewrite_archive(model_store / "digits.mar", tmp_path / "v2" / "digits.mar",
+                             version="2.0")
+        s3.upload_file(str(v2), "models", "prod/digits/2.0/digits.mar")
+        s3.put_object(Bucket="models", Key="prod/digits/2.0/READY", Body=b"")
+        deadline = time.monotonic() + 90
+        while answering() != "2.0":
+            assert time.monotonic() < deadline, handles["watcher"].logs(tail=40).decode()
+            time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while "digits 2.0: serving" not in (logs := handles["watcher"].logs().decode()):
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.5)
+        assert "pod-secret" not in logs
+        # the version the pod started with stays loaded for a rollback (keep 2), with its workers
+        assert "unloading" not in logs and "starting 1 worker(s)" in logs, logs
+        metrics = requests.get(f"http://127.0.0.1:{manifests.WATCH_METRICS_PORT}/metrics",
+                               timeout=5).text
+        assert 'servetool_watch_publishes_total{model="digits",outcome="serving"} 1.0' in metrics
+        # the front still refuses what it refuses on the other targets: a path outside the store
+        code, out = handles["torchserve"].exec_run(
+            ["python3", "-c", "import sys; sys.path.insert(0, '/opt/servetool'); "
+             "import servetool_pod as p, json, urllib.request as u; "
+             "r = u.Request('http://127.0.0.1:8081/models?url=/etc&model_name=x', method='POST', "
+             "headers={'Authorization': 'Bearer ' + p.client_keys()['management']['key']}); "
+             "import urllib.error as e\ntry: u.urlopen(r)\nexcept e.HTTPError as x: print(x.code)"])
+        assert out.decode().strip() == "403", out
+    finally:
+        for handle in started:
+            handle.remove(force=True)
+        s3_server.terminate()

@@ -254,6 +254,24 @@ def test_publish_promote_rollback_and_failures_never_fail_a_request(server, arch
     assert again.check_once() == []
 
 
+def test_keep_one_unloads_the_old_default_only_after_it_drained(server, archives, tmp_path):
+    """With --keep 1 the version that served until now goes right after the switch: its queue
+    drains first, so the requests it held are answered, not failed."""
+    model = "lck"
+    life = Lifecycle(server)
+    life.install(rewrite_archive(archives["1.0"], tmp_path / "v1.mar", name=model), keep=1)
+    with steady_load(server, model, concurrency=4) as load:
+        time.sleep(1)
+        result = life.install(rewrite_archive(archives["2.0"], tmp_path / "v2.mar", name=model))
+        time.sleep(1)
+    assert result["action"] == "upgraded"
+    assert loaded(server, model) == {"2.0": True}
+    assert {s.version for s in load["result"].samples} == {"1.0", "2.0"}
+    assert (load["result"].errors, load["result"].lost) == ({}, 0)
+    with pytest.raises(DeployError, match="only version serving"):
+        life.unload(model, "2.0")
+
+
 def test_a_restart_restores_every_version_and_the_default_that_served(server, archives):
     life = Lifecycle(server)
     before = loaded(server, "lc")

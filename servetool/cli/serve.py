@@ -94,9 +94,13 @@ from servetool.torchserve import DEFAULT_PORTS
 @click.option("--no-token-auth", is_flag=True,
               help="kubernetes: serve without any key (no gateway, TorchServe's token auth off).")
 @click.option("--watch", "watch_source", default=None, metavar="SOURCE",
-              help="local, docker: leave a watcher serving new versions published to SOURCE (a "
-                   "folder or s3://BUCKET/PREFIX; see `servetool watch --help`). docker: implies "
-                   "--mount-models.")
+              help="Serve new versions published to SOURCE (a folder or s3://BUCKET/PREFIX; see "
+                   "`servetool watch --help`): local, docker: a watcher beside the server (docker: "
+                   "implies --mount-models); kubernetes: a watcher container in every pod (a "
+                   "bucket, and an image built with the watcher).")
+@click.option("--watch-secret", default=None,
+              help="kubernetes: a Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) "
+                   "become the watcher's environment.")
 @watch_options("watch-")
 @keep_option
 @json_option
@@ -111,7 +115,8 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
            kube_context: str | None, namespace: str,
            deployment_name: str | None, manifests_dir: Path, dry_run: bool, kube_image: str | None,
            replicas: int, max_replicas: int, cpu: str, memory: str, models_pvc: str | None,
-           no_token_auth: bool, watch_source: str | None, endpoint_url: str | None,
+           no_token_auth: bool, watch_source: str | None, watch_secret: str | None,
+           endpoint_url: str | None,
            interval_s: float | None, watch_metrics_port: int | None, keep: int | None,
            as_json: bool) -> None:
     """Start TorchServe (if not running) and register MODELS (default: every archive).
@@ -124,17 +129,17 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
     if watch_source and target == "docker":
         mount_models = True  # the watcher adds archives to the store the container reads
     if target == "kubernetes":
-        if watch_source:
-            raise ServetoolError("--watch is for the local and docker targets; on kubernetes "
-                                 "every pod follows a source through its own watcher (see the "
-                                 "README's Kubernetes section)")
+        from servetool.manifests import WatchSpec
         from servetool.targets.kubernetes import KubeRequest, deploy_kubernetes
+
+        watching = WatchSpec(watch_source, endpoint_url, watch_secret, interval_s, keep) \
+            if watch_source else None
 
         result = deploy_kubernetes(KubeRequest(
             models=models, model_store=model_store, base_config=base_config, name=deployment_name,
             namespace=namespace, image=kube_image, replicas=replicas, max_replicas=max_replicas,
             cpu=cpu, memory=memory, models_pvc=models_pvc, token_auth=not no_token_auth,
-            dry_run=dry_run, timeout_s=timeout),
+            dry_run=dry_run, timeout_s=timeout, watch=watching),
             kube_target(kubeconfig, kube_context, manifests_dir))
         emit(result, as_json, kube_summary(result))
         return
@@ -228,6 +233,9 @@ def deploy_summary(result: dict[str, Any]) -> str:
               "[default: servetool/NAMES:DIGEST].")
 @click.option("--no-models", is_flag=True,
               help="Bake no archives (they come from a volume: --mount-models / --models-pvc).")
+@click.option("--with-watcher", is_flag=True,
+              help="Carry the pods' watcher (servetool's code, boto3): the image that "
+                   "`deploy --target kubernetes --watch` names.")
 @click.option("--ca-cert", "ca_certs", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="A CA certificate pip needs during the build (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), default="deploy/docker", show_default=True,
@@ -235,7 +243,7 @@ def deploy_summary(result: dict[str, Any]) -> str:
 @json_option
 @friendly_errors
 def image_command(models: tuple[str, ...], model_store: Path, base_config: Path | None,
-                  base_image: str | None, tag: str | None, no_models: bool,
+                  base_image: str | None, tag: str | None, no_models: bool, with_watcher: bool,
                   ca_certs: tuple[Path, ...], out: Path, as_json: bool) -> None:
     """Build the serving image for MODELS (default: every archive) with the local Docker engine.
 
@@ -249,7 +257,7 @@ def image_command(models: tuple[str, ...], model_store: Path, base_config: Path 
     archives = find_archives(models, model_store)
     opts = ImageOptions(model_store=model_store, out_dir=out, base_image=base_image or DEFAULT_BASE_IMAGE,
                         base_config=base_config, bake_models=not no_models, tag=tag,
-                        ca_certs=list(ca_certs) or None)
+                        ca_certs=list(ca_certs) or None, with_watcher=with_watcher)
     result = build_image(opts, archives, progress)
     result["models"] = [p.stem for p in archives]
     size = f"{result['size_bytes'] / 1e6:.0f} MB" if result.get("size_bytes") else "size unknown"

@@ -80,7 +80,9 @@ class KubernetesTarget:
                timeout_s: float = 600) -> dict[str, Any]:
         rendered = manifests.write(opts, archives, self.out_dir)
         objs = manifests.objects(opts, archives, rendered["key"])
-        external = (f"PersistentVolumeClaim/{opts.models_pvc}",) if opts.models_pvc else ()
+        # what the user owns in the cluster: a claim with the archives, the watcher's credentials
+        external = ((f"PersistentVolumeClaim/{opts.models_pvc}",) if opts.models_pvc else ()) + \
+            ((f"Secret/{opts.watch.secret}",) if opts.watch and opts.watch.secret else ())
         if found := kubecheck.problems(objs, external):
             raise KubeError("the rendered manifests are inconsistent: " + "; ".join(found))
         result = {"target": self.name, "dry_run": dry_run, "folder": rendered["folder"],
@@ -211,6 +213,7 @@ class KubeRequest:
     token_auth: bool
     dry_run: bool
     timeout_s: float
+    watch: manifests.WatchSpec | None = None
 
 
 def default_name(archives: list[Path]) -> str:
@@ -225,7 +228,8 @@ def deploy_kubernetes(req: KubeRequest, target: KubernetesTarget) -> dict[str, A
     if req.image is None:
         # The same tag `deploy --target docker` builds for these archives (context under deploy/).
         opts = image.ImageOptions(model_store=req.model_store, base_config=req.base_config,
-                                  bake_models=req.models_pvc is None, ca_certs=[])
+                                  bake_models=req.models_pvc is None, ca_certs=[],
+                                  with_watcher=req.watch is not None)
         req.image = image.render_tagged(opts, archives)[1]
     memory = parse_memory(req.memory)
     opts = manifests.KubeOptions(
@@ -233,7 +237,8 @@ def deploy_kubernetes(req: KubeRequest, target: KubernetesTarget) -> dict[str, A
         min_replicas=req.replicas,
         max_replicas=max(req.max_replicas, req.replicas), cpu_request=req.cpu,
         memory_request=f"{memory // 2}Mi", memory_limit=f"{memory}Mi",
-        token_auth=req.token_auth, models_pvc=req.models_pvc, base_config=req.base_config)
+        token_auth=req.token_auth, models_pvc=req.models_pvc, base_config=req.base_config,
+        watch=req.watch)
     result = target.deploy(opts, archives, req.dry_run, req.timeout_s)
     result["name"] = opts.name
     return result
