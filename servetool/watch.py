@@ -210,6 +210,7 @@ class Watcher:
             self.say(f"{item.model} {item.version}: published in {self.source.url}; fetching")
             self.source.fetch(item, staging)
             path = self._archive(item, staging)
+            self._check_immutable(item, path)
             result = lifecycle.Lifecycle(self.target).install(
                 path, origin=self.source.url, keep=self.keep, timeout_s=self.timeout_s)
         except Exception as exc:  # noqa: BLE001 (whatever a version does, the watcher goes on)
@@ -261,6 +262,15 @@ class Watcher:
             raise WatchError(f"{path.name} is {meta.get('modelName')} {meta.get('modelVersion')}, "
                              f"but it was published as {item.model}/{item.version}/")
         return path
+
+    def _check_immutable(self, item: Published, path: Path) -> None:
+        """A version that serves keeps its bytes: re-registering it would leave a gap (and a
+        client could not tell the two apart by X-Model-Version). A change is a new version."""
+        recorded = lifecycle.read_record(self.run_dir).get(item.model, {}).get("versions", {})
+        known = recorded.get(item.version, {}).get("digest")
+        if known and known != archive.archive_digest(path):
+            raise WatchError(f"version {item.version} is loaded with other content; versions are "
+                             "immutable here: publish the change as a new version")
 
     def _check_removed(self, by_model: dict[str, list[Published]]) -> list[dict[str, Any]]:
         """Versions this source put in service and no longer holds are unloaded (never the last)."""

@@ -206,6 +206,11 @@ def test_publish_promote_rollback_and_failures_never_fail_a_request(server, arch
         publish(source, "lc", "3.6", archives["2.0"], marker={"sha256": "0" * 64})
         [event] = watcher.check_once()
         assert event["outcome"] == "failed" and "SHA-256" in event["detail"]
+        # the serving 2.0 republished with other bytes: versions are immutable, 2.0 keeps serving
+        rewrite_archive(archives["refusing"], source / "lc" / "2.0" / "lc.mar", version="2.0")
+        (source / "lc" / "2.0" / "READY").write_text("")
+        [event] = watcher.check_once()
+        assert event["outcome"] == "failed" and "immutable" in event["detail"], event
         assert loaded(server, "lc") == {"1.0": False, "2.0": True}
         assert answering(server, "lc") == "2.0"
 
@@ -245,7 +250,7 @@ def test_publish_promote_rollback_and_failures_never_fail_a_request(server, arch
     assert status["source"] == str(source.resolve()) and status["last_error"] is None
     assert {f["version"] for f in status["failed"]} == {"3.0", "3.2", "3.5", "3.6"}
     metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    assert 'servetool_watch_publishes_total{model="lc",outcome="failed"} 4.0' in metrics
+    assert 'servetool_watch_publishes_total{model="lc",outcome="failed"} 5.0' in metrics
     assert 'servetool_watch_publishes_total{model="lc",outcome="serving"} 2.0' in metrics
     assert 'servetool_watch_failed_versions{model="lc"} 4.0' in metrics
 
