@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
 
 from handlers.batching import Rows, as_feeds, collate, dynamic_lengths, example_outputs
 from handlers.errors import RequestError, describe, model_failure, to_json_bytes
+from handlers.metrics import STEPS, BatchMetrics
 from handlers.runtimes import load_runtime, threads_per_worker
 from handlers.tasks import make_task, request_payload
 
@@ -46,6 +48,7 @@ class ServeHandler:
         self.initialized = False
         self.context = None
         self.version = ""
+        self.metrics = BatchMetrics("", "")
 
     def initialize(self, context: Any) -> None:
         model_dir = context.system_properties["model_dir"]
@@ -71,6 +74,8 @@ class ServeHandler:
         # or a test sees the switch from one version to the next.
         model = (getattr(context, "manifest", None) or {}).get("model") or {}
         self.version = str(model.get("modelVersion") or "")
+        self.metrics = BatchMetrics(str(model.get("modelName") or getattr(context, "model_name", "")),
+                                    self.version)
         logger.info("servetool handler ready: %s, %s on %s, %d intra-op thread(s)",
                     config["task"], config.get("format"), config["runtime"], threads)
         self.initialized = True
@@ -168,7 +173,18 @@ class ServeHandler:
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         self.context = context
-        answers = self.postprocess(self.inference(self.preprocess(data)))
+        marks = [time.perf_counter()]
+        items = self.preprocess(data)
+        marks.append(time.perf_counter())
+        results = self.inference(items)
+        marks.append(time.perf_counter())
+        answers = self.postprocess(results)
+        marks.append(time.perf_counter())
+        self.metrics.record(
+            getattr(context, "metrics", None),
+            {step: marks[i + 1] - marks[i] for i, step in enumerate(STEPS)}, len(data),
+            [a.status if isinstance(a, RequestError) else 200 for a in answers],
+            [a.kind for a in answers if isinstance(a, RequestError)])
         replies = []
         for idx, answer in enumerate(answers):
             context.set_response_content_type(idx, JSON)

@@ -41,6 +41,16 @@ if [ "${1:-}" = "--test" ]; then
   else
     say "not root: the tests marked docker need dockerd and debootstrap (apt-get install docker.io debootstrap)"
   fi
+  # A real Prometheus for the monitoring test (its server is not started as a service here).
+  if ! command -v prometheus >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+      say "installing prometheus with apt (the monitoring test)"
+      { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 ||
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }
+    else
+      say "not root: the monitoring test needs prometheus (apt-get install prometheus)"
+    fi
+  fi
 fi
 
 PY=${PYTHON:-python3}

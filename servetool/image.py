@@ -33,6 +33,7 @@ CONTAINER_STORE = "/home/model-server/model-store"
 CONTAINER_WORK = "/home/model-server/work"
 CONTAINER_SOCKET = f"{CONTAINER_WORK}/private/management.sock"
 CONTAINER_CONFIG = "/opt/servetool/config.properties"
+CONTAINER_METRICS_CONFIG = "/opt/servetool/metrics.yaml"
 CONTAINER_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
                    "grpc_inference": 7070, "grpc_management": 7071}
 TORCH_VERSION = "2.13.0"
@@ -101,7 +102,8 @@ def container_properties(base_config: Path | None, extra: dict[str, str],
     # TorchServe's management API on a socket only the container's user reaches; servetool's
     # front takes the management port (servetool/pod.py says why).
     props = torchserve.server_properties(base, "0.0.0.0", CONTAINER_PORTS, CONTAINER_STORE,
-                                         "/opt/servetool/log4j2.xml", CONTAINER_SOCKET, sizes)
+                                         "/opt/servetool/log4j2.xml", CONTAINER_SOCKET, sizes,
+                                         CONTAINER_METRICS_CONFIG)
     props["enable_envvars_config"] = "true"
     props.update(extra)
     return props
@@ -117,6 +119,7 @@ def render(opts: ImageOptions, archives: list[Path]) -> Path:
     (out / ".dockerignore").write_text("# The context is exactly what servetool rendered.\n*.md\n")
     shutil.copyfile(POD_HELPER, out / "runtime" / "servetool_pod.py")
     shutil.copyfile(RESOURCES / "log4j2.xml", out / "runtime" / "log4j2.xml")
+    torchserve.write_metrics_config(out / "runtime" / torchserve.METRICS_FILE)
     torchserve.write_properties(out / "runtime" / "config.properties",
                                 container_properties(opts.base_config, opts.extra_properties,
                                                      archive.archive_sizes(archives)),

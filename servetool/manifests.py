@@ -232,7 +232,8 @@ def pod_properties(opts: KubeOptions, archives: list[Path]) -> str:
     props = torchserve.server_properties(base, "127.0.0.1", ports, image.CONTAINER_STORE,
                                          "/opt/servetool/log4j2.xml",
                                          image.CONTAINER_SOCKET if opts.watch else None,
-                                         sizes=archive.archive_sizes(archives))
+                                         sizes=archive.archive_sizes(archives),
+                                         metrics_config=image.CONTAINER_METRICS_CONFIG)
     bind_all = "0.0.0.0"
     props["metrics_address"] = f"http://{bind_all}:{POD_PORTS['metrics']}"
     if not opts.token_auth:

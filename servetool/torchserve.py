@@ -141,7 +141,8 @@ DEFAULTS = {
 
 def server_properties(base: dict[str, str], host: str, ports: dict[str, int], store: str,
                       log_config: str, management_socket: str | None = None,
-                      sizes: tuple[int | None, int | None] = (None, None)) -> dict[str, str]:
+                      sizes: tuple[int | None, int | None] = (None, None),
+                      metrics_config: str | None = None) -> dict[str, str]:
     """TorchServe's properties: servetool's defaults, the user's base config over them, then the
     keys servetool manages (addresses, ports, model store, quiet logging) over both. With
     `management_socket`, TorchServe's management API listens there (behind servetool's front)."""
@@ -163,6 +164,8 @@ def server_properties(base: dict[str, str], host: str, ports: dict[str, int], st
         "workflow_store": f"{store}/.servetool-no-workflows",
         "vmargs": f"{user_vmargs} -Dlog4j.configurationFile=file://{log_config}".strip(),
     }
+    if metrics_config:  # TorchServe's metrics plus servetool's handler metrics (declared, or dropped)
+        props["metrics_config"] = metrics_config
     props["allowed_urls"] = props["allowed_urls"].replace("{model_store}", re.escape(store))
     # Raised (never lowered) to what the served models take: a tensor model's JSON body is larger
     # than TorchServe's 6.5 MB default from about 270,000 values on.
@@ -189,9 +192,33 @@ def render_config(opts: ServerOptions) -> Path:
     base = read_properties(opts.base_config) if opts.base_config else {}
     props = server_properties(base, opts.host, opts.ports, str(opts.model_store.resolve()),
                               str((RESOURCES / "log4j2.xml").resolve()),
-                              str(private_dir(opts.run_dir) / MANAGEMENT_SOCKET), opts.sizes)
+                              str(private_dir(opts.run_dir) / MANAGEMENT_SOCKET), opts.sizes,
+                              str(write_metrics_config(opts.run_dir / METRICS_FILE).resolve()))
     return write_properties(opts.run_dir / "config.properties", props,
                             str(opts.base_config or "built-in defaults"))
+
+
+METRICS_FILE = "metrics.yaml"
+
+
+def write_metrics_config(target: Path) -> Path:
+    """TorchServe's own metrics configuration with servetool's handler metrics added to its
+    model_metrics (handlers/metrics.py): a handler's metrics it does not declare are dropped."""
+    import yaml
+
+    from handlers.metrics import declaration
+
+    default = Path(__import__("ts").__file__).parent / "configs" / "metrics.yaml"
+    config = yaml.safe_load(default.read_text())
+    model_metrics = config.setdefault("model_metrics", {}) or {}
+    for kind, entries in declaration().items():
+        known = {m["name"] for m in model_metrics.get(kind) or []}
+        model_metrics[kind] = (model_metrics.get(kind) or []) + \
+            [e for e in entries if e["name"] not in known]
+    config["model_metrics"] = model_metrics
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(config, sort_keys=False))
+    return target
 
 
 def private_dir(run_dir: Path) -> Path:

@@ -450,3 +450,4 @@ def stop(run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     else:
         text = f"no TorchServe was running from {run_dir} ({target})"
     emit({"target": target, "stopped": was_running, "was": before}, as_json, text)
+

@@ -1,0 +1,108 @@
+"""servetool's per-version handler metrics, scraped by a real Prometheus (Debian's package) with
+the configuration `servetool monitor` writes, and read back through Prometheus's HTTP API."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from servetool.bench.serve import run_load
+from servetool.lifecycle import Lifecycle
+from servetool.monitor import queries
+from servetool.targets.local import LocalTarget
+from servetool.torchserve import free_ports
+from tests.conftest import server_options
+from tests.test_lifecycle import IMAGE, rewrite_archive
+
+CI = os.environ.get("SERVETOOL_CI") == "1"
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if found is None:
+        if CI:
+            pytest.fail("prometheus (Debian's package) is needed in CI: scripts/setup.sh --test "
+                        "installs it")
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory, model_store):
+    """Model `mon` in versions 1.0 (the default) and 2.0, both loaded."""
+    store = tmp_path_factory.mktemp("mon-store")
+    v1 = rewrite_archive(model_store / "digits_ts.mar", store / "mon.mar", name="mon")
+    target = LocalTarget(server_options(tmp_path_factory.mktemp("mon-run"), store))
+    target.deploy(["mon"])
+    life = Lifecycle(target)
+    life.install(rewrite_archive(v1, tmp_path_factory.mktemp("v2") / "mon.mar", version="2.0"))
+    life.promote("mon", "1.0")
+    yield target
+    target.down()
+
+
+def query(port: int, promql: str) -> dict[str, float]:
+    reply = requests.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": promql},
+                         timeout=10).json()
+    assert reply["status"] == "success", reply
+    return {r["metric"].get("ModelVersion", ""): float(r["value"][1])
+            for r in reply["data"]["result"]}
+
+
+def test_prometheus_reads_p99_and_error_ratio_per_version(two_versions, tmp_path):
+    binary = prometheus_binary()
+    target = two_versions
+    config = tmp_path / "prometheus.yml"
+    cli = str(Path(sys.executable).with_name("servetool"))
+    proc = subprocess.run([cli, "monitor", "--run-dir", str(target.opts.run_dir), "--model-store",
+                           str(target.opts.model_store), "--prometheus-config", str(config),
+                           "--scrape-interval", "1", "--model", "mon", "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["targets"] == {"torchserve": f"127.0.0.1:{target.opts.ports['metrics']}"}
+    port = free_ports(("prometheus",))["prometheus"]
+    server = subprocess.Popen([binary, f"--config.file={config}",
+                               f"--web.listen-address=127.0.0.1:{port}",
+                               f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        headers = {"Authorization": f"Bearer {target.client().token('inference')}"}
+        base = f"{target.running().url('inference')}/predictions/mon"
+        good = [(IMAGE, "image/png")]
+        mixed = good * 3 + [(b"not an image", "image/png")]  # a quarter of 2.0's requests are bad
+        loads = [threading.Thread(target=run_load, args=(url, payloads),
+                                  kwargs={"concurrency": 2, "duration_s": 8, "headers": headers})
+                 for url, payloads in ((base, good), (f"{base}/2.0", mixed))]
+        for t in loads:
+            t.start()
+        for t in loads:
+            t.join()
+        time.sleep(3)  # the last scrapes
+        q = queries("mon", window="30s")
+        errors = query(port, q["error_ratio"])
+        assert errors["1.0"] == 0.0
+        assert errors["2.0"] == pytest.approx(0.25, abs=0.05)
+        p99 = query(port, q["inference_p99_s"])
+        assert set(p99) == {"1.0", "2.0"} and all(0 < v < 1 and not math.isnan(v)
+                                                   for v in p99.values())
+        rates = query(port, q["requests_per_s"])
+        assert rates["1.0"] > 10 and rates["2.0"] > 10
+        bad = requests.get(f"http://127.0.0.1:{port}/api/v1/query",
+                           params={"query": q["bad_requests_per_s"]}, timeout=10).json()
+        reasons = {(r["metric"]["ModelVersion"], r["metric"]["Reason"])
+                   for r in bad["data"]["result"]}
+        assert reasons == {("2.0", "invalid_input")}
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
