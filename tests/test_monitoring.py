@@ -106,3 +106,48 @@ def test_prometheus_reads_p99_and_error_ratio_per_version(two_versions, tmp_path
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_top_interpolates_quantiles_as_prometheus_does():
+    from servetool.top import quantile
+
+    before = {0.005: 10.0, 0.01: 10.0, float("inf"): 10.0}
+    after = {0.005: 60.0, 0.01: 110.0, float("inf"): 110.0}  # 50 new in each bucket
+    assert quantile(0.5, before, after) == pytest.approx(0.005)
+    assert quantile(0.99, before, after) == pytest.approx(0.005 + 0.005 * 49 / 50)
+    assert quantile(0.99, after, after) is None  # nothing new: no figure, not zero
+    beyond = {0.005: 0.0, 0.01: 0.0, float("inf"): 5.0}
+    assert quantile(0.5, {}, beyond) == 0.01  # past the last bound: its edge is all we know
+
+
+def test_top_shows_each_version_live(two_versions):
+    target = two_versions
+    headers = {"Authorization": f"Bearer {target.client().token('inference')}"}
+    base = f"{target.running().url('inference')}/predictions/mon"
+    mixed = [(IMAGE, "image/png")] * 3 + [(b"not an image", "image/png")]
+    stop = threading.Event()
+    loads = [threading.Thread(target=run_load, args=(url, payloads),
+                              kwargs={"concurrency": 2, "duration_s": None, "stop": stop,
+                                      "headers": headers})
+             for url, payloads in ((base, [(IMAGE, "image/png")]), (f"{base}/2.0", mixed))]
+    for t in loads:
+        t.start()
+    try:
+        time.sleep(1)
+        cli = str(Path(sys.executable).with_name("servetool"))
+        proc = subprocess.run([cli, "top", "--once", "--json", "--interval", "4", "--run-dir",
+                               str(target.opts.run_dir), "--model-store",
+                               str(target.opts.model_store)],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        stop.set()
+        for t in loads:
+            t.join()
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["version"]: r for r in json.loads(proc.stdout)["rows"] if r["model"] == "mon"}
+    assert rows["1.0"]["default"] and not rows["2.0"]["default"]
+    assert rows["1.0"]["error_ratio"] == 0 and rows["2.0"]["error_ratio"] == pytest.approx(0.25, abs=0.07)
+    for row in rows.values():
+        assert row["requests_per_s"] > 10 and row["workers_ready"] == 1
+        assert 0 < row["inference_p50_ms"] <= row["inference_p99_ms"] < 1000
+        assert row["mean_batch"] >= 1

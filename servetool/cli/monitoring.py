@@ -54,3 +54,43 @@ def monitor(prometheus_file: Path | None, scrape_interval: float, model: str | N
         result["queries"] = monitoring.queries(model)
         lines += [f"{name}: {query}" for name, query in result["queries"].items()]
     emit(result, as_json, "\n".join(lines))
+
+
+@main.command()
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.5), default=2.0,
+              show_default=True, help="Seconds between refreshes (and the window of each figure).")
+@click.option("--once", is_flag=True, help="One window, printed once (with --json: for scripts).")
+@server_options
+@json_option
+@friendly_errors
+def top(interval_s: float, once: bool, run_dir: Path, model_store: Path, target: str,
+        as_json: bool) -> None:
+    """A live view per model and version: requests/s, error ratio, p50/p99 of inference, mean
+    batch, handler time and READY workers (`*` marks the default). Ctrl-C ends it."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from servetool import top as view
+
+    tgt = make_target(run_dir, model_store, target)
+    status = tgt.status()
+    if not status["running"]:
+        raise ServetoolError(f"no {target} deployment is running from {run_dir}: `servetool "
+                             "deploy` first")
+    url = status["endpoints"]["metrics"]
+    title = f"servetool top: {url} (every {interval_s:g} s; * = default)"
+    if once:
+        rows, _ = view.sample(url, tgt.status, interval_s)
+        if as_json:
+            emit({"interval_s": interval_s, "rows": rows}, True, "")
+        else:
+            Console().print(view.table(rows, title))
+        return
+    before = view.read_metrics(url)
+    try:
+        with Live(view.table([], title), refresh_per_second=4) as live:
+            while True:
+                rows, before = view.sample(url, tgt.status, interval_s, before)
+                live.update(view.table(rows, title))
+    except KeyboardInterrupt:
+        pass
