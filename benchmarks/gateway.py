@@ -42,6 +42,29 @@ def load(url: str, samples: Path, key: str, clients: int, seconds: float) -> dic
     return result.summary()
 
 
+def start_gateway(run: Path, keys: Path) -> tuple[subprocess.Popen, str, str]:
+    """servetool's Python gateway (as each pod runs it) in front of the local server of `run`:
+    (its process, its base URL, the key it accepts), once it answers ready."""
+    keys.mkdir()
+    shared_key = secrets.token_urlsafe(32)
+    (keys / "inference-key").write_text(shared_key)
+    port = free_ports(("gateway",))["gateway"]
+    env = {**os.environ, "SERVETOOL_TS_CONFIG": str(run / "config.properties"),
+           "SERVETOOL_WORK_DIR": str(run), "SERVETOOL_GATEWAY_KEYS": str(keys),
+           "SERVETOOL_GATEWAY_LISTEN": f"127.0.0.1:{port}"}
+    gateway = subprocess.Popen([sys.executable, str(ROOT / "servetool" / "pod.py"), "gateway"],
+                               env=env, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    return gateway, base, shared_key
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits")
@@ -57,25 +80,8 @@ def main() -> None:
                                            base_config=ROOT / "config.properties"))
         deployed = target.deploy([])
         direct_url = deployed["models"][0]["predictions_url"]
-        keys = Path(tmp) / "keys"
-        keys.mkdir()
-        shared_key = secrets.token_urlsafe(32)
-        (keys / "inference-key").write_text(shared_key)
-        port = free_ports(("gateway",))["gateway"]
-        env = {**os.environ, "SERVETOOL_TS_CONFIG": str(run / "config.properties"),
-               "SERVETOOL_WORK_DIR": str(run), "SERVETOOL_GATEWAY_KEYS": str(keys),
-               "SERVETOOL_GATEWAY_LISTEN": f"127.0.0.1:{port}"}
-        gateway = subprocess.Popen([sys.executable, str(ROOT / "servetool" / "pod.py"), "gateway"],
-                                   env=env, stderr=subprocess.DEVNULL)
+        gateway, gateway_base, shared_key = start_gateway(run, Path(tmp) / "keys")
         try:
-            gateway_base = f"http://127.0.0.1:{port}"
-            for _ in range(100):
-                try:
-                    if requests.get(f"{gateway_base}/readyz", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                time.sleep(0.1)
             via_url = f"{gateway_base}/predictions/{deployed['models'][0]['name']}"
             direct_key = target.client().token("inference")
             samples = model_dir / "samples"

@@ -41,14 +41,17 @@ if [ "${1:-}" = "--test" ]; then
   else
     say "not root: the tests marked docker need dockerd and debootstrap (apt-get install docker.io debootstrap)"
   fi
-  # A real Prometheus for the monitoring test (its server is not started as a service here).
-  if ! command -v prometheus >/dev/null 2>&1; then
+  # A real Prometheus for the monitoring test and HAProxy for the canary split (neither is
+  # started as a service here).
+  missing=""
+  for tool in prometheus haproxy; do command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"; done
+  if [ -n "$missing" ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-      say "installing prometheus with apt (the monitoring test)"
-      { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 ||
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }
+      say "installing$missing with apt (the monitoring and canary tests)"
+      { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null 2>&1 ||
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null; }; }
     else
-      say "not root: the monitoring test needs prometheus (apt-get install prometheus)"
+      say "not root: the monitoring and canary tests need:$missing (apt-get install$missing)"
     fi
   fi
 fi

@@ -212,7 +212,7 @@ class Lifecycle:
 
     # --- changing --------------------------------------------------------------------------------
     def install(self, path: Path, *, origin: str | None = None, keep: int | None = None,
-                timeout_s: float = 300) -> dict[str, Any]:
+                timeout_s: float = 300, make_default: bool = True) -> dict[str, Any]:
         """Register an archive's version and make it the default (unless it is already serving
         these very bytes): register, smoke-test, set default, unload what the policy drops.
         A version that fails any step is unregistered again and never becomes the default."""
@@ -251,8 +251,11 @@ class Lifecycle:
                 del model["versions"][version]
                 self._drop(name, version)
                 raise
-            self._make_default(model, name, version)
-            self._prune(model, name)
+            if make_default or not loaded:  # a model's first version is its default anyway
+                self._make_default(model, name, version)
+                self._prune(model, name)
+            else:
+                action = "loaded"  # beside the default, for a canary or a promote later
         return self._result(name, version, action, file, timeout_s)
 
     def restore(self, timeout_s: float = 300) -> list[dict[str, Any]]:
@@ -439,7 +442,9 @@ class Lifecycle:
             self.say(f"{name}: default is {version} (was {previous})")
 
     def _prune(self, model: dict[str, Any], name: str) -> None:
-        """Unload the loaded versions beyond the policy: it keeps the last `keep` defaults."""
+        """Unload the loaded versions beyond the policy: it keeps the last `keep` defaults. A
+        version loaded beside the default that never was one (`deploy --no-promote`, a canary's
+        candidate) is not the policy's to unload."""
         keep: list[str] = []
         for version in reversed(model["history"]):
             if version not in keep:
@@ -447,7 +452,7 @@ class Lifecycle:
         keep = keep[:max(1, int(model.get("keep") or DEFAULT_KEEP))]
         loaded = self.registered(name)
         for version in loaded:
-            if version not in keep and version != model["default"]:
+            if version in model["history"] and version not in keep and version != model["default"]:
                 self.say(f"{name} {version}: unloading (the policy keeps {', '.join(keep)})")
                 self._unregister(model, name, version, list(loaded))
                 entry = model["versions"].pop(version, None)

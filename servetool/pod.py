@@ -366,6 +366,10 @@ def exec_with_front(command: list[str]) -> None:
     if port == 0:  # TorchServe's own management socket: in a folder for this user only
         Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         start_front()
+    split_config = os.environ.get("SERVETOOL_SPLIT_CONFIG")
+    if split_config:  # the canary split in front of the inference port (servetool/split.py)
+        subprocess.Popen([os.environ.get("SERVETOOL_HAPROXY", "haproxy"), "-W", "-db", "-f",
+                          split_config], stdin=subprocess.DEVNULL)
     os.execvp(command[0], command)
 
 

@@ -84,6 +84,12 @@ def figures(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any
                 value = quantile(q, a, b)
                 row[f"inference_p{int(q * 100)}_ms"] = round(value * 1000, 2) \
                     if value is not None else None
+        observed = after["counts"].get((key, "inference_seconds"), 0) - \
+            before["counts"].get((key, "inference_seconds"), 0)
+        spent = after["sums"].get((key, "inference_seconds"), 0) - \
+            before["sums"].get((key, "inference_seconds"), 0)
+        # exact, where the frontend's fixed buckets (5 ms the first) blur a fast model's p99
+        row["inference_mean_ms"] = round(spent / observed * 1000, 3) if observed else None
         batches = after["counts"].get((key, "batch_size"), 0) - \
             before["counts"].get((key, "batch_size"), 0)
         rows_in = after["sums"].get((key, "batch_size"), 0) - \

@@ -59,6 +59,7 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
     front: bool = False  # management through servetool's front (front_key.json beside the keys)
     jvm_pid: int | None = None  # recorded once the server is healthy
+    split_metrics_port: int | None = None  # HAProxy's exporter, when the split fronts inference
 
     def url(self, api: str) -> str:
         return f"http://{_url_host(self.host)}:{self.ports[api]}"
@@ -86,6 +87,8 @@ class ServerOptions:
     startup_timeout_s: float = 90.0
     # the largest request and answer of the models served (max_request_size, max_response_size)
     sizes: tuple[int | None, int | None] = (None, None)
+    # HAProxy on the inference port in front of TorchServe, for canary splits (servetool/split.py)
+    split: bool = False
 
 
 def _url_host(host: str) -> str:
@@ -328,7 +331,23 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
         if port_in_use(opts.host, port):
             raise ServerError(f"port {port} on {opts.host} ({api} API) is already in use by another "
                               f"program; pick another with --{api.replace('_', '-')}-port")
-    config_file = render_config(opts)
+    split_env, split_metrics = {}, None
+    if opts.split:  # TorchServe on a loopback port of its own; HAProxy takes the inference port
+        from servetool import split
+
+        inner = free_ports(("upstream", "split_metrics"))
+        split_metrics = inner["split_metrics"]
+        upstream = opts.host if opts.host not in ("0.0.0.0", "::", "localhost") else "127.0.0.1"
+        split_config = split.render(split.SplitOptions(
+            opts.run_dir, (opts.host, opts.ports["inference"]), (upstream, inner["upstream"]),
+            ("127.0.0.1", split_metrics)))
+        split.check_config(split_config)
+        split_env = {"SERVETOOL_SPLIT_CONFIG": str(split_config),
+                     "SERVETOOL_HAPROXY": split.haproxy_binary()}
+        config_file = render_config(replace(opts, ports={**opts.ports,
+                                                         "inference": inner["upstream"]}))
+    else:
+        config_file = render_config(opts)
     run_dir = opts.run_dir
     logs, tmp = run_dir / "logs", run_dir / "tmp"
     for stale in (logs, tmp):
@@ -339,7 +358,8 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
     env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(logs),
            "METRICS_LOCATION": str(logs), "SERVETOOL_WORK_DIR": str(run_dir),
            "SERVETOOL_TS_CONFIG": str(config_file),
-           "SERVETOOL_FRONT_LISTEN": f"{_url_host(opts.host)}:{opts.ports['management']}"}
+           "SERVETOOL_FRONT_LISTEN": f"{_url_host(opts.host)}:{opts.ports['management']}",
+           **split_env}
     # pod.py exec starts servetool's management front, then becomes TorchServe's launcher: one
     # process group holds the launcher, the JVM, its workers and the front.
     cmd = [sys.executable, pod.__file__, "exec", torchserve_command(), "--start", "--foreground",
@@ -351,7 +371,8 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
                                 start_new_session=True)  # own process group: stop kills it whole
     state = ServerState(run_dir=str(run_dir), pid=proc.pid, host=opts.host, ports=dict(opts.ports),
                         model_store=str(opts.model_store.resolve()),
-                        token_auth=token_auth_enabled(config_file), front=True)
+                        token_auth=token_auth_enabled(config_file), front=True,
+                        split_metrics_port=split_metrics)
     (run_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     try:
         wait_healthy(state, opts.startup_timeout_s, proc)

@@ -179,3 +179,21 @@ def _which(name: str) -> bool:
     import shutil
 
     return shutil.which(name) is not None
+
+
+@pytest.fixture(scope="session")
+def two_versions(tmp_path_factory, model_store):
+    """A server with model `mon` in versions 1.0 (the default) and 2.0, both loaded (one worker
+    each): the monitoring and canary tests read and split them."""
+    from servetool.lifecycle import Lifecycle
+    from tests.test_lifecycle import rewrite_archive
+
+    store = tmp_path_factory.mktemp("mon-store")
+    v1 = rewrite_archive(model_store / "digits_ts.mar", store / "mon.mar", name="mon")
+    target = LocalTarget(server_options(tmp_path_factory.mktemp("mon-run"), store))
+    target.deploy(["mon"])
+    life = Lifecycle(target)
+    life.install(rewrite_archive(v1, tmp_path_factory.mktemp("v2") / "mon.mar", version="2.0"))
+    life.promote("mon", "1.0")
+    yield target
+    target.down()

@@ -17,12 +17,9 @@ import pytest
 import requests
 
 from servetool.bench.serve import run_load
-from servetool.lifecycle import Lifecycle
 from servetool.monitor import queries
-from servetool.targets.local import LocalTarget
 from servetool.torchserve import free_ports
-from tests.conftest import server_options
-from tests.test_lifecycle import IMAGE, rewrite_archive
+from tests.test_lifecycle import IMAGE
 
 CI = os.environ.get("SERVETOOL_CI") == "1"
 
@@ -35,20 +32,6 @@ def prometheus_binary() -> str:
                         "installs it")
         pytest.skip("prometheus is not installed (apt-get install prometheus)")
     return found
-
-
-@pytest.fixture(scope="module")
-def two_versions(tmp_path_factory, model_store):
-    """Model `mon` in versions 1.0 (the default) and 2.0, both loaded."""
-    store = tmp_path_factory.mktemp("mon-store")
-    v1 = rewrite_archive(model_store / "digits_ts.mar", store / "mon.mar", name="mon")
-    target = LocalTarget(server_options(tmp_path_factory.mktemp("mon-run"), store))
-    target.deploy(["mon"])
-    life = Lifecycle(target)
-    life.install(rewrite_archive(v1, tmp_path_factory.mktemp("v2") / "mon.mar", version="2.0"))
-    life.promote("mon", "1.0")
-    yield target
-    target.down()
 
 
 def query(port: int, promql: str) -> dict[str, float]:

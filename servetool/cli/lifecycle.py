@@ -161,3 +161,71 @@ def watch(source: str, endpoint_url: str | None, interval_s: float | None,
     except KeyboardInterrupt:
         pass
     progress("watcher stopped")
+
+
+def _steps(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give percentages like 10,25,50,100") from None
+    if not steps or steps[-1] != 100 or any(not 0 < s <= 100 for s in steps) or \
+            list(steps) != sorted(steps):
+        raise click.BadParameter(f"{text!r}: rising percentages that end at 100")
+    return steps
+
+
+@main.command()
+@click.argument("model")
+@click.argument("version", required=False)
+@click.option("--weight", type=click.IntRange(0, 100), default=None,
+              help="Send this percentage of MODEL's traffic to VERSION (0: none), and stay there.")
+@click.option("--auto", "auto", is_flag=True,
+              help="Step the weight up while VERSION behaves like the default; promote it at the "
+                   "end, or roll back at the first breach (runs in the foreground).")
+@click.option("--steps", default="10,25,50,100", show_default=True,
+              help="--auto: the weights, in percent, ending at 100.")
+@click.option("--interval", "interval_s", type=click.FloatRange(min=1), default=30.0,
+              show_default=True, help="--auto: seconds of each judgement window.")
+@click.option("--max-error-increase", type=click.FloatRange(min=0), default=0.01,
+              show_default=True, help="--auto: how much the candidate's error ratio may exceed "
+                                      "the default's (0.01 = one point).")
+@click.option("--max-p99-ratio", type=click.FloatRange(min=1), default=1.5, show_default=True,
+              help="--auto: the candidate's p99 inference time over the default's, at most.")
+@click.option("--min-requests", type=click.IntRange(min=1), default=50, show_default=True,
+              help="--auto: requests the candidate must answer in a step before it is judged.")
+@click.option("--abort", is_flag=True, help="Send MODEL's traffic back to the default.")
+@server_options
+@json_option
+@friendly_errors
+def canary(model: str, version: str | None, weight: int | None, auto: bool, steps: str,
+           interval_s: float, max_error_increase: float, max_p99_ratio: float, min_requests: int,
+           abort: bool, run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
+    """Release VERSION of MODEL to a share of its traffic (`deploy --split` puts HAProxy in front
+    of TorchServe for this). Requests that name a version are never split. Without VERSION:
+    where MODEL's canary stands."""
+    from servetool.canary import Bounds, Canary, read_state
+
+    check_model_args(model, version)
+    tgt = make_target(run_dir, model_store, target)
+    if not (abort or auto or weight is not None):
+        state = read_state(Path(tgt.require_running().run_dir))
+        if not state or state.get("model") != model:
+            raise ServetoolError(f"no canary of {model} (start one: servetool canary {model} "
+                                 "VERSION --weight 10 | --auto)")
+        emit(state, as_json, f"{model}: {state['weight']}% to {state['candidate']}, "
+             f"{state['status']}" + (f": {state['reason']}" if state.get("reason") else ""))
+        return
+    ctl = Canary(tgt, progress)
+    if abort:
+        result = ctl.abort(model)
+    elif version is None:
+        raise ServetoolError("give the VERSION to send traffic to")
+    elif auto:
+        result = ctl.run(model, version, _steps(steps), interval_s,
+                         Bounds(max_error_increase, max_p99_ratio, min_requests))
+    else:
+        result = ctl.set_weight(model, version, weight)
+    emit(result, as_json, f"{model}: {result['weight']}% to {result['candidate']}, "
+         f"{result['status']}" + (f": {result['reason']}" if result.get("reason") else ""))
+    if result["status"] == "rolled_back":
+        raise SystemExit(1)

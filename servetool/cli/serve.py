@@ -54,6 +54,12 @@ from servetool.torchserve import DEFAULT_PORTS
               show_default=True)
 @click.option("--timeout", type=float, default=300, show_default=True,
               help="Seconds to wait for the server and for each model's workers.")
+@click.option("--no-promote", is_flag=True,
+              help="Load new versions beside the default without making them the default (for "
+                   "`servetool canary` or `promote` later).")
+@click.option("--split", "with_split", is_flag=True,
+              help="local: HAProxy on the inference port in front of TorchServe, so that "
+                   "`servetool canary` can split a model's traffic between versions.")
 @click.option("--restart-on-crash", is_flag=True,
               help="Bring a crashed server back with every model, version and worker count: "
                    "local: a supervisor process; docker: a restart policy (TorchServe restores "
@@ -108,8 +114,8 @@ from servetool.torchserve import DEFAULT_PORTS
 def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Path,
            base_config: Path | None, host: str, inference_port: int, management_port: int,
            metrics_port: int, grpc_inference_port: int, grpc_management_port: int,
-           timeout: float, restart_on_crash: bool, base_image: str | None, network: str,
-           mount_models: bool,
+           timeout: float, no_promote: bool, with_split: bool, restart_on_crash: bool,
+           base_image: str | None, network: str, mount_models: bool,
            mount_config: bool, image_tag: str | None, container_name: str, docker_cpus: float | None,
            docker_memory: str | None, ca_certs: tuple[Path, ...], kubeconfig: Path | None,
            kube_context: str | None, namespace: str,
@@ -160,10 +166,14 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
                          ca_certs=list(ca_certs) or None),
             network=network, container_name=container_name, publish_host=host,
             cpus=docker_cpus, memory_limit=docker_memory, restart_on_crash=restart_on_crash)
+    if with_split and target != "local":
+        raise ServetoolError("--split (the canary's HAProxy front) is built for the local target "
+                             "so far; docker and kubernetes follow (issue 14)")
     tgt = make_target(run_dir, model_store, target, docker_opts, base_config=base_config,
-                      host=host, ports=ports, startup_timeout_s=timeout)
+                      host=host, ports=ports, startup_timeout_s=timeout, split=with_split)
     if keep is not None:
         tgt.keep = keep
+    tgt.promote = not no_promote
     result = tgt.deploy(models, timeout_s=timeout)
     if restart_on_crash and target == "local":
         result["supervisor_pid"] = tgt.supervise()

@@ -50,6 +50,7 @@ class LocalTarget:
     name = "local"
     pins_archives = True  # each version's archive keeps its own file in the model store
     keep: int | None = None  # the keep policy deploy sets for the models it installs
+    promote: bool = True  # False: deploy loads new versions beside the default (for a canary)
 
     def __init__(self, opts: torchserve.ServerOptions,
                  progress: Callable[[str], None] = lambda _: None) -> None:
@@ -131,7 +132,8 @@ class LocalTarget:
         for path in self.newest_per_model(archives):
             if not names and self._behind_default(path, record):
                 continue
-            result = life.install(path, keep=self.keep, timeout_s=timeout_s)
+            result = life.install(path, keep=self.keep, timeout_s=timeout_s,
+                                  make_default=self.promote)
             results.setdefault((result["name"], result["version"]), result)
         return {
             "target": self.name,
@@ -253,7 +255,9 @@ class LocalTarget:
         return {"target": self.name, "running": True, "state": cond, "run_dir": state.run_dir,
                 "pid": state.pid, "endpoints": endpoints(state), "token_auth": state.token_auth,
                 "supervised": supervisor_pid(self.opts.run_dir) is not None, "models": models,
-                "watcher": watcher_status(self.opts.run_dir)}
+                "watcher": watcher_status(self.opts.run_dir),
+                "split": bool(state.split_metrics_port),
+                "canary": canary_state(Path(state.run_dir))}
 
 
 def default_workers() -> int:
@@ -288,3 +292,9 @@ def watcher_status(run_dir: Path) -> dict[str, Any] | None:
     from servetool import watch
 
     return watch.describe(run_dir.resolve())
+
+
+def canary_state(run_dir: Path) -> dict[str, Any] | None:
+    from servetool.canary import read_state
+
+    return read_state(run_dir)

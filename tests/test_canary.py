@@ -1,0 +1,163 @@
+"""Canary releases through HAProxy in front of a real TorchServe (`deploy --split`), under load
+from the project's load generator: the split itself, and the automatic decisions both ways."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from servetool import split
+from servetool.bench.serve import run_load
+from servetool.canary import Bounds, Canary, CanaryError, judge
+from servetool.lifecycle import Lifecycle
+from servetool.targets.local import LocalTarget
+from tests.conftest import server_options
+from tests.test_lifecycle import IMAGE, rewrite_archive
+
+pytestmark = pytest.mark.skipif(split.shutil.which("haproxy") is None and
+                                not __import__("os").environ.get("SERVETOOL_CI"),
+                                reason="haproxy is not installed (apt-get install haproxy)")
+
+
+def big_image() -> bytes:
+    """The same digit at 32x32: 1,024 pixels, which version 3.0 (max_pixels 450) refuses."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(IMAGE)).resize((32, 32)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def slow_copy(src: Path, dst: Path, version: str, seconds: float) -> Path:
+    """An archive whose model takes `seconds` longer per batch (a slower build of the model)."""
+    rewrite_archive(src, dst.with_suffix(".tmp"), version=version)
+    marker = b"        good = [i for i, item in enumerate(items) if not isinstance(item, RequestError)]\n"
+    with zipfile.ZipFile(dst.with_suffix(".tmp")) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "entry.py":
+                assert marker in data
+                data = data.replace(marker, f"        time.sleep({seconds})\n".encode() + marker)
+            zout.writestr(item, data)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def fronted(tmp_path_factory, model_store):
+    """A `deploy --split` server with model `can` 1.0 (default), and 2.0 (good), 3.0 (refuses big
+    images) and 4.0 (slow) loaded beside it."""
+    store = tmp_path_factory.mktemp("can-store")
+    built = tmp_path_factory.mktemp("can-built")
+    # ONNX Runtime (one worker): TorchScript re-profiles each new batch size, which blurs timings
+    v1 = rewrite_archive(model_store / "digits_fp16.mar", store / "can.mar", name="can")
+    opts = dataclasses.replace(server_options(tmp_path_factory.mktemp("can-run"), store), split=True)
+    target = LocalTarget(opts)
+    target.deploy(["can"])
+    life = Lifecycle(target)
+    for version, archive in (
+            ("2.0", rewrite_archive(v1, built / "2" / "can.mar", version="2.0")),
+            ("3.0", rewrite_archive(v1, built / "3" / "can.mar", version="3.0", max_pixels=450)),
+            ("4.0", slow_copy(v1, built / "4" / "can.mar", "4.0", 0.005))):
+        assert life.install(archive, make_default=False)["action"] == "loaded", version
+    yield target
+    target.down()
+
+
+@contextlib.contextmanager
+def load(target: LocalTarget, payloads, concurrency: int = 3):
+    stop = threading.Event()
+    box: dict = {"begun": time.perf_counter()}
+    url = f"{target.running().url('inference')}/predictions/can"
+    headers = {"Authorization": f"Bearer {target.client().token('inference')}"}
+    thread = threading.Thread(target=lambda: box.setdefault("result", run_load(
+        url, payloads, concurrency=concurrency, duration_s=None, stop=stop, headers=headers)))
+    thread.start()
+    try:
+        yield box
+    finally:
+        stop.set()
+        thread.join()
+
+
+def versions_seen(target: LocalTarget, n: int, path: str = "can") -> dict[str, int]:
+    session = requests.Session()
+    headers = {"Authorization": f"Bearer {target.client().token('inference')}"}
+    seen: dict[str, int] = {}
+    for _ in range(n):
+        reply = session.post(f"{target.running().url('inference')}/predictions/{path}",
+                             data=IMAGE, headers=headers, timeout=30)
+        assert reply.status_code == 200, reply.text
+        version = reply.headers["X-Model-Version"]
+        seen[version] = seen.get(version, 0) + 1
+    return seen
+
+
+def test_judge_waits_for_evidence_then_compares_with_the_default():
+    bounds = Bounds(max_error_increase=0.01, max_p99_ratio=1.5, min_requests=50)
+    base = {"requests": 500, "error_ratio": 0.0, "inference_p99_ms": 4.9, "inference_mean_ms": 0.4}
+    assert judge(base, {"requests": 12}, bounds)[0] == "wait"
+    assert "12 of the 50" in judge(base, {"requests": 12}, bounds)[1]
+    good = {"requests": 60, "error_ratio": 0.005, "inference_p99_ms": 4.9, "inference_mean_ms": 0.5}
+    assert judge(base, good, bounds)[0] == "pass"
+    verdict, why = judge(base, {**good, "error_ratio": 0.25}, bounds)
+    assert verdict == "breach" and "error ratio 25.0%" in why
+    verdict, why = judge(base, {**good, "inference_mean_ms": 2.5}, bounds)
+    assert verdict == "breach" and "mean inference time 2.50 ms" in why
+
+
+def test_the_split_sends_the_weight_and_never_a_named_version(fronted):
+    ctl = Canary(fronted)
+    state = ctl.set_weight("can", "2.0", 30)
+    assert (state["weight"], state["default"]) == (30, "1.0")
+    seen = versions_seen(fronted, 300)
+    assert set(seen) == {"1.0", "2.0"}
+    assert 0.30 - 0.09 < seen["2.0"] / 300 < 0.30 + 0.09  # 3.5 sigma of a binomial share
+    assert versions_seen(fronted, 30, "can/1.0") == {"1.0": 30}  # a named version: no split
+    assert fronted.status()["canary"]["weight"] == 30 and fronted.status()["split"] is True
+    ctl.abort("can")
+    assert versions_seen(fronted, 50) == {"1.0": 50}
+    with pytest.raises(CanaryError, match="already the default"):
+        ctl.set_weight("can", "1.0", 10)
+    metrics = requests.get(f"http://127.0.0.1:{fronted.running().split_metrics_port}/metrics",
+                           timeout=5).text
+    assert 'haproxy_backend_http_responses_total{proxy="canary",code="2xx"}' in metrics
+
+
+def test_a_good_version_is_promoted_automatically(fronted):
+    log: list[str] = []
+    with load(fronted, [(IMAGE, "image/png")]) as box:
+        state = Canary(fronted, log.append).run("can", "2.0", steps=(25, 100), interval_s=3,
+                                                bounds=Bounds(min_requests=30))
+    assert state["status"] == "promoted", (state, log)
+    assert Lifecycle(fronted).server_default("can") == "2.0"
+    result = box["result"]
+    assert (result.errors, result.lost) == ({}, 0) and {"1.0", "2.0"} <= {s.version for s in
+                                                                          result.samples}
+
+
+@pytest.mark.parametrize("bad, reason", [("3.0", "error ratio"), ("4.0", "inference time")])
+def test_a_bad_version_is_rolled_back_automatically(fronted, bad, reason):
+    """3.0 refuses a quarter of the inputs (big images), 4.0 is several times slower: each is
+    rolled back at its first step; failures stay within its share, and none after."""
+    payloads = [(IMAGE, "image/png")] * 3 + [(big_image(), "image/png")]
+    log: list[str] = []
+    with load(fronted, payloads) as box:
+        state = Canary(fronted, log.append).run("can", bad, steps=(20, 100), interval_s=3,
+                                                bounds=Bounds(min_requests=30))
+        rolled_back = time.perf_counter() - box["begun"]
+        time.sleep(2)
+    assert state["status"] == "rolled_back" and reason in state["reason"], (state, log)
+    assert state["weight"] == 0 and Lifecycle(fronted).server_default("can") == "2.0"
+    samples = box["result"].samples
+    failed = [s for s in samples if s.status != 200]
+    assert all(s.version == bad for s in failed)  # only the candidate ever failed
+    assert len(failed) <= 0.2 * 0.25 * len(samples) * 2 + 5  # its share, at most
+    assert not [s for s in failed if s.start_s > rolled_back + 0.5]  # none after the rollback
+    assert versions_seen(fronted, 30) == {"2.0": 30}
