@@ -21,13 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gateway import load, start_gateway  # noqa: E402
+from benchmarks.gateway import deploy_scratch, load, start_gateway  # noqa: E402
 from servetool import split  # noqa: E402
 from servetool.lifecycle import Lifecycle  # noqa: E402
-from servetool.package import package  # noqa: E402
-from servetool.spec import load_spec  # noqa: E402
-from servetool.targets.local import LocalTarget  # noqa: E402
-from servetool.torchserve import ServerOptions, free_ports  # noqa: E402
+from servetool.torchserve import free_ports  # noqa: E402
 from tests.test_lifecycle import rewrite_archive  # noqa: E402
 
 
@@ -51,12 +48,8 @@ def main() -> None:
     rows: dict[str, list[dict]] = {"direct": [], "haproxy-split": [], "python-gateway": []}
     cpu: dict[str, list[float]] = {"haproxy-split": [], "python-gateway": []}
     with tempfile.TemporaryDirectory() as tmp:
-        store, run = Path(tmp) / "store", Path(tmp) / "run"
-        print(f"... packaging {args.model}", file=sys.stderr)
-        package(load_spec(model_dir), store)
-        target = LocalTarget(ServerOptions(run_dir=run, model_store=store, ports=free_ports(),
-                                           base_config=ROOT / "config.properties"))
-        deployed = target.deploy([])
+        target, deployed = deploy_scratch(model_dir, Path(tmp))
+        store, run = target.opts.model_store, target.opts.run_dir
         name = deployed["models"][0]["name"]
         life = Lifecycle(target)
         life.install(rewrite_archive(store / f"{name}.mar", Path(tmp) / "v2" / f"{name}.mar",

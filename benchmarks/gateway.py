@@ -42,6 +42,16 @@ def load(url: str, samples: Path, key: str, clients: int, seconds: float) -> dic
     return result.summary()
 
 
+def deploy_scratch(model_dir: Path, tmp: Path) -> tuple[LocalTarget, dict]:
+    """model_dir packaged into tmp/store and deployed locally on free ports (run folder tmp/run)."""
+    store, run = tmp / "store", tmp / "run"
+    print(f"... packaging {model_dir.name}", file=sys.stderr)
+    package(load_spec(model_dir), store)
+    target = LocalTarget(ServerOptions(run_dir=run, model_store=store, ports=free_ports(),
+                                       base_config=ROOT / "config.properties"))
+    return target, target.deploy([])
+
+
 def start_gateway(run: Path, keys: Path) -> tuple[subprocess.Popen, str, str]:
     """servetool's Python gateway (as each pod runs it) in front of the local server of `run`:
     (its process, its base URL, the key it accepts), once it answers ready."""
@@ -73,12 +83,8 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = ROOT / "models" / args.model
     with tempfile.TemporaryDirectory() as tmp:
-        store, run = Path(tmp) / "store", Path(tmp) / "run"
-        print(f"... packaging {args.model}", file=sys.stderr)
-        package(load_spec(model_dir), store)
-        target = LocalTarget(ServerOptions(run_dir=run, model_store=store, ports=free_ports(),
-                                           base_config=ROOT / "config.properties"))
-        deployed = target.deploy([])
+        target, deployed = deploy_scratch(model_dir, Path(tmp))
+        run = target.opts.run_dir
         direct_url = deployed["models"][0]["predictions_url"]
         gateway, gateway_base, shared_key = start_gateway(run, Path(tmp) / "keys")
         try:

@@ -391,6 +391,11 @@ def status(run_dir: Path, model_store: Path, target: str, kubeconfig: Path | Non
     if not result["models"]:
         lines.append("  no models registered")
     lines += watcher_lines(result.get("watcher"))
+    if result.get("canary"):
+        c = result["canary"]
+        lines.append(f"Canary of {c['model']}: {c['weight']}% to {c['candidate']} (default "
+                     f"{c['default']}), {c['status']}" + (f": {c['reason']}" if c.get("reason")
+                                                           else ""))
     emit(result, as_json, "\n".join(lines))
 
 
