@@ -38,6 +38,8 @@ QUERIES = {
 def scrape_targets(status: dict[str, Any], run_dir: Path) -> dict[str, str]:
     """job -> host:port of what a running deployment exposes."""
     targets = {"torchserve": urlsplit(status["endpoints"]["metrics"]).netloc}
+    if status["endpoints"].get("split_metrics"):
+        targets["haproxy"] = urlsplit(status["endpoints"]["split_metrics"]).netloc
     watcher = watch.describe(run_dir.resolve())
     if watcher and watcher.get("running") and watcher.get("metrics"):
         targets["servetool-watch"] = urlsplit(watcher["metrics"]).netloc

@@ -161,3 +161,58 @@ def test_a_bad_version_is_rolled_back_automatically(fronted, bad, reason):
     assert len(failed) <= 0.2 * 0.25 * len(samples) * 2 + 5  # its share, at most
     assert not [s for s in failed if s.start_s > rolled_back + 0.5]  # none after the rollback
     assert versions_seen(fronted, 30) == {"2.0": 30}
+
+
+def test_every_dashboard_panel_reads_real_data_from_prometheus(fronted, tmp_path):
+    """The Grafana dashboard (Grafana's SDK model, round-tripped), provisioned by `servetool monitor
+    --grafana`, and each panel's PromQL run by a real Prometheus scraping this deployment during a
+    30% canary: every panel has data, and the canary share panel reads about 30%."""
+    import json
+    import subprocess
+    import sys
+
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    from servetool.dashboard import expressions
+    from servetool.torchserve import free_ports
+    from tests.test_monitoring import prometheus_binary, query
+
+    binary = prometheus_binary()
+    prom_port = free_ports(("prometheus",))["prometheus"]
+    cli = str(Path(sys.executable).with_name("servetool"))
+    proc = subprocess.run([cli, "monitor", "--run-dir", str(fronted.opts.run_dir), "--model-store",
+                           str(fronted.opts.model_store), "--prometheus-config",
+                           str(tmp_path / "prometheus.yml"), "--scrape-interval", "1", "--grafana",
+                           str(tmp_path / "grafana"), "--prometheus-url",
+                           f"http://127.0.0.1:{prom_port}", "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out["targets"]) == {"torchserve", "haproxy"}
+    board = json.loads(Path(out["grafana"]["dashboard"]).read_text())
+    assert Dashboard.from_json(board).uid == "servetool-models"
+    assert (tmp_path / "grafana/provisioning/datasources/servetool.yaml").is_file()
+    default = Lifecycle(fronted).server_default("can")
+    candidate = next(v for v in Lifecycle(fronted).registered("can") if v != default)
+    server = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                               f"--web.listen-address=127.0.0.1:{prom_port}",
+                               f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        Canary(fronted).set_weight("can", candidate, 30)
+        payloads = [(IMAGE, "image/png")] * 3 + [(b"not an image", "image/png")]
+        with load(fronted, payloads):
+            time.sleep(10)
+        time.sleep(2)
+        for title, expr in expressions("can", "30s").items():
+            result = query(prom_port, expr)
+            assert result, f"panel {title!r} has no data: {expr}"
+            # versions with no traffic in the window read NaN (0/0); the two serving ones do not
+            assert result.get(default, 0) == result.get(default, 0), title
+            assert any(v == v for v in result.values()), title
+        share = query(prom_port, expressions("can", "30s")["Canary share (observed at the split)"])
+        assert 0.15 < share[""] < 0.45, share
+    finally:
+        Canary(fronted).abort("can")
+        server.terminate()
+        server.wait(timeout=20)

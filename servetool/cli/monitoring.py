@@ -25,11 +25,16 @@ from servetool.errors import ServetoolError
 @click.option("--scrape-interval", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
               help="Seconds between scrapes in the written configuration.")
 @click.option("--model", default=None, help="Print the PromQL that reads MODEL's figures per version.")
+@click.option("--grafana", "grafana_dir", type=click.Path(path_type=Path), default=None,
+              help="Write a Grafana dashboard and its file provisioning into this folder.")
+@click.option("--prometheus-url", default="http://127.0.0.1:9090", show_default=True,
+              help="--grafana: where Grafana reaches the Prometheus that scrapes this deployment.")
 @server_options
 @json_option
 @friendly_errors
 def monitor(prometheus_file: Path | None, scrape_interval: float, model: str | None,
-            run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
+            grafana_dir: Path | None, prometheus_url: str, run_dir: Path, model_store: Path,
+            target: str, as_json: bool) -> None:
     """Monitoring for a running deployment: its Prometheus scrape targets (TorchServe's metrics
     port with servetool's per-version handler metrics, the watcher's), a configuration for them,
     and the queries for request rate, error ratio, p50/p99 and bad requests per version."""
@@ -49,6 +54,12 @@ def monitor(prometheus_file: Path | None, scrape_interval: float, model: str | N
         monitoring.write_prometheus_config(prometheus_file, config)
         result["prometheus_config"] = str(prometheus_file)
         lines.append(f"wrote {prometheus_file}: prometheus --config.file={prometheus_file}")
+    if grafana_dir:
+        from servetool.dashboard import provisioning
+
+        result["grafana"] = provisioning(prometheus_url, grafana_dir)
+        lines.append(f"wrote the dashboard {result['grafana']['dashboard']}; Grafana reads "
+                     f"{result['grafana']['provisioning']} as its provisioning folder")
     if model:
         check_model_args(model, None)
         result["queries"] = monitoring.queries(model)

@@ -270,8 +270,11 @@ def default_workers() -> int:
 
 
 def endpoints(state: torchserve.ServerState) -> dict[str, str]:
-    return {"inference": state.url("inference"), "management": state.url("management"),
-            "metrics": f"{state.url('metrics')}/metrics"}
+    found = {"inference": state.url("inference"), "management": state.url("management"),
+             "metrics": f"{state.url('metrics')}/metrics"}
+    if state.split_metrics_port:  # HAProxy's exporter, when the canary split fronts inference
+        found["split_metrics"] = f"http://127.0.0.1:{state.split_metrics_port}/metrics"
+    return found
 
 
 def supervisor_pid(run_dir: Path) -> int | None:
