@@ -41,6 +41,21 @@ class Bounds:
     max_error_increase: float = 0.01  # the candidate's error ratio minus the default's
     max_p99_ratio: float = 1.5  # the candidate's p99 inference time over the default's
     min_requests: int = 50  # answered by the candidate in a step before it is judged
+    # a slowdown smaller than this is noise, whatever its ratio (a 0.2 ms model reads 0.3 ms on
+    # a cold worker): 5x of 0.2 ms still exceeds it
+    min_slowdown_ms: float = 0.5
+
+
+ERROR_Z = 2.33  # one-sided, 99%
+
+
+def _standard_error(default: dict[str, Any], candidate: dict[str, Any]) -> float:
+    n_d, n_c = max(default.get("requests", 0), 0), max(candidate.get("requests", 0), 0)
+    if not n_d or not n_c:
+        return 0.0
+    pooled = ((default.get("error_ratio") or 0) * n_d + (candidate.get("error_ratio") or 0) * n_c) \
+        / (n_d + n_c)
+    return (pooled * (1 - pooled) * (1 / n_d + 1 / n_c)) ** 0.5
 
 
 def judge(default: dict[str, Any] | None, candidate: dict[str, Any] | None,
@@ -51,7 +66,11 @@ def judge(default: dict[str, Any] | None, candidate: dict[str, Any] | None,
         return "wait", f"{answered} of the {bounds.min_requests} requests a step needs"
     base_errors = (default or {}).get("error_ratio") or 0.0
     errors = candidate.get("error_ratio") or 0.0
-    if errors > base_errors + bounds.max_error_increase:
+    excess = errors - base_errors - bounds.max_error_increase
+    # Beyond the bound and beyond chance: two error ratios over a few hundred requests differ by a
+    # point or two at random, so the excess must be ERROR_Z standard errors (one-sided z-test of
+    # two proportions, pooled), which a clearly bad version reaches within the minimum requests.
+    if excess > 0 and excess > ERROR_Z * _standard_error(default or {}, candidate):
         return "breach", (f"error ratio {errors:.1%} against the default's {base_errors:.1%} "
                           f"(allowed: +{bounds.max_error_increase:.1%})")
     # p99 from the histograms, and the exact mean: TorchServe's fixed buckets (the first ends at
@@ -59,7 +78,8 @@ def judge(default: dict[str, Any] | None, candidate: dict[str, Any] | None,
     for figure, label in (("inference_p99_ms", "p99"), ("inference_mean_ms", "mean")):
         base = (default or {}).get(figure)
         value = candidate.get(figure)
-        if base and value and value > base * bounds.max_p99_ratio:
+        if base and value and value > base * bounds.max_p99_ratio and \
+                value - base > bounds.min_slowdown_ms:
             return "breach", (f"{label} inference time {value:.2f} ms against the default's "
                               f"{base:.2f} ms (allowed: x{bounds.max_p99_ratio:g})")
     base_p99, p99 = (default or {}).get("inference_p99_ms"), candidate.get("inference_p99_ms")
@@ -124,6 +144,7 @@ class Canary:
         """Step the weight up, judging each step; promote or roll back. Returns the final state."""
         bounds = bounds or Bounds()
         default = self._check(model, version)
+        self.baseline: dict[str, Any] | None = None
         state = {"model": model, "candidate": version, "default": default, "weight": 0,
                  "steps": list(steps), "interval_s": interval_s, "bounds": asdict(bounds),
                  "status": "running", "reason": None, "figures": None}
@@ -154,6 +175,8 @@ class Canary:
             _save(self.run_dir, {**state, "weight": 0, "status": "aborted", "reason": why})
             raise
 
+    baseline: dict[str, Any] | None = None  # the default's figures, from the last step it served
+
     def _step(self, model: str, version: str, default: str, interval_s: float, bounds: Bounds,
               stopping: Callable[[], bool]) -> tuple[str, str, dict[str, Any]]:
         """Judge one step, over a window that grows by `interval_s` until there is evidence. The
@@ -176,7 +199,11 @@ class Canary:
             seconds = max(time.monotonic() - start["at"], 1e-9)
             for row in rows.values():
                 row["requests"] = row["requests_per_s"] * seconds
-            verdict, why = judge(rows.get(default), rows.get(version), bounds)
+            base = rows.get(default)
+            if base and round(base["requests"]) >= bounds.min_requests:
+                self.baseline = base
+            # at 100% (or close) the default answers nothing: its last measured figures stand in
+            verdict, why = judge(self.baseline, rows.get(version), bounds)
             if verdict != "wait":
                 return verdict, why, rows
             self.say(f"{model}: waiting for evidence on {version}: {why}")

@@ -53,6 +53,7 @@ def haproxy_binary() -> str:
 
 def render(opts: SplitOptions) -> Path:
     run = opts.run_dir.resolve()
+    run.mkdir(parents=True, exist_ok=True)
     for name in (WEIGHTS, VERSIONS):
         (run / name).touch()
     host, port = opts.listen

@@ -133,9 +133,18 @@ def table(rows: list[dict[str, Any]], title: str) -> Any:
 
 
 def sample(metrics_url: str, status: Callable[[], dict[str, Any]], interval_s: float,
-           before: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows for the next interval, and the read to compare the one after with."""
+           before: dict[str, Any] | None = None
+           ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Rows for the next interval, the read to compare the one after with, and the status."""
     before = before or read_metrics(metrics_url)
     time.sleep(interval_s)
     after = read_metrics(metrics_url)
-    return with_workers(figures(before, after), status()), after
+    now = status()
+    return with_workers(figures(before, after), now), after, now
+
+
+def canary_line(status: dict[str, Any]) -> str:
+    c = status.get("canary")
+    if not c or c.get("status") not in ("running", "manual"):
+        return ""
+    return f"\ncanary of {c['model']}: {c['weight']}% to {c['candidate']} ({c['status']})"

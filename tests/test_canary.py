@@ -108,8 +108,13 @@ def test_judge_waits_for_evidence_then_compares_with_the_default():
     assert judge(base, good, bounds)[0] == "pass"
     verdict, why = judge(base, {**good, "error_ratio": 0.25}, bounds)
     assert verdict == "breach" and "error ratio 25.0%" in why
+    # 10.9% against 9.6% over a few hundred requests: chance, not a breach (seen in a test run)
+    noisy = ({"requests": 900, "error_ratio": 0.096}, {"requests": 300, "error_ratio": 0.109})
+    assert judge(*noisy, bounds)[0] == "pass"
+    assert judge(noisy[0], {"requests": 300, "error_ratio": 0.2}, bounds)[0] == "breach"
     verdict, why = judge(base, {**good, "inference_mean_ms": 2.5}, bounds)
     assert verdict == "breach" and "mean inference time 2.50 ms" in why
+    assert judge(base, {**good, "inference_mean_ms": 0.7}, bounds)[0] == "pass"  # +0.3 ms: noise
 
 
 def test_the_split_sends_the_weight_and_never_a_named_version(fronted):
@@ -131,15 +136,17 @@ def test_the_split_sends_the_weight_and_never_a_named_version(fronted):
 
 
 def test_a_good_version_is_promoted_automatically(fronted):
+    """A tenth of the clients' bodies are bad for every version alike: 2.0 is as good as 1.0,
+    also at the 100% step, where the default answers nothing and its last figures stand in."""
     log: list[str] = []
-    with load(fronted, [(IMAGE, "image/png")]) as box:
+    with load(fronted, [(IMAGE, "image/png")] * 9 + [(b"not an image", "image/png")]) as box:
         state = Canary(fronted, log.append).run("can", "2.0", steps=(25, 100), interval_s=3,
                                                 bounds=Bounds(min_requests=30))
     assert state["status"] == "promoted", (state, log)
     assert Lifecycle(fronted).server_default("can") == "2.0"
     result = box["result"]
-    assert (result.errors, result.lost) == ({}, 0) and {"1.0", "2.0"} <= {s.version for s in
-                                                                          result.samples}
+    assert set(result.errors) == {400} and result.lost == 0  # the bad bodies, nothing else
+    assert {"1.0", "2.0"} <= {s.version for s in result.samples}
 
 
 @pytest.mark.parametrize("bad, reason", [("3.0", "error ratio"), ("4.0", "inference time")])

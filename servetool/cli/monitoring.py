@@ -91,17 +91,17 @@ def top(interval_s: float, once: bool, run_dir: Path, model_store: Path, target:
     url = status["endpoints"]["metrics"]
     title = f"servetool top: {url} (every {interval_s:g} s; * = default)"
     if once:
-        rows, _ = view.sample(url, tgt.status, interval_s)
+        rows, _, now = view.sample(url, tgt.status, interval_s)
         if as_json:
-            emit({"interval_s": interval_s, "rows": rows}, True, "")
+            emit({"interval_s": interval_s, "rows": rows, "canary": now.get("canary")}, True, "")
         else:
-            Console().print(view.table(rows, title))
+            Console().print(view.table(rows, title + view.canary_line(now)))
         return
     before = view.read_metrics(url)
     try:
         with Live(view.table([], title), refresh_per_second=4) as live:
             while True:
-                rows, before = view.sample(url, tgt.status, interval_s, before)
-                live.update(view.table(rows, title))
+                rows, before, now = view.sample(url, tgt.status, interval_s, before)
+                live.update(view.table(rows, title + view.canary_line(now)))
     except KeyboardInterrupt:
         pass

@@ -1,0 +1,129 @@
+"""A real canary run, recorded by Prometheus and drawn as the dashboard's panels (a PNG).
+
+Run: .venv/bin/python benchmarks/canary_dashboard.py [--out docs/canary-dashboard.png]
+As a user runs it, from a scratch folder outside this repository: `servetool package` digits,
+`deploy --split`, a version 2.0 loaded beside it (`deploy --no-promote`), Prometheus (Debian's)
+on the configuration `servetool monitor` writes, a steady load (4 clients, 1 in 20 requests a bad
+body), then `servetool canary digits 2.0 --auto --steps 10,25,50,100 --interval 15`. Afterwards
+every panel of the Grafana dashboard (servetool/dashboard.py) is read from Prometheus over the run
+(query_range, the same PromQL) and drawn with matplotlib, because Grafana itself does not install
+here; the PNG shows what the dashboard shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from servetool.bench.serve import run_load  # noqa: E402
+from servetool.dashboard import PANELS, expressions  # noqa: E402
+from servetool.torchserve import free_ports  # noqa: E402
+from tests.test_lifecycle import rewrite_archive  # noqa: E402
+
+SERVETOOL = str(Path(sys.executable).with_name("servetool"))
+
+
+def cli(*args: str, cwd: Path) -> str:
+    proc = subprocess.run([SERVETOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"servetool {' '.join(args)} failed: {proc.stderr.strip()[-800:]}")
+    return proc.stdout
+
+
+def draw(prom: str, start: float, end: float, out: Path, marks: list[tuple[float, str]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 2, figsize=(14, 13))
+    for ax, (title, unit, _, _) in zip(axes.flat, PANELS, strict=False):
+        expr = expressions("digits", "20s")[title]
+        data = requests.get(f"{prom}/api/v1/query_range", timeout=30, params={
+            "query": expr, "start": start, "end": end, "step": 2}).json()["data"]["result"]
+        scale = 1000.0 if unit == "s" else 100.0 if unit == "percentunit" else 1.0
+        label_unit = {"s": "ms", "percentunit": "%", "reqps": "req/s"}[unit]
+        for series in data:
+            xs = [float(t) - start for t, _ in series["values"]]
+            ys = [float(v) * scale for _, v in series["values"]]
+            name = " ".join(series["metric"].get(k, "") for k in ("ModelVersion", "Reason")).strip()
+            ax.plot(xs, ys, label=name or "candidate share")
+        for at, _ in marks:
+            ax.axvline(at - start, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_title(title)
+        ax.set_ylabel(label_unit)
+        ax.set_xlabel("seconds into the run")
+        ax.legend(fontsize=8, loc="upper left")
+    axes.flat[-1].axis("off")
+    axes.flat[-1].text(0, 0.9, "\n".join(f"{at - start:5.0f} s  {text}" for at, text in marks),
+                       fontsize=9, va="top", family="monospace")
+    fig.suptitle("servetool dashboard panels, digits 1.0 -> 2.0 canary (--auto), from Prometheus")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "canary-dashboard.png")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="servetool-canary-") as tmp:
+        work = Path(tmp) / "project"
+        work.mkdir()
+        cli("package", str(ROOT / "models" / "digits"), cwd=work)
+        ports = free_ports()
+        port_args = [f"--{api.replace('_', '-')}-port={p}" for api, p in ports.items()]
+        cli("deploy", "--split", *port_args, cwd=work)
+        v2 = rewrite_archive(work / "model_store" / "digits.mar", Path(tmp) / "v2.mar",
+                             version="2.0")
+        (work / "model_store" / "digits-2.0.mar").write_bytes(v2.read_bytes())
+        cli("deploy", "model_store/digits-2.0.mar", "--no-promote", *port_args, cwd=work)
+        prom_port = free_ports(("prometheus",))["prometheus"]
+        cli("monitor", "--prometheus-config", "prometheus.yml", "--scrape-interval", "1", cwd=work)
+        prom = subprocess.Popen(["prometheus", "--config.file=prometheus.yml",
+                                 f"--web.listen-address=127.0.0.1:{prom_port}",
+                                 f"--storage.tsdb.path={tmp}/tsdb"], cwd=work,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        keys = json.loads((work / ".servetool" / "key_file.json").read_text())
+        headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
+        body = (ROOT / "models" / "digits" / "samples" / "digit_3.png").read_bytes()
+        payloads = [(body, "image/png")] * 19 + [(b"not an image", "image/png")]
+        stop = threading.Event()
+        url = f"http://127.0.0.1:{ports['inference']}/predictions/digits"
+        load = threading.Thread(target=run_load, args=(url, payloads), kwargs={
+            "concurrency": 4, "duration_s": None, "stop": stop, "headers": headers})
+        start = time.time()
+        marks = [(start, "load starts; 2.0 loaded beside 1.0")]
+        load.start()
+        try:
+            time.sleep(20)
+            marks.append((time.time(), "servetool canary digits 2.0 --auto"))
+            out = cli("canary", "digits", "2.0", "--auto", "--steps", "10,25,50,100",
+                      "--interval", "15", "--json", cwd=work)
+            marks.append((time.time(), f"canary: {json.loads(out)['status']}"))
+            time.sleep(20)
+        finally:
+            stop.set()
+            load.join()
+        end = time.time()
+        try:
+            draw(f"http://127.0.0.1:{prom_port}", start, end, args.out, marks)
+        finally:
+            prom.terminate()
+            cli("stop", cwd=work)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
