@@ -88,6 +88,18 @@ def judge(default: dict[str, Any] | None, candidate: dict[str, Any] | None,
                     f"{base_p99 if base_p99 is not None else '-'} ms)")
 
 
+def on_server_start(run_dir: Path) -> None:
+    """A server (re)starting while an automatic canary was running: the controller may be gone
+    with it, and a split nobody judges must not go on, so its weight is 0 in the maps HAProxy
+    loads. A weight set by hand (`--weight`) stays: that one was meant to last."""
+    state = read_state(run_dir)
+    if not state or state.get("status") != "running":
+        return
+    split.reset_weight(run_dir, state["model"])
+    _save(run_dir, {**state, "weight": 0, "status": "aborted",
+                    "reason": "the server restarted during the canary; run it again"})
+
+
 def read_state(run_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((run_dir / STATE_FILE).read_text())

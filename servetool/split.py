@@ -166,3 +166,10 @@ def set_canary(run_dir: Path, model: str, version: str, weight: int) -> None:
 def _write_map(path: Path, key: str, value: str) -> None:
     lines = [line for line in path.read_text().splitlines() if line.split(" ", 1)[0] != key]
     path.write_text("".join(f"{line}\n" for line in [*lines, f"{key} {value}"]))
+
+
+def reset_weight(run_dir: Path, model: str) -> None:
+    """MODEL's weight 0 in the map file HAProxy loads at its next start (HAProxy not running)."""
+    path = run_dir.resolve() / WEIGHTS
+    if path.is_file():
+        _write_map(path, model, "0")

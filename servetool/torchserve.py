@@ -333,7 +333,9 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
                               f"program; pick another with --{api.replace('_', '-')}-port")
     split_env, split_metrics = {}, None
     if opts.split:  # TorchServe on a loopback port of its own; HAProxy takes the inference port
-        from servetool import split
+        from servetool import canary, split
+
+        canary.on_server_start(opts.run_dir)
 
         inner = free_ports(("upstream", "split_metrics"))
         split_metrics = inner["split_metrics"]

@@ -117,6 +117,21 @@ def test_judge_waits_for_evidence_then_compares_with_the_default():
     assert judge(base, {**good, "inference_mean_ms": 0.7}, bounds)[0] == "pass"  # +0.3 ms: noise
 
 
+def test_a_restart_ends_an_unjudged_automatic_canary_but_keeps_a_manual_weight(tmp_path):
+    import json
+
+    from servetool.canary import on_server_start
+
+    for status, after in (("running", "other 5\ncan 0\n"), ("manual", "can 30\nother 5\n")):
+        (tmp_path / split.WEIGHTS).write_text("can 30\nother 5\n")
+        (tmp_path / "canary.json").write_text(json.dumps(
+            {"model": "can", "candidate": "2.0", "default": "1.0", "weight": 30, "status": status}))
+        on_server_start(tmp_path)
+        assert (tmp_path / split.WEIGHTS).read_text() == after
+        state = json.loads((tmp_path / "canary.json").read_text())
+        assert state["status"] == ("aborted" if status == "running" else "manual")
+
+
 def test_the_split_sends_the_weight_and_never_a_named_version(fronted):
     ctl = Canary(fronted)
     state = ctl.set_weight("can", "2.0", 30)
