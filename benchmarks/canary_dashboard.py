@@ -74,27 +74,19 @@ def draw(prom: str, start: float, end: float, out: Path, marks: list[tuple[float
     fig.savefig(out, dpi=80)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "canary-dashboard.png")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="servetool-canary-") as tmp:
-        work = Path(tmp) / "project"
-        work.mkdir()
-        cli("package", str(ROOT / "models" / "digits"), cwd=work)
-        ports = free_ports()
-        port_args = [f"--{api.replace('_', '-')}-port={p}" for api, p in ports.items()]
-        cli("deploy", "--split", *port_args, cwd=work)
-        v2 = rewrite_archive(work / "model_store" / "digits.mar", Path(tmp) / "v2.mar",
-                             version="2.0")
-        (work / "model_store" / "digits-2.0.mar").write_bytes(v2.read_bytes())
-        cli("deploy", "model_store/digits-2.0.mar", "--no-promote", *port_args, cwd=work)
-        prom_port = free_ports(("prometheus",))["prometheus"]
-        cli("monitor", "--prometheus-config", "prometheus.yml", "--scrape-interval", "1", cwd=work)
-        prom = subprocess.Popen(["prometheus", "--config.file=prometheus.yml",
-                                 f"--web.listen-address=127.0.0.1:{prom_port}",
-                                 f"--storage.tsdb.path={tmp}/tsdb"], cwd=work,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def record(work: Path, tmp: Path, ports: dict[str, int], port_args: list[str],
+           png: Path) -> None:
+    """Version 2.0 beside the default, Prometheus, load, the canary, and the drawing."""
+    v2 = rewrite_archive(work / "model_store" / "digits.mar", tmp / "v2.mar", version="2.0")
+    (work / "model_store" / "digits-2.0.mar").write_bytes(v2.read_bytes())
+    cli("deploy", "model_store/digits-2.0.mar", "--no-promote", *port_args, cwd=work)
+    prom_port = free_ports(("prometheus",))["prometheus"]
+    cli("monitor", "--prometheus-config", "prometheus.yml", "--scrape-interval", "1", cwd=work)
+    prom = subprocess.Popen(["prometheus", "--config.file=prometheus.yml",
+                             f"--web.listen-address=127.0.0.1:{prom_port}",
+                             f"--storage.tsdb.path={tmp}/tsdb"], cwd=work,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
         keys = json.loads((work / ".servetool" / "key_file.json").read_text())
         headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
         body = (ROOT / "models" / "digits" / "samples" / "digit_3.png").read_bytes()
@@ -109,19 +101,33 @@ def main() -> None:
         try:
             time.sleep(20)
             marks.append((time.time(), "servetool canary digits 2.0 --auto"))
-            out = cli("canary", "digits", "2.0", "--auto", "--steps", "10,25,50,100",
-                      "--interval", "15", "--json", cwd=work)
-            marks.append((time.time(), f"canary: {json.loads(out)['status']}"))
+            result = cli("canary", "digits", "2.0", "--auto", "--steps", "10,25,50,100",
+                         "--interval", "15", "--json", cwd=work)
+            marks.append((time.time(), f"canary: {json.loads(result)['status']}"))
             time.sleep(20)
         finally:
             stop.set()
             load.join()
-        end = time.time()
+        draw(f"http://127.0.0.1:{prom_port}", start, time.time(), png, marks)
+    finally:
+        prom.terminate()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "canary-dashboard.png")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="servetool-canary-") as tmp:
+        work = Path(tmp) / "project"
+        work.mkdir()
+        cli("package", str(ROOT / "models" / "digits"), cwd=work)
+        ports = free_ports()
+        port_args = [f"--{api.replace('_', '-')}-port={p}" for api, p in ports.items()]
+        cli("deploy", "--split", *port_args, cwd=work)
         try:
-            draw(f"http://127.0.0.1:{prom_port}", start, end, args.out, marks)
-        finally:
-            prom.terminate()
-            cli("stop", cwd=work)
+            record(work, Path(tmp), ports, port_args, args.out)
+        finally:  # whatever failed, the server and its HAProxy stop
+            subprocess.run([SERVETOOL, "stop"], cwd=work, capture_output=True)
     print(f"wrote {args.out}")
 
 

@@ -59,15 +59,17 @@ def fronted(tmp_path_factory, model_store):
     v1 = rewrite_archive(model_store / "digits_fp16.mar", store / "can.mar", name="can")
     opts = dataclasses.replace(server_options(tmp_path_factory.mktemp("can-run"), store), split=True)
     target = LocalTarget(opts)
-    target.deploy(["can"])
-    life = Lifecycle(target)
-    for version, archive in (
-            ("2.0", rewrite_archive(v1, built / "2" / "can.mar", version="2.0")),
-            ("3.0", rewrite_archive(v1, built / "3" / "can.mar", version="3.0", max_pixels=450)),
-            ("4.0", slow_copy(v1, built / "4" / "can.mar", "4.0", 0.005))):
-        assert life.install(archive, make_default=False)["action"] == "loaded", version
-    yield target
-    target.down()
+    try:  # a failed setup must not leave the server (and HAProxy) running
+        target.deploy(["can"])
+        life = Lifecycle(target)
+        for version, archive in (
+                ("2.0", rewrite_archive(v1, built / "2" / "can.mar", version="2.0")),
+                ("3.0", rewrite_archive(v1, built / "3" / "can.mar", version="3.0", max_pixels=450)),
+                ("4.0", slow_copy(v1, built / "4" / "can.mar", "4.0", 0.005))):
+            assert life.install(archive, make_default=False)["action"] == "loaded", version
+        yield target
+    finally:
+        target.down()
 
 
 @contextlib.contextmanager
