@@ -14,7 +14,6 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,17 +24,10 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cli  # noqa: E402
 from servetool import torchserve  # noqa: E402
 
-SERVETOOL = str(Path(sys.executable).with_name("servetool"))
 WORKER_LOAD = re.compile(r'^WorkerLoadTime\{WorkerName="W-\d+-[^"]*".*\}\s+([0-9.]+)', re.M)
-
-
-def cli(*args: str, cwd: Path) -> str:
-    proc = subprocess.run([SERVETOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise SystemExit(f"servetool {' '.join(args)} failed: {proc.stderr.strip()[-800:]}")
-    return proc.stdout
 
 
 def one_run(work: Path, model: str, sample: tuple[bytes, str], target_args: list[str],

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,16 +24,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cli  # noqa: E402
 from servetool import torchserve  # noqa: E402
-
-SERVETOOL = str(Path(sys.executable).with_name("servetool"))
-
-
-def cli(*args: str, cwd: Path) -> str:
-    proc = subprocess.run([SERVETOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise SystemExit(f"servetool {' '.join(args)} failed: {proc.stderr.strip()[-800:]}")
-    return proc.stdout
 
 
 def main() -> None:
@@ -47,10 +38,10 @@ def main() -> None:
         work = Path(tmp)
         ports = torchserve.free_ports()
         port_args = [f"--{api.replace('_', '-')}-port={port}" for api, port in ports.items()]
-        cli("package", str(ROOT / "models/digits"), cwd=work)
+        cli("package", str(ROOT / "models/digits"), cwd=work, timeout_s=600)
         print("deploying (supervised) ...", file=sys.stderr)
-        cli("deploy", "--restart-on-crash", *port_args, cwd=work)
-        cli("scale", "digits", "--workers", "2", cwd=work)
+        cli("deploy", "--restart-on-crash", *port_args, cwd=work, timeout_s=600)
+        cli("scale", "digits", "--workers", "2", cwd=work, timeout_s=600)
         url = f"http://127.0.0.1:{ports['inference']}/predictions/digits"
         times = []
         try:
@@ -71,12 +62,12 @@ def main() -> None:
                         raise SystemExit("no good answer within 120 s of the crash")
                     time.sleep(0.05)
                 times.append(time.perf_counter() - killed)
-                workers = json.loads(cli("status", "--json", cwd=work))["models"][0]["workers"]
+                workers = json.loads(cli("status", "--json", cwd=work, timeout_s=600))["models"][0]["workers"]
                 print(f"crash {i + 1}: first good answer after {times[-1]:.2f} s, "
                       f"{len(workers)} workers", file=sys.stderr)
                 time.sleep(3)  # let the supervisor finish registering before the next crash
         finally:
-            cli("stop", cwd=work)
+            cli("stop", cwd=work, timeout_s=600)
     result = {"crashes": len(times), "median_s": round(statistics.median(times), 2),
               "max_s": round(max(times), 2), "each_s": [round(t, 2) for t in times]}
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))

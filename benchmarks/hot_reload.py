@@ -30,19 +30,10 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import SERVETOOL, cli  # noqa: E402
 from servetool.bench.serve import run_load  # noqa: E402
 from servetool.torchserve import free_ports  # noqa: E402
 from tests.test_lifecycle import moto_server, rewrite_archive  # noqa: E402
-
-SERVETOOL = str(Path(sys.executable).with_name("servetool"))
-
-
-def cli(*args: str, cwd: Path, env: dict | None = None) -> str:
-    proc = subprocess.run([SERVETOOL, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"servetool {' '.join(args)} failed: {proc.stderr.strip()[-800:]}")
-    return proc.stdout
 
 
 def answering(url: str, headers: dict, body: bytes) -> str | None:

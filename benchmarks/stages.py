@@ -27,19 +27,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cli  # noqa: E402
 from servetool import torchserve  # noqa: E402
 from servetool.bench.serve import payload_files, wrk_path  # noqa: E402
 
-SERVETOOL = str(Path(sys.executable).with_name("servetool"))
 JVM_MARK = "org.pytorch.serve.ModelServer"
 WORKER_MARK = "model_service_worker"
-
-
-def cli(*args: str, cwd: Path) -> str:
-    proc = subprocess.run([SERVETOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise SystemExit(f"servetool {' '.join(args)} failed: {proc.stderr.strip()[-800:]}")
-    return proc.stdout
 
 
 def in_process(mar: Path, bodies: list[bytes], rounds: int) -> dict[str, float]:
