@@ -319,6 +319,19 @@ def probe(container: dict, kind: str, engine_container) -> tuple[bool, str]:
     return 200 <= reply.status_code < 400, reply.text
 
 
+def wait_pod_ready(handles: dict, containers: dict, timeout_s: float = 180) -> tuple[bool, str]:
+    """Poll the gateway's readiness probe while every container keeps running."""
+    deadline = time.monotonic() + timeout_s
+    ready = (False, "")
+    while time.monotonic() < deadline and not ready[0]:
+        for handle in handles.values():
+            handle.reload()
+            assert handle.status == "running", handle.logs(tail=30).decode()
+        ready = probe(containers["gateway"], "readinessProbe", handles["gateway"])
+        time.sleep(1)
+    return ready
+
+
 def worker_count(container) -> int:
     """digits' workers, asked inside the container with the pod's own management key."""
     code, out = container.exec_run(
@@ -349,14 +362,7 @@ def test_rendered_pod_runs_under_docker_and_its_probes_answer(tmp_path, model_st
     started = run_pod(engine, pod, tmp_path / "volumes", objs, "standin")
     try:
         handles = {c.name.split("-", 1)[1]: c for c in started}
-        deadline = time.monotonic() + 180
-        ready = (False, "")
-        while time.monotonic() < deadline and not ready[0]:
-            for handle in handles.values():
-                handle.reload()
-                assert handle.status == "running", handle.logs(tail=30).decode()
-            ready = probe(containers["gateway"], "readinessProbe", handles["gateway"])
-            time.sleep(1)
+        ready = wait_pod_ready(handles, containers)
         assert ready[0], ready[1]
         for name, kind in (("gateway", "livenessProbe"), ("torchserve", "startupProbe"),
                            ("torchserve", "livenessProbe")):
@@ -468,14 +474,7 @@ def test_a_watching_pod_under_docker_serves_what_is_published_to_the_bucket(
 
     try:
         handles = {c.name.split("-", 1)[1]: c for c in started}
-        deadline = time.monotonic() + 180
-        ready = (False, "")
-        while time.monotonic() < deadline and not ready[0]:
-            for handle in handles.values():
-                handle.reload()
-                assert handle.status == "running", handle.logs(tail=30).decode()
-            ready = probe(containers["gateway"], "readinessProbe", handles["gateway"])
-            time.sleep(1)
+        ready = wait_pod_ready(handles, containers)
         assert ready[0], ready[1] + handles["watcher"].logs(tail=30).decode()
         assert answering() == "1.0"
         v2 = rewrite_archive(model_store / "digits.mar", tmp_path / "v2" / "digits.mar",
