@@ -333,9 +333,7 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
                               f"program; pick another with --{api.replace('_', '-')}-port")
     split_env, split_metrics = {}, None
     if opts.split:  # TorchServe on a loopback port of its own; HAProxy takes the inference port
-        from servetool import canary, split
-
-        canary.on_server_start(opts.run_dir)
+        from servetool import split
 
         inner = free_ports(("upstream", "split_metrics"))
         split_metrics = inner["split_metrics"]

@@ -88,6 +88,10 @@ class LocalTarget:
         state = self.running()
         if state is not None:
             return state, False
+        if self.opts.split:  # an automatic canary does not outlive the server unjudged
+            from servetool.canary import on_server_start
+
+            on_server_start(self.opts.run_dir)
         return torchserve.start(self.opts, self.progress), True
 
     def down(self) -> bool:
