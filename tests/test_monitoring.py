@@ -79,8 +79,11 @@ def test_prometheus_reads_p99_and_error_ratio_per_version(two_versions, tmp_path
         p99 = query(port, q["inference_p99_s"])
         assert set(p99) == {"1.0", "2.0"} and all(0 < v < 1 and not math.isnan(v)
                                                    for v in p99.values())
+        # both versions' request rates are read, and alike (the same load on each); an absolute
+        # floor (10 req/s) depended on the machine's speed and failed once in CI at 9.5
         rates = query(port, q["requests_per_s"])
-        assert rates["1.0"] > 10 and rates["2.0"] > 10
+        assert rates["1.0"] > 0 and rates["2.0"] > 0
+        assert 1 / 3 < rates["1.0"] / rates["2.0"] < 3
         bad = requests.get(f"http://127.0.0.1:{port}/api/v1/query",
                            params={"query": q["bad_requests_per_s"]}, timeout=10).json()
         reasons = {(r["metric"]["ModelVersion"], r["metric"]["Reason"])
