@@ -2,8 +2,8 @@
 behaves like the default, promoted at the end, or rolled back on a breach.
 
 The split is HAProxy's (servetool/split.py, `deploy --split`): a weight per model, changed at run
-time. The judgement reads servetool's handler metrics per version from TorchServe's metrics port
-(servetool/top.py): over each step, the candidate's error ratio may exceed the default's by at most
+time through the target (on this machine, or inside the Docker container). The judgement reads
+servetool's handler metrics per version from TorchServe's metrics port (servetool/top.py): over each step, the candidate's error ratio may exceed the default's by at most
 `max_error_increase` (absolute), and its p99 inference time may be at most `max_p99_ratio` times
 the default's. A step is judged only once the candidate has answered `min_requests` requests in
 it; until then the controller waits and says how many it has (a quiet model does not get promoted
@@ -138,7 +138,7 @@ class Canary:
 
     def set_weight(self, model: str, version: str, weight: int) -> dict[str, Any]:
         default = self._check(model, version)
-        split.set_canary(self.run_dir, model, version, weight)
+        self.target.set_split(model, version, weight)
         return _save(self.run_dir, {"model": model, "candidate": version, "default": default,
                                     "weight": weight, "status": "manual", "reason": None})
 
@@ -146,7 +146,7 @@ class Canary:
         state = read_state(self.run_dir) or {}
         if state.get("model") != model:
             raise CanaryError(f"no canary of {model} to abort")
-        split.set_canary(self.run_dir, model, state["candidate"], 0)
+        self.target.set_split(model, state["candidate"], 0)
         return _save(self.run_dir, {**state, "weight": 0, "status": "aborted",
                                     "reason": "aborted by hand"})
 
@@ -162,14 +162,14 @@ class Canary:
                  "status": "running", "reason": None, "figures": None}
         try:
             for weight in steps:
-                split.set_canary(self.run_dir, model, version, weight)
+                self.target.set_split(model, version, weight)
                 state = _save(self.run_dir, {**state, "weight": weight})
                 self.say(f"{model}: {weight}% of the traffic to {version}")
                 verdict, why, figures = self._step(model, version, default, interval_s, bounds,
                                                    stopping)
                 state["figures"] = figures
                 if verdict == "breach":
-                    split.set_canary(self.run_dir, model, version, 0)
+                    self.target.set_split(model, version, 0)
                     self.say(f"{model}: rolled back from {version}: {why}")
                     return _save(self.run_dir, {**state, "weight": 0, "status": "rolled_back",
                                                 "reason": why})
@@ -177,12 +177,12 @@ class Canary:
                     raise KeyboardInterrupt
                 self.say(f"{model}: {weight}% step passed: {why}")
             self.life.promote(model, version)
-            split.set_canary(self.run_dir, model, version, 0)
+            self.target.set_split(model, version, 0)
             self.say(f"{model}: {version} promoted to the default")
             return _save(self.run_dir, {**state, "weight": 0, "status": "promoted",
                                         "reason": "every step within bounds"})
         except (KeyboardInterrupt, ServetoolError) as exc:
-            split.set_canary(self.run_dir, model, version, 0)
+            self.target.set_split(model, version, 0)
             why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
             _save(self.run_dir, {**state, "weight": 0, "status": "aborted", "reason": why})
             raise

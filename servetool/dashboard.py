@@ -4,8 +4,10 @@ provisioning Grafana reads at start.
 
 Panels, per version of the model chosen in the `model` variable: throughput, error ratio, p50 and
 p99 of inference, mean inference time (exact, where the histogram buckets are coarse), bad requests
-by reason, and the canary's observed share (HAProxy's route counts, when `deploy --split` fronts
-the server). The same PromQL as `servetool monitor --model` prints (servetool/monitor.py).
+by reason; and where `deploy --split` fronts the server, the p50 and p99 of each request as the
+client sees it (servetool's histograms at the split), the canary weight set, and the share the
+split observed (HAProxy's route counts). The same PromQL as `servetool monitor --model` prints
+(servetool/monitor.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ PANELS: list[tuple[str, str, str, str]] = [
      '[{window}]))', "{{ModelVersion}}"),
     ("Bad requests by reason", "reqps", QUERIES["bad_requests_per_s"],
      "{{ModelVersion}} {{Reason}}"),
+    ("Request p50 at the split (as the client sees it)", "s", QUERIES["request_p50_s"],
+     "{{version}}"),
+    ("Request p99 at the split (as the client sees it)", "s", QUERIES["request_p99_s"],
+     "{{version}}"),
+    ("Canary weight (set)", "percent", QUERIES["canary_weight"], "to {{version}}"),
     ("Canary share (observed at the split)", "percentunit",
      'sum(rate(haproxy_backend_http_requests_total{{proxy="canary"}}[{window}])) / '
      'sum(rate(haproxy_backend_http_requests_total{{proxy=~"default|canary"}}[{window}]))',

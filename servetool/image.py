@@ -40,6 +40,9 @@ TORCH_VERSION = "2.13.0"
 # What the handlers import at serving time, by format (torch is installed on its own, CPU-only).
 RUNTIME_PACKAGES = ["torchserve", "numpy", "pillow", "pyyaml", "psutil", "packaging"]
 WATCHER_PACKAGES = ["boto3", "prometheus-client", "requests"]
+SPLIT_PACKAGES = ["prometheus-client"]
+SPLIT_RUNTIME = Path(__file__).with_name("split_runtime.py")
+CONTAINER_SPLIT_RUNTIME = "/opt/servetool/servetool_split.py"
 WATCHER_LIB = "lib"  # /opt/servetool/lib in the image: the servetool and handlers packages
 FORMAT_PACKAGES = {"onnx": ["onnxruntime"], "openvino": ["openvino"],
                    "tensorrt": ["torch-tensorrt"]}
@@ -69,6 +72,9 @@ class ImageOptions:
     # the watcher of a Kubernetes pod (servetool/pod_watch.py): servetool's own code and the
     # packages it needs (boto3, prometheus-client), else the image holds none of servetool
     with_watcher: bool = False
+    # the canary split (servetool/split.py): HAProxy from Debian, and servetool's exporter beside
+    # it (split_runtime.py, as servetool_split.py) with the Prometheus client it needs
+    with_split: bool = False
 
 
 def pinned(package: str) -> str:
@@ -79,8 +85,10 @@ def pinned(package: str) -> str:
         return package
 
 
-def requirements(archives: Iterable[Path], with_watcher: bool = False) -> list[str]:
-    needed = list(RUNTIME_PACKAGES) + (WATCHER_PACKAGES if with_watcher else [])
+def requirements(archives: Iterable[Path], with_watcher: bool = False,
+                 with_split: bool = False) -> list[str]:
+    needed = list(RUNTIME_PACKAGES) + (WATCHER_PACKAGES if with_watcher else []) + \
+        (SPLIT_PACKAGES if with_split else [])
     for path in archives:
         handler = archive.archive_manifest(path)["config"].get("handler", {})
         fmt = FORMATS.get(handler.get("format", ""))
@@ -125,7 +133,9 @@ def render(opts: ImageOptions, archives: list[Path]) -> Path:
                                                      archive.archive_sizes(archives)),
                                 f"{opts.base_config or 'built-in defaults'} by servetool's image")
     (out / "build" / "requirements.txt").write_text(
-        "\n".join(requirements(archives, opts.with_watcher)) + "\n")
+        "\n".join(requirements(archives, opts.with_watcher, opts.with_split)) + "\n")
+    if opts.with_split:
+        shutil.copyfile(SPLIT_RUNTIME, out / "runtime" / Path(CONTAINER_SPLIT_RUNTIME).name)
     if opts.with_watcher:
         for package in (Path(__file__).resolve().parent, HANDLERS):
             shutil.copytree(package, out / "runtime" / WATCHER_LIB / package.name,
@@ -213,7 +223,7 @@ def docker_client_for(base_url: str) -> Any:
 
 
 def build(client: Any, context: Path, tag: str, base_image: str,
-          progress: Callable[[str], None]) -> dict[str, Any]:
+          progress: Callable[[str], None], runtime_apt: str = "") -> dict[str, Any]:
     """Build the image (docker's layer cache makes an unchanged one quick), quoting the failing
     step on error."""
     import docker
@@ -224,7 +234,8 @@ def build(client: Any, context: Path, tag: str, base_image: str,
         progress(f"base image {base_image} is not present: the engine will pull it")
     progress(f"building {tag} from {context} (base {base_image}); several minutes the first time")
     step, recent = "", []
-    stream = client.api.build(path=str(context), tag=tag, buildargs={"BASE_IMAGE": base_image},
+    stream = client.api.build(path=str(context), tag=tag, buildargs={"BASE_IMAGE": base_image,
+                                                                  "RUNTIME_APT": runtime_apt},
                               network_mode="host", rm=True, forcerm=True, decode=True, pull=False)
     for chunk in stream:
         if "error" in chunk:
@@ -270,6 +281,7 @@ def build_image(opts: ImageOptions, archives: list[Path],
         return found
     if _local_torch_wheel(context / "build" / "wheels"):
         progress("using this machine's torch wheel (no download in the build)")
-    return build(client, context, tag, opts.base_image, progress)
+    return build(client, context, tag, opts.base_image, progress,
+                 "haproxy" if opts.with_split else "")
 
 

@@ -2,7 +2,9 @@
 servetool's metrics back (per model and version).
 
 What is scraped: TorchServe's metrics port (its own metrics, and the handler's servetool_* metrics
-of handlers/metrics.py, which the frontend serves), and the watcher's port when one runs. The
+of handlers/metrics.py, which the frontend serves), the split's port when `deploy --split` put
+HAProxy in front (HAProxy's exporter at /metrics, servetool's request histograms and canary
+weights at /servetool/metrics), and the watcher's port when one runs. The
 labels servetool adds (`deployment`, `target`) tell deployments apart in one Prometheus.
 """
 
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from servetool import watch
+from servetool.split import EXPORTER_PATH
 
 # PromQL over servetool's handler metrics, per version of MODEL (WINDOW: a range like 1m).
 QUERIES = {
@@ -30,16 +33,24 @@ QUERIES = {
                        'servetool_inference_seconds_bucket{{ModelName="{model}"}}[{window}])))',
     "inference_p99_s": 'histogram_quantile(0.99, sum by (le, ModelVersion) (rate('
                        'servetool_inference_seconds_bucket{{ModelName="{model}"}}[{window}])))',
+    # at the split (deploy --split): the time each prediction took as the client sees it
+    "request_p50_s": 'histogram_quantile(0.5, sum by (le, version) (rate('
+                     'servetool_request_seconds_bucket{{model="{model}"}}[{window}])))',
+    "request_p99_s": 'histogram_quantile(0.99, sum by (le, version) (rate('
+                     'servetool_request_seconds_bucket{{model="{model}"}}[{window}])))',
+    "canary_weight": 'max by (version) (servetool_canary_weight{{model="{model}"}})',
     "bad_requests_per_s": 'sum by (ModelVersion, Reason) (rate(servetool_bad_requests_total{{'
                           'ModelName="{model}"}}[{window}]))',
 }
 
 
 def scrape_targets(status: dict[str, Any], run_dir: Path) -> dict[str, str]:
-    """job -> host:port of what a running deployment exposes."""
+    """job -> host:port[/path] of what a running deployment exposes (path: /metrics if none)."""
     targets = {"torchserve": urlsplit(status["endpoints"]["metrics"]).netloc}
     if status["endpoints"].get("split_metrics"):
-        targets["haproxy"] = urlsplit(status["endpoints"]["split_metrics"]).netloc
+        address = urlsplit(status["endpoints"]["split_metrics"]).netloc
+        targets["haproxy"] = address
+        targets["servetool-split"] = address + EXPORTER_PATH
     watcher = watch.describe(run_dir.resolve())
     if watcher and watcher.get("running") and watcher.get("metrics"):
         targets["servetool-watch"] = urlsplit(watcher["metrics"]).netloc
@@ -51,10 +62,10 @@ def prometheus_config(targets: dict[str, str], deployment: str, target: str,
     return {
         "global": {"scrape_interval": f"{interval_s:g}s", "evaluation_interval": f"{interval_s:g}s"},
         "scrape_configs": [
-            {"job_name": job, "metrics_path": "/metrics",
-             "static_configs": [{"targets": [address],
+            {"job_name": job, "metrics_path": "/" + (where.split("/", 1)[1:] or ["metrics"])[0],
+             "static_configs": [{"targets": [where.split("/", 1)[0]],
                                  "labels": {"deployment": deployment, "target": target}}]}
-            for job, address in targets.items()],
+            for job, where in targets.items()],
     }
 
 

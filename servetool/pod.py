@@ -366,11 +366,26 @@ def exec_with_front(command: list[str]) -> None:
     if port == 0:  # TorchServe's own management socket: in a folder for this user only
         Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         start_front()
-    split_config = os.environ.get("SERVETOOL_SPLIT_CONFIG")
-    if split_config:  # the canary split in front of the inference port (servetool/split.py)
-        subprocess.Popen([os.environ.get("SERVETOOL_HAPROXY", "haproxy"), "-W", "-db", "-f",
-                          split_config], stdin=subprocess.DEVNULL)
+    start_split()
     os.execvp(command[0], command)
+
+
+def start_split() -> subprocess.Popen | None:
+    """The canary split in front of the inference port, when the deployment has one: HAProxy
+    and servetool's exporter beside it (servetool/split.py renders the config; split_runtime.py,
+    in the image servetool_split.py, runs both)."""
+    config = os.environ.get("SERVETOOL_SPLIT_CONFIG")
+    text = os.environ.get("SERVETOOL_SPLIT_CONFIG_TEXT")
+    if text:  # a container: the config comes in the environment, rendered for its paths
+        config = str(WORK / "haproxy.cfg")
+        Path(config).write_text(text)
+    if not config:
+        return None
+    runtime = os.environ.get("SERVETOOL_SPLIT_RUNTIME", "/opt/servetool/servetool_split.py")
+    weights = os.environ.get("SERVETOOL_SPLIT_WEIGHTS")
+    return subprocess.Popen([sys.executable, runtime, "serve", str(WORK), config,
+                             os.environ.get("SERVETOOL_SPLIT_EXPORTER_PORT", "8088"),
+                             *([weights] if weights else [])], stdin=subprocess.DEVNULL)
 
 
 def relay(handler: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]],

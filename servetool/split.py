@@ -9,25 +9,33 @@ HAProxy maps changed at run time through its admin socket (a Unix socket in the 
 user only), so a step of the canary reconnects nothing and drops nothing. Token auth is
 TorchServe's, unchanged: HAProxy passes the Authorization header on.
 
-HAProxy's built-in Prometheus exporter serves its own figures on a loopback port: responses by
-status class, per route (backend `default` or `canary`), and response times.
+HAProxy's built-in Prometheus exporter serves its own figures on a loopback port (/metrics):
+responses by status class, per route (backend `default` or `canary`), and response-time averages.
+servetool's exporter (split_runtime.py, beside HAProxy) serves on the same port at
+/servetool/metrics what HAProxy has not: per model and version, histograms of the time each
+prediction took as the client sees it, and the canary weights.
+
+The same rendering serves the local target (paths in the run folder), the serving image (Docker and
+Kubernetes: paths in the container's work folder, the text handed over in SERVETOOL_SPLIT_CONFIG_TEXT).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from servetool import split_runtime
 from servetool.errors import ServetoolError
+from servetool.split_runtime import LOG_SOCKET, SOCKET, VERSIONS, WEIGHTS
 
-WEIGHTS = "canary-weight.map"
-VERSIONS = "canary-version.map"
-SOCKET = "haproxy.sock"
 CONFIG = "haproxy.cfg"
+EXPORTER_PATH = "/servetool/metrics"  # servetool's figures at the split, beside HAProxy's /metrics
 
 
 class SplitError(ServetoolError):
@@ -36,10 +44,11 @@ class SplitError(ServetoolError):
 
 @dataclass
 class SplitOptions:
-    run_dir: Path
+    run_dir: Path  # where HAProxy finds its maps and sockets (a container's path, in an image)
     listen: tuple[str, int]  # where clients connect
     upstream: tuple[str, int]  # TorchServe's inference API
-    metrics: tuple[str, int]  # HAProxy's Prometheus exporter
+    metrics: tuple[str, int]  # HAProxy's Prometheus exporter, and servetool's behind it
+    exporter_port: int  # servetool's exporter (split_runtime.py), on 127.0.0.1
     threads: int = 1
 
 
@@ -51,15 +60,12 @@ def haproxy_binary() -> str:
     return found
 
 
-def render(opts: SplitOptions) -> Path:
-    run = opts.run_dir.resolve()
-    run.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS, VERSIONS):
-        (run / name).touch()
+def render_text(opts: SplitOptions) -> str:
+    run = opts.run_dir
     host, port = opts.listen
     up_host, up_port = opts.upstream
     m_host, m_port = opts.metrics
-    config = f"""# Rendered by servetool: the canary split in front of TorchServe (servetool/split.py).
+    return f"""# Rendered by servetool: the canary split in front of TorchServe (servetool/split.py).
 global
     stats socket {run / SOCKET} mode 600 level admin
     nbthread {opts.threads}
@@ -77,6 +83,11 @@ defaults
 
 frontend inference
     bind {host}:{port}
+    # one line per request to servetool's exporter (split_runtime.py reads it into histograms)
+    no log
+    log {run / LOG_SOCKET} len 2048 format raw local0 info
+    log-format "%ST %[var(txn.micros)] %Ta %[var(txn.served)] %[var(txn.routed)]"
+    http-request set-var(txn.t0) date(0,us)
     # /predictions/MODEL without a version: the model's canary weight and version, if it has one
     acl unversioned path_reg ^/predictions/[^/]+/?$
     http-request set-var(txn.model) path,field(3,/) if unversioned
@@ -89,6 +100,9 @@ frontend inference
     http-request set-var(txn.canary) bool(1) if unversioned drawn
     acl canary var(txn.canary) -m bool
     http-request set-path /predictions/%[var(txn.model)]/%[var(txn.version)] if canary
+    http-request set-var(txn.routed) path
+    http-response set-var(txn.micros) date(0,us),sub(txn.t0)
+    http-response set-var(txn.served) res.hdr(X-Model-Version)
     use_backend canary if canary
     default_backend default
 
@@ -100,10 +114,23 @@ backend canary
 
 frontend metrics
     bind {m_host}:{m_port}
+    no log
     http-request use-service prometheus-exporter if {{ path /metrics }}
+    use_backend servetool_figures if {{ path {EXPORTER_PATH} }}
+
+backend servetool_figures
+    http-request set-path /metrics
+    server exporter 127.0.0.1:{opts.exporter_port}
 """
+
+
+def render(opts: SplitOptions) -> Path:
+    run = opts.run_dir.resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS, VERSIONS):
+        (run / name).touch()
     path = run / CONFIG
-    path.write_text(config)
+    path.write_text(render_text(opts))
     return path
 
 
@@ -114,12 +141,21 @@ def check_config(path: Path) -> None:
         raise SplitError(f"HAProxy refuses {path}: {' '.join(proc.stderr.split())[:400]}")
 
 
+def command_line(opts: SplitOptions, config: Path, weights_file: str | None = None) -> list[str]:
+    """The process that runs HAProxy and servetool's exporter beside it (split_runtime.py serve)."""
+    return [sys.executable, split_runtime.__file__, "serve", str(opts.run_dir), str(config),
+            str(opts.exporter_port), *([weights_file] if weights_file else [])]
+
+
 def start(opts: SplitOptions, timeout_s: float = 10.0) -> subprocess.Popen:
+    """HAProxy and its exporter as a process of their own (benchmarks; `deploy --split` starts
+    them with TorchServe instead)."""
     config = render(opts)
     check_config(config)
-    proc = subprocess.Popen([haproxy_binary(), "-W", "-db", "-f", str(config)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(command_line(opts, config), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True,
+                            env={**os.environ, "SERVETOOL_HAPROXY": haproxy_binary()})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -134,42 +170,16 @@ def start(opts: SplitOptions, timeout_s: float = 10.0) -> subprocess.Popen:
                      f"{timeout_s:.0f} s")
 
 
-def command(run_dir: Path, line: str) -> str:
-    """One command on HAProxy's admin socket; its answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        try:
-            sock.connect(str(run_dir.resolve() / SOCKET))
-        except OSError as exc:
-            raise SplitError(f"HAProxy's admin socket in {run_dir} does not answer: {exc}") from None
-        sock.sendall(line.encode() + b"\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode().strip()
-
-
 def set_canary(run_dir: Path, model: str, version: str, weight: int) -> None:
-    """Send `weight`% of MODEL's unversioned requests to VERSION (0: none)."""
-    if not 0 <= weight <= 100:
-        raise SplitError(f"a canary weight is a percentage (0 to 100), not {weight}")
-    run = run_dir.resolve()
-    for name, value in ((VERSIONS, version), (WEIGHTS, str(weight))):
-        _write_map(run / name, model, value)  # what HAProxy loads when it starts again
-        answer = command(run_dir, f"set map {run / name} {model} {value}")
-        if answer:  # "entry not found": the first time for this model
-            answer = command(run_dir, f"add map {run / name} {model} {value}")
-        if answer:
-            raise SplitError(f"HAProxy did not take {name} {model}={value}: {answer}")
-
-
-def _write_map(path: Path, key: str, value: str) -> None:
-    lines = [line for line in path.read_text().splitlines() if line.split(" ", 1)[0] != key]
-    path.write_text("".join(f"{line}\n" for line in [*lines, f"{key} {value}"]))
+    """Send `weight`% of MODEL's unversioned requests to VERSION (0: none), on this machine."""
+    try:
+        split_runtime.set_weight(run_dir, model, version, weight)
+    except split_runtime.SplitError as exc:
+        raise SplitError(str(exc)) from None
 
 
 def reset_weight(run_dir: Path, model: str) -> None:
     """MODEL's weight 0 in the map file HAProxy loads at its next start (HAProxy not running)."""
     path = run_dir.resolve() / WEIGHTS
     if path.is_file():
-        _write_map(path, model, "0")
+        split_runtime.write_map(path, model, "0")

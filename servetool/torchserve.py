@@ -335,14 +335,16 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
     if opts.split:  # TorchServe on a loopback port of its own; HAProxy takes the inference port
         from servetool import split
 
-        inner = free_ports(("upstream", "split_metrics"))
+        inner = free_ports(("upstream", "split_metrics", "exporter"))
         split_metrics = inner["split_metrics"]
         upstream = opts.host if opts.host not in ("0.0.0.0", "::", "localhost") else "127.0.0.1"
         split_config = split.render(split.SplitOptions(
             opts.run_dir, (opts.host, opts.ports["inference"]), (upstream, inner["upstream"]),
-            ("127.0.0.1", split_metrics)))
+            ("127.0.0.1", split_metrics), inner["exporter"]))
         split.check_config(split_config)
         split_env = {"SERVETOOL_SPLIT_CONFIG": str(split_config),
+                     "SERVETOOL_SPLIT_EXPORTER_PORT": str(inner["exporter"]),
+                     "SERVETOOL_SPLIT_RUNTIME": split.split_runtime.__file__,
                      "SERVETOOL_HAPROXY": split.haproxy_binary()}
         config_file = render_config(replace(opts, ports={**opts.ports,
                                                          "inference": inner["upstream"]}))

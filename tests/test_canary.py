@@ -136,12 +136,31 @@ def test_a_restart_ends_an_unjudged_automatic_canary_but_keeps_a_manual_weight(t
         assert state["status"] == ("aborted" if status == "running" else "manual")
 
 
+def split_figures(target: LocalTarget) -> dict[tuple[str, ...], float]:
+    """servetool's exporter at the split: (metric, labels...) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{target.running().split_metrics_port}"
+                        f"{split.EXPORTER_PATH}", timeout=5).text
+    return {(s.name, *(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if "le" not in s.labels}
+
+
 def test_the_split_sends_the_weight_and_never_a_named_version(fronted):
     ctl = Canary(fronted)
     state = ctl.set_weight("can", "2.0", 30)
     assert (state["weight"], state["default"]) == (30, "1.0")
+    before = split_figures(fronted)
     seen = versions_seen(fronted, 300)
     assert set(seen) == {"1.0", "2.0"}
+    # every request in the client-side histograms, under the version that answered it
+    time.sleep(0.5)  # the log lines are datagrams, read by another process
+    after = split_figures(fronted)
+    for version in ("1.0", "2.0"):
+        key = ("servetool_request_seconds_count", "model=can", "status=2xx", f"version={version}")
+        assert after[key] - before.get(key, 0) == seen[version], (version, after)
+    assert after[("servetool_canary_weight", "model=can", "version=2.0")] == 30
     assert 0.30 - 0.09 < seen["2.0"] / 300 < 0.30 + 0.09  # 3.5 sigma of a binomial share
     assert versions_seen(fronted, 30, "can/1.0") == {"1.0": 30}  # a named version: no split
     assert fronted.status()["canary"]["weight"] == 30 and fronted.status()["split"] is True
@@ -214,7 +233,7 @@ def test_every_dashboard_panel_reads_real_data_from_prometheus(fronted, tmp_path
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out["targets"]) == {"torchserve", "haproxy"}
+    assert set(out["targets"]) == {"torchserve", "haproxy", "servetool-split"}
     board = json.loads(Path(out["grafana"]["dashboard"]).read_text())
     assert Dashboard.from_json(board).uid == "servetool-models"
     assert (tmp_path / "grafana/provisioning/datasources/servetool.yaml").is_file()
@@ -238,6 +257,10 @@ def test_every_dashboard_panel_reads_real_data_from_prometheus(fronted, tmp_path
             assert any(v == v for v in result.values()), title
         share = query(prom_port, expressions("can", "30s")["Canary share (observed at the split)"])
         assert 0.15 < share[""] < 0.45, share
+        assert query(prom_port, expressions("can", "30s")["Canary weight (set)"]) == {candidate: 30}
+        p99 = query(prom_port, expressions("can", "30s")[
+            "Request p99 at the split (as the client sees it)"])
+        assert 0 < p99[default] < 1 and 0 < p99[candidate] < 1, p99
     finally:
         Canary(fronted).abort("can")
         server.terminate()

@@ -242,6 +242,30 @@ def test_published_ports_are_loopback_only_by_default():
     assert env["TS_GRPC_INFERENCE_ADDRESS"] == "127.0.0.1" and env["TS_GRPC_INFERENCE_PORT"] == "17070"
 
 
+def test_the_split_in_a_container_fronts_the_inference_port_and_publishes_its_metrics(tmp_path):
+    """With --split, HAProxy takes the container's inference port and TorchServe moves behind it
+    on loopback; the split's metrics port is published on the host's loopback. The config,
+    rendered for the container's paths, is one HAProxy accepts (once those paths exist)."""
+    from servetool import split
+    from servetool.targets.docker import CONTAINER_SPLIT_PORTS, published_ports, split_env
+
+    ports = {"inference": 18080, "management": 18081, "metrics": 18082}
+    env, metrics_port = split_env("ports", ports)
+    assert env["TS_INFERENCE_ADDRESS"] == f"http://127.0.0.1:{CONTAINER_SPLIT_PORTS['upstream']}"
+    text = env["SERVETOOL_SPLIT_CONFIG_TEXT"]
+    assert "bind 0.0.0.0:8080\n" in text and f"{image.CONTAINER_WORK}/haproxy.sock" in text
+    assert published_ports("ports", ports, "127.0.0.1", metrics_port)["8088/tcp"] == \
+        ("127.0.0.1", metrics_port)
+    host_env, _ = split_env("host", ports)
+    assert "bind 127.0.0.1:18080\n" in host_env["SERVETOOL_SPLIT_CONFIG_TEXT"]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(text.replace(image.CONTAINER_WORK, str(tmp_path)))
+    for name in (split.WEIGHTS, split.VERSIONS):
+        (tmp_path / name).touch()
+    if shutil.which("haproxy"):
+        split.check_config(config)
+
+
 @pytest.mark.docker
 def test_mounted_models_and_config_instead_of_baked(tmp_path, model_store, docker_engine, held_out):
     env = {**docker_engine, "SERVETOOL_TARGET": "docker"}
@@ -355,5 +379,80 @@ def test_docker_deploy_watch_serves_published_versions_and_a_new_container_resto
         assert deploy()["server_started"] is True
         assert versions() == {"1.0": True, "2.0": False}
         assert answering() == "1.0"
+    finally:
+        cli("stop", env=env, cwd=tmp_path)
+
+
+@pytest.mark.docker
+def test_docker_canary_split_in_the_container(tmp_path, model_store, docker_engine):
+    """`deploy --target docker --split`: HAProxy and servetool's exporter inside the container,
+    TorchServe behind them; `servetool canary` sets the weight through the container, and the
+    split's metrics (HAProxy's and servetool's) answer on the host's loopback."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from servetool.split import EXPORTER_PATH
+    from tests.test_lifecycle import IMAGE, rewrite_archive
+
+    env = {**docker_engine, "SERVETOOL_TARGET": "docker"}
+    tmp_path.chmod(0o755)
+    store = tmp_path / "store"
+    store.mkdir(mode=0o755)
+    shutil.copy(model_store / "digits.mar", store / "digits.mar")
+    (store / "digits.mar").chmod(0o644)
+    ports = free_ports()
+    common = ["--model-store", str(store), "--json"]
+
+    def deploy(*extra: str) -> dict:
+        proc = cli("deploy", "digits", "--target", "docker", "--split", "--mount-models",
+                   "--network", "host",  # this engine has no bridge network
+                   "--base-image", LOCAL_BASE_IMAGE, "--container-name", "servetool-split",
+                   *extra, *common, *port_args(ports), env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
+
+    def answers(n: int, path: str = "digits") -> dict[str, int]:
+        key = cli("token", env=env, cwd=tmp_path).stdout.strip()
+        seen: dict[str, int] = {}
+        with requests.Session() as session:
+            for _ in range(n):
+                reply = session.post(f"http://127.0.0.1:{ports['inference']}/predictions/{path}",
+                                     data=IMAGE, headers={"Authorization": f"Bearer {key}"},
+                                     timeout=30)
+                assert reply.status_code == 200, reply.text
+                version = reply.headers["X-Model-Version"]
+                seen[version] = seen.get(version, 0) + 1
+        return seen
+
+    deploy()
+    try:
+        # version 2.0 loaded beside the default, not promoted: the canary's candidate
+        rewrite_archive(model_store / "digits.mar", store / "digits.mar", version="2.0")
+        (store / "digits.mar").chmod(0o644)
+        assert deploy("--no-promote")["server_started"] is False
+        assert answers(20) == {"1.0": 20}
+        set_weight = cli("canary", "digits", "2.0", "--weight", "50", *common, env=env, cwd=tmp_path)
+        assert set_weight.returncode == 0, set_weight.stderr
+        status = json.loads(cli("status", "--json", env=env, cwd=tmp_path).stdout)
+        split_url = status["endpoints"]["split_metrics"]
+        assert split_url.startswith("http://127.0.0.1:")
+
+        def figures() -> dict:
+            text = requests.get(split_url.rsplit("/", 1)[0] + EXPORTER_PATH, timeout=5).text
+            return {(s.name, s.labels.get("version"), s.labels.get("status")): s.value
+                    for f in text_string_to_metric_families(text) for s in f.samples}
+
+        before = figures()
+        seen = answers(200)
+        assert 0.5 - 0.13 < seen.get("2.0", 0) / 200 < 0.5 + 0.13, seen  # 3.5 sigma
+        time.sleep(0.5)  # log lines are datagrams, read by another process
+        after = figures()
+        assert after[("servetool_canary_weight", "2.0", None)] == 50
+        for version in ("1.0", "2.0"):
+            key = ("servetool_request_seconds_count", version, "2xx")
+            assert after[key] - before.get(key, 0) == seen[version], (version, after)
+        assert answers(20, "digits/1.0") == {"1.0": 20}  # a named version: never split
+        aborted = cli("canary", "digits", "--abort", *common, env=env, cwd=tmp_path)
+        assert aborted.returncode == 0, aborted.stderr
+        assert answers(30) == {"1.0": 30}
     finally:
         cli("stop", env=env, cwd=tmp_path)

@@ -38,7 +38,7 @@ def query(port: int, promql: str) -> dict[str, float]:
     reply = requests.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": promql},
                          timeout=10).json()
     assert reply["status"] == "success", reply
-    return {r["metric"].get("ModelVersion", ""): float(r["value"][1])
+    return {r["metric"].get("ModelVersion", r["metric"].get("version", "")): float(r["value"][1])
             for r in reply["data"]["result"]}
 
 

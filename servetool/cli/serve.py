@@ -58,8 +58,9 @@ from servetool.torchserve import DEFAULT_PORTS
               help="Load new versions beside the default without making them the default (for "
                    "`servetool canary` or `promote` later).")
 @click.option("--split", "with_split", is_flag=True,
-              help="local: HAProxy on the inference port in front of TorchServe, so that "
-                   "`servetool canary` can split a model's traffic between versions.")
+              help="HAProxy on the inference port in front of TorchServe (local, docker: beside "
+                   "it; kubernetes: in every pod), so that `servetool canary` can split a "
+                   "model's traffic between versions.")
 @click.option("--restart-on-crash", is_flag=True,
               help="Bring a crashed server back with every model, version and worker count: "
                    "local: a supervisor process; docker: a restart policy (TorchServe restores "
@@ -166,9 +167,6 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
                          ca_certs=list(ca_certs) or None),
             network=network, container_name=container_name, publish_host=host,
             cpus=docker_cpus, memory_limit=docker_memory, restart_on_crash=restart_on_crash)
-    if with_split and target != "local":
-        raise ServetoolError("--split (the canary's HAProxy front) is built for the local target "
-                             "so far; docker and kubernetes follow (issue 14)")
     tgt = make_target(run_dir, model_store, target, docker_opts, base_config=base_config,
                       host=host, ports=ports, startup_timeout_s=timeout, split=with_split)
     if keep is not None:

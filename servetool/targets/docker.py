@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from servetool import image, lifecycle, torchserve
+from servetool import image, lifecycle, split, torchserve
 from servetool.errors import first_line
 from servetool.management import APIError, Client
 from servetool.targets.local import DeployError, LocalTarget, find_archives, stop_watcher
@@ -79,12 +79,42 @@ def container_env(network: str, ports: dict[str, int]) -> dict[str, str]:
     return env
 
 
-def published_ports(network: str, ports: dict[str, int], host: str = "127.0.0.1") -> dict[str, Any]:
-    """docker run's port map: each HTTP API on the host's loopback only (gRPC is not published)."""
+def published_ports(network: str, ports: dict[str, int], host: str = "127.0.0.1",
+                    split_metrics: int | None = None) -> dict[str, Any]:
+    """docker run's port map: each HTTP API on the host's loopback only (gRPC is not published),
+    and the split's metrics port when there is one."""
     if network == "host":
         return {}
-    return {f"{image.CONTAINER_PORTS[api]}/tcp": (host, ports[api])
-            for api in ("inference", "management", "metrics")}
+    found = {f"{image.CONTAINER_PORTS[api]}/tcp": (host, ports[api])
+             for api in ("inference", "management", "metrics")}
+    if split_metrics:
+        found[f"{CONTAINER_SPLIT_PORTS['split_metrics']}/tcp"] = (host, split_metrics)
+    return found
+
+
+# Inside the container, with the split on: HAProxy takes the inference port, TorchServe moves to
+# `upstream` on loopback, and the split's metrics (HAProxy's and servetool's exporter) get a port.
+CONTAINER_SPLIT_PORTS = {"upstream": 8089, "split_metrics": 8088, "exporter": 8087}
+
+
+def split_env(network: str, ports: dict[str, int]) -> tuple[dict[str, str], int]:
+    """The container's environment for the split (its HAProxy config rendered for the container's
+    paths), and the host port of the split's metrics."""
+    if network == "host":  # the host's ports: all chosen free here
+        inner = torchserve.free_ports(("upstream", "split_metrics", "exporter"))
+        listen, metrics_host = ("127.0.0.1", ports["inference"]), "127.0.0.1"
+        published = inner["split_metrics"]
+    else:
+        inner = dict(CONTAINER_SPLIT_PORTS)
+        listen, metrics_host = ("0.0.0.0", image.CONTAINER_PORTS["inference"]), "0.0.0.0"
+        published = torchserve.free_ports(("split_metrics",))["split_metrics"]
+    text = split.render_text(split.SplitOptions(
+        Path(image.CONTAINER_WORK), listen, ("127.0.0.1", inner["upstream"]),
+        (metrics_host, inner["split_metrics"]), inner["exporter"]))
+    return {"SERVETOOL_SPLIT_CONFIG_TEXT": text,
+            "SERVETOOL_SPLIT_EXPORTER_PORT": str(inner["exporter"]),
+            "SERVETOOL_SPLIT_RUNTIME": image.CONTAINER_SPLIT_RUNTIME,
+            "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{inner['upstream']}"}, published
 
 
 def check_readable(model_store: Path, uid: int = 1000) -> None:
@@ -196,6 +226,7 @@ class DockerTarget(LocalTarget):
     def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
         archives = find_archives(names, self.opts.model_store)
         img_opts = self.docker_opts.image
+        img_opts.with_split = img_opts.with_split or self.opts.split
         self._image = image.build_image(img_opts, archives, self.progress)
         result = super().deploy(names, timeout_s)
         container = self.container()
@@ -223,7 +254,7 @@ class DockerTarget(LocalTarget):
                 "config": None if d.image.bake_config else hashlib.sha256(
                     self._mounted_config().read_bytes()).hexdigest(),
                 "model_store": str(self.opts.model_store.resolve()), "env": d.extra_env,
-                "restart": d.restart_on_crash}
+                "restart": d.restart_on_crash, "split": self.opts.split}
 
     def _mounted_config(self) -> Path:
         return (self.docker_opts.image.out_dir / image.CONFIG_IN_CONTEXT).resolve()
@@ -248,14 +279,21 @@ class DockerTarget(LocalTarget):
             str(opts.model_store.resolve()): {"bind": image.CONTAINER_STORE, "mode": "ro"}}
         if not dopts.image.bake_config:
             volumes[str(self._mounted_config())] = {"bind": image.CONTAINER_CONFIG, "mode": "ro"}
+        env, split_metrics = container_env(dopts.network, opts.ports), None
+        if opts.split:  # a new container's split starts at 0: an automatic canary ends unjudged
+            from servetool.canary import on_server_start
+
+            on_server_start(opts.run_dir)
+            more, split_metrics = split_env(dopts.network, opts.ports)
+            env |= more
         self.progress(f"starting container {dopts.container_name} from {self._image['tag']}")
         try:
             container = self.engine.containers.run(
                 self._image["tag"], detach=True, name=dopts.container_name,
-                labels={LABEL: "docker"},
-                environment=container_env(dopts.network, opts.ports) | dopts.extra_env,
+                labels={LABEL: "docker"}, environment=env | dopts.extra_env,
                 network_mode="host" if dopts.network == "host" else None,
-                ports=published_ports(dopts.network, opts.ports, dopts.publish_host) or None,
+                ports=published_ports(dopts.network, opts.ports, dopts.publish_host,
+                                      split_metrics) or None,
                 volumes=volumes or None, mem_limit=dopts.memory_limit,
                 restart_policy={"Name": "unless-stopped"} if dopts.restart_on_crash else None,
                 nano_cpus=int(dopts.cpus * 1e9) if dopts.cpus else None)
@@ -264,7 +302,8 @@ class DockerTarget(LocalTarget):
         rendered = dopts.image.out_dir / "runtime" / "config.properties"
         state = torchserve.ServerState(run_dir=str(opts.run_dir.resolve()), pid=0, host="127.0.0.1",
                                        ports=dict(opts.ports), model_store=str(opts.model_store.resolve()),
-                                       token_auth=torchserve.token_auth_enabled(rendered))
+                                       token_auth=torchserve.token_auth_enabled(rendered),
+                                       split_metrics_port=split_metrics)
         opts.run_dir.mkdir(parents=True, exist_ok=True)
         if dopts.image.bake_models:  # a new image holds only the archives it was built with
             (opts.run_dir / lifecycle.RECORD_FILE).unlink(missing_ok=True)
@@ -307,6 +346,17 @@ class DockerTarget(LocalTarget):
             time.sleep(0.5)
         raise DeployError(f"TorchServe in the container was not healthy within {timeout_s:.0f} s "
                           f"(last: {last}).\n" + self.failure_logs())
+
+    def set_split(self, model: str, version: str, weight: int) -> None:
+        """The canary weight, set by the split's own helper inside the container."""
+        container = self.container()
+        if container is None:
+            raise DeployError("the servetool container is gone: `servetool deploy --target docker`")
+        code, out = container.exec_run(["python3", image.CONTAINER_SPLIT_RUNTIME, "set", model,
+                                        version, str(weight)], user="1000")
+        if code != 0:
+            raise split.SplitError(f"the split in container {container.name} refused "
+                                   f"{model} {version} {weight}%: {out.decode(errors='replace').strip()}")
 
     def down(self) -> bool:
         stop_watcher(self.opts.run_dir)

@@ -94,6 +94,12 @@ class LocalTarget:
             on_server_start(self.opts.run_dir)
         return torchserve.start(self.opts, self.progress), True
 
+    def set_split(self, model: str, version: str, weight: int) -> None:
+        """Send `weight`% of MODEL's unversioned requests to VERSION at the split (deploy --split)."""
+        from servetool import split
+
+        split.set_canary(Path(self.require_running().run_dir), model, version, weight)
+
     def down(self) -> bool:
         from servetool import supervise
 
