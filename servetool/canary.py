@@ -3,8 +3,9 @@ behaves like the default, promoted at the end, or rolled back on a breach.
 
 The split is HAProxy's (servetool/split.py, `deploy --split`): a weight per model, changed at run
 time through the target (on this machine, or inside the Docker container). The judgement reads
-servetool's handler metrics per version from TorchServe's metrics port (servetool/top.py): over each step, the candidate's error ratio may exceed the default's by at most
-`max_error_increase` (absolute), and its p99 inference time may be at most `max_p99_ratio` times
+servetool's handler metrics per version from TorchServe's metrics port (servetool/top.py): over
+each step, the candidate's error ratio may exceed the default's by at most `max_error_increase`
+(absolute), and its p99 inference time may be at most `max_p99_ratio` times
 the default's. A step is judged only once the candidate has answered `min_requests` requests in
 it; until then the controller waits and says how many it has (a quiet model does not get promoted
 on no evidence, and the wait is visible). On a breach the weight goes to 0 at once (the default
