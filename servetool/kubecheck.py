@@ -67,7 +67,8 @@ def _check_workload(obj: dict[str, Any], pod: dict[str, Any], names: set[str]) -
                f"Secret/{volume['secret']['secretName']}" if "secret" in volume else
                f"PersistentVolumeClaim/{volume['persistentVolumeClaim']['claimName']}"
                if "persistentVolumeClaim" in volume else None)
-        if ref and ref not in names:
+        optional = (volume.get("configMap") or volume.get("secret") or {}).get("optional")
+        if ref and ref not in names and not optional:  # an optional one may come later
             found.append(f"{where}: volume {volume['name']} refers to {ref}, which does not exist")
     for c in pod["containers"]:
         cwhere = f"{where} container {c['name']}"

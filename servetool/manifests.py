@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from servetool import archive, image, torchserve
+from servetool import archive, image, split, torchserve
 from servetool.errors import ServetoolError
 
 BASE_NAME = "servetool"
@@ -40,7 +40,11 @@ BASE_IMAGE_NAME = "servetool"
 CONFIG_DIR = "/etc/servetool/config"
 KEYS_DIR = "/etc/servetool/keys"
 POD_PORTS = {"http": 8080, "management": 8081, "metrics": 8082, "torchserve": 8085,
-             "grpc_inference": 7070, "grpc_management": 7071}
+             "grpc_inference": 7070, "grpc_management": 7071,
+             # the canary split (--split): TorchServe moves behind HAProxy to "upstream"
+             "upstream": 8086, "split_exporter": 8087, "split_metrics": 8088}
+CANARY_DIR = "/etc/servetool/canary"
+CANARY_FILE = "weights.json"
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -75,6 +79,13 @@ class KubeOptions:
     workers: dict[str, int] = field(default_factory=dict)  # per model; default: the archive's, or 1
     base_config: Path | None = None
     watch: WatchSpec | None = None
+    split: bool = False  # HAProxy in every pod, its weights from the canary ConfigMap
+
+    @property
+    def canary_config_map(self) -> str:
+        """Written by `servetool canary --target kubernetes`, not by deploy (a deploy must not
+        reset a canary); the pods mount it as optional."""
+        return f"{self.name}-{BASE_NAME}-canary"
 
     def check(self) -> None:
         if not NAME_RE.match(self.name) or len(self.name) > 40:
@@ -241,6 +252,8 @@ def pod_properties(opts: KubeOptions, archives: list[Path]) -> str:
         props["disable_token_authorization"] = "true"
     else:
         props.pop("disable_token_authorization", None)
+    if opts.split:  # HAProxy takes TorchServe's place; TorchServe listens behind it
+        props["inference_address"] = f"http://127.0.0.1:{POD_PORTS['upstream']}"
     props["enable_model_api"] = "true" if opts.watch else "false"
     props["enable_envvars_config"] = "false"
     models: dict[str, Any] = {}
@@ -324,6 +337,8 @@ def overlay(opts: KubeOptions, archives: list[Path]) -> tuple[dict[str, Any], li
         ]
     if opts.watch:
         deploy_ops += watch_ops(opts.watch, opts.token_auth)
+    if opts.split:
+        deploy_ops += split_ops(opts)
     patches = [
         {"target": {"kind": "ConfigMap", "name": BASE_NAME},
          "patch": [{"op": "replace", "path": "/data/config.properties", "value": props}]},
@@ -396,6 +411,46 @@ def watch_ops(watch: WatchSpec, token_auth: bool) -> list[dict[str, Any]]:
     return ops
 
 
+def split_ops(opts: KubeOptions) -> list[dict[str, Any]]:
+    """The canary split in the pod: HAProxy and servetool's exporter beside TorchServe in its
+    container (split_runtime.py), where the gateway (or, without one, the Service) sends requests;
+    the weights come from the canary ConfigMap, which the pod reads again every few seconds."""
+    pod = "/spec/template/spec"
+    listen = ("127.0.0.1", POD_PORTS["torchserve"]) if opts.token_auth else \
+        ("0.0.0.0", POD_PORTS["http"])
+    text = split.render_text(split.SplitOptions(
+        Path(image.CONTAINER_WORK), listen, ("127.0.0.1", POD_PORTS["upstream"]),
+        ("0.0.0.0", POD_PORTS["split_metrics"]), POD_PORTS["split_exporter"]))
+    env = {"SERVETOOL_SPLIT_CONFIG_TEXT": text,
+           "SERVETOOL_SPLIT_EXPORTER_PORT": str(POD_PORTS["split_exporter"]),
+           "SERVETOOL_SPLIT_RUNTIME": image.CONTAINER_SPLIT_RUNTIME,
+           "SERVETOOL_SPLIT_WEIGHTS": f"{CANARY_DIR}/{CANARY_FILE}"}
+    ops = [{"op": "add", "path": f"{pod}/containers/0/env/-", "value": {"name": k, "value": v}}
+           for k, v in env.items()]
+    ops += [
+        {"op": "add", "path": f"{pod}/containers/0/ports/-",
+         "value": {"name": "split-metrics", "containerPort": POD_PORTS["split_metrics"],
+                   "protocol": "TCP"}},
+        {"op": "add", "path": f"{pod}/volumes/-",
+         "value": {"name": "canary", "configMap": {"name": opts.canary_config_map,
+                                                   "optional": True}}},
+        {"op": "add", "path": f"{pod}/containers/0/volumeMounts/-",
+         "value": {"name": "canary", "mountPath": CANARY_DIR, "readOnly": True}},
+    ]
+    if opts.token_auth:  # the gateway forwards to the split, not to TorchServe itself
+        ops.append({"op": "add", "path": f"{pod}/containers/1/env/-", "value": {
+            "name": "SERVETOOL_GATEWAY_UPSTREAM", "value": f"127.0.0.1:{POD_PORTS['torchserve']}"}})
+    return ops
+
+
+def canary_config_map(opts: KubeOptions, weights: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The canary ConfigMap: {MODEL: {"version": V, "weight": W}} for every pod's split."""
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": opts.canary_config_map, "namespace": opts.namespace,
+                         "labels": {**_labels("canary"), "app.kubernetes.io/instance": opts.name}},
+            "data": {CANARY_FILE: json.dumps(weights, sort_keys=True)}}
+
+
 def secret_object(key: str) -> dict[str, Any]:
     """The shared client key. Written to the overlay (git-ignored, mode 600), never into the base."""
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
@@ -432,7 +487,8 @@ def objects(opts: KubeOptions, archives: list[Path], key: str | None) -> list[di
                 if container["image"] == BASE_IMAGE_NAME:
                     container["image"] = ref
             for volume in pod["spec"]["volumes"]:
-                if "configMap" in volume:
+                # kustomize renames references to its own objects only (not the canary's)
+                if "configMap" in volume and volume["configMap"]["name"] == BASE_NAME:
                     volume["configMap"]["name"] = prefix + volume["configMap"]["name"]
                 if "secret" in volume:
                     volume["secret"]["secretName"] = prefix + volume["secret"]["secretName"]

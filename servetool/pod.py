@@ -514,7 +514,7 @@ class Gateway(BaseHTTPRequestHandler):
         for attempt in (1, 2):  # a kept-alive connection the server closed is retried once
             conn = getattr(self.local, "conn", None)
             if conn is None:
-                host, port = address("inference")
+                host, port = gateway_upstream()
                 conn = self.local.conn = http.client.HTTPConnection(host, port, timeout=300)
             try:
                 conn.request(method, path, body=body, headers=headers)
@@ -530,6 +530,16 @@ class Gateway(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_OPTIONS = _forward
 
 
+def gateway_upstream() -> tuple[str, int]:
+    """Where the gateway forwards: TorchServe's inference API, or the canary split in front of it
+    (SERVETOOL_GATEWAY_UPSTREAM, HOST:PORT) when the pod has one."""
+    configured = os.environ.get("SERVETOOL_GATEWAY_UPSTREAM")
+    if configured:
+        host, _, port = configured.rpartition(":")
+        return host, int(port)
+    return address("inference")
+
+
 def run_gateway() -> None:
     listen = os.environ.get("SERVETOOL_GATEWAY_LISTEN", "0.0.0.0:8080")
     host, _, port = listen.rpartition(":")
@@ -539,7 +549,7 @@ def run_gateway() -> None:
         sys.exit(2)
     server = ThreadingHTTPServer((host, int(port)), Gateway)
     server.daemon_threads = True
-    print(f"gateway: listening on {listen}, forwarding to {address('inference')}", file=sys.stderr)
+    print(f"gateway: listening on {listen}, forwarding to {gateway_upstream()}", file=sys.stderr)
     server.serve_forever()
 
 

@@ -104,22 +104,37 @@ def weights(run_dir: Path) -> dict[str, tuple[str, int]]:
 
 
 def apply_weights_file(run_dir: Path, path: Path, applied: dict) -> dict:
-    """Apply a ConfigMap's {"MODEL": {"version": V, "weight": W}} when it changed."""
+    """Apply a ConfigMap's {"MODEL": {"version": V, "weight": W}} where it changed; `applied` is
+    what was applied (and the last complaint, said once, not every poll)."""
     try:
         wanted = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError) as exc:
-        print(f"servetool split: cannot read {path}: {exc}", file=sys.stderr, flush=True)
+        if not isinstance(wanted, dict):
+            raise ValueError("not a JSON object of models")
+    except FileNotFoundError:  # no canary ConfigMap (yet): an optional mount stays empty
         return applied
+    except (OSError, ValueError) as exc:
+        return _complain(applied, "", f"cannot read {path}: {exc}")
     for model, entry in wanted.items():
-        target = (str(entry.get("version", "")), int(entry.get("weight", 0)))
+        try:
+            target = (str(entry["version"]), int(entry["weight"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            applied = _complain(applied, model, f"{model}: {{\"version\", \"weight\"}} wanted, "
+                                f"not {entry!r} ({exc})")
+            continue
         if applied.get(model) != target:
             try:
                 set_weight(run_dir, model, *target)
                 applied = {**applied, model: target}
                 print(f"servetool split: {model} {target[1]}% to {target[0]}", flush=True)
-            except (SplitError, ValueError) as exc:
-                print(f"servetool split: {model}: {exc}", file=sys.stderr, flush=True)
+            except SplitError as exc:  # HAProxy not up yet: tried again at the next poll
+                applied = _complain(applied, model, f"{model}: {exc}")
     return applied
+
+
+def _complain(applied: dict, key: str, message: str) -> dict:
+    if applied.get(("complaint", key)) != message:
+        print(f"servetool split: {message}", file=sys.stderr, flush=True)
+    return {**applied, ("complaint", key): message}
 
 
 # --- the exporter --------------------------------------------------------------------------------

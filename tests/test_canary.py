@@ -265,3 +265,21 @@ def test_every_dashboard_panel_reads_real_data_from_prometheus(fronted, tmp_path
         Canary(fronted).abort("can")
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_a_pods_weights_file_never_stops_the_split(tmp_path, capsys):
+    """What a pod's split does with its canary ConfigMap's file: nothing while it is absent, one
+    complaint (not one per poll) for a file it cannot use, and a retry while HAProxy is not up."""
+    from servetool.split_runtime import apply_weights_file
+
+    path = tmp_path / "weights.json"
+    assert apply_weights_file(tmp_path, path, {}) == {}
+    for text, said in (("{not json", "cannot read"), ('["digits"]', "not a JSON object"),
+                       ('{"digits": 7}', '{"version", "weight"} wanted'),
+                       ('{"digits": {"version": "2.0", "weight": 10}}', "admin socket")):
+        path.write_text(text)
+        applied = apply_weights_file(tmp_path, path, {})
+        applied = apply_weights_file(tmp_path, path, applied)
+        err = capsys.readouterr().err
+        assert err.count(said) == 1, (text, err)
+        assert "digits" not in applied  # nothing was applied: tried again at the next poll

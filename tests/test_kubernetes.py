@@ -21,7 +21,8 @@ import pytest
 import requests
 import yaml
 
-from servetool import image, kubecheck, manifests
+from servetool import image, kubecheck, manifests, split
+from servetool.pod import parse_properties
 from servetool.targets.kubernetes import set_workers
 from servetool.torchserve import free_ports, port_in_use
 from tests.conftest import LOCAL_BASE_IMAGE, ROOT, png_bytes
@@ -224,6 +225,58 @@ def test_watching_pods_each_follow_the_bucket(tmp_path, model_store):
     assert_clean_error(proc, "does not combine with --models-pvc")
 
 
+def test_split_pods_put_haproxy_between_the_gateway_and_torchserve(tmp_path, model_store):
+    """--split: HAProxy in the TorchServe container on the port the gateway forwards to
+    (TorchServe moves behind it), its weights from an optional canary ConfigMap that deploy never
+    writes (a redeploy must not reset a canary); kustomize renders what servetool applies."""
+    result = render(tmp_path, model_store, "--split", name="split")
+    objs = kustomize(str(tmp_path / result["overlay"]))
+    opts = manifests.KubeOptions(name="split", image=result["image"], split=True,
+                                 base_config=ROOT / "config.properties")
+    ours = manifests.objects(opts, [model_store / "digits.mar"],
+                             manifests.read_key(tmp_path / result["overlay"]))
+    assert {(o["kind"], o["metadata"]["name"]): o for o in objs} == \
+        {(o["kind"], o["metadata"]["name"]): o for o in ours}
+    assert kubecheck.problems(objs) == []
+    kinds = by_kind(objs)
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    env = {e["name"]: e.get("value") for e in containers["torchserve"]["env"]}
+    config = env["SERVETOOL_SPLIT_CONFIG_TEXT"]
+    assert f"bind 127.0.0.1:{manifests.POD_PORTS['torchserve']}\n" in config
+    assert f"server torchserve 127.0.0.1:{manifests.POD_PORTS['upstream']}\n" in config
+    props = parse_properties(kinds["ConfigMap"]["data"]["config.properties"])
+    assert props["inference_address"] == f"http://127.0.0.1:{manifests.POD_PORTS['upstream']}"
+    gateway_env = {e["name"]: e.get("value") for e in containers["gateway"]["env"]}
+    assert gateway_env["SERVETOOL_GATEWAY_UPSTREAM"] == f"127.0.0.1:{manifests.POD_PORTS['torchserve']}"
+    canary = next(v for v in pod["volumes"] if v["name"] == "canary")
+    assert canary["configMap"] == {"name": "split-servetool-canary", "optional": True}
+    assert "split-servetool-canary" not in result["objects"]
+    assert {"name": "split-metrics", "containerPort": manifests.POD_PORTS["split_metrics"],
+            "protocol": "TCP"} in containers["torchserve"]["ports"]
+    for version in (K8S_VERSIONS[0], K8S_VERSIONS[-1]):
+        assert_valid(objs, version, tmp_path)
+    # no gateway: HAProxy itself on the Service's port
+    (tmp_path / "open").mkdir()
+    open_result = render(tmp_path / "open", model_store, "--split", "--no-token-auth", name="open")
+    open_pod = by_kind(kustomize(str(tmp_path / "open" / open_result["overlay"])))["Deployment"]
+    open_env = {e["name"]: e.get("value") for e in
+                open_pod["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert f"bind 0.0.0.0:{manifests.POD_PORTS['http']}\n" in open_env["SERVETOOL_SPLIT_CONFIG_TEXT"]
+    # the image it names carries HAProxy: another tag than the plain one
+    (tmp_path / "plain").mkdir()
+    assert render(tmp_path / "plain", model_store, name="plain")["image"] != result["image"]
+
+
+def test_kubernetes_canary_needs_a_cluster_and_refuses_auto(tmp_path):
+    proc = run("canary", "digits", "2.0", "--weight", "10", "--target", "kubernetes", "--name",
+               "digits", cwd=tmp_path)
+    assert_clean_error(proc, "no kubeconfig given")
+    proc = run("canary", "digits", "2.0", "--auto", "--target", "kubernetes", "--name", "digits",
+               cwd=tmp_path)
+    assert_clean_error(proc, "--auto judges one server's figures")
+
+
 def test_cluster_commands_without_kubeconfig_say_so(tmp_path, model_store):
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     proc = run("deploy", "--target", "kubernetes", "--model-store", str(model_store), cwd=tmp_path,
@@ -255,7 +308,9 @@ def run_pod(engine, pod: dict, volumes_dir: Path, objs: list[dict], name: str,
     for volume in pod["volumes"]:
         folder = volumes_dir / volume["name"]
         folder.mkdir(parents=True)
-        if "configMap" in volume:
+        if "configMap" in volume and volume["configMap"].get("optional"):
+            pass  # the user's ConfigMap (the canary's), not there yet: an empty folder
+        elif "configMap" in volume:
             for key, value in kinds["ConfigMap"]["data"].items():
                 (folder / key).write_text(value)
         elif "secret" in volume:
@@ -433,14 +488,15 @@ def test_a_watching_pod_under_docker_serves_what_is_published_to_the_bucket(
         tmp_path, model_store, docker_engine):
     """The rendered watching pod (seed init container, TorchServe, gateway, watcher) as a kubelet
     would run it, following a bucket of moto's S3 server: version 2.0 uploaded there is served
-    through the gateway without anyone calling the pod."""
+    through the gateway without anyone calling the pod. The pod has the canary split too: the
+    weights written to its canary ConfigMap's mount send a share back to 1.0."""
     from tests.test_lifecycle import moto_server, rewrite_archive
 
     engine = image.docker_client_for(docker_engine["DOCKER_HOST"])
     busy = [p for p in (*manifests.POD_PORTS.values(), manifests.WATCH_METRICS_PORT)
             if port_in_use("127.0.0.1", p)]
     assert not busy, f"the stand-in pod needs ports {busy} free on this machine"
-    proc = run("image", "digits", "--with-watcher", "--model-store", str(model_store),
+    proc = run("image", "digits", "--with-watcher", "--with-split", "--model-store", str(model_store),
                "--base-image", LOCAL_BASE_IMAGE, "--config", str(ROOT / "config.properties"),
                "--json", cwd=tmp_path, env=docker_engine, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -457,7 +513,7 @@ def test_a_watching_pod_under_docker_serves_what_is_published_to_the_bucket(
     s3.create_bucket(Bucket="models")
     result = render(tmp_path, model_store, "--image", built["tag"], "--watch", "s3://models/prod",
                     "--watch-endpoint-url", endpoint, "--watch-interval", "1", "--watch-secret",
-                    "models-s3", name="watched")
+                    "models-s3", "--split", name="watched")
     objs = kustomize(str(tmp_path / result["overlay"]))
     pod = by_kind(objs)["Deployment"]["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in pod["containers"]}
@@ -503,7 +559,32 @@ def test_a_watching_pod_under_docker_serves_what_is_published_to_the_bucket(
              "headers={'Authorization': 'Bearer ' + p.client_keys()['management']['key']}); "
              "import urllib.error as e\ntry: u.urlopen(r)\nexcept e.HTTPError as x: print(x.code)"])
         assert out.decode().strip() == "403", out
+        check_canary_in_pod(tmp_path / "volumes" / "canary", answering)
     finally:
         for handle in started:
             handle.remove(force=True)
         s3_server.terminate()
+
+
+def check_canary_in_pod(mount: Path, answering) -> None:
+    """What `servetool canary --target kubernetes` writes, as the kubelet lays out the mount:
+    half of the unversioned requests go to 1.0; servetool's figures at the split say so."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    (mount / manifests.CANARY_FILE).write_text(json.dumps({"digits": {"version": "1.0",
+                                                                      "weight": 50}}))
+    deadline = time.monotonic() + 20
+    while answering() != "1.0":  # the pod reads the file again every 2 s
+        assert time.monotonic() < deadline, "the split never sent a request to 1.0"
+    seen = [answering() for _ in range(120)]
+    assert 0.5 - 0.16 < seen.count("1.0") / 120 < 0.5 + 0.16, seen  # 3.5 sigma
+    text = requests.get(f"http://127.0.0.1:{manifests.POD_PORTS['split_metrics']}"
+                        f"{split.EXPORTER_PATH}", timeout=5).text
+    samples = {(s.name, s.labels.get("version")): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("servetool_canary_weight", "1.0")] == 50
+    assert samples[("servetool_request_seconds_count", "1.0")] >= seen.count("1.0")
+    (mount / manifests.CANARY_FILE).write_text(json.dumps({"digits": {"version": "1.0",
+                                                                      "weight": 0}}))
+    time.sleep(3)
+    assert {answering() for _ in range(30)} == {"2.0"}

@@ -13,9 +13,12 @@ from servetool.cli.common import (
     emit,
     friendly_errors,
     json_option,
+    kube_options,
+    kube_target,
     main,
     make_target,
     progress,
+    require_name,
     server_options,
 )
 from servetool.errors import ServetoolError
@@ -195,17 +198,29 @@ def _steps(text: str) -> tuple[int, ...]:
               help="--auto: requests the candidate must answer in a step before it is judged.")
 @click.option("--abort", is_flag=True, help="Send MODEL's traffic back to the default.")
 @server_options
+@kube_options
 @json_option
 @friendly_errors
 def canary(model: str, version: str | None, weight: int | None, auto: bool, steps: str,
            interval_s: float, max_error_increase: float, max_p99_ratio: float, min_requests: int,
-           abort: bool, run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
+           abort: bool, run_dir: Path, model_store: Path, target: str, kubeconfig: Path | None,
+           kube_context: str | None, namespace: str, deployment_name: str | None,
+           manifests_dir: Path, as_json: bool) -> None:
     """Release VERSION of MODEL to a share of its traffic (`deploy --split` puts HAProxy in front
     of TorchServe for this). Requests that name a version are never split. Without VERSION:
-    where MODEL's canary stands."""
+    where MODEL's canary stands.
+
+    On kubernetes (--name): --weight and --abort write the canary ConfigMap every pod's split
+    follows; --auto is not offered there (its judgement needs every pod's figures together:
+    watch them in Prometheus and step by hand)."""
     from servetool.canary import Bounds, Canary, read_state
 
     check_model_args(model, version)
+    if target == "kubernetes":
+        _kube_canary(model, version, weight, auto, abort,
+                     kube_target(kubeconfig, kube_context, manifests_dir), namespace,
+                     require_name(deployment_name), as_json)
+        return
     tgt = make_target(run_dir, model_store, target)
     if not (abort or auto or weight is not None):
         state = read_state(Path(tgt.require_running().run_dir))
@@ -229,3 +244,17 @@ def canary(model: str, version: str | None, weight: int | None, auto: bool, step
          f"{result['status']}" + (f": {result['reason']}" if result.get("reason") else ""))
     if result["status"] == "rolled_back":
         raise SystemExit(1)
+
+
+def _kube_canary(model: str, version: str | None, weight: int | None, auto: bool, abort: bool,
+                 kube: Any, namespace: str, name: str, as_json: bool) -> None:
+    if auto:
+        raise ServetoolError("--auto judges one server's figures; on kubernetes set the weight "
+                             "by hand (--weight) and watch the per-version panels in Grafana")
+    if abort:
+        weight = 0
+    elif version is None or weight is None:
+        raise ServetoolError("on kubernetes give VERSION and --weight (or --abort)")
+    result = kube.set_canary(namespace, name, model, version, weight)
+    emit(result, as_json, f"{model}: {weight}% to {result['candidate']} in every pod of {name} "
+         f"(ConfigMap {result['config_map']}; pods apply it once their mount updates)")

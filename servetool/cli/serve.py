@@ -146,7 +146,7 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
             models=models, model_store=model_store, base_config=base_config, name=deployment_name,
             namespace=namespace, image=kube_image, replicas=replicas, max_replicas=max_replicas,
             cpu=cpu, memory=memory, models_pvc=models_pvc, token_auth=not no_token_auth,
-            dry_run=dry_run, timeout_s=timeout, watch=watching),
+            dry_run=dry_run, timeout_s=timeout, watch=watching, split=with_split),
             kube_target(kubeconfig, kube_context, manifests_dir))
         emit(result, as_json, kube_summary(result))
         return
@@ -244,6 +244,9 @@ def deploy_summary(result: dict[str, Any]) -> str:
 @click.option("--with-watcher", is_flag=True,
               help="Carry the pods' watcher (servetool's code, boto3): the image that "
                    "`deploy --target kubernetes --watch` names.")
+@click.option("--with-split", is_flag=True,
+              help="Carry HAProxy and servetool's exporter for the canary split: the image that "
+                   "`deploy --target kubernetes --split` names.")
 @click.option("--ca-cert", "ca_certs", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="A CA certificate pip needs during the build (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), default="deploy/docker", show_default=True,
@@ -252,7 +255,7 @@ def deploy_summary(result: dict[str, Any]) -> str:
 @friendly_errors
 def image_command(models: tuple[str, ...], model_store: Path, base_config: Path | None,
                   base_image: str | None, tag: str | None, no_models: bool, with_watcher: bool,
-                  ca_certs: tuple[Path, ...], out: Path, as_json: bool) -> None:
+                  with_split: bool, ca_certs: tuple[Path, ...], out: Path, as_json: bool) -> None:
     """Build the serving image for MODELS (default: every archive) with the local Docker engine.
 
     The image `deploy --target docker` runs and `deploy --target kubernetes --image` names: push it
@@ -265,7 +268,8 @@ def image_command(models: tuple[str, ...], model_store: Path, base_config: Path 
     archives = find_archives(models, model_store)
     opts = ImageOptions(model_store=model_store, out_dir=out, base_image=base_image or DEFAULT_BASE_IMAGE,
                         base_config=base_config, bake_models=not no_models, tag=tag,
-                        ca_certs=list(ca_certs) or None, with_watcher=with_watcher)
+                        ca_certs=list(ca_certs) or None, with_watcher=with_watcher,
+                        with_split=with_split)
     result = build_image(opts, archives, progress)
     result["models"] = [p.stem for p in archives]
     size = f"{result['size_bytes'] / 1e6:.0f} MB" if result.get("size_bytes") else "size unknown"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from servetool import image, kubecheck, manifests
+from servetool import image, kubecheck, manifests, split_runtime
 from servetool.errors import ServetoolError, first_line
 from servetool.targets.local import find_archives
 
@@ -189,6 +189,45 @@ class KubernetesTarget:
                             + "; ".join(f"{r['pod']}: {r['answer']}" for r in failed))
         return {"model": model, "workers": workers, "pods": results}
 
+    def set_canary(self, namespace: str, name: str, model: str, version: str | None,
+                   weight: int) -> dict[str, Any]:
+        """MODEL's canary weight for every pod: the canary ConfigMap, which each pod's split reads
+        again every few seconds once the kubelet has updated its mount (up to a minute or so).
+        VERSION None: the version the ConfigMap names (an abort)."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        if not split_runtime.NAME.match(model) or \
+                (version is not None and not split_runtime.NAME.match(version)):
+            raise KubeError(f"not a model name and version: {model!r} {version!r}")
+        core = client.CoreV1Api(self.api())
+        opts = manifests.KubeOptions(name=name, image="", namespace=namespace)
+        cm_name = opts.canary_config_map
+        try:
+            found = core.read_namespaced_config_map(cm_name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise KubeError(f"reading ConfigMap/{cm_name}: the cluster answered {exc.status}: "
+                                f"{exc.reason}") from None
+            found = None
+        except Exception as exc:
+            raise KubeError(f"reading ConfigMap/{cm_name}: cannot reach the cluster "
+                            f"({first_line(exc)})") from None
+        weights = json.loads(((found.data or {}) if found else {}).get(manifests.CANARY_FILE) or "{}")
+        version = version or weights.get(model, {}).get("version")
+        if version is None:
+            raise KubeError(f"no canary of {model} in {cm_name} to abort")
+        weights[model] = {"version": version, "weight": weight}
+        body = manifests.canary_config_map(opts, weights)
+        if found is None:
+            self._call(f"creating ConfigMap/{cm_name}", core.create_namespaced_config_map,
+                       namespace, body)
+        else:
+            self._call(f"writing ConfigMap/{cm_name}", core.patch_namespaced_config_map, cm_name,
+                       namespace, body)
+        return {"model": model, "candidate": version, "weight": weight, "config_map": cm_name,
+                "status": "manual", "reason": "every pod applies it once its mount updates"}
+
     def status(self, namespace: str, name: str) -> dict[str, Any]:
         pods = self.pods(namespace, name)
         return {"target": self.name, "namespace": namespace, "deployment": name,
@@ -214,6 +253,7 @@ class KubeRequest:
     dry_run: bool
     timeout_s: float
     watch: manifests.WatchSpec | None = None
+    split: bool = False
 
 
 def default_name(archives: list[Path]) -> str:
@@ -229,7 +269,7 @@ def deploy_kubernetes(req: KubeRequest, target: KubernetesTarget) -> dict[str, A
         # The same tag `deploy --target docker` builds for these archives (context under deploy/).
         opts = image.ImageOptions(model_store=req.model_store, base_config=req.base_config,
                                   bake_models=req.models_pvc is None, ca_certs=[],
-                                  with_watcher=req.watch is not None)
+                                  with_watcher=req.watch is not None, with_split=req.split)
         req.image = image.render_tagged(opts, archives)[1]
     memory = parse_memory(req.memory)
     opts = manifests.KubeOptions(
@@ -238,7 +278,7 @@ def deploy_kubernetes(req: KubeRequest, target: KubernetesTarget) -> dict[str, A
         max_replicas=max(req.max_replicas, req.replicas), cpu_request=req.cpu,
         memory_request=f"{memory // 2}Mi", memory_limit=f"{memory}Mi",
         token_auth=req.token_auth, models_pvc=req.models_pvc, base_config=req.base_config,
-        watch=req.watch)
+        watch=req.watch, split=req.split)
     result = target.deploy(opts, archives, req.dry_run, req.timeout_s)
     result["name"] = opts.name
     return result
