@@ -39,17 +39,19 @@ def draw(prom: str, start: float, end: float, out: Path, marks: list[tuple[float
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(4, 2, figsize=(14, 13))
+    rows = (len(PANELS) + 2) // 2  # every panel, and the timeline of decisions
+    fig, axes = plt.subplots(rows, 2, figsize=(14, 3.2 * rows))
     for ax, (title, unit, _, _) in zip(axes.flat, PANELS, strict=False):
         expr = expressions("digits", "20s")[title]
         data = requests.get(f"{prom}/api/v1/query_range", timeout=30, params={
             "query": expr, "start": start, "end": end, "step": 2}).json()["data"]["result"]
         scale = 1000.0 if unit == "s" else 100.0 if unit == "percentunit" else 1.0
-        label_unit = {"s": "ms", "percentunit": "%", "reqps": "req/s"}[unit]
+        label_unit = {"s": "ms", "percentunit": "%", "percent": "%", "reqps": "req/s"}[unit]
         for series in data:
             xs = [float(t) - start for t, _ in series["values"]]
             ys = [float(v) * scale for _, v in series["values"]]
-            name = " ".join(series["metric"].get(k, "") for k in ("ModelVersion", "Reason")).strip()
+            name = " ".join(series["metric"].get(k, "") for k in ("ModelVersion", "version",
+                                                                   "Reason")).strip()
             ax.plot(xs, ys, label=name or "candidate share")
         for at, _ in marks:
             ax.axvline(at - start, color="grey", linestyle=":", linewidth=0.8)
@@ -57,8 +59,9 @@ def draw(prom: str, start: float, end: float, out: Path, marks: list[tuple[float
         ax.set_ylabel(label_unit)
         ax.set_xlabel("seconds into the run")
         ax.legend(fontsize=8, loc="upper left")
-    axes.flat[-1].axis("off")
-    axes.flat[-1].text(0, 0.9, "\n".join(f"{at - start:5.0f} s  {text}" for at, text in marks),
+    for ax in axes.flat[len(PANELS):]:
+        ax.axis("off")
+    axes.flat[len(PANELS)].text(0, 0.9, "\n".join(f"{at - start:5.0f} s  {text}" for at, text in marks),
                        fontsize=9, va="top", family="monospace")
     fig.suptitle("servetool dashboard panels, digits 1.0 -> 2.0 canary (--auto), from Prometheus")
     fig.tight_layout()

@@ -1,5 +1,6 @@
 """What fronting TorchServe for a canary costs: direct, HAProxy with the split on (servetool/split.py,
-10% to version 2.0), and servetool's Python gateway (no split), side by side in one run.
+10% to version 2.0, servetool's exporter reading its log lines), and servetool's Python gateway (no
+split), side by side in one run.
 
 Run: .venv/bin/python benchmarks/canary_proxy.py [--model digits|resnet18] [--seconds 15]
        [--clients 8] [--rounds 2]
@@ -55,10 +56,12 @@ def main() -> None:
         life.install(rewrite_archive(store / f"{name}.mar", Path(tmp) / "v2" / f"{name}.mar",
                                      version="2.0"))
         life.promote(name, "1.0")
-        ports = free_ports(("split", "split_metrics"))
+        ports = free_ports(("split", "split_metrics", "exporter"))
+        # HAProxy with servetool's exporter beside it (the per-request log lines it reads into
+        # histograms are part of what the split costs)
         proxy = split.start(split.SplitOptions(
             run, ("127.0.0.1", ports["split"]), ("127.0.0.1", target.opts.ports["inference"]),
-            ("127.0.0.1", ports["split_metrics"])))
+            ("127.0.0.1", ports["split_metrics"]), ports["exporter"]))
         split.set_canary(run, name, "2.0", 10)
         gateway, gateway_base, shared_key = start_gateway(run, Path(tmp) / "keys")
         try:

@@ -19,6 +19,7 @@ RUN_DIR/canary.json, which `servetool status` and `servetool canary MODEL` show.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -94,7 +95,7 @@ def on_server_start(run_dir: Path) -> None:
     with it, and a split nobody judges must not go on, so its weight is 0 in the maps HAProxy
     loads. A weight set by hand (`--weight`) stays: that one was meant to last."""
     state = read_state(run_dir)
-    if not state or state.get("status") != "running":
+    if not state or state.get("status") not in ("running", "orphaned"):
         return
     split.reset_weight(run_dir, state["model"])
     _save(run_dir, {**state, "weight": 0, "status": "aborted",
@@ -102,10 +103,29 @@ def on_server_start(run_dir: Path) -> None:
 
 
 def read_state(run_dir: Path) -> dict[str, Any] | None:
+    """canary.json; an automatic canary whose controller is gone (killed, its terminal closed)
+    reads as "orphaned": its weight stays, judged by nobody, until --abort or a new --auto."""
     try:
-        return json.loads((run_dir / STATE_FILE).read_text())
+        state = json.loads((run_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
         return None
+    if state.get("status") == "running" and not _alive(state.get("controller_pid")):
+        state = {**state, "status": "orphaned",
+                 "reason": f"its controller (pid {state.get('controller_pid')}) is gone with the "
+                           f"weight at {state.get('weight')}%: --abort, or run --auto again"}
+    return state
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _save(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -157,8 +177,13 @@ class Canary:
         """Step the weight up, judging each step; promote or roll back. Returns the final state."""
         bounds = bounds or Bounds()
         default = self._check(model, version)
+        current = read_state(self.run_dir) or {}
+        if current.get("status") == "running":  # read_state says so only of a live controller
+            raise CanaryError(f"a canary controller (pid {current['controller_pid']}) is already "
+                              f"running {current['model']} {current['candidate']} here")
         self.baseline: dict[str, Any] | None = None
         state = {"model": model, "candidate": version, "default": default, "weight": 0,
+                 "controller_pid": os.getpid(),
                  "steps": list(steps), "interval_s": interval_s, "bounds": asdict(bounds),
                  "status": "running", "reason": None, "figures": None}
         try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -225,6 +226,8 @@ def serve(run_dir: Path, config: Path, exporter_port: int, weights_file: Path | 
     proc = subprocess.Popen([os.environ.get("SERVETOOL_HAPROXY", "haproxy"), "-W", "-db", "-f",
                              str(config)], stdin=subprocess.DEVNULL)
     applied: dict = {}
+    # a SIGTERM to this process alone (not its group) must not leave HAProxy behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while proc.poll() is None:
             if weights_file is not None:

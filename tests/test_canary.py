@@ -129,7 +129,8 @@ def test_a_restart_ends_an_unjudged_automatic_canary_but_keeps_a_manual_weight(t
     for status, after in (("running", "other 5\ncan 0\n"), ("manual", "can 30\nother 5\n")):
         (tmp_path / split.WEIGHTS).write_text("can 30\nother 5\n")
         (tmp_path / "canary.json").write_text(json.dumps(
-            {"model": "can", "candidate": "2.0", "default": "1.0", "weight": 30, "status": status}))
+            {"model": "can", "candidate": "2.0", "default": "1.0", "weight": 30, "status": status,
+             "controller_pid": os.getpid()}))
         on_server_start(tmp_path)
         assert (tmp_path / split.WEIGHTS).read_text() == after
         state = json.loads((tmp_path / "canary.json").read_text())
@@ -145,6 +146,30 @@ def split_figures(target: LocalTarget) -> dict[tuple[str, ...], float]:
     return {(s.name, *(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")): s.value
             for family in text_string_to_metric_families(text) for s in family.samples
             if "le" not in s.labels}
+
+
+def test_a_canary_whose_controller_is_gone_reads_orphaned_and_one_controller_runs_at_a_time(
+        fronted):
+    import json
+    import subprocess
+    import sys
+
+    from servetool.canary import read_state
+
+    run_dir = Path(fronted.running().run_dir)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for pid, status in ((gone.pid, "orphaned"), (os.getpid(), "running")):
+        (run_dir / "canary.json").write_text(json.dumps(
+            {"model": "can", "candidate": "2.0", "default": "1.0", "weight": 25,
+             "status": "running", "controller_pid": pid}))
+        state = read_state(run_dir)
+        assert state["status"] == status, state
+        assert (f"pid {pid}) is gone with the weight at 25%" in (state.get("reason") or "")) == \
+            (status == "orphaned")
+    with pytest.raises(CanaryError, match=f"controller \\(pid {os.getpid()}\\) is already running"):
+        Canary(fronted).run("can", "2.0")
+    (run_dir / "canary.json").unlink()
 
 
 def test_the_split_sends_the_weight_and_never_a_named_version(fronted):
