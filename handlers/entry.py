@@ -95,6 +95,8 @@ class ServeHandler:
                 for request in requests]
 
     def _preprocess_one(self, request: dict[str, Any]) -> np.ndarray:
+        if hasattr(self.task, "preprocess_request"):  # a task that reads fields beside the payload
+            return self.task.preprocess_request(request)
         return self.task.preprocess(request_payload(request))
 
     def inference(self, items: list[Any]) -> list[Any]:

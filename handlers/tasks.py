@@ -162,13 +162,16 @@ TEXT_OUTPUT_RANKS = {"feature-extraction": 2, "text-classification": 2, "token-c
 
 
 def output_problem(task: str, shapes: list[tuple[int, ...]], names: list[str],
-                   batch: int) -> str | None:
+                   batch: int, layout: str = "auto", num_classes: int | None = None) -> str | None:
     """Why a model's outputs (for a batch of `batch` examples) cannot serve `task`, or None.
-    Checked at package time, so a model never answers plausible-looking nonsense."""
+    Checked at package time, so a model never answers plausible-looking nonsense. A detector's
+    `layout` and `num_classes` (its labels) say how its output is read."""
     described = ", ".join(f"{n} {list(s)}" for n, s in zip(names, shapes, strict=True))
     if any(not s or s[0] != batch for s in shapes):
         return (f"the model's outputs ({described}) do not all start with the batch axis (a batch "
                 f"of {batch} went in)")
+    if task == "object-detection":
+        return _detection_problem(shapes, described, layout, num_classes)
     if task in TEXT_OUTPUT_RANKS:
         rank = TEXT_OUTPUT_RANKS[task]
         if len(shapes) != 1 or len(shapes[0]) != rank:
@@ -191,17 +194,46 @@ def output_problem(task: str, shapes: list[tuple[int, ...]], names: list[str],
             f"{names[0]} has shape {list(shape)} ({hint}): use task: tensor for its raw output")
 
 
+def _detection_problem(shapes: list[tuple[int, ...]], described: str, layout: str,
+                       num_classes: int | None) -> str | None:
+    from handlers.detection import detect_layout
+
+    if len(shapes) != 1 or len(shapes[0]) != 3:
+        return (f"object-detection reads one output of shape [batch, anchors, 5 + classes] "
+                f"(yolov5), [batch, 4 + classes, anchors] (yolov8) or [batch, K, 6] (nms); the "
+                f"model gives {described}")
+    rows, cols = shapes[0][1:]
+    if layout == "auto":
+        try:
+            layout = detect_layout((rows, cols), num_classes)
+        except ValueError as exc:
+            return str(exc)
+    expected = {"yolov5": cols - 5, "yolov8": rows - 4, "nms": None}[layout]
+    if layout == "nms" and cols != 6:
+        return f"layout nms reads [batch, K, 6]; the model gives {described}"
+    if expected is not None and expected < 1:
+        return f"layout {layout} leaves no class scores in {described}"
+    if expected is not None and num_classes and expected != num_classes:
+        return (f"layout {layout} reads {expected} class scores from {described}, but the labels "
+                f"name {num_classes} classes")
+    return None
+
+
 def make_task(config: dict[str, Any], labels: list[str] | None, model_dir: str = "."):
     """The task the archive's config names; text tasks load their tokenizer from model_dir."""
     from handlers.text_tasks import TEXT_TASKS  # late: the tokenizers library, for text only
 
     if config.get("task") in TEXT_TASKS:
         return TEXT_TASKS[config["task"]](config, labels, model_dir)
+    if config.get("task") == "object-detection":
+        from handlers.detection import ObjectDetection
+
+        return ObjectDetection(config, labels)
     try:
         task_class = TASKS[config["task"]]
     except KeyError:
         raise ValueError(f"unknown task {config.get('task')!r}; known: "
-                         f"{', '.join([*TASKS, *TEXT_TASKS])}") from None
+                         f"{', '.join([*TASKS, 'object-detection', *TEXT_TASKS])}") from None
     return task_class(config, labels)
 
 

@@ -52,6 +52,7 @@ def handler_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
         "labels": "labels.txt" if spec.label_names() else None,
         "top_k": spec.top_k,
         "text": spec.text.handler_dict() if spec.text else None,
+        "detection": spec.detection.handler_dict() if spec.detection else None,
         "model_name": spec.name,
         "max_request_bytes": spec.max_request_bytes,
         "output_values": artifact.notes.get("output_values"),

@@ -77,7 +77,10 @@ def check_task(spec: ModelSpec, original) -> None:
     batch = 2
     outputs = export.runner_for(original)(export.example_batch(spec, batch))
     names = export.output_names(original, len(outputs), spec.outputs)
-    problem = output_problem(spec.task, [tuple(np.shape(o)) for o in outputs], names, batch)
+    labels = spec.label_names()
+    problem = output_problem(spec.task, [tuple(np.shape(o)) for o in outputs], names, batch,
+                             spec.detection.layout if spec.detection else "auto",
+                             len(labels) if labels else None)
     if problem:
         raise TaskMismatch(f"{spec.spec_file}: task {spec.task}: {problem}")
 

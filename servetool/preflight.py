@@ -31,11 +31,13 @@ class PreflightError(ServetoolError):
 def sample_requests(spec: ModelSpec) -> list[tuple[bytes, str]]:
     """A good and a bad request body for the spec's task, with their content types."""
     rng = np.random.default_rng(0)
-    if spec.task == "image-classification":
+    if spec.task in ("image-classification", "object-detection"):
         from PIL import Image
 
         channels, height, width = spec.input_shape
-        if spec.preprocess.resize or spec.preprocess.center_crop:
+        if spec.task == "object-detection":  # not square, so the letterbox pads
+            height, width = height + 37, width * 2 - 11
+        elif spec.preprocess.resize or spec.preprocess.center_crop:
             height, width = height * 2 + 3, width * 2 + 5  # exercise resizing and cropping
         pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         buffer = io.BytesIO()
@@ -59,6 +61,11 @@ def _check_good(spec: ModelSpec, body: Any) -> str | None:
             return f"expected a {{label: probability}} object, got {body!r:.200}"
         if not all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in body.values()):
             return f"probabilities must be numbers in [0, 1], got {body!r:.200}"
+        return None
+    if spec.task == "object-detection":
+        if not isinstance(body, list) or not all(
+                isinstance(d, dict) and {"label", "class_id", "score", "box"} <= set(d) for d in body):
+            return f"expected a list of {{label, class_id, score, box}}, got {body!r:.200}"
         return None
     if spec.is_text():
         key = {"feature-extraction": "embeddings", "text-classification": "predictions",

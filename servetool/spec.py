@@ -7,7 +7,7 @@ Every error names the file and the dotted key, because a spec is edited by hand 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from servetool.formats import ONNX_FAMILY
 SPEC_FILE = "servetool.yaml"
 FORMATS = tuple(FORMAT_TABLE)
 TEXT_TASKS = ("feature-extraction", "text-classification", "token-classification")
-TASKS = ("image-classification", "tensor", *TEXT_TASKS)
+TASKS = ("image-classification", "tensor", "object-detection", *TEXT_TASKS)
+DETECTION_LAYOUTS = ("auto", "yolov5", "yolov8", "nms")
 SOURCE_KINDS = ("state_dict", "torchscript", "onnx", "pickled_module", "random_weights",
                 "transformers")
 POOLINGS = ("mean", "cls")
@@ -102,6 +103,8 @@ class DataRef:
     samples: int | None = None
     images: bool = False
     texts: bool = False  # a text file of labelled lines: LABEL<TAB>TEXT
+    coco: bool = False  # a COCO instances file (boxes), its images beside it or in image_dir
+    image_dir: Path | None = None
 
     def labelled_texts(self) -> list[tuple[str, str]]:
         """(label, text) per line of a texts file; SpecError naming a line without a tab."""
@@ -147,6 +150,8 @@ class Tolerance:
     min_top1_agreement: float | None = None
     max_accuracy_drop: float | None = None
     min_cosine: float | None = None  # per-example cosine similarity floor (embeddings)
+    max_map_drop: float | None = None  # detectors: points of mAP@0.5:0.95 a format may lose
+    min_box_match: float | None = None  # detectors: share of the original's boxes found again
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,24 @@ class TextOptions:
         return {"tokenizer": self.tokenizer.name, "max_length": self.max_length,
                 "truncate": self.truncate, "max_texts": self.max_texts, "pooling": self.pooling,
                 "normalize": self.normalize, "multi_label": self.multi_label}
+
+
+@dataclass(frozen=True)
+class DetectionOptions:
+    """How a detector's output is read (handlers/detection.py): its layout, the thresholds a
+    request gets by default, and how far a request may move them."""
+
+    layout: str = "auto"  # auto: from the output's shape and the number of labels
+    confidence: float = 0.25
+    iou: float = 0.45
+    max_detections: int = 100
+    max_candidates: int = 3000
+    min_confidence: float = 0.001  # the lowest confidence a request may ask for
+    max_detections_limit: int = 300  # the most detections a request may ask for
+    scale: float = 1 / 255  # pixel values times this (1: the model takes 0-255)
+
+    def handler_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -230,6 +253,7 @@ class ModelSpec:
     inputs: tuple[InputSpec, ...] = ()  # every input by name (input_shape/dtype: the first's)
     outputs: tuple[str, ...] = ()  # output names for an export (default: output, output_0, ...)
     text: TextOptions | None = None  # the text tasks'
+    detection: DetectionOptions | None = None  # object-detection's
 
     def is_text(self) -> bool:
         return self.task in TEXT_TASKS
@@ -249,6 +273,17 @@ class ModelSpec:
         x = text_batch(self, [text for _, text in pairs])
         return x, np.array([names.index(label) for label, _ in pairs], np.int64)
 
+    def detector(self):
+        """The serving task of a detector (handlers/detection.py): the gate, validation and
+        calibration preprocess and decode exactly as the handler does."""
+        from handlers.detection import ObjectDetection
+
+        return ObjectDetection({"input_shape": list(self.input_shape),
+                                "inputs": [i.as_dict() for i in self.inputs],
+                                "preprocess": self.preprocess.as_dict(),
+                                "detection": (self.detection or DetectionOptions()).handler_dict()},
+                               self.label_names())
+
     def label_names(self) -> list[str] | None:
         if self.labels is None:
             return list(self.text.labels) if self.text and self.text.labels else None
@@ -258,10 +293,23 @@ class ModelSpec:
         """Model inputs (and labels, where known) of a validation or calibration set."""
         if ref.texts:
             return self._load_texts(ref)
+        if ref.coco:  # a detector's images, letterboxed as served (the boxes: detection_gate)
+            import numpy as np
+
+            from servetool.coco_eval import read_coco
+
+            task = self.detector()
+            labelled = read_coco(ref.path, ref.image_dir)[0][: ref.samples]
+            return np.stack([task.preprocess(t.file.read_bytes()).examples[0][task.input_name]
+                             for t in labelled]), None
         if not ref.images:
             return ref.load([i.name for i in self.inputs])
         import numpy as np
 
+        if self.task == "object-detection":
+            task = self.detector()
+            return np.stack([task.preprocess(path.read_bytes()).examples[0][task.input_name]
+                             for path, _ in ref.image_files()]), None
         from handlers.tasks import ImageClassification
 
         task = ImageClassification({"input_shape": list(self.input_shape),
@@ -431,7 +479,8 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     max_request_bytes = top.get("max_request_bytes", int, None, check=_positive)
     export = _parse_export(top.child("export", None))
     runtime = _parse_runtime(top.child("runtime", None))
-    validation = _parse_data(top.child("validation", None), directory, True, inputs)
+    validation = _parse_data(top.child("validation", None), directory, True, inputs,
+                             top.data.get("task") == "object-detection")
     calibration = _parse_data(top.child("calibration", None), directory, False, inputs)
     tolerance = _parse_tolerance(top.child("tolerance", None))
     text = None
@@ -445,6 +494,15 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
                      "judge (its gate compares with the original on text.samples)", "validation")
     elif "text" in top.data:
         top.fail(f"is for the text tasks ({', '.join(TEXT_TASKS)}); task is {task}", "text")
+    detection = None
+    if task == "object-detection":
+        detection = _parse_detection(top.child("detection", None))
+        if calibration is not None and calibration.coco:
+            top.fail("takes images or an .npz for a detector (no boxes needed)", "calibration")
+    elif "detection" in top.data:
+        top.fail(f"is for task object-detection; task is {task}", "detection")
+    elif validation is not None and validation.coco:
+        top.fail("is a COCO file of boxes, which only an object-detection model uses", "validation")
     top.finish()
     if fmt == "onnx-int8-static" and calibration is None and validation is None:
         top.fail("is onnx-int8-static, which needs calibration data: add calibration.data "
@@ -455,14 +513,19 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
                  "(or tensor, for raw token ids)", "task")
     if task == "text-classification" and not (labels or (text and text.labels)):
         top.fail("needs labels: config.json's id2label, or a labels file", "labels")
-    if task == "image-classification":
+    if task == "object-detection":
+        if pre.resize or pre.center_crop or pre.mean or pre.std:
+            top.fail("a detector's image is letterboxed to its input and scaled by "
+                     "detection.scale: drop resize, center_crop, mean and std", "preprocess")
+        pre = replace(pre, letterbox=pre.letterbox or {"fill": 114})
+    if task in ("image-classification", "object-detection"):
         if len(inputs) != 1 or inputs[0].dynamic:
-            top.fail("image-classification takes one input of a fixed [channels, height, width]; "
+            top.fail(f"{task} takes one input of a fixed [channels, height, width]; "
                      f"this model has {len(inputs)} ({_describe_inputs(inputs)}): use task: tensor",
                      "task")
         if len(shape) != 3 or shape[0] not in (1, 3):
             top.fail(f"must be [channels, height, width] with 1 or 3 channels for "
-                     f"image-classification, got {list(shape)}", "input.shape")
+                     f"{task}, got {list(shape)}", "input.shape")
         if (shape[0] == 1) != pre.grayscale:
             top.fail(f"says grayscale={pre.grayscale} but input.shape has {shape[0]} channel(s)",
                      "preprocess.grayscale")
@@ -477,7 +540,7 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         min_workers=min_w, max_workers=max_w, response_timeout_s=timeout, export=export,
         runtime=runtime, validation=validation, calibration=calibration, tolerance=tolerance,
         allow_nonfinite=allow_nonfinite, max_request_bytes=max_request_bytes, inputs=inputs,
-        outputs=outputs, text=text,
+        outputs=outputs, text=text, detection=detection,
     )
     if labels is not None and not spec.label_names():
         top.fail(f"names an empty labels file: {labels}", "labels")
@@ -745,7 +808,9 @@ def _parse_runtime(section: _Reader | None) -> RuntimeOptions:
 
 
 def _parse_data(section: _Reader | None, directory: Path, labelled: bool,
-                inputs: tuple[InputSpec, ...] = ()) -> DataRef | None:
+                inputs: tuple[InputSpec, ...] = (), detection: bool = False) -> DataRef | None:
+    """A data section; a detector's validation may be unlabelled images (the gate then compares
+    boxes with the original's), or labelled ones as a COCO file."""
     if section is None:
         return None
     samples = section.get("samples", int, None, check=_positive)
@@ -762,13 +827,32 @@ def _parse_data(section: _Reader | None, directory: Path, labelled: bool,
         except SpecError as exc:
             section.fail(str(exc), section.key("texts"))
         return ref
+    if "coco" in section.data:
+        path = _existing_file(section, directory, "coco", section.get("coco", str))
+        folder = section.get("images", str, None)
+        section.finish()
+        ref = DataRef(path, samples, coco=True,
+                      image_dir=(directory / folder).resolve() if folder else None)
+        from servetool.coco_eval import read_coco
+
+        try:
+            labelled, _ = read_coco(ref.path, ref.image_dir)
+        except (ValueError, KeyError, TypeError) as exc:
+            section.fail(f"names {path}, which is not a COCO instances file ({exc!r})",
+                         section.key("coco"))
+        missing = [t.file for t in labelled if not t.file.is_file()]
+        if not labelled or missing:
+            section.fail(f"names {path}, whose images are " + (
+                f"missing ({missing[0]}, {len(missing)} in all)" if missing else "none"),
+                section.key("coco"))
+        return ref
     if "images" in section.data:
         folder = (directory / section.get("images", str)).resolve()
         section.finish()
         ref = DataRef(folder, samples, images=True)
         if not folder.is_dir() or not ref.image_files():
             section.fail(f"names no folder of images: {folder}", section.key("images"))
-        if labelled and any(label is None for _, label in ref.image_files()):
+        if labelled and not detection and any(label is None for _, label in ref.image_files()):
             section.fail(f"needs labelled images: put each in a sub-folder named for its label "
                          f"under {folder}", section.key("images"))
         return ref
@@ -789,6 +873,31 @@ def _parse_data(section: _Reader | None, directory: Path, labelled: bool,
     return DataRef(path, samples)
 
 
+def _parse_detection(section: _Reader | None) -> DetectionOptions:
+    if section is None:
+        return DetectionOptions()
+    share = lambda v: None if 0 <= v <= 1 else f"must be between 0 and 1, got {v}"  # noqa: E731
+    result = DetectionOptions(
+        layout=section.get("layout", str, "auto", check=_one_of(DETECTION_LAYOUTS)),
+        confidence=float(section.get("confidence", (int, float), 0.25, check=share)),
+        iou=float(section.get("iou", (int, float), 0.45, check=share)),
+        max_detections=section.get("max_detections", int, 100, check=_positive),
+        max_candidates=section.get("max_candidates", int, 3000, check=_positive),
+        min_confidence=float(section.get("min_confidence", (int, float), 0.001, check=share)),
+        max_detections_limit=section.get("max_detections_limit", int, 300, check=_positive),
+        scale=float(section.get("scale", (int, float), 1 / 255,
+                                check=lambda v: None if v > 0 else f"must be > 0, got {v}")),
+    )
+    section.finish()
+    if result.max_detections > result.max_detections_limit:
+        section.fail(f"is {result.max_detections}, over max_detections_limit "
+                     f"({result.max_detections_limit})", section.key("max_detections"))
+    if result.confidence < result.min_confidence:
+        section.fail(f"is {result.confidence}, under min_confidence ({result.min_confidence})",
+                     section.key("confidence"))
+    return result
+
+
 def _parse_tolerance(section: _Reader | None) -> Tolerance:
     if section is None:
         return Tolerance()
@@ -800,6 +909,8 @@ def _parse_tolerance(section: _Reader | None) -> Tolerance:
         min_top1_agreement=section.get("min_top1_agreement", (int, float), None, check=share),
         max_accuracy_drop=section.get("max_accuracy_drop", (int, float), None, check=non_negative),
         min_cosine=section.get("min_cosine", (int, float), None, check=share),
+        max_map_drop=section.get("max_map_drop", (int, float), None, check=non_negative),
+        min_box_match=section.get("min_box_match", (int, float), None, check=share),
     )
     section.finish()
     return result

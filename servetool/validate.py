@@ -34,6 +34,17 @@ class Limits:
     min_top1_agreement: float
     max_accuracy_drop: float  # percentage points
     min_cosine: float | None = None  # per example, for outputs that are vectors (the spec's)
+    # detectors (detection_gate.py): points of mAP@0.5:0.95, and the share of the original's boxes
+    # found again
+    max_map_drop: float = 0.2
+    min_box_match: float = 0.99
+
+
+# A detector's allowances by precision: full precision moves boxes by rounding only; reduced
+# precision moves scores near the threshold, which adds or drops a few boxes (the issue's
+# bound for int8: one point of mAP).
+MAP_DROP = {"fp32": 0.2, "fp16": 0.5, "bf16": 0.5, "int8": 1.0}
+BOX_MATCH = {"fp32": 0.99, "fp16": 0.95, "bf16": 0.95, "int8": 0.9}
 
 
 def limits_for(fmt: str, tolerance: Tolerance = Tolerance(), atol: float | None = None,
@@ -53,6 +64,8 @@ def limits_for(fmt: str, tolerance: Tolerance = Tolerance(), atol: float | None 
         min_top1_agreement=pick(tolerance.min_top1_agreement, f.min_top1_agreement),
         max_accuracy_drop=pick(tolerance.max_accuracy_drop, f.max_accuracy_drop),
         min_cosine=None if cosine is None else float(cosine),
+        max_map_drop=pick(tolerance.max_map_drop, MAP_DROP[f.precision]),
+        min_box_match=pick(tolerance.min_box_match, BOX_MATCH[f.precision]),
     )
 
 
@@ -82,6 +95,7 @@ class ValidationReport:
     samples: int = 0
     outputs: list[OutputParity] = field(default_factory=list)
     accuracy: Accuracy | None = None
+    detection: dict | None = None  # a detector's box agreement and mAP (detection_gate.py)
     problems: list[str] = field(default_factory=list)
     accepted_despite_problems: bool = False
 
@@ -204,6 +218,14 @@ def validate(spec: ModelSpec, original, artifact, fmt: str, limits: Limits,
                   or spec.validation is not None)
     check_parity(original, artifact, batches, fmt, limits, report=report, classifier=classifier,
                  output_names=output_names)
+    if spec.task == "object-detection":
+        from servetool import detection_gate
+
+        if report.outputs:
+            found = detection_gate.check(spec, original, artifact, fmt, limits.max_map_drop,
+                                         limits.min_box_match, report.problems)
+            report.detection = found.as_dict() if found else None
+        return report
     if spec.validation is not None and report.outputs:
         x, y = spec.load_data(spec.validation)
         if y is not None:

@@ -25,7 +25,7 @@ from servetool.formats import FORMATS
 from servetool.package import convert
 from servetool.spec import ModelSpec
 
-COLUMNS = ["format", "precision", "accuracy", "accuracy_drop_points", "gate", "p50_ms", "p90_ms",
+COLUMNS = ["format", "precision", "accuracy", "accuracy_drop_points", "map50", "gate", "p50_ms", "p90_ms",
            "p50_long_ms", "throughput", "size_mb", "peak_rss_mb", "load_ms", "speedup_vs_eager"]
 
 
@@ -89,7 +89,12 @@ def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, itera
     for row in rows:
         if "p50_ms" in row:
             row["speedup_vs_eager"] = round(eager_p50 / row["p50_ms"], 2) if eager_p50 else None
-    result = {"model": spec.name, "threads": threads, "batch": batch, "rows": rows}
+    result = {"model": spec.name, "threads": threads, "batch": batch, "rows": rows,
+              "task": spec.task}
+    if spec.task == "object-detection":
+        from servetool.coco_eval import SETTINGS
+
+        result["evaluator"] = SETTINGS
     if spec.is_text():
         result["tokens"] = tokens
     return result
@@ -125,9 +130,16 @@ def _source_size(spec: ModelSpec) -> int:
     return path.stat().st_size
 
 
-def _eager_accuracy(spec: ModelSpec, original) -> float | None:
+def _eager_accuracy(spec: ModelSpec, original) -> float | tuple[float, float] | None:
+    """The original's top-1 accuracy, or a detector's (mAP@0.5:0.95, mAP@0.5), on the spec's
+    labelled set."""
     if spec.validation is None:
         return None
+    if spec.task == "object-detection":
+        from servetool import detection_gate
+
+        found = detection_gate.original_map(spec, export.runner_for(original))
+        return (found["map"], found["map50"]) if found else None
     from servetool.validate import top1_accuracy
 
     x, y = spec.load_data(spec.validation)
@@ -140,8 +152,15 @@ def _row(fmt: str, precision: str, report, numbers: dict[str, Any], size: int,
          accuracy: float | None = None) -> dict[str, Any]:
     """One table row; `report` is the gate's (None for the eager reference, whose accuracy is given)."""
     drop = 0.0 if accuracy is not None else None
+    map50 = None
+    if isinstance(accuracy, tuple):  # a detector's eager mAPs
+        accuracy, map50 = accuracy
     if report is not None and report.accuracy is not None:
         accuracy, drop = report.accuracy.converted, report.accuracy.drop_points
+    detection = report.detection if report is not None else None
+    if detection and detection.get("map_converted") is not None:
+        accuracy, drop = detection["map_converted"], detection["drop_points"]
+        map50 = detection["map50_converted"]
     if report is None:
         gate = "reference"
     else:
@@ -151,6 +170,7 @@ def _row(fmt: str, precision: str, report, numbers: dict[str, Any], size: int,
         "precision": precision,
         "accuracy": None if accuracy is None else round(accuracy, 4),
         "accuracy_drop_points": None if drop is None else round(drop, 2),
+        "map50": None if map50 is None else round(map50, 4),
         "gate": gate,
         "p50_ms": round(numbers["p50_ms"], 4),
         "p90_ms": round(numbers["p90_ms"], 4),
@@ -180,8 +200,10 @@ def _cell(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
     if value is None:
         return "-"
-    if key == "accuracy":
+    if key == "accuracy" and row.get("map50") is None:
         return f"{value:.2%}"
+    if key in ("accuracy", "map50"):  # mAP: as COCO reports it
+        return f"{value:.4f}"
     if key in ("p50_ms", "p90_ms", "p50_long_ms"):
         return f"{value:.3f}" if value < 1 else f"{value:.2f}"
     if key == "speedup_vs_eager":
@@ -200,6 +222,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         heads[4:6] = [f"p50 ms (b=1, ~{short} tokens)", f"p50 ms (b=1, ~{long} tokens)"]
         keys[4:6] = ["p50_ms", "p50_long_ms"]
         heads[6] = f"texts/s (b={result['batch']}, short)"
+    if result.get("task") == "object-detection":  # the mission's table: mAP, not top-1
+        heads[2:4] = ["mAP@0.5:0.95", "drop (pts)", "mAP@0.5"]
+        keys[2:4] = ["accuracy", "accuracy_drop_points", "map50"]
     lines = [f"# {result['model']}: serving formats ({result['threads']} thread(s), same inputs)",
              "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for row in result["rows"]:
@@ -207,6 +232,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             lines.append(f"| {row['format']} | skipped: {row['skipped']} |" + " |" * (len(heads) - 2))
         else:
             lines.append("| " + " | ".join(_cell(row, k) for k in keys) + " |")
+    if result.get("evaluator"):
+        lines += ["", f"mAP: {result['evaluator']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,265 @@
+"""The object-detection task: image bytes in, boxes in the original image's pixels out.
+
+Preprocessing letterboxes the image to the model's input size (aspect kept, centred on a fill
+colour; preprocess.py, shared with the gate, validation and the example's training), RGB, scaled
+to [0, 1] (configurable). The output layouts people export are decoded, chosen by the spec or
+detected from the output's shape:
+- "yolov5": [N, anchors, 5 + classes]: box centre x, y, width, height, objectness, class scores
+  (a detection's score is objectness x its class score);
+- "yolov8": [N, 4 + classes, anchors]: the same without objectness, channels first (YOLOv8, YOLO11);
+- "nms": [N, K, 6]: x1, y1, x2, y2, score, class, already suppressed (zero rows pad K).
+Then a confidence threshold, class-wise non-maximum suppression (vectorised numpy, below), the
+highest `max_detections`, and the boxes mapped back through the letterbox and clipped to the image.
+
+Answer: [{"label", "class_id", "score", "box": [x1, y1, x2, y2]}], highest score first, in the
+original image's pixels; [] when nothing is found. A multipart request may set "confidence",
+"iou" and "max_detections" fields within the spec's limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from handlers import preprocess as geometry
+from handlers.batching import Rows
+from handlers.errors import RequestError
+from handlers.imaging import DEFAULT_FORMATS, decode, default_max_pixels
+
+LAYOUTS = ("yolov5", "yolov8", "nms")
+OVERRIDES = ("confidence", "iou", "max_detections")
+
+
+# --- boxes --------------------------------------------------------------------------------------
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    half = boxes[:, 2:4] / 2
+    return np.concatenate([boxes[:, :2] - half, boxes[:, :2] + half], axis=1)
+
+
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of `a` with every box of `b` (x1, y1, x2, y2)."""
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(bottom_right - top_left, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy non-maximum suppression, as torchvision's: the indices kept, highest score first.
+
+    Vectorised: with boxes sorted by score, a box is kept when no kept box before it overlaps it
+    by more than the threshold. Iterating that rule over all boxes at once from "all kept"
+    settles one more box of the order per round at least, so it ends at the greedy result; a
+    round is one matrix operation, and rounds are few (a chain of boxes each suppressing the next)."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")
+    ordered = boxes[order]
+    over = np.triu(pairwise_iou(ordered, ordered) > iou_threshold, k=1)
+    keep = np.ones(len(order), dtype=bool)
+    while True:
+        settled = ~(over & keep[:, None]).any(axis=0)
+        if np.array_equal(settled, keep):
+            return order[keep]
+        keep = settled
+
+
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                iou_threshold: float) -> np.ndarray:
+    """Class-wise NMS in one pass: each class's boxes are moved apart from every other class's
+    (by more than any box's extent), so boxes of different classes never overlap."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    offset = classes.astype(np.float64)[:, None] * (float(np.abs(boxes).max()) * 2 + 1)
+    return nms(boxes + offset, scores, iou_threshold)
+
+
+# --- output layouts -------------------------------------------------------------------------------
+def detect_layout(shape: tuple[int, ...], num_classes: int | None) -> str:
+    """The layout of one image's output (no batch axis), or ValueError saying why it is unclear."""
+    if len(shape) != 2:
+        raise ValueError(f"a detector's output for one image has two axes; this one is {list(shape)}")
+    rows, cols = shape
+    fits = []
+    if num_classes:
+        if rows == 4 + num_classes:
+            fits.append("yolov8")
+        if cols == 5 + num_classes:
+            fits.append("yolov5")
+        if cols == 6:
+            fits.append("nms")
+    else:  # no labels: the anchors axis is the long one
+        if cols > rows > 4:
+            fits.append("yolov8")
+        if rows > cols > 6:
+            fits.append("yolov5")
+        if cols == 6:
+            fits.append("nms")
+    if len(fits) == 1:
+        return fits[0]
+    classes = f"{num_classes} classes" if num_classes else "no labels"
+    raise ValueError(f"the output shape {list(shape)} with {classes} "
+                     + (f"fits several layouts ({', '.join(fits)})" if fits else
+                        "fits no known layout (yolov5 [anchors, 5 + classes], yolov8 [4 + classes, "
+                        "anchors], nms [K, 6])")
+                     + ": name it in the spec (detection: layout: yolov5 | yolov8 | nms)")
+
+
+def candidates(output: np.ndarray, layout: str, confidence: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(boxes x1 y1 x2 y2, scores, class ids) of one image's output above `confidence`."""
+    out = np.asarray(output, dtype=np.float32)
+    if layout == "nms":
+        scores = out[:, 4]
+        chosen = scores > confidence
+        return out[chosen, :4], scores[chosen], out[chosen, 5].astype(np.int64)
+    if layout == "yolov8":
+        out = out.T
+        boxes, class_scores = out[:, :4], out[:, 4:]
+        objectness = None
+    else:
+        boxes, objectness, class_scores = out[:, :4], out[:, 4], out[:, 5:]
+    classes = class_scores.argmax(axis=1)
+    scores = class_scores[np.arange(len(classes)), classes]
+    if objectness is not None:
+        scores = scores * objectness
+    chosen = scores > confidence
+    return xywh_to_xyxy(boxes[chosen]), scores[chosen], classes[chosen]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    confidence: float = 0.25
+    iou: float = 0.45
+    max_detections: int = 100
+    max_candidates: int = 3000  # the highest-scoring boxes NMS sees (bounds its n x n cost)
+
+
+def detections(output: np.ndarray, layout: str, t: Thresholds
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's final (boxes, scores, classes) in the model input's pixels, best first."""
+    boxes, scores, classes = candidates(output, layout, t.confidence)
+    if not np.isfinite(boxes).all() or not np.isfinite(scores).all():
+        raise ValueError("the model's output holds NaN or infinity")
+    if len(scores) > t.max_candidates:
+        top = np.argsort(-scores, kind="stable")[:t.max_candidates]
+        boxes, scores, classes = boxes[top], scores[top], classes[top]
+    if layout != "nms":
+        keep = batched_nms(boxes, scores, classes, t.iou)
+    else:
+        keep = np.argsort(-scores, kind="stable")
+    keep = keep[:t.max_detections]
+    return boxes[keep], scores[keep], classes[keep]
+
+
+def to_original(boxes: np.ndarray, box: geometry.Letterbox, width: int, height: int) -> np.ndarray:
+    """Boxes in the letterboxed input's pixels -> the original image's, clipped to it."""
+    mapped = (boxes - np.array([box.left, box.top, box.left, box.top], np.float32)) / box.scale
+    return np.clip(mapped, 0, [width, height, width, height])
+
+
+# --- the task -------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """One request's letterbox geometry, original size and thresholds, kept beside its array."""
+
+    box: geometry.Letterbox
+    width: int
+    height: int
+    thresholds: Thresholds
+
+
+class ObjectDetection:
+    output_names: list[str] = []
+
+    def __init__(self, config: dict[str, Any], labels: list[str] | None) -> None:
+        self.channels, self.height, self.width = config["input_shape"]
+        self.input_name = (config.get("inputs") or [{"name": "input"}])[0]["name"]
+        pre = config.get("preprocess") or {}
+        det = config.get("detection") or {}
+        self.fill = int((pre.get("letterbox") or {}).get("fill", 114))
+        self.interpolation = pre.get("interpolation") or "bilinear"
+        self.scale = float(det.get("scale", 1 / 255))
+        self.formats = tuple(pre.get("formats") or DEFAULT_FORMATS)
+        self.max_pixels = int(pre.get("max_pixels") or default_max_pixels(self.height, self.width))
+        self.layout = det.get("layout", "auto")
+        self.defaults = Thresholds(float(det.get("confidence", 0.25)), float(det.get("iou", 0.45)),
+                                   int(det.get("max_detections", 100)),
+                                   int(det.get("max_candidates", 3000)))
+        self.min_confidence = float(det.get("min_confidence", 0.001))
+        self.max_detections_limit = int(det.get("max_detections_limit", 300))
+        self.labels = labels
+
+    # a request's own thresholds: multipart fields beside the image
+    def thresholds(self, request: dict[str, Any]) -> Thresholds:
+        given = {k: request[k] for k in OVERRIDES if request.get(k) not in (None, b"", "")}
+        if not given:
+            return self.defaults
+        values = {}
+        for key, raw in given.items():
+            text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+            try:
+                values[key] = int(text) if key == "max_detections" else float(text)
+            except ValueError:
+                raise RequestError(400, f"{key} must be a number, not {text[:40]!r}") from None
+        limits = {"confidence": (self.min_confidence, 1.0), "iou": (0.01, 1.0),
+                  "max_detections": (1, self.max_detections_limit)}
+        for key, value in values.items():
+            low, high = limits[key]
+            if not (low <= value <= high):  # also refuses NaN
+                raise RequestError(400, f"{key} {value} is outside what this model allows "
+                                        f"({low} to {high})")
+        return Thresholds(values.get("confidence", self.defaults.confidence),
+                          values.get("iou", self.defaults.iou),
+                          int(values.get("max_detections", self.defaults.max_detections)),
+                          self.defaults.max_candidates)
+
+    def image(self, payload: Any):
+        return decode(payload, mode="L" if self.channels == 1 else "RGB", formats=self.formats,
+                      max_pixels=self.max_pixels, draft_size=(self.width, self.height))
+
+    def letterboxed(self, image) -> tuple[np.ndarray, geometry.Letterbox]:
+        """The model input for one decoded image, and where the image sits in it."""
+        canvas, box = geometry.letterbox(image, self.height, self.width, fill=self.fill,
+                                         interpolation=self.interpolation)
+        array = np.asarray(canvas, dtype=np.float32) * self.scale
+        array = array[None, :, :] if array.ndim == 2 else array.transpose(2, 0, 1)
+        return np.ascontiguousarray(array), box
+
+    def preprocess_request(self, request: dict[str, Any]) -> Rows:
+        """The whole TorchServe request: the image (the body, or the multipart field that is not
+        a threshold) and the thresholds beside it."""
+        from handlers.tasks import request_payload
+
+        fields = {k: v for k, v in request.items() if k not in OVERRIDES}
+        return self.preprocess(request_payload(fields), self.thresholds(request))
+
+    def preprocess(self, payload: Any, thresholds: Thresholds | None = None) -> Rows:
+        thresholds = thresholds or self.defaults
+        image = self.image(payload)
+        array, box = self.letterboxed(image)
+        return Rows([{self.input_name: array}], Prepared(box, image.width, image.height, thresholds))
+
+    def layout_for(self, output: np.ndarray) -> str:
+        if self.layout != "auto":
+            return self.layout
+        self.layout = detect_layout(tuple(np.shape(output)), len(self.labels) if self.labels else None)
+        return self.layout
+
+    def postprocess(self, rows: Rows) -> list[dict[str, Any]]:
+        prepared: Prepared = rows.meta
+        output = (rows.outputs or [[]])[0][0]
+        boxes, scores, classes = detections(output, self.layout_for(output), prepared.thresholds)
+        boxes = to_original(boxes, prepared.box, prepared.width, prepared.height)
+        return [{"label": self._label(int(c)), "class_id": int(c), "score": round(float(s), 5),
+                 "box": [round(float(v), 2) for v in b]}
+                for b, s, c in zip(boxes, scores, classes, strict=True)]
+
+    def _label(self, index: int) -> str:
+        return self.labels[index] if self.labels and 0 <= index < len(self.labels) else str(index)
