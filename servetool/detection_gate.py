@@ -66,22 +66,31 @@ def gate_images(spec: ModelSpec) -> tuple[list[bytes], list[Labelled] | None]:
     return [], None
 
 
-def find(run, spec: ModelSpec, images: list[bytes], thresholds: Thresholds) -> list[Found]:
-    """Each image's detections in its own pixels, by `run` (a runner: feeds -> outputs)."""
+def outputs(run, spec: ModelSpec, images: list[bytes]) -> tuple[list[np.ndarray], list[Any]]:
+    """Each image's raw model output (by `run`, a runner: feeds -> outputs) and its letterbox
+    geometry; decoded afterwards at whichever thresholds a check needs."""
     task = spec.detector()
     prepared = [task.preprocess(data) for data in images]
-    found: list[Found] = []
+    raw: list[np.ndarray] = []
     for start in range(0, len(prepared), BATCH):
-        rows = prepared[start:start + BATCH]
-        batch = np.stack([r.examples[0][task.input_name] for r in rows])
-        output = np.asarray(run(batch)[0])
-        for row, item in enumerate(rows):
-            layout = task.layout_for(output[row])
-            boxes, scores, classes = detections(output[row], layout, thresholds)
-            meta = item.meta
-            found.append(Found(to_original(boxes, meta.box, meta.width, meta.height), scores,
-                               classes))
+        batch = np.stack([r.examples[0][task.input_name] for r in prepared[start:start + BATCH]])
+        raw.extend(np.asarray(run(batch)[0]))
+    return raw, [r.meta for r in prepared]
+
+
+def decode(spec: ModelSpec, raw: list[np.ndarray], metas: list[Any],
+           thresholds: Thresholds) -> list[Found]:
+    """Each image's detections in its own pixels, as the handler decodes them."""
+    task = spec.detector()
+    found = []
+    for output, meta in zip(raw, metas, strict=True):
+        boxes, scores, classes = detections(output, task.layout_for(output), thresholds)
+        found.append(Found(to_original(boxes, meta.box, meta.width, meta.height), scores, classes))
     return found
+
+
+def find(run, spec: ModelSpec, images: list[bytes], thresholds: Thresholds) -> list[Found]:
+    return decode(spec, *outputs(run, spec, images), thresholds)
 
 
 def agreement(reference: list[Found], other: list[Found]) -> Agreement:
@@ -123,7 +132,10 @@ def check(spec: ModelSpec, original, artifact, fmt: str, max_map_drop: float,
     if not images:
         return None
     served = served_thresholds(spec)
-    agree = agreement(find(original, spec, images, served), find(artifact, spec, images, served))
+    # one run of each model over the images; decoded at the served and the evaluation thresholds
+    before_raw, metas = outputs(original, spec, images)
+    after_raw, _ = outputs(artifact, spec, images)
+    agree = agreement(decode(spec, before_raw, metas, served), decode(spec, after_raw, metas, served))
     report = DetectionReport(agree)
     if agree.matched < min_matched:
         problems.append(f"the {fmt} detector finds {agree.matched:.1%} of the original's "
@@ -132,8 +144,8 @@ def check(spec: ModelSpec, original, artifact, fmt: str, max_map_drop: float,
     if truth is not None:
         evaluation = replace(EVALUATION, max_candidates=served.max_candidates)
         classes = _classes(spec, truth)
-        before = coco_map(truth, find(original, spec, images, evaluation), classes)
-        after = coco_map(truth, find(artifact, spec, images, evaluation), classes)
+        before = coco_map(truth, decode(spec, before_raw, metas, evaluation), classes)
+        after = coco_map(truth, decode(spec, after_raw, metas, evaluation), classes)
         report.map_original, report.map_converted = before["map"], after["map"]
         report.map50_original, report.map50_converted = before["map50"], after["map50"]
         report.drop_points = (before["map"] - after["map"]) * 100

@@ -38,9 +38,11 @@ CONTAINER_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
                    "grpc_inference": 7070, "grpc_management": 7071}
 TORCH_VERSION = "2.13.0"
 # What the handlers import at serving time, by format (torch is installed on its own, CPU-only).
-RUNTIME_PACKAGES = ["torchserve", "numpy", "pillow", "pyyaml", "psutil", "packaging"]
+# prometheus-client: the canary split's exporter (split_runtime.py); in every image, so that
+# images with and without the split share their largest layers
+RUNTIME_PACKAGES = ["torchserve", "numpy", "pillow", "pyyaml", "psutil", "packaging",
+                    "prometheus-client"]
 WATCHER_PACKAGES = ["boto3", "prometheus-client", "requests"]
-SPLIT_PACKAGES = ["prometheus-client"]
 SPLIT_RUNTIME = Path(__file__).with_name("split_runtime.py")
 CONTAINER_SPLIT_RUNTIME = "/opt/servetool/servetool_split.py"
 WATCHER_LIB = "lib"  # /opt/servetool/lib in the image: the servetool and handlers packages
@@ -85,10 +87,8 @@ def pinned(package: str) -> str:
         return package
 
 
-def requirements(archives: Iterable[Path], with_watcher: bool = False,
-                 with_split: bool = False) -> list[str]:
-    needed = list(RUNTIME_PACKAGES) + (WATCHER_PACKAGES if with_watcher else []) + \
-        (SPLIT_PACKAGES if with_split else [])
+def requirements(archives: Iterable[Path], with_watcher: bool = False) -> list[str]:
+    needed = list(RUNTIME_PACKAGES) + (WATCHER_PACKAGES if with_watcher else [])
     for path in archives:
         handler = archive.archive_manifest(path)["config"].get("handler", {})
         fmt = FORMATS.get(handler.get("format", ""))
@@ -133,7 +133,7 @@ def render(opts: ImageOptions, archives: list[Path]) -> Path:
                                                      archive.archive_sizes(archives)),
                                 f"{opts.base_config or 'built-in defaults'} by servetool's image")
     (out / "build" / "requirements.txt").write_text(
-        "\n".join(requirements(archives, opts.with_watcher, opts.with_split)) + "\n")
+        "\n".join(requirements(archives, opts.with_watcher)) + "\n")
     if opts.with_split:
         shutil.copyfile(SPLIT_RUNTIME, out / "runtime" / Path(CONTAINER_SPLIT_RUNTIME).name)
     if opts.with_watcher:

@@ -46,3 +46,24 @@ def test_bench_formats_writes_a_table_csv_chart_and_json(tmp_path):
     assert markdown.count("\n| ") == 5 and "| onnx-int8-static | int8 |" in markdown
     with Image.open(files["png"]) as chart:
         assert chart.format == "PNG" and chart.width > 500
+
+
+def test_bench_formats_of_a_detector_is_the_map_table(tmp_path):
+    """For a detector the table's quality columns are mAP@0.5:0.95 and mAP@0.5 on its labelled
+    canvases (the eager row from the original, each format's from the gate), evaluator named."""
+    example = DIGITS.parent / "digits-detect"
+    proc = subprocess.run(
+        [SERVETOOL, "bench", "formats", str(example), "--format", "onnx", "--iterations", "20",
+         "--seconds", "1", "--batch", "4", "--out", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    rows = {r["format"]: r for r in result["rows"]}
+    expected = json.loads((example / "metrics.json").read_text())
+    assert rows["eager"]["accuracy"] == expected["held_out_map_50_95"]
+    assert rows["eager"]["map50"] == expected["held_out_map_50"]
+    assert abs(rows["onnx"]["accuracy"] - rows["eager"]["accuracy"]) < 0.002
+    assert rows["onnx"]["gate"] == "pass" and rows["onnx"]["p50_ms"] > 0
+    markdown = Path(result["files"]["markdown"]).read_text()
+    assert "| format | precision | mAP@0.5:0.95 | drop (pts) | mAP@0.5 |" in markdown
+    assert "pycocotools COCOeval, IoU 0.50:0.95" in markdown

@@ -417,3 +417,20 @@ def test_a_request_sets_its_own_thresholds_within_limits(detector):
     refused = requests.post(url, files={"data": image}, data={"confidence": "2"}, headers=headers,
                             timeout=30)
     assert refused.status_code == 400 and "confidence 2.0 is outside" in refused.json()["error"]
+
+
+def test_int8_keeps_the_detectors_map_within_a_point(tmp_path):
+    """Static int8 of the example (its convolutions; the decoding stays fp32) loses at most one
+    point of mAP@0.5:0.95 in the gate; dynamic int8, which only quantizes MatMul/Gemm, refuses a
+    model that has none rather than ship fp32 called int8."""
+    from servetool.export import ExportError
+    from servetool.package import convert
+    from servetool.spec import load_spec
+
+    spec = load_spec(EXAMPLE / "servetool.yaml")
+    artifact, report = convert(spec, "onnx-int8-static", tmp_path / "static")
+    assert report.ok and 0 <= report.detection["drop_points"] <= 1.0, report.detection
+    assert "Conv/MatMul/Gemm only" in artifact.notes["quantization"]
+    assert artifact.size_bytes < (EXAMPLE / "digits-detect.pt").stat().st_size / 3
+    with pytest.raises(ExportError, match="has none .*Conv.*use onnx-int8-static"):
+        convert(spec, "onnx-int8", tmp_path / "dynamic")

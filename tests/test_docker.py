@@ -324,8 +324,9 @@ def test_mounted_models_and_config_instead_of_baked(tmp_path, model_store, docke
 
 def test_docker_deploy_watch_serves_published_versions_and_a_new_container_restores_them(
         tmp_path, model_store, docker_engine):
-    """`deploy --target docker --watch`: the watcher on the host adds versions to the mounted
-    store; rollback and a replaced container keep to what was serving."""
+    """`deploy --target docker --watch --split`: the watcher on the host adds versions to the
+    mounted store; rollback and a replaced container keep to what was serving; the canary split
+    runs inside the container (one image and container for both: each costs minutes here)."""
     from tests.test_lifecycle import IMAGE, publish, rewrite_archive
 
     env = {**docker_engine, "SERVETOOL_TARGET": "docker"}
@@ -340,9 +341,9 @@ def test_docker_deploy_watch_serves_published_versions_and_a_new_container_resto
 
     def deploy():
         proc = cli("deploy", "digits", "--target", "docker", "--network", "host", "--watch",
-                   str(source), "--watch-metrics-port", "0", "--base-image", LOCAL_BASE_IMAGE,
-                   "--container-name", "servetool-watch", *common, *port_args(ports), env=env,
-                   cwd=tmp_path)
+                   str(source), "--watch-metrics-port", "0", "--split", "--base-image",
+                   LOCAL_BASE_IMAGE, "--container-name", "servetool-watch", *common,
+                   *port_args(ports), env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout)
 
@@ -374,6 +375,8 @@ def test_docker_deploy_watch_serves_published_versions_and_a_new_container_resto
             == "serving"
         assert cli("rollback", "digits", env=env, cwd=tmp_path).returncode == 0
         assert answering() == "1.0"
+        check_split_in_container(env, tmp_path, common,
+                                 f"http://127.0.0.1:{ports['inference']}/predictions/digits")
         # a new container (stop, deploy): the record survives with a mounted store
         assert cli("stop", env=env, cwd=tmp_path).returncode == 0
         assert deploy()["server_started"] is True
@@ -383,76 +386,45 @@ def test_docker_deploy_watch_serves_published_versions_and_a_new_container_resto
         cli("stop", env=env, cwd=tmp_path)
 
 
-@pytest.mark.docker
-def test_docker_canary_split_in_the_container(tmp_path, model_store, docker_engine):
-    """`deploy --target docker --split`: HAProxy and servetool's exporter inside the container,
-    TorchServe behind them; `servetool canary` sets the weight through the container, and the
-    split's metrics (HAProxy's and servetool's) answer on the host's loopback."""
+def check_split_in_container(env: dict, tmp_path: Path, common: list[str], url: str) -> None:
+    """HAProxy and servetool's exporter inside the container, TorchServe behind them: `servetool
+    canary` sets the weight through the container; the split's metrics (HAProxy's and
+    servetool's) answer on the host's loopback and count each version's answers."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from servetool.split import EXPORTER_PATH
-    from tests.test_lifecycle import IMAGE, rewrite_archive
+    from tests.test_lifecycle import IMAGE
 
-    env = {**docker_engine, "SERVETOOL_TARGET": "docker"}
-    tmp_path.chmod(0o755)
-    store = tmp_path / "store"
-    store.mkdir(mode=0o755)
-    shutil.copy(model_store / "digits.mar", store / "digits.mar")
-    (store / "digits.mar").chmod(0o644)
-    ports = free_ports()
-    common = ["--model-store", str(store), "--json"]
+    token = cli("token", env=env, cwd=tmp_path).stdout.strip()
+    session = requests.Session()
 
-    def deploy(*extra: str) -> dict:
-        proc = cli("deploy", "digits", "--target", "docker", "--split", "--mount-models",
-                   "--network", "host",  # this engine has no bridge network
-                   "--base-image", LOCAL_BASE_IMAGE, "--container-name", "servetool-split",
-                   *extra, *common, *port_args(ports), env=env, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout)
+    def answering() -> str:
+        reply = session.post(url, data=IMAGE, headers={"Authorization": f"Bearer {token}"},
+                             timeout=30)
+        assert reply.status_code == 200, reply.text
+        return reply.headers["X-Model-Version"]
 
-    def answers(n: int, path: str = "digits") -> dict[str, int]:
-        key = cli("token", env=env, cwd=tmp_path).stdout.strip()
-        seen: dict[str, int] = {}
-        with requests.Session() as session:
-            for _ in range(n):
-                reply = session.post(f"http://127.0.0.1:{ports['inference']}/predictions/{path}",
-                                     data=IMAGE, headers={"Authorization": f"Bearer {key}"},
-                                     timeout=30)
-                assert reply.status_code == 200, reply.text
-                version = reply.headers["X-Model-Version"]
-                seen[version] = seen.get(version, 0) + 1
-        return seen
+    status = json.loads(cli("status", "--json", env=env, cwd=tmp_path).stdout)
+    split_url = status["endpoints"]["split_metrics"]
+    assert split_url.startswith("http://127.0.0.1:")
 
-    deploy()
-    try:
-        # version 2.0 loaded beside the default, not promoted: the canary's candidate
-        rewrite_archive(model_store / "digits.mar", store / "digits.mar", version="2.0")
-        (store / "digits.mar").chmod(0o644)
-        assert deploy("--no-promote")["server_started"] is False
-        assert answers(20) == {"1.0": 20}
-        set_weight = cli("canary", "digits", "2.0", "--weight", "50", *common, env=env, cwd=tmp_path)
-        assert set_weight.returncode == 0, set_weight.stderr
-        status = json.loads(cli("status", "--json", env=env, cwd=tmp_path).stdout)
-        split_url = status["endpoints"]["split_metrics"]
-        assert split_url.startswith("http://127.0.0.1:")
+    def figures() -> dict:
+        text = requests.get(split_url.rsplit("/", 1)[0] + EXPORTER_PATH, timeout=5).text
+        return {(s.name, s.labels.get("version"), s.labels.get("status")): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
 
-        def figures() -> dict:
-            text = requests.get(split_url.rsplit("/", 1)[0] + EXPORTER_PATH, timeout=5).text
-            return {(s.name, s.labels.get("version"), s.labels.get("status")): s.value
-                    for f in text_string_to_metric_families(text) for s in f.samples}
-
-        before = figures()
-        seen = answers(200)
-        assert 0.5 - 0.13 < seen.get("2.0", 0) / 200 < 0.5 + 0.13, seen  # 3.5 sigma
-        time.sleep(0.5)  # log lines are datagrams, read by another process
-        after = figures()
-        assert after[("servetool_canary_weight", "2.0", None)] == 50
-        for version in ("1.0", "2.0"):
-            key = ("servetool_request_seconds_count", version, "2xx")
-            assert after[key] - before.get(key, 0) == seen[version], (version, after)
-        assert answers(20, "digits/1.0") == {"1.0": 20}  # a named version: never split
-        aborted = cli("canary", "digits", "--abort", *common, env=env, cwd=tmp_path)
-        assert aborted.returncode == 0, aborted.stderr
-        assert answers(30) == {"1.0": 30}
-    finally:
-        cli("stop", env=env, cwd=tmp_path)
+    set_weight = cli("canary", "digits", "2.0", "--weight", "50", *common, env=env, cwd=tmp_path)
+    assert set_weight.returncode == 0, set_weight.stderr
+    before = figures()
+    answers = [answering() for _ in range(200)]
+    seen = {v: answers.count(v) for v in set(answers)}
+    assert 0.5 - 0.13 < seen.get("2.0", 0) / 200 < 0.5 + 0.13, seen  # 3.5 sigma
+    time.sleep(0.5)  # log lines are datagrams, read by another process
+    after = figures()
+    assert after[("servetool_canary_weight", "2.0", None)] == 50
+    for version in ("1.0", "2.0"):
+        key = ("servetool_request_seconds_count", version, "2xx")
+        assert after[key] - before.get(key, 0) == seen[version], (version, after)
+    aborted = cli("canary", "digits", "--abort", *common, env=env, cwd=tmp_path)
+    assert aborted.returncode == 0, aborted.stderr
+    assert {answering() for _ in range(30)} == {"1.0"}
