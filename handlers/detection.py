@@ -7,7 +7,9 @@ detected from the output's shape:
 - "yolov5": [N, anchors, 5 + classes]: box centre x, y, width, height, objectness, class scores
   (a detection's score is objectness x its class score);
 - "yolov8": [N, 4 + classes, anchors]: the same without objectness, channels first (YOLOv8, YOLO11);
-- "nms": [N, K, 6]: x1, y1, x2, y2, score, class, already suppressed (zero rows pad K).
+- "nms": [N, K, 6]: x1, y1, x2, y2, score, class, already suppressed (zero rows pad K);
+- "torchvision": three outputs, boxes [N, K, 4] (x1, y1, x2, y2), scores [N, K] and labels [N, K]
+  (torchvision's detection heads, exported with a batch axis), already suppressed.
 Then a confidence threshold, class-wise non-maximum suppression (vectorised numpy, below), the
 highest `max_detections`, and the boxes mapped back through the letterbox and clipped to the image.
 
@@ -28,7 +30,8 @@ from handlers.batching import Rows
 from handlers.errors import RequestError
 from handlers.imaging import DEFAULT_FORMATS, decode, default_max_pixels
 
-LAYOUTS = ("yolov5", "yolov8", "nms")
+LAYOUTS = ("yolov5", "yolov8", "nms", "torchvision")
+SUPPRESSED = ("nms", "torchvision")  # layouts whose model already ran NMS
 OVERRIDES = ("confidence", "iou", "max_detections")
 
 
@@ -111,9 +114,30 @@ def detect_layout(shape: tuple[int, ...], num_classes: int | None) -> str:
                      + ": name it in the spec (detection: layout: yolov5 | yolov8 | nms)")
 
 
-def candidates(output: np.ndarray, layout: str, confidence: float
+def split_outputs(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A torchvision-style head's (boxes [K, 4], scores [K], labels [K]) from its outputs for one
+    image, told apart by shape and values (labels are whole numbers), in whatever order."""
+    arrays = [np.asarray(o) for o in outputs]
+    boxes = [a for a in arrays if a.ndim == 2 and a.shape[1] == 4]
+    flat = [a for a in arrays if a.ndim == 1]
+    whole = [a for a in flat if np.issubdtype(a.dtype, np.integer) or
+             (np.isfinite(a).all() and np.array_equal(a, np.round(a)) and (a >= 0).all())]
+    scores = [a for a in flat if not any(a is w for w in whole)]
+    if len(boxes) != 1 or len(flat) != 2 or len(whole) < 1:
+        raise ValueError("a torchvision-style head gives boxes [K, 4], scores [K] and labels [K]; "
+                         f"this one gives {[list(a.shape) for a in arrays]}")
+    labels = whole[0]
+    scores = scores[0] if scores else whole[1]  # scores that happen to be whole (all 0 or 1)
+    return boxes[0].astype(np.float32), scores.astype(np.float32), labels.astype(np.int64)
+
+
+def candidates(output: np.ndarray | list[np.ndarray], layout: str, confidence: float
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(boxes x1 y1 x2 y2, scores, class ids) of one image's output above `confidence`."""
+    if layout == "torchvision":
+        boxes, scores, labels = split_outputs(list(output))
+        chosen = scores > confidence
+        return boxes[chosen], scores[chosen], labels[chosen]
     out = np.asarray(output, dtype=np.float32)
     if layout == "nms":
         scores = out[:, 4]
@@ -141,7 +165,7 @@ class Thresholds:
     max_candidates: int = 3000  # the highest-scoring boxes NMS sees (bounds its n x n cost)
 
 
-def detections(output: np.ndarray, layout: str, t: Thresholds
+def detections(output: np.ndarray | list[np.ndarray], layout: str, t: Thresholds
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image's final (boxes, scores, classes) in the model input's pixels, best first."""
     boxes, scores, classes = candidates(output, layout, t.confidence)
@@ -150,7 +174,7 @@ def detections(output: np.ndarray, layout: str, t: Thresholds
     if len(scores) > t.max_candidates:
         top = np.argsort(-scores, kind="stable")[:t.max_candidates]
         boxes, scores, classes = boxes[top], scores[top], classes[top]
-    if layout != "nms":
+    if layout not in SUPPRESSED:
         keep = batched_nms(boxes, scores, classes, t.iou)
     else:
         keep = np.argsort(-scores, kind="stable")
@@ -246,16 +270,22 @@ class ObjectDetection:
         array, box = self.letterboxed(image)
         return Rows([{self.input_name: array}], Prepared(box, image.width, image.height, thresholds))
 
-    def layout_for(self, output: np.ndarray) -> str:
-        if self.layout != "auto":
-            return self.layout
-        self.layout = detect_layout(tuple(np.shape(output)), len(self.labels) if self.labels else None)
+    def layout_for(self, outputs: list[np.ndarray]) -> str:
+        """The layout of one image's outputs: the spec's, else found from them once."""
+        if self.layout == "auto":
+            self.layout = "torchvision" if len(outputs) == 3 else detect_layout(
+                tuple(np.shape(outputs[0])), len(self.labels) if self.labels else None)
         return self.layout
+
+    def decode(self, outputs: list[np.ndarray], thresholds: Thresholds
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One image's detections (in the model input's pixels) from all of its outputs."""
+        layout = self.layout_for(outputs)
+        return detections(outputs if layout == "torchvision" else outputs[0], layout, thresholds)
 
     def postprocess(self, rows: Rows) -> list[dict[str, Any]]:
         prepared: Prepared = rows.meta
-        output = (rows.outputs or [[]])[0][0]
-        boxes, scores, classes = detections(output, self.layout_for(output), prepared.thresholds)
+        boxes, scores, classes = self.decode((rows.outputs or [[]])[0], prepared.thresholds)
         boxes = to_original(boxes, prepared.box, prepared.width, prepared.height)
         return [{"label": self._label(int(c)), "class_id": int(c), "score": round(float(s), 5),
                  "box": [round(float(v), 2) for v in b]}

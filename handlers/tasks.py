@@ -198,10 +198,17 @@ def _detection_problem(shapes: list[tuple[int, ...]], described: str, layout: st
                        num_classes: int | None) -> str | None:
     from handlers.detection import detect_layout
 
+    if layout == "torchvision" or (len(shapes) == 3 and layout == "auto"):
+        ranks = sorted(len(s) for s in shapes)
+        if len(shapes) == 3 and ranks == [2, 2, 3] and any(len(s) == 3 and s[2] == 4 for s in shapes) and \
+                len({s[1] for s in shapes}) == 1:
+            return None
+        return (f"a torchvision-style head gives boxes [batch, K, 4], scores [batch, K] and "
+                f"labels [batch, K]; the model gives {described}")
     if len(shapes) != 1 or len(shapes[0]) != 3:
         return (f"object-detection reads one output of shape [batch, anchors, 5 + classes] "
-                f"(yolov5), [batch, 4 + classes, anchors] (yolov8) or [batch, K, 6] (nms); the "
-                f"model gives {described}")
+                f"(yolov5), [batch, 4 + classes, anchors] (yolov8) or [batch, K, 6] (nms), or "
+                f"three (torchvision: boxes, scores, labels); the model gives {described}")
     rows, cols = shapes[0][1:]
     if layout == "auto":
         try:

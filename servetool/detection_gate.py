@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from handlers.detection import Thresholds, detections, pairwise_iou, to_original
+from handlers.detection import Thresholds, pairwise_iou, to_original
 from servetool.coco_eval import SETTINGS, Found, Labelled, coco_map, read_coco
 from servetool.spec import ModelSpec
 
@@ -66,25 +66,26 @@ def gate_images(spec: ModelSpec) -> tuple[list[bytes], list[Labelled] | None]:
     return [], None
 
 
-def outputs(run, spec: ModelSpec, images: list[bytes]) -> tuple[list[np.ndarray], list[Any]]:
-    """Each image's raw model output (by `run`, a runner: feeds -> outputs) and its letterbox
+def outputs(run, spec: ModelSpec, images: list[bytes]) -> tuple[list[list[np.ndarray]], list[Any]]:
+    """Each image's raw model outputs (by `run`, a runner: feeds -> outputs) and its letterbox
     geometry; decoded afterwards at whichever thresholds a check needs."""
     task = spec.detector()
     prepared = [task.preprocess(data) for data in images]
-    raw: list[np.ndarray] = []
+    raw: list[list[np.ndarray]] = []
     for start in range(0, len(prepared), BATCH):
         batch = np.stack([r.examples[0][task.input_name] for r in prepared[start:start + BATCH]])
-        raw.extend(np.asarray(run(batch)[0]))
+        results = [np.asarray(o) for o in run(batch)]
+        raw.extend([o[row] for o in results] for row in range(len(batch)))
     return raw, [r.meta for r in prepared]
 
 
-def decode(spec: ModelSpec, raw: list[np.ndarray], metas: list[Any],
+def decode(spec: ModelSpec, raw: list[list[np.ndarray]], metas: list[Any],
            thresholds: Thresholds) -> list[Found]:
     """Each image's detections in its own pixels, as the handler decodes them."""
     task = spec.detector()
     found = []
-    for output, meta in zip(raw, metas, strict=True):
-        boxes, scores, classes = detections(output, task.layout_for(output), thresholds)
+    for image_outputs, meta in zip(raw, metas, strict=True):
+        boxes, scores, classes = task.decode(image_outputs, thresholds)
         found.append(Found(to_original(boxes, meta.box, meta.width, meta.height), scores, classes))
     return found
 

@@ -22,7 +22,7 @@ SPEC_FILE = "servetool.yaml"
 FORMATS = tuple(FORMAT_TABLE)
 TEXT_TASKS = ("feature-extraction", "text-classification", "token-classification")
 TASKS = ("image-classification", "tensor", "object-detection", *TEXT_TASKS)
-DETECTION_LAYOUTS = ("auto", "yolov5", "yolov8", "nms")
+DETECTION_LAYOUTS = ("auto", "yolov5", "yolov8", "nms", "torchvision")
 SOURCE_KINDS = ("state_dict", "torchscript", "onnx", "pickled_module", "random_weights",
                 "transformers")
 POOLINGS = ("mean", "cls")

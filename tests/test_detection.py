@@ -434,3 +434,67 @@ def test_int8_keeps_the_detectors_map_within_a_point(tmp_path):
     assert artifact.size_bytes < (EXAMPLE / "digits-detect.pt").stat().st_size / 3
     with pytest.raises(ExportError, match="has none .*Conv.*use onnx-int8-static"):
         convert(spec, "onnx-int8", tmp_path / "dynamic")
+
+
+def test_a_torchvision_style_head_with_three_outputs(tmp_path):
+    """boxes [N, K, 4], scores [N, K] and labels [N, K] (in another order here), already
+    suppressed: found as such from the three outputs, thresholded, mapped back."""
+    import yaml
+
+    from servetool import archive, export
+    from servetool.package import check_task
+    from servetool.spec import load_spec
+    from tests.conftest import serve_in_process
+
+    (tmp_path / "model.py").write_text(f'''
+import torch
+from torch import nn
+
+TRUE = {TRUE!r}
+
+
+class Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("boxes", torch.tensor([t[:4] for t in TRUE] + [[0.0, 0, 1, 1]] * 8))
+        self.register_buffer("scores", torch.tensor([t[4] for t in TRUE] + [0.01] * 8))
+        self.register_buffer("labels", torch.tensor([float(t[5]) for t in TRUE] + [0.0] * 8))
+
+    def forward(self, x):
+        one = 1.0 + 0.0 * x.mean(dim=(1, 2, 3))
+        return (self.labels[None] * one[:, None], self.boxes[None] * one[:, None, None],
+                self.scores[None] * one[:, None])
+''')
+    spec_file = tmp_path / "servetool.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "name": "heads", "source": {"random_weights": True, "model_file": "model.py",
+                                    "class": "Heads"},
+        "input": {"shape": [3, 128, 128]}, "format": "onnx", "task": "object-detection"}))
+    spec = load_spec(spec_file)
+    original = export.load_original(spec)
+    check_task(spec, original)
+    artifact = export.export(spec, original, tmp_path)
+    image = png(Image.new("RGB", (128, 128)))
+    replies, statuses, _ = serve_in_process(tmp_path, archive.model_config(spec, artifact), [image])
+    assert statuses == [200]
+    assert [(d["class_id"], d["score"]) for d in replies[0]] == [(3, 0.9), (7, 0.6)]
+    assert np.allclose([d["box"] for d in replies[0]], [t[:4] for t in TRUE], atol=0.02)
+
+
+def test_without_labels_the_gate_compares_boxes_with_the_original(tmp_path):
+    """Unlabelled images as the validation set: the gate judges box agreement alone."""
+    import yaml
+
+    from servetool.package import convert
+    from servetool.spec import load_spec
+
+    raw = yaml.safe_load((EXAMPLE / "servetool.yaml").read_text())
+    raw["source"] = {k: str(EXAMPLE / v) if k != "class" else v for k, v in raw["source"].items()}
+    raw["labels"] = str(EXAMPLE / "labels.txt")
+    raw["validation"] = {"images": str(EXAMPLE / "samples")}
+    (tmp_path / "servetool.yaml").write_text(yaml.safe_dump(raw))
+    _, report = convert(load_spec(tmp_path / "servetool.yaml"), "openvino", tmp_path / "out")
+    found = report.detection
+    assert report.ok and found["map_original"] is None and found["agreement"]["images"] == 3
+    assert found["agreement"]["boxes"] >= 9 and found["agreement"]["matched"] == 1.0
+    assert found["agreement"]["min_iou"] > 0.99
