@@ -29,6 +29,7 @@ from handlers import preprocess as geometry
 from handlers.batching import Rows
 from handlers.errors import RequestError
 from handlers.imaging import DEFAULT_FORMATS, decode, default_max_pixels
+from handlers.payload import request_payload
 
 LAYOUTS = ("yolov5", "yolov8", "nms", "torchvision")
 SUPPRESSED = ("nms", "torchvision")  # layouts whose model already ran NMS
@@ -259,8 +260,6 @@ class ObjectDetection:
     def preprocess_request(self, request: dict[str, Any]) -> Rows:
         """The whole TorchServe request: the image (the body, or the multipart field that is not
         a threshold) and the thresholds beside it."""
-        from handlers.tasks import request_payload
-
         fields = {k: v for k, v in request.items() if k not in OVERRIDES}
         return self.preprocess(request_payload(fields), self.thresholds(request))
 

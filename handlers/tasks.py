@@ -15,25 +15,11 @@ from handlers import preprocess as geometry
 from handlers.batching import dynamic_lengths
 from handlers.errors import RequestError
 from handlers.imaging import DEFAULT_FORMATS, decode, default_max_pixels
+from handlers.payload import request_payload
 from handlers.tensors import DTYPES, parse_json, to_array
 
 __all__ = ["RequestError", "ImageClassification", "Tensor", "make_task", "output_problem",
            "request_payload"]
-
-
-def request_payload(request: dict[str, Any]) -> Any:
-    """The payload of one TorchServe request: the raw body, or the first multipart field."""
-    for key in ("body", "data"):
-        if request.get(key) is not None:
-            return request[key]
-    for value in request.values():
-        if isinstance(value, (bytes, bytearray, str, list, dict)) and len(value):
-            return value
-    # TorchServe also drops a body sent as application/x-www-form-urlencoded (curl -d's default),
-    # whose text became a form field's name
-    raise RequestError(400, "empty request: send the input as the request body or a form field "
-                            "(curl -d/--data-binary sends a form unless given a Content-Type: add "
-                            "-H 'Content-Type: text/plain' or application/json, or use -T FILE)")
 
 
 class ImageClassification:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from handlers.detection import Thresholds, pairwise_iou, to_original
-from servetool.coco_eval import SETTINGS, Found, Labelled, coco_map, read_coco
+from servetool.coco_eval import SETTINGS, Found, Labelled, coco_map
 from servetool.spec import ModelSpec
 
 BATCH = 16
@@ -55,21 +55,13 @@ class DetectionReport:
 def gate_images(spec: ModelSpec) -> tuple[list[bytes], list[Labelled] | None]:
     """The images the detection gate runs on (the validation set's), with their true boxes when
     the set is a COCO file."""
-    ref = spec.validation
-    if ref is None:
-        return [], None
-    if ref.coco:
-        labelled = read_coco(ref.path, ref.image_dir)[0][: ref.samples]
-        return [t.file.read_bytes() for t in labelled], labelled
-    if ref.images:
-        return [path.read_bytes() for path, _ in ref.image_files()], None
-    return [], None
+    return spec.validation.detector_images() if spec.validation else ([], None)
 
 
-def outputs(run, spec: ModelSpec, images: list[bytes]) -> tuple[list[list[np.ndarray]], list[Any]]:
+def outputs(run, task, images: list[bytes]) -> tuple[list[list[np.ndarray]], list[Any]]:
     """Each image's raw model outputs (by `run`, a runner: feeds -> outputs) and its letterbox
-    geometry; decoded afterwards at whichever thresholds a check needs."""
-    task = spec.detector()
+    geometry, through `task` (the spec's detector); decoded afterwards at whichever thresholds a
+    check needs."""
     prepared = [task.preprocess(data) for data in images]
     raw: list[list[np.ndarray]] = []
     for start in range(0, len(prepared), BATCH):
@@ -79,19 +71,14 @@ def outputs(run, spec: ModelSpec, images: list[bytes]) -> tuple[list[list[np.nda
     return raw, [r.meta for r in prepared]
 
 
-def decode(spec: ModelSpec, raw: list[list[np.ndarray]], metas: list[Any],
+def decode(task, raw: list[list[np.ndarray]], metas: list[Any],
            thresholds: Thresholds) -> list[Found]:
     """Each image's detections in its own pixels, as the handler decodes them."""
-    task = spec.detector()
     found = []
     for image_outputs, meta in zip(raw, metas, strict=True):
         boxes, scores, classes = task.decode(image_outputs, thresholds)
         found.append(Found(to_original(boxes, meta.box, meta.width, meta.height), scores, classes))
     return found
-
-
-def find(run, spec: ModelSpec, images: list[bytes], thresholds: Thresholds) -> list[Found]:
-    return decode(spec, *outputs(run, spec, images), thresholds)
 
 
 def agreement(reference: list[Found], other: list[Found]) -> Agreement:
@@ -120,23 +107,18 @@ def agreement(reference: list[Found], other: list[Found]) -> Agreement:
                      max(score_diffs) if score_diffs else None)
 
 
-def served_thresholds(spec: ModelSpec) -> Thresholds:
-    det = spec.detection
-    return Thresholds(det.confidence, det.iou, det.max_detections, det.max_candidates) \
-        if det else Thresholds()
-
-
 def check(spec: ModelSpec, original, artifact, fmt: str, max_map_drop: float,
           min_matched: float, problems: list[str]) -> DetectionReport | None:
     """Box agreement and, with labels, mAP of both; a problem per bound broken."""
     images, truth = gate_images(spec)
     if not images:
         return None
-    served = served_thresholds(spec)
+    task = spec.detector()
+    served = task.defaults
     # one run of each model over the images; decoded at the served and the evaluation thresholds
-    before_raw, metas = outputs(original, spec, images)
-    after_raw, _ = outputs(artifact, spec, images)
-    agree = agreement(decode(spec, before_raw, metas, served), decode(spec, after_raw, metas, served))
+    before_raw, metas = outputs(original, task, images)
+    after_raw, _ = outputs(artifact, task, images)
+    agree = agreement(decode(task, before_raw, metas, served), decode(task, after_raw, metas, served))
     report = DetectionReport(agree)
     if agree.matched < min_matched:
         problems.append(f"the {fmt} detector finds {agree.matched:.1%} of the original's "
@@ -145,8 +127,8 @@ def check(spec: ModelSpec, original, artifact, fmt: str, max_map_drop: float,
     if truth is not None:
         evaluation = replace(EVALUATION, max_candidates=served.max_candidates)
         classes = _classes(spec, truth)
-        before = coco_map(truth, decode(spec, before_raw, metas, evaluation), classes)
-        after = coco_map(truth, decode(spec, after_raw, metas, evaluation), classes)
+        before = coco_map(truth, decode(task, before_raw, metas, evaluation), classes)
+        after = coco_map(truth, decode(task, after_raw, metas, evaluation), classes)
         report.map_original, report.map_converted = before["map"], after["map"]
         report.map50_original, report.map50_converted = before["map50"], after["map50"]
         report.drop_points = (before["map"] - after["map"]) * 100
@@ -162,9 +144,10 @@ def original_map(spec: ModelSpec, original) -> dict[str, float] | None:
     images, truth = gate_images(spec)
     if truth is None:
         return None
-    served = served_thresholds(spec)
-    found = find(original, spec, images, replace(EVALUATION, max_candidates=served.max_candidates))
-    return coco_map(truth, found, _classes(spec, truth))
+    task = spec.detector()
+    evaluation = replace(EVALUATION, max_candidates=task.defaults.max_candidates)
+    return coco_map(truth, decode(task, *outputs(original, task, images), evaluation),
+                    _classes(spec, truth))
 
 
 def _classes(spec: ModelSpec, truth: list[Labelled]) -> int:

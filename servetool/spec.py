@@ -135,6 +135,18 @@ class DataRef:
             y = data["y"][:count] if "y" in data.files else None
         return (arrays["x"] if keys == ["x"] else arrays), y
 
+    def detector_images(self) -> tuple[list[bytes], list[Any] | None]:
+        """A detector's images (a COCO file's, or a folder's), with their true boxes (coco_eval's
+        Labelled) when the set is a COCO file."""
+        if self.coco:
+            from servetool.coco_eval import read_coco
+
+            labelled = read_coco(self.path, self.image_dir)[0][: self.samples]
+            return [t.file.read_bytes() for t in labelled], labelled
+        if self.images:
+            return [path.read_bytes() for path, _ in self.image_files()], None
+        return [], None
+
     def image_files(self) -> list[tuple[Path, str | None]]:
         files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         labelled = [(p, p.parent.name if p.parent != self.path else None) for p in files]
@@ -293,23 +305,15 @@ class ModelSpec:
         """Model inputs (and labels, where known) of a validation or calibration set."""
         if ref.texts:
             return self._load_texts(ref)
-        if ref.coco:  # a detector's images, letterboxed as served (the boxes: detection_gate)
-            import numpy as np
-
-            from servetool.coco_eval import read_coco
-
-            task = self.detector()
-            labelled = read_coco(ref.path, ref.image_dir)[0][: ref.samples]
-            return np.stack([task.preprocess(t.file.read_bytes()).examples[0][task.input_name]
-                             for t in labelled]), None
-        if not ref.images:
-            return ref.load([i.name for i in self.inputs])
         import numpy as np
 
-        if self.task == "object-detection":
+        if ref.coco or (ref.images and self.task == "object-detection"):
+            # a detector's images, letterboxed as served (their boxes: detection_gate)
             task = self.detector()
-            return np.stack([task.preprocess(path.read_bytes()).examples[0][task.input_name]
-                             for path, _ in ref.image_files()]), None
+            return np.stack([task.preprocess(data).examples[0][task.input_name]
+                             for data in ref.detector_images()[0]]), None
+        if not ref.images:
+            return ref.load([i.name for i in self.inputs])
         from handlers.tasks import ImageClassification
 
         task = ImageClassification({"input_shape": list(self.input_shape),
