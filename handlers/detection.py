@@ -11,7 +11,8 @@ detected from the output's shape:
 - "torchvision": three outputs, boxes [N, K, 4] (x1, y1, x2, y2), scores [N, K] and labels [N, K]
   (torchvision's detection heads, exported with a batch axis), already suppressed.
 Then a confidence threshold, class-wise non-maximum suppression (vectorised numpy, below), the
-highest `max_detections`, and the boxes mapped back through the letterbox and clipped to the image.
+highest `max_detections` of the boxes that reach into the image (one wholly in the letterbox's
+padding is not an object of this image), mapped back through the letterbox and clipped to it.
 
 Answer: [{"label", "class_id", "score", "box": [x1, y1, x2, y2]}], highest score first, in the
 original image's pixels; [] when nothing is found. A multipart request may set "confidence",
@@ -166,9 +167,13 @@ class Thresholds:
     max_candidates: int = 3000  # the highest-scoring boxes NMS sees (bounds its n x n cost)
 
 
-def detections(output: np.ndarray | list[np.ndarray], layout: str, t: Thresholds
+def detections(output: np.ndarray | list[np.ndarray], layout: str, t: Thresholds,
+               region: tuple[float, float, float, float] | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image's final (boxes, scores, classes) in the model input's pixels, best first."""
+    """One image's final (boxes, scores, classes) in the model input's pixels, best first.
+    With `region` (where the image lies in the input, x1 y1 x2 y2), a box with no area inside it
+    (wholly in the letterbox's padding: nothing of the image is there) is dropped before the
+    `max_detections` cut, so it takes no place of a real one."""
     boxes, scores, classes = candidates(output, layout, t.confidence)
     if not np.isfinite(boxes).all() or not np.isfinite(scores).all():
         raise ValueError("the model's output holds NaN or infinity")
@@ -179,8 +184,19 @@ def detections(output: np.ndarray | list[np.ndarray], layout: str, t: Thresholds
         keep = batched_nms(boxes, scores, classes, t.iou)
     else:
         keep = np.argsort(-scores, kind="stable")
+    if region is not None and len(keep):
+        x1, y1, x2, y2 = region
+        b = boxes[keep]
+        inside = ((np.minimum(b[:, 2], x2) > np.maximum(b[:, 0], x1))
+                  & (np.minimum(b[:, 3], y2) > np.maximum(b[:, 1], y1)))
+        keep = keep[inside]
     keep = keep[:t.max_detections]
     return boxes[keep], scores[keep], classes[keep]
+
+
+def image_region(box: geometry.Letterbox, width: int, height: int) -> tuple[float, ...]:
+    """Where a width x height image lies in its letterboxed input (the inverse of to_original)."""
+    return (box.left, box.top, box.left + width * box.scale, box.top + height * box.scale)
 
 
 def to_original(boxes: np.ndarray, box: geometry.Letterbox, width: int, height: int) -> np.ndarray:
@@ -232,7 +248,8 @@ class ObjectDetection:
             try:
                 values[key] = int(text) if key == "max_detections" else float(text)
             except ValueError:
-                raise RequestError(400, f"{key} must be a number, not {text[:40]!r}") from None
+                kind = "a whole number" if key == "max_detections" else "a number"
+                raise RequestError(400, f"{key} must be {kind}, not {text[:40]!r}") from None
         limits = {"confidence": (self.min_confidence, 1.0), "iou": (0.01, 1.0),
                   "max_detections": (1, self.max_detections_limit)}
         for key, value in values.items():
@@ -276,16 +293,23 @@ class ObjectDetection:
                 tuple(np.shape(outputs[0])), len(self.labels) if self.labels else None)
         return self.layout
 
-    def decode(self, outputs: list[np.ndarray], thresholds: Thresholds
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decode(self, outputs: list[np.ndarray], thresholds: Thresholds,
+               region: tuple[float, ...] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One image's detections (in the model input's pixels) from all of its outputs."""
         layout = self.layout_for(outputs)
-        return detections(outputs if layout == "torchvision" else outputs[0], layout, thresholds)
+        return detections(outputs if layout == "torchvision" else outputs[0], layout, thresholds,
+                          region)
+
+    def detect(self, outputs: list[np.ndarray], prepared: Prepared,
+               thresholds: Thresholds | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One image's detections in its own pixels: what the handler answers, the gate judges
+        and the example's training evaluates."""
+        region = image_region(prepared.box, prepared.width, prepared.height)
+        boxes, scores, classes = self.decode(outputs, thresholds or prepared.thresholds, region)
+        return to_original(boxes, prepared.box, prepared.width, prepared.height), scores, classes
 
     def postprocess(self, rows: Rows) -> list[dict[str, Any]]:
-        prepared: Prepared = rows.meta
-        boxes, scores, classes = self.decode((rows.outputs or [[]])[0], prepared.thresholds)
-        boxes = to_original(boxes, prepared.box, prepared.width, prepared.height)
+        boxes, scores, classes = self.detect((rows.outputs or [[]])[0], rows.meta)
         return [{"label": self._label(int(c)), "class_id": int(c), "score": round(float(s), 5),
                  "box": [round(float(v), 2) for v in b]}
                 for b, s, c in zip(boxes, scores, classes, strict=True)]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from handlers.detection import Thresholds, pairwise_iou, to_original
+from handlers.detection import Thresholds, pairwise_iou
 from servetool.coco_eval import SETTINGS, Found, Labelled, coco_map
 from servetool.spec import ModelSpec
 
@@ -76,8 +76,7 @@ def decode(task, raw: list[list[np.ndarray]], metas: list[Any],
     """Each image's detections in its own pixels, as the handler decodes them."""
     found = []
     for image_outputs, meta in zip(raw, metas, strict=True):
-        boxes, scores, classes = task.decode(image_outputs, thresholds)
-        found.append(Found(to_original(boxes, meta.box, meta.width, meta.height), scores, classes))
+        found.append(Found(*task.detect(image_outputs, meta, thresholds)))
     return found
 
 

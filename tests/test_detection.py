@@ -76,6 +76,25 @@ def test_boxes_outside_the_image_are_clipped_to_it():
     assert clipped.tolist() == [[0, 0, 200, 100]]
 
 
+
+def test_a_box_wholly_in_the_padding_is_dropped_before_the_max_detections_cut():
+    """A wide image leaves grey bands above and below it in the input: a box the model finds in a
+    band has nothing of the image under it, so it is not answered and takes no place of a real
+    box; a box that reaches into the image is kept, clipped to it."""
+    t = task(layout="nms", max_detections=2)
+    rows = t.preprocess(png(Image.new("RGB", (200, 100))))  # in the input: rows 32 to 96
+    assert (rows.meta.box.top, rows.meta.box.scale) == (32, 0.64)
+    out = np.array([[10, 2, 50, 30, 0.95, 1],      # in the top band only
+                    [10, 100, 50, 126, 0.9, 2],    # in the bottom band only
+                    [10, 20, 50, 40, 0.8, 3],      # reaches 8 pixels into the image
+                    [60, 40, 90, 80, 0.7, 4],      # inside
+                    [0, 0, 0, 0, 0, 0]], np.float32)
+    boxes, scores, classes = t.detect([out], rows.meta)
+    assert classes.tolist() == [3, 4] and scores.tolist() == pytest.approx([0.8, 0.7])
+    assert boxes[0].tolist() == pytest.approx([10 / 0.64, 0, 50 / 0.64, 8 / 0.64])
+    rows.outputs = [[out]]
+    assert [d["class_id"] for d in t.postprocess(rows)] == [3, 4]
+
 def reference_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
     """Greedy NMS written plainly, box by box (what torchvision's does)."""
     order = list(np.argsort(-scores, kind="stable"))
@@ -185,7 +204,8 @@ def test_a_request_may_move_thresholds_within_the_spec_limits():
     for fields, said in (({"confidence": b"0"}, "confidence 0.0 is outside"),
                          ({"confidence": b"nan"}, "confidence nan is outside"),
                          ({"max_detections": b"51"}, "max_detections 51 is outside"),
-                         ({"iou": b"high"}, "iou must be a number")):
+                         ({"iou": b"high"}, "iou must be a number"),
+                         ({"max_detections": b"2.5"}, "max_detections must be a whole number")):
         with pytest.raises(RequestError, match=said) as caught:
             t.thresholds(fields)
         assert caught.value.status == 400

@@ -25,7 +25,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent.parent)]
 from data import FILL, INPUT, SEED, Canvas, canvases  # noqa: E402
 from model import DigitsDetector  # noqa: E402
 
-from handlers.detection import ObjectDetection, Thresholds, detections, to_original  # noqa: E402
+from handlers.detection import ObjectDetection, Thresholds  # noqa: E402
 from servetool.coco_eval import SETTINGS, Found, Labelled, coco_map, write_coco  # noqa: E402
 
 TRAIN, HELD_OUT = 4000, 250
@@ -134,9 +134,7 @@ def evaluate(model: DigitsDetector, files: list[bytes], truth: list[Labelled]) -
         for data in files:
             rows = t.preprocess(data)
             output = model(torch.from_numpy(rows.examples[0]["input"][None]))[0].numpy()
-            b, s, c = detections(output, "yolov8", EVAL)
-            meta = rows.meta
-            found.append(Found(to_original(b, meta.box, meta.width, meta.height), s, c))
+            found.append(Found(*t.detect([output], rows.meta, EVAL)))
     return coco_map(truth, found, len(LABELS))
 
 
