@@ -53,9 +53,15 @@ class DetectionReport:
 
 
 def gate_images(spec: ModelSpec) -> tuple[list[bytes], list[Labelled] | None]:
-    """The images the detection gate runs on (the validation set's), with their true boxes when
-    the set is a COCO file."""
-    return spec.validation.detector_images() if spec.validation else ([], None)
+    """The images the detection gate runs on: the validation set's, with their true boxes when
+    the set is a COCO file; without one, the calibration images (samples of what the model will
+    serve: box agreement on them, rather than raw numbers alone)."""
+    for ref in (spec.validation, spec.calibration):
+        if ref is not None:
+            images, truth = ref.detector_images()
+            if images:
+                return images, truth
+    return [], None
 
 
 def outputs(run, task, images: list[bytes]) -> tuple[list[list[np.ndarray]], list[Any]]:

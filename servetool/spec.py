@@ -22,6 +22,7 @@ SPEC_FILE = "servetool.yaml"
 FORMATS = tuple(FORMAT_TABLE)
 TEXT_TASKS = ("feature-extraction", "text-classification", "token-classification")
 TASKS = ("image-classification", "tensor", "object-detection", *TEXT_TASKS)
+IMAGE_TASKS = ("image-classification", "object-detection")
 DETECTION_LAYOUTS = ("auto", "yolov5", "yolov8", "nms", "torchvision")
 SOURCE_KINDS = ("state_dict", "torchscript", "onnx", "pickled_module", "random_weights",
                 "transformers")
@@ -509,8 +510,8 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         top.fail("is a COCO file of boxes, which only an object-detection model uses", "validation")
     top.finish()
     if fmt == "onnx-int8-static" and calibration is None and validation is None:
-        top.fail("is onnx-int8-static, which needs calibration data: add calibration.data "
-                 "(an .npz with x)", "format")
+        top.fail(f"is onnx-int8-static, which needs calibration data: add {calibration_hint(task)}",
+                 "format")
 
     if source.kind == "transformers" and task not in (*TEXT_TASKS, "tensor"):
         top.fail(f"is {task}, but a Hugging Face text model serves one of {', '.join(TEXT_TASKS)} "
@@ -553,6 +554,14 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
 
 INPUT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
 AXIS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def calibration_hint(task: str) -> str:
+    """The spec keys that give static int8 its calibration data, for a model of `task`."""
+    if task in IMAGE_TASKS:
+        return ("calibration.images (a folder of images like those it will serve) or "
+                "calibration.data (an .npz with x)")
+    return "calibration.data (an .npz with x)"
 
 
 def _parse_inputs(top: _Reader, source: Source) -> tuple[InputSpec, ...]:

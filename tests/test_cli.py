@@ -51,15 +51,17 @@ def test_tensorrt_without_cuda_is_one_clear_line(tmp_path):
 
 
 def test_convert_writes_each_format_and_reports_the_gate(tmp_path):
+    # as a user runs it: from their own folder, into the default (relative) --out; the quantizer
+    # works in a scratch directory, which once broke every relative path
     proc = run("convert", str(DIGITS), "--format", "onnx", "--format", "onnx-int8-static",
-               "--out", str(tmp_path), "--json")
+               "--format", "onnx-fp16", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["formats"]
-    assert [r["format"] for r in rows] == ["onnx", "onnx-int8-static"]
+    assert [r["format"] for r in rows] == ["onnx", "onnx-int8-static", "onnx-fp16"]
     for row in rows:
-        assert Path(row["files"][0]).is_file()
+        assert (tmp_path / row["files"][0]).is_file()
         assert row["gate"]["ok"] and row["gate"]["accuracy"]["samples"] == 360
-    assert (tmp_path / "digits" / "onnx-int8-static" / "model.onnx").is_file()
+    assert (tmp_path / "build" / "digits" / "onnx-int8-static" / "model.onnx").is_file()
 
 
 def test_commands_without_a_server_say_so(tmp_path):

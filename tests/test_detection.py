@@ -518,3 +518,9 @@ def test_without_labels_the_gate_compares_boxes_with_the_original(tmp_path):
     assert report.ok and found["map_original"] is None and found["agreement"]["images"] == 3
     assert found["agreement"]["boxes"] >= 9 and found["agreement"]["matched"] == 1.0
     assert found["agreement"]["min_iou"] > 0.99
+    # no validation set, only calibration images: int8 is judged on its boxes there
+    raw["calibration"] = raw.pop("validation")
+    (tmp_path / "servetool.yaml").write_text(yaml.safe_dump(raw))
+    _, report = convert(load_spec(tmp_path / "servetool.yaml"), "onnx-int8-static", tmp_path / "q")
+    agreement = report.detection["agreement"]
+    assert report.ok and agreement["images"] == 3 and agreement["matched"] >= 0.9

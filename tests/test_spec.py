@@ -121,7 +121,7 @@ def test_top_level_must_be_a_mapping(tmp_path):
      "names no folder of images"),
     ({"validation": {"images": str(DIGITS / "samples")}}, "validation.images", "labelled images"),
     ({"format": "onnx-int8-static", "validation": None, "calibration": None}, "format",
-     "needs calibration data"),
+     "needs calibration data: add calibration.images (a folder of images"),
     ({"source": {"model_file": str(DIGITS / "model.py"), "class": "DigitsNet",
                  "random_weights": False}}, "source.random_weights", "must be true"),
 ])

@@ -18,7 +18,7 @@ import numpy as np
 
 from servetool.export import Artifact, ExportError
 from servetool.formats import Format
-from servetool.spec import ModelSpec
+from servetool.spec import ModelSpec, calibration_hint
 
 CALIBRATION_SAMPLES = 256
 
@@ -26,7 +26,8 @@ CALIBRATION_SAMPLES = 256
 def quantize(spec: ModelSpec, base: Path, target: Path, fmt: Format) -> Artifact:
     # ONNX Runtime's quantizer writes a large model's weights to a uuid-named .data file in the
     # current directory (seen with all-MiniLM-L6-v2: 90 MB per run, in the user's project folder):
-    # it works in a scratch directory instead.
+    # it works in a scratch directory instead, so every path it is given is made absolute first.
+    base, target = base.resolve(), target.resolve()
     with tempfile.TemporaryDirectory(prefix="servetool-quantize-") as scratch, \
             contextlib.chdir(scratch):
         if fmt.name == "onnx-fp16":
@@ -50,7 +51,7 @@ def calibration_inputs(spec: ModelSpec) -> np.ndarray:
     ref = spec.calibration or spec.validation
     if ref is None:
         raise ExportError(f"{spec.name}: onnx-int8-static needs calibration data; add "
-                          f"calibration.data (an .npz with x) to {spec.spec_file}")
+                          f"{calibration_hint(spec.task)} to {spec.spec_file}")
     x, _ = spec.load_data(ref)
     if tuple(x.shape[1:]) != spec.input_shape:
         raise ExportError(f"{ref.path}: calibration inputs have shape {list(x.shape[1:])}, the "
