@@ -132,6 +132,17 @@ def test_nms_property(seed, n, threshold):
     assert nms(boxes, scores, threshold).tolist() == reference_nms(boxes, scores, threshold)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_nms_with_a_limit_is_the_first_boxes_of_the_full_result(seed):
+    """Crowded boxes over several blocks: stopping at `limit` kept boxes changes nothing before it."""
+    rng = np.random.default_rng(seed)
+    boxes, scores = random_boxes(rng, 700)
+    full = reference_nms(boxes, scores, 0.3)
+    assert nms(boxes, scores, 0.3).tolist() == full
+    for limit in (1, 17, 64, 65, 200, 10_000):
+        assert nms(boxes, scores, 0.3, limit).tolist() == full[:limit]
+
+
 def test_class_wise_nms_never_suppresses_across_classes():
     boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 10, 10]], np.float32)
     scores = np.array([0.9, 0.8, 0.7], np.float32)
@@ -358,6 +369,12 @@ def test_the_example_passes_the_gate_on_map(detector):
     found = gate["detection"]
     assert found["map_original"] > 0.5 and abs(found["drop_points"]) <= 0.2, found
     assert found["agreement"]["matched"] >= 0.99 and found["agreement"]["boxes"] > 250
+    # what `package` prints says so
+    from servetool.cli.build import gate_summary
+
+    said = gate_summary(gate)
+    assert f"mAP@0.5:0.95 {found['map_original']:.4f} -> {found['map_converted']:.4f}" in said
+    assert f"of the original's {found['agreement']['boxes']} boxes found again on 250 images" in said
 
 
 def test_served_boxes_equal_the_original_model_on_non_square_images(detector):

@@ -42,9 +42,26 @@ def gate_summary(gate: dict[str, Any]) -> str:
         acc = gate["accuracy"]
         parts.append(f"accuracy {acc['original']:.2%} -> {acc['converted']:.2%} "
                      f"({(acc['converted'] - acc['original']) * 100:+.2f} pts)")
+    if gate.get("detection"):
+        parts += detection_summary(gate["detection"])
     if gate["problems"]:
         parts.append("ACCEPTED DESPITE: " + "; ".join(gate["problems"]))
     return ", ".join(parts)
+
+
+def detection_summary(found: dict[str, Any]) -> list[str]:
+    """A detector's gate in words: mAP before and after (with labels), and box agreement."""
+    parts = []
+    if found["map_original"] is not None:
+        parts.append(f"mAP@0.5:0.95 {found['map_original']:.4f} -> {found['map_converted']:.4f} "
+                     f"({-found['drop_points']:+.2f} pts)")
+    agree = found["agreement"]
+    if not agree["boxes"]:
+        return [*parts, f"no boxes from the original on {agree['images']} images to compare"]
+    parts.append(f"{agree['matched']:.1%} of the original's {agree['boxes']} boxes found again on "
+                 f"{agree['images']} images" + (f" (min IoU {agree['min_iou']:.3f})"
+                                               if agree["min_iou"] is not None else ""))
+    return parts
 
 
 @main.command()
