@@ -132,7 +132,7 @@ def test_nms_property(seed, n, threshold):
     assert nms(boxes, scores, threshold).tolist() == reference_nms(boxes, scores, threshold)
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(3))
 def test_nms_with_a_limit_is_the_first_boxes_of_the_full_result(seed):
     """Crowded boxes over several blocks: stopping at `limit` kept boxes changes nothing before it."""
     rng = np.random.default_rng(seed)
