@@ -172,6 +172,40 @@ def test_a_canary_whose_controller_is_gone_reads_orphaned_and_one_controller_run
     (run_dir / "canary.json").unlink()
 
 
+
+def test_a_controller_that_is_killed_or_hung_up_sends_everything_back_first(fronted):
+    """SIGTERM (a job's timeout, kill) and SIGHUP (its terminal closed) stop --auto as Ctrl-C
+    does: weight 0 and `aborted` before it exits, not an orphaned canary at 10%."""
+    import signal
+    import subprocess
+    import sys
+
+    from servetool.canary import read_state
+
+    run_dir = Path(fronted.running().run_dir)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("servetool")), "canary", "can", "2.0", "--auto",
+             "--interval", "60", "--run-dir", str(run_dir),
+             "--model-store", str(fronted.opts.model_store)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while (read_state(run_dir) or {}).get("controller_pid") != proc.pid or \
+                    read_state(run_dir)["weight"] != 10:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.2)
+            assert "2.0" in versions_seen(fronted, 60)  # 10% of 60: P(none) = 0.2%
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+        state = read_state(run_dir)
+        assert (state["status"], state["weight"]) == ("aborted", 0), state
+        assert versions_seen(fronted, 40) == {"1.0": 40}
+    (run_dir / "canary.json").unlink()
+
 def test_the_split_sends_the_weight_and_never_a_named_version(fronted):
     ctl = Canary(fronted)
     state = ctl.set_weight("can", "2.0", 30)

@@ -236,8 +236,14 @@ def canary(model: str, version: str | None, weight: int | None, auto: bool, step
     elif version is None:
         raise ServetoolError("give the VERSION to send traffic to")
     elif auto:
+        # kill (SIGTERM: a job's timeout, systemd) and a closed terminal (SIGHUP) stop it as
+        # Ctrl-C does: the weight back to 0 before it exits, instead of an orphaned canary
+        stop: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _: stop.append(signum))
         result = ctl.run(model, version, _steps(steps), interval_s,
-                         Bounds(max_error_increase, max_p99_ratio, min_requests))
+                         Bounds(max_error_increase, max_p99_ratio, min_requests),
+                         stopping=lambda: bool(stop))
     else:
         result = ctl.set_weight(model, version, weight)
     emit(result, as_json, f"{model}: {result['weight']}% to {result['candidate']}, "
