@@ -251,9 +251,11 @@ class ObjectDetection:
         self.formats = tuple(pre.get("formats") or DEFAULT_FORMATS)
         self.max_pixels = int(pre.get("max_pixels") or default_max_pixels(self.height, self.width))
         self.layout = det.get("layout", "auto")
-        self.defaults = Thresholds(float(det.get("confidence", 0.25)), float(det.get("iou", 0.45)),
-                                   int(det.get("max_detections", 100)),
-                                   int(det.get("max_candidates", 3000)))
+        base = Thresholds()  # the spec writes every field; these are for a config without them
+        self.defaults = Thresholds(float(det.get("confidence", base.confidence)),
+                                   float(det.get("iou", base.iou)),
+                                   int(det.get("max_detections", base.max_detections)),
+                                   int(det.get("max_candidates", base.max_candidates)))
         self.min_confidence = float(det.get("min_confidence", 0.001))
         self.max_detections_limit = int(det.get("max_detections_limit", 300))
         self.labels = labels

@@ -46,19 +46,29 @@ def _xywh(box: np.ndarray) -> list[float]:
     return [x1, y1, x2 - x1, y2 - y1]
 
 
-def coco_map(truth: list[Labelled], found: list[Found], num_classes: int) -> dict[str, float]:
-    """{"map": mAP@0.5:0.95, "map50": mAP@0.5} over the images, both in [0, 1]."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    images, annotations, results = [], [], []
-    for image_id, (t, f) in enumerate(zip(truth, found, strict=True), start=1):
+def _instances(labelled: list[Labelled]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """COCO's images and annotations for labelled images (ids from 1; category = class id + 1)."""
+    images, annotations = [], []
+    for image_id, t in enumerate(labelled, start=1):
         images.append({"id": image_id, "width": t.width, "height": t.height})
         for box, cls in zip(t.boxes, t.classes, strict=True):
             x, y, w, h = _xywh(box)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "category_id": int(cls) + 1, "bbox": [x, y, w, h], "area": w * h,
                                 "iscrowd": 0})
+    return images, annotations
+
+
+def coco_map(truth: list[Labelled], found: list[Found], num_classes: int) -> dict[str, float]:
+    """{"map": mAP@0.5:0.95, "map50": mAP@0.5} over the images, both in [0, 1]."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if len(found) != len(truth):
+        raise ValueError(f"detections for {len(found)} images, true boxes for {len(truth)}")
+    images, annotations = _instances(truth)
+    results = []
+    for image_id, f in enumerate(found, start=1):
         for box, score, cls in zip(f.boxes, f.scores, f.classes, strict=True):
             results.append({"image_id": image_id, "category_id": int(cls) + 1,
                             "bbox": _xywh(box), "score": float(score)})
@@ -100,15 +110,9 @@ def read_coco(annotations: Path, images: Path | None = None) -> tuple[list[Label
 
 def write_coco(path: Path, labelled: list[Labelled], names: list[str]) -> None:
     """A COCO instances file for labelled images (file names relative to its folder)."""
-    images, annotations = [], []
-    for image_id, t in enumerate(labelled, start=1):
-        images.append({"id": image_id, "file_name": t.file.name, "width": t.width,
-                       "height": t.height})
-        for box, cls in zip(t.boxes, t.classes, strict=True):
-            x, y, w, h = _xywh(box)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": int(cls) + 1, "bbox": [x, y, w, h],
-                                "area": w * h, "iscrowd": 0})
+    instances, annotations = _instances(labelled)
+    images = [{"id": image["id"], "file_name": t.file.name, "width": t.width, "height": t.height}
+              for image, t in zip(instances, labelled, strict=True)]
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(names)]
     path.write_text(json.dumps({"images": images, "annotations": annotations,
                                 "categories": categories}) + "\n")

@@ -887,18 +887,22 @@ def _parse_data(section: _Reader | None, directory: Path, labelled: bool,
 
 
 def _parse_detection(section: _Reader | None) -> DetectionOptions:
+    default = DetectionOptions()
     if section is None:
-        return DetectionOptions()
+        return default
     share = lambda v: None if 0 <= v <= 1 else f"must be between 0 and 1, got {v}"  # noqa: E731
+    number = (int, float)
     result = DetectionOptions(
-        layout=section.get("layout", str, "auto", check=_one_of(DETECTION_LAYOUTS)),
-        confidence=float(section.get("confidence", (int, float), 0.25, check=share)),
-        iou=float(section.get("iou", (int, float), 0.45, check=share)),
-        max_detections=section.get("max_detections", int, 100, check=_positive),
-        max_candidates=section.get("max_candidates", int, 3000, check=_positive),
-        min_confidence=float(section.get("min_confidence", (int, float), 0.001, check=share)),
-        max_detections_limit=section.get("max_detections_limit", int, 300, check=_positive),
-        scale=float(section.get("scale", (int, float), 1 / 255,
+        layout=section.get("layout", str, default.layout, check=_one_of(DETECTION_LAYOUTS)),
+        confidence=float(section.get("confidence", number, default.confidence, check=share)),
+        iou=float(section.get("iou", number, default.iou, check=share)),
+        max_detections=section.get("max_detections", int, default.max_detections, check=_positive),
+        max_candidates=section.get("max_candidates", int, default.max_candidates, check=_positive),
+        min_confidence=float(section.get("min_confidence", number, default.min_confidence,
+                                         check=share)),
+        max_detections_limit=section.get("max_detections_limit", int,
+                                         default.max_detections_limit, check=_positive),
+        scale=float(section.get("scale", number, default.scale,
                                 check=lambda v: None if v > 0 else f"must be > 0, got {v}")),
     )
     section.finish()
