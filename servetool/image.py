@@ -42,7 +42,7 @@ TORCH_VERSION = "2.13.0"
 # images with and without the split share their largest layers
 RUNTIME_PACKAGES = ["torchserve", "numpy", "pillow", "pyyaml", "psutil", "packaging",
                     "prometheus-client"]
-WATCHER_PACKAGES = ["boto3", "prometheus-client", "requests"]
+WATCHER_PACKAGES = ["boto3", "requests"]  # and prometheus-client, in every image
 SPLIT_RUNTIME = Path(__file__).with_name("split_runtime.py")
 CONTAINER_SPLIT_RUNTIME = "/opt/servetool/servetool_split.py"
 WATCHER_LIB = "lib"  # /opt/servetool/lib in the image: the servetool and handlers packages
