@@ -2,9 +2,12 @@
 gateway (servetool/pod.py, as each pod runs it), side by side in one run.
 
 Run: .venv/bin/python benchmarks/gateway.py [--model digits|resnet18] [--seconds 15] [--clients 8]
+                                             [--compare OTHER_POD_PY]
 Packages the model into a scratch store, deploys it locally on free ports, starts the gateway in
 front of it (its own process, as in a pod), and loads both paths with the same load generator
-(wrk when installed). Prints throughput, p50 and p99 of each and the ratios.
+(wrk when installed). Prints throughput, p50 and p99 of each and the ratios. --compare adds a
+row per file: the gateway of another pod.py (e.g. `git show REV:servetool/pod.py > /tmp/old_pod.py`),
+so two gateway implementations are measured side by side in one run.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def deploy_scratch(model_dir: Path, tmp: Path) -> tuple[LocalTarget, dict]:
     return target, target.deploy([])
 
 
-def start_gateway(run: Path, keys: Path) -> tuple[subprocess.Popen, str, str]:
+def start_gateway(run: Path, keys: Path, pod: Path = ROOT / "servetool" / "pod.py",
+                  ) -> tuple[subprocess.Popen, str, str]:
     """servetool's Python gateway (as each pod runs it) in front of the local server of `run`:
     (its process, its base URL, the key it accepts), once it answers ready."""
     keys.mkdir()
@@ -62,7 +66,7 @@ def start_gateway(run: Path, keys: Path) -> tuple[subprocess.Popen, str, str]:
     env = {**os.environ, "SERVETOOL_TS_CONFIG": str(run / "config.properties"),
            "SERVETOOL_WORK_DIR": str(run), "SERVETOOL_GATEWAY_KEYS": str(keys),
            "SERVETOOL_GATEWAY_LISTEN": f"127.0.0.1:{port}"}
-    gateway = subprocess.Popen([sys.executable, str(ROOT / "servetool" / "pod.py"), "gateway"],
+    gateway = subprocess.Popen([sys.executable, str(pod), "gateway"],
                                env=env, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(100):
@@ -80,34 +84,43 @@ def main() -> None:
     parser.add_argument("--model", default="digits")
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--compare", type=Path, action="append", default=[],
+                        help="another pod.py whose gateway to add (repeatable)")
     args = parser.parse_args()
     model_dir = ROOT / "models" / args.model
     with tempfile.TemporaryDirectory() as tmp:
         target, deployed = deploy_scratch(model_dir, Path(tmp))
         run = target.opts.run_dir
         direct_url = deployed["models"][0]["predictions_url"]
-        gateway, gateway_base, shared_key = start_gateway(run, Path(tmp) / "keys")
+        gateways = {"gateway": start_gateway(run, Path(tmp) / "keys")}
+        for i, other in enumerate(args.compare, 1):
+            gateways[f"compared {i}: {other.name}"] = start_gateway(run, Path(tmp) / f"keys{i}",
+                                                                    other.resolve())
+        name = deployed["models"][0]["name"]
         try:
-            via_url = f"{gateway_base}/predictions/{deployed['models'][0]['name']}"
             direct_key = target.client().token("inference")
             samples = model_dir / "samples"
+            paths = [("warm-up", direct_url, direct_key), ("direct", direct_url, direct_key)]
+            paths += [(label, f"{base}/predictions/{name}", key)
+                      for label, (_, base, key) in gateways.items()]
             rows = {}
-            for name, url, key in (("warm-up", direct_url, direct_key),
-                                   ("direct", direct_url, direct_key),
-                                   ("gateway", via_url, shared_key)):
-                print(f"... {name}: {args.clients} clients, {args.seconds:.0f} s", file=sys.stderr)
-                rows[name] = load(url, samples, key, args.clients, args.seconds)
+            for label, url, key in paths:
+                print(f"... {label}: {args.clients} clients, {args.seconds:.0f} s", file=sys.stderr)
+                rows[label] = load(url, samples, key, args.clients, args.seconds)
         finally:
-            gateway.terminate()
-            gateway.wait(10)
+            for proc, _, _ in gateways.values():
+                proc.terminate()
+                proc.wait(10)
             target.down()
     direct, via = rows["direct"], rows["gateway"]
     print("| path | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
-    for name in ("direct", "gateway"):
-        r = rows[name]
-        print(f"| {name} | {r['throughput']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
+    for label in [r for r in rows if r != "warm-up"]:
+        r = rows[label]
+        print(f"| {label} | {r['throughput']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
     ratio = via["throughput"] / direct["throughput"] if direct["throughput"] else 0.0
     print(f"gateway/direct throughput {ratio:.2f}, p50 +{via['p50_ms'] - direct['p50_ms']:.1f} ms")
+    for label in [r for r in rows if r.startswith("compared") and rows[r]["throughput"]]:
+        print(f"gateway/{label} throughput {via['throughput'] / rows[label]['throughput']:.2f}")
     print(json.dumps({"model": args.model, "direct": direct, "gateway": via,
                       "throughput_ratio": round(ratio, 3)}))
 

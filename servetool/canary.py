@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from servetool import lifecycle, split, top
+from servetool import lifecycle, runfiles, split, top
 from servetool.errors import ServetoolError
 
 STATE_FILE = "canary.json"
@@ -130,7 +130,7 @@ def _alive(pid: Any) -> bool:
 
 def _save(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
     state["updated"] = datetime.now().astimezone().isoformat(timespec="seconds")
-    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    runfiles.write_private(run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
     return state
 
 

@@ -2,7 +2,7 @@
 found again by pid and command line, stopped by SIGTERM.
 
 Each keeps RUN_DIR/NAME.json ({"pid", "options"}) and logs to RUN_DIR/NAME.log (outside logs/,
-which every server start empties).
+which every server start empties); both are this user's alone (0600, servetool/runfiles.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from servetool import pod, runfiles
 from servetool.errors import ServetoolError
 
 
@@ -44,14 +45,17 @@ class Daemon:
         """Start it (once: a running one is kept) and return its pid."""
         if (pid := self.pid()) is not None:
             return pid
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.file.write_text(json.dumps({"pid": None, "options": options}))
-        log = open(self.log, "ab")  # noqa: SIM115 (handed to the child)
-        proc = subprocess.Popen([sys.executable, "-m", self.module, str(self.run_dir)],
+        runfiles.private_folder(self.run_dir)
+        runfiles.write_private(self.file, json.dumps({"pid": None, "options": options}))
+        log = os.fdopen(runfiles.open_private(self.log), "ab")  # handed to the child
+        # under a keeper (servetool/pod.py keep), which starts it again if it dies
+        command = [sys.executable, "-m", self.module, str(self.run_dir)]
+        keeper = [sys.executable, pod.__file__, "keep", self.name, str(self.run_dir), "--", *command]
+        proc = subprocess.Popen(keeper,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=self.run_dir)
         log.close()
-        self.file.write_text(json.dumps({"pid": proc.pid, "options": options}))
+        runfiles.write_private(self.file, json.dumps({"pid": proc.pid, "options": options}))
         deadline = time.monotonic() + 10  # until the child has become the process (exec'd)
         while self.pid() != proc.pid and time.monotonic() < deadline:
             if proc.poll() is not None:

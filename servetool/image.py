@@ -40,8 +40,9 @@ TORCH_VERSION = "2.13.0"
 # What the handlers import at serving time, by format (torch is installed on its own, CPU-only).
 # prometheus-client: the canary split's exporter (split_runtime.py); in every image, so that
 # images with and without the split share their largest layers
+# uvicorn, httptools, uvloop: the HTTP server under servetool's front and gateway (servetool/pod.py)
 RUNTIME_PACKAGES = ["torchserve", "numpy", "pillow", "pyyaml", "psutil", "packaging",
-                    "prometheus-client"]
+                    "prometheus-client", "uvicorn", "httptools", "uvloop"]
 WATCHER_PACKAGES = ["boto3", "requests"]  # and prometheus-client, in every image
 SPLIT_RUNTIME = Path(__file__).with_name("split_runtime.py")
 CONTAINER_SPLIT_RUNTIME = "/opt/servetool/servetool_split.py"

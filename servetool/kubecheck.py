@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+DNS_LABEL = re.compile(r"\A[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+DNS_SUBDOMAIN = re.compile(r"\A[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z")
+QUANTITY = re.compile(r"\A\d+(\.\d+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?\Z")
 
 
 def _pod_spec(obj: dict[str, Any]) -> dict[str, Any] | None:

@@ -18,12 +18,20 @@ Every change holds a lock on the run folder (the watcher and a person's `promote
 and follows one order, so that no request fails during a switch: register the new version with its
 workers, smoke-test it on its own URL, make it the default, and only then drain and unregister what
 the policy no longer keeps.
+
+An install is a transaction: before TorchServe is touched the record gets the model's intent
+(`"installing": {version, archive, digest, ...}`), and the version becomes the record's only with
+the write that removes the intent, after it became the default. A process killed in between
+(kill -9, a crash, the machine) leaves the intent; the next `restore` (deploy, the crash
+supervisor, the watcher's start) and the next install settle it first: a version TorchServe
+already serves as the default is completed in the record, anything earlier is undone
+(unregistered, its pin removed, the entry it replaced put back), so that the record and the engine
+agree again. A failure inside install undoes the same way at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -34,12 +42,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from servetool import archive
+from servetool import archive, runfiles
 from servetool.errors import ServetoolError
 from servetool.management import APIError, Client
 from servetool.torchserve import ServerState
 
 RECORD_FILE = "deployed.json"
+# A model's install in progress, in the record from before the engine changes until it committed:
+# {"version", "archive", "digest", "origin", "since", "pid", "replaces"}
+INTENT = "installing"
 LOCK_FILE = "lifecycle.lock"
 FORMAT = 2
 DEFAULT_KEEP = 2
@@ -96,16 +107,29 @@ def is_pinned(path: Path) -> bool:
 def pin(path: Path, store: Path, name: str, version: str, digest: str) -> Path:
     """The archive under its pinned name in the store (a hard link, else a copy; atomic)."""
     target = store / pinned_name(name, version, digest)
-    if target.is_file() and archive.archive_digest(target) == digest:
+    if not target.is_symlink() and target.is_file() and archive.archive_digest(target) == digest:
         return target
     staged = store / f".{target.name}.partial"
     staged.unlink(missing_ok=True)
     try:
-        os.link(path, staged)
-    except OSError:
-        shutil.copyfile(path, staged)
-    os.replace(staged, target)
+        try:
+            os.link(path, staged)
+        except OSError:
+            shutil.copyfile(path, staged)  # another file system: a copy (it may find it full)
+        os.replace(staged, target)  # a link planted under the pinned name is replaced, not followed
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
     return target
+
+
+def refuse_link(path: Path, what: str = "archive") -> None:
+    """A model store holds files: a symbolic link in it could make TorchServe load bytes from
+    anywhere (lstat, not stat: the link itself is judged, not what it points to)."""
+    if path.is_symlink():
+        raise DeployError(f"the {what} {path} is a symbolic link (to {os.readlink(path)}): refused, "
+                          "servetool registers only regular files of the model store; copy the "
+                          "archive there instead")
 
 
 # --- the record ----------------------------------------------------------------------------------
@@ -131,10 +155,8 @@ def read_record(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_record(run_dir: Path, models: dict[str, dict[str, Any]]) -> None:
-    path = run_dir / RECORD_FILE
-    staged = path.with_suffix(".partial")
-    staged.write_text(json.dumps({"format": FORMAT, "models": models}, indent=2) + "\n")
-    os.replace(staged, path)
+    runfiles.write_private(run_dir / RECORD_FILE,
+                           json.dumps({"format": FORMAT, "models": models}, indent=2) + "\n")
 
 
 def recorded_archives(run_dir: Path, model_store: Path) -> list[Path]:
@@ -149,11 +171,14 @@ def recorded_archives(run_dir: Path, model_store: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def locked(run_dir: Path) -> Iterator[dict[str, dict[str, Any]]]:
-    """The record, under an exclusive lock of the run folder; written back on the way out."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+def locked(run_dir: Path, say: Callable[[str], None] | None = None,
+           timeout_s: float | None = None) -> Iterator[dict[str, dict[str, Any]]]:
+    """The record, under an exclusive lock of the run folder; written back on the way out.
+    Take it before changing the engine, and keep it until the record says what was changed. A lock
+    held elsewhere is waited for (saying by whom) at most `timeout_s` (runfiles.lock_timeout_s(),
+    60 s by default), then runfiles.LockBusy; another user's lock file is refused at once."""
+    runfiles.private_folder(run_dir)
+    with runfiles.exclusive(run_dir / LOCK_FILE, timeout_s=timeout_s, say=say):
         models = read_record(run_dir)
         try:
             yield models
@@ -216,11 +241,13 @@ class Lifecycle:
         """Register an archive's version and make it the default (unless it is already serving
         these very bytes): register, smoke-test, set default, unload what the policy drops.
         A version that fails any step is unregistered again and never becomes the default."""
+        refuse_link(path)
         contents = archive.archive_manifest(path)
         meta = contents["manifest"]["model"]
         name, version = meta["modelName"], str(meta["modelVersion"])
         digest = archive.archive_digest(path)
-        with locked(self.run_dir) as models:
+        with locked(self.run_dir, self.say) as models:
+            self._recover(models)  # an install a crash interrupted is settled before another
             model = _model(models, name)
             if keep is not None:
                 model["keep"] = keep
@@ -231,31 +258,47 @@ class Lifecycle:
             if version in loaded and same:
                 self.say(f"{name} {version}: unchanged, left as it is")
                 return self._result(name, version, "unchanged", path, timeout_s)
-            if version in loaded:  # same version, new content: it must go before it can return
-                self.say(f"{name} {version}: archive changed, re-registering")
-                self._unregister(model, name, version, loaded)
-                loaded.remove(version)
-                action = "re-registered"
-            else:
-                action = "upgraded" if loaded else "registered"
-            file = pin(path, self.store, name, version, digest) if self.target.pins_archives \
+            file = self.store / pinned_name(name, version, digest) if self.target.pins_archives \
                 else path
-            workers = self._register(file, name, version, contents["config"],
-                                     self._workers_for(model, contents["config"]), timeout_s)
-            model["versions"][version] = {"archive": file.name, "digest": digest, "workers": workers,
-                                          "loaded_at": now(), **({"source": origin} if origin else {})}
-            write_record(self.run_dir, models)
+            # the intent is on disk before the engine changes: a crash at any point after it is
+            # finished or undone by the next restore (`_recover`), so record and engine agree
+            intent = {"version": version, "archive": file.name, "digest": digest,
+                      "origin": origin, "since": now(), "pid": os.getpid(),
+                      "replaces": known}
+            model[INTENT] = intent
             try:
+                write_record(self.run_dir, models)
+                if version in loaded:  # same version, new content: it must go before it returns
+                    self.say(f"{name} {version}: archive changed, re-registering")
+                    self._unregister(model, name, version, loaded)
+                    loaded.remove(version)
+                    action = "re-registered"
+                else:
+                    action = "upgraded" if loaded else "registered"
+                if self.target.pins_archives:
+                    file = pin(path, self.store, name, version, digest)
+                workers = self._register(file, name, version, contents["config"],
+                                         self._workers_for(model, contents["config"]), timeout_s)
+                model["versions"][version] = {"archive": file.name, "digest": digest,
+                                              "workers": workers, "loaded_at": now(),
+                                              **({"source": origin} if origin else {})}
+                write_record(self.run_dir, models)
                 self.smoke_test(name, version, file, model)
-            except DeployError:
-                del model["versions"][version]
-                self._drop(name, version)
+                if make_default or not loaded:  # a model's first version is its default anyway
+                    self._make_default(model, name, version)
+                else:
+                    action = "loaded"  # beside the default, for a canary or a promote later
+            except BaseException:
+                try:
+                    self._undo(models, name, intent)
+                except Exception as exc:  # noqa: BLE001 (the failure that led here is the one told)
+                    self.say(f"{name} {version}: undoing its install failed too ({exc}); the "
+                             "next restore finishes it")
                 raise
-            if make_default or not loaded:  # a model's first version is its default anyway
-                self._make_default(model, name, version)
+            model.pop(INTENT, None)  # the commit: from here on the version is the record's
+            write_record(self.run_dir, models)
+            if action != "loaded":
                 self._prune(model, name)
-            else:
-                action = "loaded"  # beside the default, for a canary or a promote later
         return self._result(name, version, action, file, timeout_s)
 
     def restore(self, timeout_s: float = 300) -> list[dict[str, Any]]:
@@ -263,7 +306,8 @@ class Lifecycle:
         count), and each model's recorded default the default. After a restart, exactly what was
         serving; on a running server, a no-op."""
         results = []
-        with locked(self.run_dir) as models:
+        with locked(self.run_dir, self.say) as models:
+            self._recover(models)
             for name, model in models.items():
                 loaded = self.registered(name)
                 default = model.get("default")
@@ -274,6 +318,12 @@ class Lifecycle:
                         continue
                     entry = model["versions"][version]
                     file = self.store / str(entry.get("archive") or "")
+                    if file.is_symlink():
+                        self.say(f"{name} {version}: its archive {file.name} in the model store is "
+                                 f"a symbolic link (to {os.readlink(file)}): refused, not "
+                                 "registered, and forgotten")
+                        del model["versions"][version]
+                        continue
                     if not file.is_file():
                         self.say(f"{name} {version}: its archive {file.name} is no longer in the "
                                  "model store; forgotten")
@@ -289,9 +339,79 @@ class Lifecycle:
                     self.say(f"{name}: default set back to {default}")
         return results
 
+    def _recover(self, models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Under the lock every intent left in the record is an interrupted install (a running
+        install holds the lock until it has committed or undone it). A version the engine already
+        serves as the default passed its smoke test: the record is completed. Any other state
+        (registered or not, ready or still starting, the record's entry written or not) is
+        undone: unregistered, its pin removed, the entry it replaced put back. A model's only
+        version is TorchServe's default from its registration on, before its smoke test: undone."""
+        done = []
+        for name, model in list(models.items()):
+            intent = model.get(INTENT)
+            if not isinstance(intent, dict) or not intent.get("version"):
+                model.pop(INTENT, None)
+                continue
+            version = str(intent["version"])
+            loaded = self.registered(name)
+            if version in loaded and len(loaded) > 1 and self.server_default(name) == version:
+                model["versions"][version] = {
+                    **model["versions"].get(version, {}), "archive": intent.get("archive"),
+                    "digest": intent.get("digest"),
+                    "workers": len(self.client.describe(name, version)[0].get("workers", []))
+                    or None, "loaded_at": now(),
+                    **({"source": intent["origin"]} if intent.get("origin") else {})}
+                model["default"] = version
+                if not model["history"] or model["history"][-1] != version:
+                    model["history"] = (model["history"] + [version])[-HISTORY_LIMIT:]
+                model.pop(INTENT)
+                self.say(f"{name} {version}: an install interrupted after it became the default "
+                         f"(pid {intent.get('pid')}, {intent.get('since')}): its record completed")
+                done.append({"name": name, "version": version, "action": "completed"})
+            else:
+                self.say(f"{name} {version}: an install interrupted before it served (pid "
+                         f"{intent.get('pid')}, {intent.get('since')}): undone"
+                         + (", unregistered" if version in loaded else ""))
+                self._undo(models, name, intent, loaded)
+                done.append({"name": name, "version": version, "action": "undone"})
+            write_record(self.run_dir, models)
+        return done
+
+    def _undo(self, models: dict[str, dict[str, Any]], name: str, intent: dict[str, Any],
+              loaded: list[str] | None = None) -> None:
+        """Take back an install that did not commit: the engine without the version (the default
+        handed back first), the record as before it. Where the engine cannot be reached the
+        intent stays, for the next restore to finish the job."""
+        model = models[name]
+        version = str(intent["version"])
+        try:
+            loaded = self.registered(name) if loaded is None else loaded
+            if version in loaded:
+                if self.server_default(name) == version and len(loaded) > 1:
+                    self._unregister(model, name, version, loaded)  # it may have taken traffic
+                else:
+                    self._drop(name, version)
+                    if version in self.registered(name):
+                        raise DeployError(f"{name} {version} could not be unregistered")
+        except (APIError, DeployError) as exc:
+            self.say(f"{name} {version}: undoing its install failed ({exc}); the next restore "
+                     "(`servetool deploy`, the watcher's start) tries again")
+            write_record(self.run_dir, models)
+            return
+        entry = model["versions"].pop(version, None)
+        replaced = intent.get("replaces")
+        if isinstance(replaced, dict):
+            model["versions"][version] = replaced  # a restore registers its bytes again
+        # the pin this install made goes, unless an entry (the one put back) names it
+        self._forget_archive(model, {"archive": (entry or {}).get("archive") or intent.get("archive")})
+        model.pop(INTENT, None)
+        if not model["versions"] and not model.get("history"):
+            del models[name]  # a first version that never served: as if never installed
+        write_record(self.run_dir, models)
+
     def promote(self, name: str, version: str, timeout_s: float = 300) -> dict[str, Any]:
         """Make a loaded (or recorded) version the default, after a smoke test."""
-        with locked(self.run_dir) as models:
+        with locked(self.run_dir, self.say) as models:
             model = _model(models, name)
             loaded = self.registered(name)
             self._ensure_loaded(model, name, version, loaded, timeout_s)
@@ -303,7 +423,7 @@ class Lifecycle:
 
     def rollback(self, name: str, to: str | None = None, timeout_s: float = 300) -> dict[str, Any]:
         """Back to the previous default (or `to`), which the keep policy kept loaded."""
-        with locked(self.run_dir) as models:
+        with locked(self.run_dir, self.say) as models:
             if name not in models:
                 raise DeployError(f"no model {name!r} is recorded (see `servetool status`)")
             model = models[name]
@@ -331,12 +451,12 @@ class Lifecycle:
         return {"name": name, "default": to, "previous": current}
 
     def set_keep(self, name: str, keep: int) -> None:
-        with locked(self.run_dir) as models:
+        with locked(self.run_dir, self.say) as models:
             _model(models, name)["keep"] = keep
 
     def unload(self, name: str, version: str) -> dict[str, Any]:
         """Unregister one version (a default is rolled back from first); never the last one."""
-        with locked(self.run_dir) as models:
+        with locked(self.run_dir, self.say) as models:
             model = _model(models, name)
             loaded = self.registered(name)
             if version not in loaded:

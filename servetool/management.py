@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +25,17 @@ from servetool.errors import ServetoolError
 from servetool.torchserve import DEFAULT_MAX_REQUEST_SIZE, ServerState
 
 # TorchServe's archiver accepts model names of this form; versions are ours (spec.VERSION_RE).
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+# \A...\Z, not ^...$: `$` also matches before a trailing newline, so "digits\n" would pass.
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+VERSION_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
 TOKEN_REFUSED = "Token Authorization failed"
+
+
+def key_refused(status: int, body: str | bytes) -> bool:
+    """Whether an answer refuses the key sent: TorchServe answers 400 "Token Authorization failed"
+    to a missing, wrong or expired key; an authenticating front answers 401."""
+    marker = TOKEN_REFUSED.encode() if isinstance(body, bytes) else TOKEN_REFUSED
+    return status == 401 or (status == 400 and marker in body)
 
 
 class APIError(ServetoolError):
@@ -51,14 +60,14 @@ def read_keys(key_file: Path, front_key_file: Path | None = None) -> dict[str, d
 
 def check_name(name: str, what: str = "model name") -> str:
     """A model name as servetool accepts it anywhere (so `../ping` never becomes a path)."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise APIError(f"{what} {name!r} is not valid: it must start with a letter or digit and "
                        "hold only letters, digits, '.', '_' and '-' (at most 128)")
     return name
 
 
 def check_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_RE.match(version):
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise APIError(f"version {version!r} is not valid: e.g. 1.0 or 2 (letters, digits, '.', "
                        "'_', '+', '-')")
     return version
@@ -75,18 +84,23 @@ def model_path(name: str, version: str | None = None, *, checked: bool = True) -
     return "/" + "/".join(quote(seg, safe="") for seg in segments)
 
 
-def _expired(entry: dict[str, Any]) -> bool:
+def _expiry(entry: dict[str, Any]) -> float | None:
+    """When a key expires (seconds since the epoch), or None when its entry does not say."""
     stamp = entry.get("expiration time")
-    if not stamp:
-        return False
+    if not stamp or not isinstance(stamp, str):
+        return None
     try:
-        # TorchServe writes e.g. "2026-11-22T03:40:35.123Z"
+        # TorchServe writes e.g. "2026-11-22T03:40:35.123456789Z" (Python keeps the microseconds)
         from datetime import datetime
 
-        when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
     except ValueError:
-        return False
-    return when <= time.time()
+        return None
+
+
+def _expired(entry: dict[str, Any]) -> bool:
+    when = _expiry(entry)
+    return when is not None and when <= time.time()
 
 
 class Client:
@@ -99,6 +113,7 @@ class Client:
         self._keys = keys or (lambda: read_keys(state.key_file, state.front_key_file))
         self._keys_where = keys_where or str(state.key_file)
         self.timeout_s = timeout_s
+        self._renewing = threading.Lock()  # one renewal at a time: a second would revoke the first
         self.session = requests.Session()
         self.session.trust_env = False  # loopback: never through an HTTP proxy from the env
 
@@ -113,10 +128,24 @@ class Client:
             raise APIError(f"TorchServe has token authorization on but {self._keys_where} has no "
                            f"{kind} key (yet)")
         if _expired(entry) and "API" in keys:
-            self._renew(kind, keys["API"]["key"])
-            getattr(self._keys, "invalidate", lambda: None)()
-            entry = self._keys().get(kind, entry)
+            with self._renewing:
+                # another thread of this client may have renewed it while this one waited
+                getattr(self._keys, "invalidate", lambda: None)()
+                keys = self._keys()
+                entry = keys.get(kind, entry)
+                if _expired(entry) and "API" in keys:
+                    self._renew(kind, keys["API"]["key"])
+                    getattr(self._keys, "invalidate", lambda: None)()
+                    entry = self._keys().get(kind, entry)
         return entry["key"]
+
+    def key_expiry(self, kind: str) -> float | None:
+        """When the current `kind` key expires (seconds since the epoch); None when token auth is
+        off or the key file gives no expiry (a key that does not expire)."""
+        if not self.state.token_auth:
+            return None
+        entry = self._keys().get(kind)
+        return _expiry(entry) if isinstance(entry, dict) else None
 
     def _renew(self, kind: str, api_key: str) -> None:
         """Ask TorchServe for a new key (it revokes the old one); a failure is an error, not a
@@ -146,8 +175,9 @@ class Client:
         try:
             reply = self.session.request(method, url, headers=headers,
                                          timeout=timeout or self.timeout_s, **kwargs)
-            if reply.status_code == 400 and TOKEN_REFUSED in reply.text and self.state.token_auth:
-                # the key expired between reading and arriving: renew it (once) and try again
+            if key_refused(reply.status_code, reply.text) and self.state.token_auth:
+                # the key expired between reading and arriving, or the server has new keys (a
+                # restart): read the key file again, renew an expired key, and try once more
                 getattr(self._keys, "invalidate", lambda: None)()
                 headers = self._headers(kind, {**headers, "Authorization": ""})
                 reply = self.session.request(method, url, headers=headers,

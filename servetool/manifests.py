@@ -45,7 +45,7 @@ POD_PORTS = {"http": 8080, "management": 8081, "metrics": 8082, "torchserve": 80
              "upstream": 8086, "split_exporter": 8087, "split_metrics": 8088}
 CANARY_DIR = "/etc/servetool/canary"
 CANARY_FILE = "weights.json"
-NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+NAME_RE = re.compile(r"\A[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 
 
 class ManifestError(ServetoolError):

@@ -1,7 +1,8 @@
 """servetool's helper beside TorchServe: in the serving container (copied into the image as
 servetool_pod.py) and on the local target (run as a file by servetool.torchserve).
 
-Standard library only, so the image needs nothing of servetool itself. Subcommands:
+Standard library only, but for the HTTP server under the front and the gateway (uvicorn with httptools,
+imported when they start), so the image needs nothing of servetool itself. Subcommands:
   torchserve         start TorchServe in the foreground (the image's default command), with the
                      management front beside it when the management API is on a Unix socket
   front [HOST:PORT]  the management front (see below)
@@ -16,6 +17,9 @@ Standard library only, so the image needs nothing of servetool itself. Subcomman
                      which images built for a watching deployment carry)
   gateway            the Kubernetes front door: checks the Bearer key every replica shares (from a
                      Secret) and forwards to this pod's TorchServe with the pod's own key
+  keep NAME DIR -- COMMAND...
+                     run COMMAND, again whenever it dies (the front, the split, the watcher and
+                     the crash supervisor run under one), keeping DIR/supervised-NAME.json
 
 Why the gateway: TorchServe 0.12 generates new random keys at every start and cannot be given a key,
 so N replicas behind one Service would each demand a different token. The gateway gives them one
@@ -41,16 +45,18 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import threading
 import time
+import unicodedata
+from dataclasses import dataclass
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 WORK = Path(os.environ.get("SERVETOOL_WORK_DIR", "/home/model-server/work"))
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -359,9 +365,10 @@ def with_last_snapshot(cfg: str) -> str:
 
 
 def exec_with_front(command: list[str]) -> None:
-    """Start the management front (when TorchServe's management API is on a Unix socket), then
-    become `command`. The front stays a child of the same process group, so whatever stops the
-    group (tini -g in the image, `servetool stop` locally) stops both."""
+    """Start the management front (when TorchServe's management API is on a Unix socket) and the
+    canary split, each under a keeper that starts it again when it dies, then become `command`.
+    The keepers stay children of the same process group, so whatever stops the group (tini -g in
+    the image, `servetool stop` locally) stops them and what they keep."""
     socket_path, port = address("management")
     if port == 0:  # TorchServe's own management socket: in a folder for this user only
         Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -373,7 +380,7 @@ def exec_with_front(command: list[str]) -> None:
 def start_split() -> subprocess.Popen | None:
     """The canary split in front of the inference port, when the deployment has one: HAProxy
     and servetool's exporter beside it (servetool/split.py renders the config; split_runtime.py,
-    in the image servetool_split.py, runs both)."""
+    in the image servetool_split.py, runs both), under a keeper."""
     config = os.environ.get("SERVETOOL_SPLIT_CONFIG")
     text = os.environ.get("SERVETOOL_SPLIT_CONFIG_TEXT")
     if text:  # a container: the config comes in the environment, rendered for its paths
@@ -383,174 +390,375 @@ def start_split() -> subprocess.Popen | None:
         return None
     runtime = os.environ.get("SERVETOOL_SPLIT_RUNTIME", "/opt/servetool/servetool_split.py")
     weights = os.environ.get("SERVETOOL_SPLIT_WEIGHTS")
-    return subprocess.Popen([sys.executable, runtime, "serve", str(WORK), config,
-                             os.environ.get("SERVETOOL_SPLIT_EXPORTER_PORT", "8088"),
-                             *([weights] if weights else [])], stdin=subprocess.DEVNULL)
+    return start_kept("split", [sys.executable, runtime, "serve", str(WORK), config,
+                                os.environ.get("SERVETOOL_SPLIT_EXPORTER_PORT", "8088"),
+                                *([weights] if weights else [])])
 
 
-def relay(handler: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]],
-          data: bytes) -> None:
-    """Send TorchServe's answer on to the client, less the hop-by-hop headers."""
-    handler.send_response(status)
-    for k, v in headers:
-        if k.lower() not in HOP_BY_HOP:
-            handler.send_header(k, v)
-    handler.send_header("Content-Length", str(len(data)))
-    handler.end_headers()
-    handler.wfile.write(data)
+# --- supervision of the helpers -------------------------------------------------------------------
+# A helper that dies (killed, out of memory, a bug) comes back like TorchServe's own workers do;
+# what happened is kept in STATE_DIR/supervised-NAME.json for `servetool status`.
+KEEP_BACKOFF_S = (0.2, 30.0)  # first wait, longest wait between restarts
+KEEP_STABLE_S = 30.0  # a helper that ran this long starts again at once after its next exit
 
 
-# --- the gateway ----------------------------------------------------------------------------------
-def gateway_keys() -> list[str]:
-    """The keys clients may present: every non-empty file in SERVETOOL_GATEWAY_KEYS (a Secret mount),
-    so a key can be rotated by adding the new one before removing the old."""
-    folder = Path(os.environ.get("SERVETOOL_GATEWAY_KEYS", "/etc/servetool/keys"))
-    keys = []
-    for path in sorted(folder.glob("*")) if folder.is_dir() else []:
-        if path.is_file() and not path.name.startswith("."):
-            text = path.read_text().strip()
-            if text:
-                keys.append(text)
-    return keys
+def start_kept(name: str, command: list[str], state_dir: Path | None = None,
+               **popen: object) -> subprocess.Popen:
+    """`command` under a keeper (this file's `keep` subcommand)."""
+    keeper = [sys.executable, os.path.abspath(__file__), "keep", name, str(state_dir or WORK),
+              "--", *command]
+    return subprocess.Popen(keeper, stdin=subprocess.DEVNULL, **popen)
 
 
-class Gateway(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "servetool-gateway"
-    # Headers and body go out in two writes: with Nagle on, the body waits for the client's
-    # delayed ACK (40 ms on Linux) on every kept-alive request.
-    disable_nagle_algorithm = True
-    local = threading.local()
-    ready_cache: tuple[float, bool, str] = (0.0, False, "not checked yet")
-    keys_cache: tuple[float, list[str]] = (0.0, [])
+def supervised_file(state_dir: Path, name: str) -> Path:
+    return state_dir / f"supervised-{name}.json"
 
-    def log_message(self, fmt: str, *args) -> None:  # no per-request log line
-        pass
 
-    def _json(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if status == 401:
-            self.send_header("WWW-Authenticate", 'Bearer realm="servetool"')
-        self.end_headers()
-        self.wfile.write(body)
+def read_supervised(state_dir: Path) -> dict[str, dict]:
+    """What the keepers of a run folder recorded: per helper its restarts and last exit."""
+    found = {}
+    for path in sorted(state_dir.glob("supervised-*.json")):
+        try:
+            found[path.stem.removeprefix("supervised-")] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return found
 
-    def _body(self) -> bytes:
-        """The request body, refused (ValueError) past TorchServe's own max_request_size, so that
-        no client can make the gateway buffer more than the server would accept."""
-        limit = int(config().get("max_request_size", "6553500"))
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks, total = [], 0
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    self.rfile.readline()
-                    return b"".join(chunks)
-                total += size
-                if total > limit:
-                    raise ValueError(f"the body is larger than max_request_size ({limit} bytes)")
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > limit:
-            raise ValueError(f"the body is larger than max_request_size ({limit} bytes)")
-        return self.rfile.read(length)
 
-    @classmethod
-    def allowed(cls) -> list[str]:
-        stamp, keys = cls.keys_cache
-        if time.monotonic() - stamp > 5:  # a rotated Secret reaches the mount within a minute
-            keys = gateway_keys()
-            cls.keys_cache = (time.monotonic(), keys)
-        return keys
+def write_private(path: Path, text: str) -> None:
+    """Replace a file atomically, readable by this user only."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(staged, path)
 
-    def _authorized(self) -> bool:
-        given = self.headers.get("Authorization", "")
-        token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-        return any(hmac.compare_digest(token.encode(), k.encode()) for k in self.allowed())
 
-    def _probe(self) -> bool:
-        path = self.path.split("?")[0]
-        if path == "/healthz":
-            self._json(200, {"status": "alive"})
-            return True
-        if path == "/readyz":
-            stamp, ok, detail = Gateway.ready_cache
-            if time.monotonic() - stamp > 1:
-                ok, detail = ready()
-                Gateway.ready_cache = (time.monotonic(), ok, detail)
-            self._json(200 if ok else 503, {"status": "ready" if ok else "not ready", "detail": detail})
-            return True
-        return False
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
 
-    def _forward(self) -> None:
-        if self._probe():
-            return
-        if not self._authorized():
-            self._json(401, {"error": "missing or wrong API key: send 'Authorization: Bearer KEY' "
-                                      "with the key from the servetool Secret", "status": 401})
+
+def keep(name: str, state_dir: Path, command: list[str]) -> int:
+    """Run `command`, and again each time it fails (a non-zero exit or a signal), until it ends
+    with 0 or this keeper is told to stop (SIGTERM, SIGINT, SIGHUP, which it passes on). Restarts
+    back off while the helper keeps failing."""
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    record = {"name": name, "command": command[-3:], "restarts": 0, "crashes": []}
+    wait = KEEP_BACKOFF_S[0]
+    while not stopping:
+        started = time.monotonic()
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        record.update(pid=child.pid, started=datetime.now().astimezone().isoformat(timespec="seconds"))
+        write_private(supervised_file(state_dir, name), json.dumps(record))
+        code = child.wait()
+        if stopping or code == 0:  # told to stop, or it ended by itself on purpose
+            break
+        reason = _exit_reason(code)
+        record["restarts"] += 1
+        record["crashes"] = [*record["crashes"][-9:], {
+            "at": datetime.now().astimezone().isoformat(timespec="seconds"), "reason": reason}]
+        wait = KEEP_BACKOFF_S[0] if time.monotonic() - started > KEEP_STABLE_S else \
+            min(KEEP_BACKOFF_S[1], wait * 2)
+        print(f"servetool keep: {name} {reason}; starting it again in {wait:.1f} s",
+              file=sys.stderr, flush=True)
+        write_private(supervised_file(state_dir, name), json.dumps(record))
+        deadline = time.monotonic() + wait
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return 0
+
+
+# --- HTTP under the front and the gateway ---------------------------------------------------------
+# uvicorn on uvloop with httptools (llhttp, Node.js's HTTP/1.1 parser, strict by default): a
+# negative, malformed, repeated or conflicting Content-Length, Content-Length beside
+# Transfer-Encoding, or a Transfer-Encoding that does not end in chunked is answered 400 and the
+# connection closed before any application code runs. Why not h11: as strict, but pure Python, and
+# the gateway is on every prediction's path (benchmarks/gateway.py: 0.70 of the old http.server
+# gateway on digits with h11, 0.95 with httptools). What the parser leaves to servetool is done
+# here: a limit on the head's size, a body limit before buffering, deadlines for a request's head
+# and body, and a connection closed after any answer given before its body was read (so no unread
+# bytes are read as a next request).
+MAX_HEAD_BYTES = 16 * 1024
+SERVER_FRONT, SERVER_GATEWAY = "servetool-management", "servetool-gateway"  # realms too
+HEAD_TIMEOUT_S = float(os.environ.get("SERVETOOL_HEAD_TIMEOUT_S", "10"))
+BODY_TIMEOUT_S = float(os.environ.get("SERVETOOL_BODY_TIMEOUT_S", "30"))
+KEEP_ALIVE_S = 5
+
+
+class Refusal(Exception):
+    """An answer given by servetool itself, with the connection closed when `close`."""
+
+    def __init__(self, status: int, message: str, close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.close = close
+
+
+def _strict_protocol():
+    """uvicorn's httptools protocol (llhttp, Node.js's parser) with two limits it lacks: the
+    request head's size (MAX_HEAD_BYTES, then 400 and close) and a deadline for each request's
+    head (a client that sends its headers a byte at a time holds no connection longer than
+    HEAD_TIMEOUT_S)."""
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class StrictHttpTools(HttpToolsProtocol):
+        head_timer = None
+        head_bytes = 0
+        in_head = True
+
+        def _arm(self) -> None:
+            self._disarm()
+            self.in_head, self.head_bytes = True, 0
+            self.head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_late)
+
+        def _disarm(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def _head_late(self) -> None:
+            if self.in_head and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
+
+        def _count(self, n: int) -> None:
+            self.head_bytes += n
+            if self.head_bytes > MAX_HEAD_BYTES:
+                raise httptools.HttpParserError("request head too large")  # uvicorn: 400, close
+
+        def on_headers_complete(self) -> None:
+            self.in_head = False
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return StrictHttpTools
+
+
+def serve_asgi(app, host: str, port: int, name: str) -> None:
+    """Serve `app` on HOST:PORT until SIGTERM."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, http=_strict_protocol(), loop="uvloop", lifespan="off",
+                            access_log=False, log_level="warning", server_header=False,
+                            date_header=False, timeout_keep_alive=KEEP_ALIVE_S,
+                            backlog=256,
+                            limit_concurrency=256)
+    print(f"{name}: listening on {host}:{port}", file=sys.stderr, flush=True)
+    uvicorn.Server(config).run()
+
+
+def request_headers(scope: dict) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+
+
+def header(scope: dict, name: str) -> str | None:
+    values = [v for k, v in request_headers(scope) if k == name]
+    if len(values) > 1:
+        raise Refusal(400, f"the {name} header is given {len(values)} times", close=True)
+    return values[0] if values else None
+
+
+def bearer(scope: dict) -> str:
+    given = header(scope, "authorization") or ""
+    return given[7:].strip() if given[:7].lower() == "bearer " else ""
+
+
+async def read_body(scope: dict, receive, limit: int, limit_name: str = "the limit here") -> bytes:
+    """The request body, refused (413, connection closed) past `limit` bytes before more than that
+    is buffered, and (408) when it does not arrive within BODY_TIMEOUT_S."""
+    import asyncio
+
+    too_large = f"the body is larger than {limit_name} ({limit} bytes)"
+
+    length = header(scope, "content-length")
+    chunked = header(scope, "transfer-encoding") is not None
+    if length is not None and chunked:  # (llhttp refuses it first; kept for any other parser)
+        raise Refusal(400, "Content-Length together with Transfer-Encoding is refused", close=True)
+    if length is not None and int(length) > limit:  # the parser has checked it is digits
+        raise Refusal(413, too_large, close=True)
+    chunks, total = [], 0
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+        except TimeoutError:
+            raise Refusal(408, f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s",
+                          close=True) from None
+        if message["type"] == "http.disconnect":
+            raise Refusal(400, "the client went away", close=True)
+        data = message.get("body", b"")
+        total += len(data)
+        if total > limit:
+            raise Refusal(413, too_large, close=True)
+        chunks.append(data)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def send_reply(send, status: int, headers: list[tuple[str, str]], body: bytes,
+                     close: bool = False, server: str = "servetool") -> None:
+    out = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
+           if k.lower() not in HOP_BY_HOP and k.lower() != "server"]
+    out.append((b"server", server.encode()))
+    out.append((b"content-length", str(len(body)).encode()))
+    if close:
+        out.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(send, status: int, payload: dict, close: bool = False,
+                    server: str = "servetool") -> None:
+    headers = [("Content-Type", "application/json")]
+    if status == 401:
+        headers.append(("WWW-Authenticate", f'Bearer realm="{server}"'))
+    await send_reply(send, status, headers, json.dumps({**payload, "status": status}).encode(),
+                     close, server)
+
+
+class App:
+    """An ASGI app of servetool's: `handle` answers a request or raises Refusal."""
+
+    server = "servetool"
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        if scope["type"] != "http":
             return
         try:
-            body = self._body()
-        except ValueError as exc:
-            self.close_connection = True  # the rest of the body is never read
-            status = 413 if "max_request_size" in str(exc) else 400
-            self._json(status, {"error": f"bad request body: {exc}", "status": status})
-            return
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-        try:
-            key = KEYS.get("inference")
-            if key:
-                headers["Authorization"] = f"Bearer {key}"
-            status, reply_headers, data = self._upstream(self.command, self.path, body, headers)
-        except (OSError, RuntimeError, http.client.HTTPException) as exc:
-            self._json(503, {"error": f"TorchServe in this pod is not answering: {exc}", "status": 503})
-            return
-        relay(self, status, reply_headers, data)
+            await self.handle(scope, receive, send)
+        except Refusal as refusal:
+            await send_json(send, refusal.status, {"error": str(refusal)}, refusal.close,
+                            self.server)
 
-    def _upstream(self, method: str, path: str, body: bytes, headers: dict[str, str]):
-        for attempt in (1, 2):  # a kept-alive connection the server closed is retried once
-            conn = getattr(self.local, "conn", None)
-            if conn is None:
-                host, port = gateway_upstream()
-                conn = self.local.conn = http.client.HTTPConnection(host, port, timeout=300)
-            try:
-                conn.request(method, path, body=body, headers=headers)
-                reply = conn.getresponse()
-                return reply.status, reply.getheaders(), reply.read()
-            except (ConnectionError, http.client.RemoteDisconnected, http.client.CannotSendRequest):
-                conn.close()
-                self.local.conn = None
-                if attempt == 2:
-                    raise
-        raise RuntimeError("unreachable")
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_OPTIONS = _forward
+    async def handle(self, scope: dict, receive, send) -> None:
+        raise NotImplementedError
 
 
-def gateway_upstream() -> tuple[str, int]:
-    """Where the gateway forwards: TorchServe's inference API, or the canary split in front of it
-    (SERVETOOL_GATEWAY_UPSTREAM, HOST:PORT) when the pod has one."""
-    configured = os.environ.get("SERVETOOL_GATEWAY_UPSTREAM")
-    if configured:
-        host, _, port = configured.rpartition(":")
-        return host, int(port)
-    return address("inference")
+def forwarded_headers(scope: dict) -> dict[str, str]:
+    return {k: v for k, v in request_headers(scope) if k not in HOP_BY_HOP}
 
 
-def run_gateway() -> None:
-    listen = os.environ.get("SERVETOOL_GATEWAY_LISTEN", "0.0.0.0:8080")
-    host, _, port = listen.rpartition(":")
-    if not gateway_keys():
-        print(f"gateway: no keys in {os.environ.get('SERVETOOL_GATEWAY_KEYS', '/etc/servetool/keys')}"
-              " (mount the servetool Secret there)", file=sys.stderr)
-        sys.exit(2)
-    server = ThreadingHTTPServer((host, int(port)), Gateway)
-    server.daemon_threads = True
-    print(f"gateway: listening on {listen}, forwarding to {gateway_upstream()}", file=sys.stderr)
-    server.serve_forever()
+# --- one canonical form of a request target -------------------------------------------------------
+# TorchServe reads a target with Netty's QueryStringDecoder: the path percent-decoded once and split
+# at '/', parameters split at '&' and ';' and decoded once with '+' as a space. The front decides
+# on the values that decoding gives and forwards a target rebuilt from them (every byte outside
+# the unreserved set encoded), so what it checks is exactly what TorchServe acts on. Whatever one
+# decoder could read differently from another is refused outright rather than interpreted.
+MAX_TARGET = 4096
+MAX_PARAMS = 32
+_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_HEX_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+class TargetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    segments: list[str]  # as TorchServe's `path.split("/")`: "" first, no trailing empty ones
+    params: dict[str, str]  # each name once
+    rebuilt: str  # what is forwarded
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return {k: [v] for k, v in self.params.items()}
+
+
+def _decode(raw: str, what: str, plus: bool) -> str:
+    """One percent-decoding of one segment, name or value, checked for what a second decoder could
+    read otherwise."""
+    if _ESCAPE.search(raw):
+        raise TargetError(f"{what}: '%' that does not start an escape (%XX)")
+    try:
+        text = unquote(raw.replace("+", " ") if plus else raw, errors="strict")
+    except UnicodeDecodeError:
+        raise TargetError(f"{what}: escapes that are not UTF-8 (an overlong or broken "
+                          "sequence)") from None
+    for escape in _HEX_ESCAPE.findall(raw):
+        if escape.lower() in ("%2f", "%5c"):
+            raise TargetError(f"{what}: an encoded '/' or '\\' ({escape})")
+    if "%" in text:
+        raise TargetError(f"{what}: an encoded '%' (the target would decode a second time to "
+                          "something else)")
+    if "\\" in text:
+        raise TargetError(f"{what}: a '\\'")
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    if bad:
+        raise TargetError(f"{what}: a control or invisible format character ({bad[0]!r})")
+    return text
+
+
+def canonical_target(target: str) -> Target:
+    """The request target decoded once and checked, or TargetError naming what is refused."""
+    if len(target) > MAX_TARGET:
+        raise TargetError(f"the target is longer than {MAX_TARGET} characters")
+    if any(not 0x21 <= ord(c) <= 0x7E for c in target):
+        raise TargetError("the target holds a byte that is not printable ASCII")
+    if not target.startswith("/"):
+        raise TargetError("the target must be a path starting with '/' (no absolute form)")
+    if "#" in target or ";" in target:
+        raise TargetError("'#' and ';' are not accepted in a target (decoders split at them "
+                          "differently)")
+    raw_path, _, raw_query = target.partition("?")
+    pieces = raw_path.split("/")
+    while pieces and pieces[-1] == "":  # Java's split drops trailing empty strings
+        pieces.pop()
+    segments = [""] if pieces else []
+    for i, raw in enumerate(pieces[1:], 1):
+        segment = _decode(raw, f"path segment {i}", plus=False)
+        if segment in ("", ".", ".."):
+            raise TargetError(f"path segment {i}: an empty, '.' or '..' segment")
+        segments.append(segment)
+    params: dict[str, str] = {}
+    for i, raw in enumerate(raw_query.split("&") if raw_query else [], 1):
+        raw_name, eq, raw_value = raw.partition("=")
+        name = _decode(raw_name, f"parameter {i}'s name", plus=True)
+        value = _decode(raw_value, f"parameter {name!r}", plus=True)
+        if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise TargetError(f"parameter {i}: its name {name!r} is not a plain word")
+        if name in params:
+            raise TargetError(f"parameter {name!r} is given more than once")
+        params[name] = value if eq else ""
+    if len(params) > MAX_PARAMS:
+        raise TargetError(f"more than {MAX_PARAMS} parameters")
+    path = "/".join(quote(seg, safe="") for seg in segments) or "/"
+    query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params.items())
+    return Target(segments, params, path + (f"?{query}" if query else ""))
 
 
 # --- the management front -------------------------------------------------------------------------
@@ -561,8 +769,8 @@ REGISTER_PARAMS = {"url", "model_name", "initial_workers", "synchronous", "batch
                    "max_batch_delay", "response_timeout", "startup_timeout"}
 INTEGER_PARAMS = {"initial_workers", "batch_size", "max_batch_delay", "response_timeout",
                   "startup_timeout"}
-ARCHIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.mar$")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ARCHIVE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.mar\Z")
+MODEL_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 MAX_MANAGEMENT_BODY = 1 << 16
 
 
@@ -576,9 +784,7 @@ def front_key(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(32)
     record = json.dumps({"management": {"key": key, "created": datetime.now().isoformat()}})
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(record + "\n")
+    write_private(path, record + "\n")
     return key
 
 
@@ -612,127 +818,113 @@ def registration_problem(query: dict[str, list[str]], store: Path) -> str | None
     return None
 
 
-def canonical_target(target: str) -> tuple[list[str], dict[str, list[str]], str]:
-    """The request target as TorchServe will read it (path segments percent-decoded once, as its
-    QueryStringDecoder does), and the one target the front forwards, rebuilt from those very
-    values: what the front checks is exactly what TorchServe receives."""
-    if ";" in target:  # Netty splits queries at ';' too, Python does not: refuse the ambiguity
-        raise ValueError("';' is not accepted in management requests")
-    parts = urlsplit(target)
-    segments = [unquote(seg) for seg in parts.path.split("/")]
-    while len(segments) > 1 and segments[-1] == "":  # Java's split drops trailing empty strings
-        segments.pop()
-    query = parse_qs(parts.query, keep_blank_values=True)
-    path = "/".join(quote(seg, safe="") for seg in segments) or "/"
-    rebuilt = path + (f"?{urlencode(query, doseq=True, quote_via=quote)}" if query else "")
-    return segments, query, rebuilt
+def route_problem(method: str, segments: list[str]) -> tuple[int, str] | None:
+    """Why the front does not forward METHOD on this path, or None: only TorchServe's model,
+    token and API-description calls pass, each with the methods TorchServe gives it."""
+    parts = segments[1:]
+    if parts[:1] == ["workflows"]:
+        return 403, ("workflows are not served through servetool (they can load code from outside "
+                     "the model store)")
+    if not parts or parts == ["api-description"]:
+        allowed = ("GET", "OPTIONS")
+    elif parts == ["token"]:
+        allowed = ("GET",)
+    elif parts == ["models"]:
+        allowed = ("GET", "POST")
+    elif parts[0] == "models" and len(parts) in (2, 3):
+        allowed = ("GET", "PUT", "DELETE", "OPTIONS")
+    elif parts[0] == "models" and len(parts) == 4 and parts[3] == "set-default":
+        allowed = ("PUT",)
+    else:
+        return 404, "no such management resource"
+    if method not in allowed:
+        return 405, f"{method} is not allowed here (allowed: {', '.join(allowed)})"
+    return None
 
 
-class ManagementFront(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "servetool-management"
-    disable_nagle_algorithm = True
-    key_path: Path = WORK / FRONT_KEY_FILE
+class ManagementFront(App):
+    """The management port (an ASGI app under serve_asgi)."""
 
-    def log_message(self, fmt: str, *args) -> None:
-        pass
+    server = SERVER_FRONT
 
-    def _json(self, status: int, payload: dict) -> None:
-        body = json.dumps({**payload, "status": status}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def __init__(self, key_path: Path) -> None:
+        self.key_path = key_path
 
-    def _authorized(self) -> bool:
+    def authorized(self, scope: dict) -> bool:
         if not token_auth():
             return True
-        given = self.headers.get("Authorization", "")
-        token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-        return hmac.compare_digest(token.encode(), front_key(self.key_path).encode())
+        token = bearer(scope).encode()
+        return bool(token) and hmac.compare_digest(token, front_key(self.key_path).encode())
 
-    def _refusal(self, segments: list[str], query: dict[str, list[str]],
-                 body: bytes) -> tuple[int, str] | None:
-        resource = segments[1] if len(segments) > 1 else ""
-        if resource == "workflows":
-            return 403, "workflows are not served through servetool (they can load code from " \
-                        "outside the model store)"
-        if self.command == "POST" and resource == "models" and len(segments) == 2:
-            if body.strip():
-                return 400, "send the registration parameters in the query string, not the body"
-            store = Path(config().get("model_store", "/home/model-server/model-store"))
-            problem = registration_problem(query, store)
-            if problem:
-                return 403, problem
-        return None
+    async def handle(self, scope: dict, receive, send) -> None:
+        import asyncio
 
-    def _forward(self) -> None:
         try:
-            segments, query, target = canonical_target(self.path)
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError as exc:
-            self.close_connection = True
-            self._json(400, {"error": f"bad request: {exc}"})
-            return
+            target = canonical_target(raw_target(scope))
+        except TargetError as exc:
+            raise Refusal(400, f"bad request target: {exc}", close=True) from None
         # Renewing one of TorchServe's keys needs TorchServe's API key, which only the server's
         # user can read: such a request goes through with the caller's own credentials.
-        renewal = segments[1:] == ["token"]
-        if not renewal and not self._authorized():
-            self._json(401, {"error": "missing or wrong management key: send 'Authorization: "
-                                      "Bearer KEY' with the key `servetool token --kind management` "
-                                      "prints"})
-            return
-        if length > MAX_MANAGEMENT_BODY or self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            self._json(413, {"error": f"management requests carry at most {MAX_MANAGEMENT_BODY} "
-                                      "bytes, with a Content-Length"})
-            return
-        body = self.rfile.read(length) if length else b""
-        refusal = self._refusal(segments, query, body)
-        if refusal:
-            self._json(refusal[0], {"error": refusal[1]})
-            return
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        renewal = target.segments[1:] == ["token"]
+        if not renewal and not self.authorized(scope):
+            raise Refusal(401, "missing or wrong management key: send 'Authorization: Bearer KEY' "
+                               "with the key `servetool token --kind management` prints",
+                          close=True)
+        route = route_problem(scope["method"], target.segments)
+        if route:
+            raise Refusal(*route, close=True)
+        body = await read_body(scope, receive, 0 if renewal else MAX_MANAGEMENT_BODY)
+        if scope["method"] == "POST" and target.segments[1:] == ["models"]:
+            if body.strip():
+                raise Refusal(400, "send the registration parameters in the query string, not "
+                                   "the body")
+            store = Path(config().get("model_store", "/home/model-server/model-store"))
+            problem = registration_problem(target.query, store)
+            if problem:
+                raise Refusal(403, problem)
+        headers = forwarded_headers(scope)
         try:
-            key = self.headers.get("Authorization", "")[7:] if renewal else KEYS.get("management")
+            key = bearer(scope) if renewal else KEYS.get("management")
             if key:
-                headers["Authorization"] = f"Bearer {key}"
-            conn = connect("management", timeout=600)
-            try:
-                conn.request(self.command, target, body=body or None, headers=headers)
-                reply = conn.getresponse()
-                status, reply_headers, data = reply.status, reply.getheaders(), reply.read()
-            finally:
-                conn.close()
+                headers["authorization"] = f"Bearer {key}"
+            status, reply_headers, data = await asyncio.to_thread(
+                forward_management, scope["method"], target.rebuilt, body, headers)
         except (OSError, RuntimeError, http.client.HTTPException) as exc:
-            self._json(503, {"error": f"TorchServe's management API is not answering: {exc}"})
-            return
-        relay(self, status, reply_headers, data)
+            raise Refusal(503, f"TorchServe's management API is not answering: {exc}") from None
+        await send_reply(send, status, reply_headers, data, server=SERVER_FRONT)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_OPTIONS = _forward
+
+def raw_target(scope: dict) -> str:
+    query = scope["query_string"].decode("latin-1")
+    return scope["raw_path"].decode("latin-1") + (f"?{query}" if query else "")
+
+
+def forward_management(method: str, target: str, body: bytes,
+                       headers: dict[str, str]) -> tuple[int, list[tuple[str, str]], bytes]:
+    conn = connect("management", timeout=600)
+    try:
+        conn.request(method, target, body=body or None, headers=headers)
+        reply = conn.getresponse()
+        return reply.status, reply.getheaders(), reply.read()
+    finally:
+        conn.close()
 
 
 def run_front(listen: str) -> None:
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    front_key(ManagementFront.key_path)
-    server_class = type("FrontServer", (ThreadingHTTPServer,), {
-        "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
-        "daemon_threads": True})
-    server = server_class((host, int(port)), ManagementFront)
-    print(f"front: listening on {listen}, forwarding to {address('management')[0]}",
-          file=sys.stderr, flush=True)
-    server.serve_forever()
+    key_path = WORK / FRONT_KEY_FILE
+    front_key(key_path)
+    print(f"front: forwarding to {address('management')[0]}", file=sys.stderr, flush=True)
+    serve_asgi(ManagementFront(key_path), host, int(port), "front")
 
 
 def start_front() -> subprocess.Popen | None:
-    """The front beside TorchServe, when its management API is on a Unix socket."""
+    """The front beside TorchServe, under a keeper, when its management API is on a Unix socket."""
     if address("management")[1] != 0:
         return None
     listen = os.environ.get("SERVETOOL_FRONT_LISTEN", "0.0.0.0:8081")
-    return subprocess.Popen([sys.executable, os.path.abspath(__file__), "front", listen],
-                            stdin=subprocess.DEVNULL)
+    return start_kept("front", [sys.executable, os.path.abspath(__file__), "front", listen])
 
 
 def client_keys() -> dict:
@@ -740,8 +932,122 @@ def client_keys() -> dict:
     management."""
     keys = dict(KEYS.read())
     if address("management")[1] == 0:
-        keys["management"] = {"key": front_key(ManagementFront.key_path)}
+        keys["management"] = {"key": front_key(WORK / FRONT_KEY_FILE)}
     return keys
+
+
+# --- the gateway ----------------------------------------------------------------------------------
+def gateway_keys() -> list[str]:
+    """The keys clients may present: every non-empty file in SERVETOOL_GATEWAY_KEYS (a Secret mount),
+    so a key can be rotated by adding the new one before removing the old."""
+    folder = Path(os.environ.get("SERVETOOL_GATEWAY_KEYS", "/etc/servetool/keys"))
+    keys = []
+    for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+        if path.is_file() and not path.name.startswith("."):
+            text = path.read_text().strip()
+            if text:
+                keys.append(text)
+    return keys
+
+
+class Gateway(App):
+    """The pod's front door (an ASGI app under serve_asgi)."""
+
+    server = SERVER_GATEWAY
+
+    def __init__(self) -> None:
+        self.local = threading.local()  # one kept-alive upstream connection per worker thread
+        self.ready_cache: tuple[float, bool, str] = (-10.0, False, "not checked yet")
+        self.keys_cache: tuple[float, list[str]] = (-10.0, [])
+
+    def allowed(self) -> list[str]:
+        stamp, keys = self.keys_cache
+        if time.monotonic() - stamp > 5:  # a rotated Secret reaches the mount within a minute
+            keys = gateway_keys()
+            self.keys_cache = (time.monotonic(), keys)
+        return keys
+
+    def authorized(self, scope: dict) -> bool:
+        token = bearer(scope).encode()
+        return bool(token) and any(hmac.compare_digest(token, k.encode()) for k in self.allowed())
+
+    def probe(self, path: str) -> tuple[int, dict] | None:
+        if path == "/healthz":
+            return 200, {"status": "alive"}
+        if path == "/readyz":
+            stamp, ok, detail = self.ready_cache
+            if time.monotonic() - stamp > 1:
+                ok, detail = ready()
+                self.ready_cache = (time.monotonic(), ok, detail)
+            return (200 if ok else 503), {"status": "ready" if ok else "not ready", "detail": detail}
+        return None
+
+    async def handle(self, scope: dict, receive, send) -> None:
+        import asyncio
+
+        probed = await asyncio.to_thread(self.probe, scope["path"]) \
+            if scope["path"] in ("/healthz", "/readyz") else None
+        if probed:
+            await send_reply(send, probed[0], [("Content-Type", "application/json")],
+                             json.dumps(probed[1]).encode(), server=SERVER_GATEWAY)
+            return
+        if not self.authorized(scope):
+            raise Refusal(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with "
+                               "the key from the servetool Secret", close=True)
+        try:
+            target = canonical_target(raw_target(scope)).rebuilt
+        except TargetError as exc:
+            raise Refusal(400, f"bad request target: {exc}", close=True) from None
+        limit = int(config().get("max_request_size", "6553500"))
+        body = await read_body(scope, receive, limit, "max_request_size")
+        headers = forwarded_headers(scope)
+        try:
+            key = KEYS.get("inference")
+            if key:
+                headers["authorization"] = f"Bearer {key}"
+            status, reply_headers, data = await asyncio.to_thread(
+                self.upstream, scope["method"], target, body, headers)
+        except (OSError, RuntimeError, http.client.HTTPException) as exc:
+            raise Refusal(503, f"TorchServe in this pod is not answering: {exc}") from None
+        await send_reply(send, status, reply_headers, data, server=SERVER_GATEWAY)
+
+    def upstream(self, method: str, target: str, body: bytes, headers: dict[str, str]):
+        for attempt in (1, 2):  # a kept-alive connection the server closed is retried once
+            conn = getattr(self.local, "conn", None)
+            if conn is None:
+                host, port = gateway_upstream()
+                conn = self.local.conn = http.client.HTTPConnection(host, port, timeout=300)
+            try:
+                conn.request(method, target, body=body, headers=headers)
+                reply = conn.getresponse()
+                return reply.status, reply.getheaders(), reply.read()
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.CannotSendRequest):
+                conn.close()
+                self.local.conn = None
+                if attempt == 2:
+                    raise
+        raise RuntimeError("unreachable")
+
+
+def gateway_upstream() -> tuple[str, int]:
+    """Where the gateway forwards: TorchServe's inference API, or the canary split in front of it
+    (SERVETOOL_GATEWAY_UPSTREAM, HOST:PORT) when the pod has one."""
+    configured = os.environ.get("SERVETOOL_GATEWAY_UPSTREAM")
+    if configured:
+        host, _, port = configured.rpartition(":")
+        return host, int(port)
+    return address("inference")
+
+
+def run_gateway() -> None:
+    listen = os.environ.get("SERVETOOL_GATEWAY_LISTEN", "0.0.0.0:8080")
+    host, _, port = listen.rpartition(":")
+    if not gateway_keys():
+        print(f"gateway: no keys in {os.environ.get('SERVETOOL_GATEWAY_KEYS', '/etc/servetool/keys')}"
+              " (mount the servetool Secret there)", file=sys.stderr)
+        sys.exit(2)
+    print(f"gateway: forwarding to {gateway_upstream()}", file=sys.stderr)
+    serve_asgi(Gateway(), host.strip("[]"), int(port), "gateway")
 
 
 def main(argv: list[str]) -> int:
@@ -756,6 +1062,8 @@ def main(argv: list[str]) -> int:
         run_front(argv[1] if len(argv) > 1 else os.environ.get("SERVETOOL_FRONT_LISTEN",
                                                                "127.0.0.1:8081"))
         return 0
+    if command == "keep" and len(argv) > 4 and argv[3] == "--":
+        return keep(argv[1], Path(argv[2]), argv[4:])
     if command == "exec" and len(argv) > 1:
         exec_with_front(argv[1:])
         return 0
@@ -778,7 +1086,7 @@ def main(argv: list[str]) -> int:
         print(detail)
         return 0 if ok else 1
     print("usage: servetool_pod.py torchserve|gateway|front [HOST:PORT]|exec COMMAND...|keys|"
-          "health|ready|scale NAME WORKERS|seed DIR|watch", file=sys.stderr)
+          "health|ready|scale NAME WORKERS|seed DIR|watch|keep NAME STATE_DIR -- COMMAND...", file=sys.stderr)
     return 2
 
 

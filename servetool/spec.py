@@ -30,8 +30,8 @@ POOLINGS = ("mean", "cls")
 TORCHSCRIPT_METHODS = ("auto", "trace", "script")
 GRAPH_OPTIMIZATION = ("disabled", "basic", "extended", "all")
 DTYPES = ("float32", "float64", "int64", "int32")
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$")
+NAME_RE = re.compile(r"\A[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
+VERSION_RE = re.compile(r"\A[0-9A-Za-z][0-9A-Za-z._-]{0,31}\Z")
 
 
 class SpecError(ServetoolError):
@@ -552,8 +552,8 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     return spec
 
 
-INPUT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")
-AXIS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+INPUT_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_.:/-]{0,127}\Z")
+AXIS_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 
 
 def calibration_hint(task: str) -> str:

@@ -39,7 +39,7 @@ LOG_SOCKET = "haproxy-log.sock"
 # the request duration buckets, seconds: sub-millisecond models to slow batches
 BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 MAX_MODELS = 64  # distinct model labels; beyond, "other" (a client must not grow the series)
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 class SplitError(Exception):
@@ -209,6 +209,14 @@ def read_log(sock: socket.socket, figures: Figures) -> None:
             print(f"servetool split: log line {data[:200]!r}: {exc}", file=sys.stderr, flush=True)
 
 
+def _end_with_parent() -> None:
+    """HAProxy ends when this runtime dies, however it dies (kill -9 included): its keeper
+    (servetool/pod.py keep) starts a new runtime, whose HAProxy must find the port free."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def serve(run_dir: Path, config: Path, exporter_port: int, weights_file: Path | None) -> int:
     from prometheus_client import start_http_server
 
@@ -224,7 +232,7 @@ def serve(run_dir: Path, config: Path, exporter_port: int, weights_file: Path | 
     start_http_server(exporter_port, "127.0.0.1", registry=figures.registry)
     threading.Thread(target=read_log, args=(sock, figures), daemon=True).start()
     proc = subprocess.Popen([os.environ.get("SERVETOOL_HAPROXY", "haproxy"), "-W", "-db", "-f",
-                             str(config)], stdin=subprocess.DEVNULL)
+                             str(config)], stdin=subprocess.DEVNULL, preexec_fn=_end_with_parent)
     applied: dict = {}
     # a SIGTERM to this process alone (not its group) must not leave HAProxy behind
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-from servetool import pod
+from servetool import pod, runfiles
 from servetool.errors import ServetoolError
 
 RESOURCES = Path(__file__).with_name("resources")
@@ -319,6 +319,7 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
     # The server runs with the run folder as its working directory: every path must be absolute.
     opts = replace(opts, run_dir=opts.run_dir.resolve(), model_store=opts.model_store.resolve(),
                    base_config=opts.base_config.resolve() if opts.base_config else None)
+    runfiles.private_folder(opts.run_dir)  # 0700: its keys, state and lock are this user's alone
     cond, state = condition(opts.run_dir)
     if cond in ("running", "starting"):
         raise ServerError(f"a TorchServe started by servetool is already running (pid {state.pid}, "
@@ -368,14 +369,15 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
            "--ncs", "--model-store", str(opts.model_store.resolve()), "--ts-config", str(config_file)]
     progress(f"starting TorchServe (logs in {logs})")
     with open(logs / "launcher.log", "wb") as launcher_log:
+        # umask 077: what the server writes (TorchServe's key_file.json, its logs) is this user's
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdin=subprocess.DEVNULL,
-                                stdout=launcher_log, stderr=subprocess.STDOUT,
+                                stdout=launcher_log, stderr=subprocess.STDOUT, umask=0o077,
                                 start_new_session=True)  # own process group: stop kills it whole
     state = ServerState(run_dir=str(run_dir), pid=proc.pid, host=opts.host, ports=dict(opts.ports),
                         model_store=str(opts.model_store.resolve()),
                         token_auth=token_auth_enabled(config_file), front=True,
                         split_metrics_port=split_metrics)
-    (run_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+    runfiles.write_private(run_dir / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
     try:
         wait_healthy(state, opts.startup_timeout_s, proc)
     except ServerError:
@@ -383,7 +385,7 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
         raise
     # From now on a missing JVM is a crash, not a start-up (see condition()).
     state = replace(state, jvm_pid=_member_with(state.pid, JVM_MARK))
-    (run_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+    runfiles.write_private(run_dir / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
     return state
 
 
@@ -512,7 +514,7 @@ def _group_alive(pgid: int) -> bool:
 # What the processes of a server servetool started run: the launcher, the JVM, the Python workers
 # (which outlive a killed JVM for a while) and the management front.
 OUR_PROCESSES = (b"torchserve", b"org.pytorch.serve", b"model_server", b"ts/model_service_worker",
-                 b"pod.py front")
+                 b"pod.py front", b"pod.py keep")
 
 
 def _is_ours(pgid: int) -> bool:

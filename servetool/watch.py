@@ -8,9 +8,23 @@ when it is a model folder (the gate and pre-flight included), checked (its archi
 and version; the digest the marker names), then installed the way `deploy` installs a version
 (servetool/lifecycle.py): registered with its workers, smoke-tested on its own URL, made the
 default, and versions beyond the keep policy unloaded after they drained. A version that fails any
-step never takes traffic; the failure is logged, kept in the watcher's state (`servetool status`)
-and counted in its metrics, and the version is not tried again until its content changes. A version
-removed from the source is unloaded, unless it is the only one serving.
+step never takes traffic; the failure is logged, kept in the watcher's state (`servetool status`,
+`servetool versions`) and counted in its metrics. A version removed from the source is unloaded,
+unless it is the only one serving.
+
+A failure is judged temporary or permanent (`transient_reason`). Temporary: a full disk (ENOSPC,
+EDQUOT), the bucket unreachable, timing out or throttling (5xx, SlowDown), TorchServe unreachable or
+answering 502/503/504/507, the lifecycle lock busy. Such a version is tried again after a backoff
+(30 s doubling up to 15 min, at most 8 attempts; Watcher's retry_* arguments), and the state says
+why, which attempt, and when the next one is. Permanent (the gate, a bad or altered archive, a
+handler that cannot load, a failed smoke test) and temporary failures past their last attempt
+wait for the version to be published again: new content, or the same bytes uploaded anew (a new
+ctime in a folder, a new LastModified in a bucket, where the ETag stays the same). Symbolic links in
+a watched folder are refused with an event that says so (servetool/sources.py).
+
+An install the watcher was killed in the middle of is settled at its next check (the first one
+after it starts): servetool/lifecycle.py's restore finishes or undoes it, so that deployed.json and
+TorchServe agree, and the version is then published again.
 
 The state (what was handled, the last check, the last event per model) lives in
 RUN_DIR/watch-state.json, so a restarted watcher does not redo its work.
@@ -21,6 +35,7 @@ RUN_DIR/watch-state.json, so a restarted watcher does not redo its work.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -33,14 +48,79 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from servetool import archive, lifecycle
+from servetool import archive, lifecycle, runfiles
 from servetool.daemon import Daemon
 from servetool.errors import ServetoolError, whole_cause
 from servetool.management import check_name, check_version
-from servetool.sources import BucketSource, FolderSource, Published, SourceError, open_source
+from servetool.sources import (
+    MODEL_FOLDER,
+    BucketSource,
+    FolderSource,
+    Published,
+    SourceError,
+    open_source,
+)
 
 STATE_FILE = "watch-state.json"
 DEFAULT_METRICS_PORT = 8090
+# a temporary failure is tried again after RETRY_BASE_S, doubling up to RETRY_MAX_S, at most
+# RETRY_ATTEMPTS attempts in all; then (as a permanent one) when the version is published again
+RETRY_BASE_S = 30.0
+RETRY_MAX_S = 900.0
+RETRY_ATTEMPTS = 8
+WAITING = ("failed", "refused")  # outcomes that wait for a retry or a new upload
+
+TRANSIENT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+    errno.ETIMEDOUT: "a connection timed out", errno.ECONNREFUSED: "a connection was refused",
+    errno.ECONNRESET: "a connection was reset", errno.ECONNABORTED: "a connection was aborted",
+    errno.EHOSTUNREACH: "a host is unreachable", errno.ENETUNREACH: "the network is unreachable",
+    errno.ENETDOWN: "the network is down", errno.EAGAIN: "a resource is temporarily unavailable",
+    errno.ENOMEM: "out of memory", errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files in the system", errno.ESTALE: "a stale network file handle",
+}
+# what a server's own log says when its disk is full (quoted inside a registration's error)
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def transient_reason(exc: BaseException) -> str:
+    """Why a failure may pass by itself ('' when it will not: a gate failure, a bad or altered
+    archive, a handler that cannot load, a failed smoke test are permanent). The whole chain of
+    causes is read, also those a wrapper suppressed (`raise ... from None` keeps __context__)."""
+    import requests
+
+    from servetool.management import APIError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, SourceError) and current.transient:
+            return current.transient
+        if isinstance(current, runfiles.LockBusy):
+            return "the lifecycle lock is held by another process"
+        if isinstance(current, OSError) and current.errno in TRANSIENT_ERRNOS:
+            return TRANSIENT_ERRNOS[current.errno]
+        if isinstance(current, requests.Timeout):
+            return "TorchServe did not answer in time"
+        if isinstance(current, requests.ConnectionError):
+            return "TorchServe could not be reached"
+        if isinstance(current, APIError) and current.status in (429, 502, 503, 504, 507):
+            return f"TorchServe answered {current.status}"
+        if any(text in str(current) for text in DISK_FULL_TEXT):
+            return "no space left on the device"
+        current = current.__cause__ or current.__context__
+    return ""
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class WatchError(ServetoolError):
@@ -93,13 +173,18 @@ class Watcher:
     def __init__(self, target: Any, source: FolderSource | BucketSource, *,
                  interval_s: float | None = None, keep: int | None = None,
                  metrics_port: int | None = None, timeout_s: float = 300,
-                 say: Callable[[str], None] = print) -> None:
+                 say: Callable[[str], None] = print, retry_base_s: float = RETRY_BASE_S,
+                 retry_max_s: float = RETRY_MAX_S, retry_attempts: int = RETRY_ATTEMPTS) -> None:
         self.target = target
         self.source = source
         self.interval_s = interval_s or source.default_interval_s
         self.keep = keep
         self.timeout_s = timeout_s
         self.say = say
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = max(retry_max_s, retry_base_s)
+        self.retry_attempts = max(1, retry_attempts)
+        self._unsaved: str | None = None
         self.run_dir = Path(target.opts.run_dir).resolve()
         self.state_file = self.run_dir / STATE_FILE
         self.state = self._load()
@@ -108,7 +193,7 @@ class Watcher:
                        "started": _stamp(), "metrics": self.metrics.address}
         for model, versions in self.state["versions"].items():
             self.metrics.failed.labels(model).set(
-                sum(v.get("outcome") == "failed" for v in versions.values()))
+                sum(v.get("outcome") in WAITING for v in versions.values()))
         self._save()
 
     # --- state -----------------------------------------------------------------------------------
@@ -122,20 +207,32 @@ class Watcher:
         return {"versions": {}, "events": {}, "last_check": None, "last_error": None} | state
 
     def _save(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        staged = self.state_file.with_suffix(".partial")
-        staged.write_text(json.dumps(self.state, indent=2) + "\n")
-        os.replace(staged, self.state_file)
+        try:
+            runfiles.private_folder(self.run_dir)
+            runfiles.write_private(self.state_file, json.dumps(self.state, indent=2) + "\n")
+        except OSError as exc:  # a full disk must not end the watcher: the state waits in memory
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if self._unsaved is None:
+                self.say(f"the watcher's state could not be written to {self.state_file} "
+                         f"({exc.strerror}); kept in memory and written once there is space")
+            self._unsaved = exc.strerror
+            return
+        if self._unsaved is not None:
+            self.say(f"the watcher's state is written to {self.state_file} again")
+            self._unsaved = None
 
-    def _mark(self, published: Published, outcome: str, detail: str) -> dict[str, Any]:
+    def _mark(self, published: Published, outcome: str, detail: str,
+              **extra: Any) -> dict[str, Any]:
         event = {"at": _stamp(), "model": published.model, "version": published.version,
-                 "outcome": outcome, "detail": detail}
+                 "outcome": outcome, "detail": detail, **extra}
         versions = self.state["versions"].setdefault(published.model, {})
-        versions[published.version] = {"fingerprint": published.fingerprint, **event}
+        versions[published.version] = {"fingerprint": published.fingerprint,
+                                       "uploaded": published.uploaded, **event}
         self.state["events"][published.model] = event
         self.metrics.publishes.labels(published.model, outcome).inc()
         self.metrics.failed.labels(published.model).set(
-            sum(v.get("outcome") == "failed" for v in versions.values()))
+            sum(v.get("outcome") in WAITING for v in versions.values()))
         self.say(f"{published.model} {published.version}: {outcome}: {detail}")
         self._save()
         return event
@@ -153,6 +250,7 @@ class Watcher:
         if self.target.running() is None:
             return self._check_failed("the server is not running (`servetool deploy` starts it); "
                                       "nothing was loaded")
+        self._settle_interrupted()
         self.state["last_error"] = None
         by_model: dict[str, list[Published]] = {}
         for item in published:
@@ -164,6 +262,60 @@ class Watcher:
         self._save()
         return events
 
+    def _settle_interrupted(self) -> None:
+        """An install whose process died in the middle (this watcher killed mid-install, say)
+        left its intent in deployed.json: the lifecycle's restore finishes or undoes it, so that
+        the record and TorchServe agree, before anything else is done. An install still running
+        in another process (a person's `deploy`) is left to it."""
+        stale = [f"{name} {intent.get('version')} (pid {intent.get('pid')})"
+                 for name, model in lifecycle.read_record(self.run_dir).items()
+                 if isinstance(intent := model.get(lifecycle.INTENT), dict)
+                 and (intent.get("pid") == os.getpid() or not _alive(intent.get("pid")))]
+        if not stale:
+            return
+        self.say(f"an install was interrupted: {', '.join(stale)}; settling it")
+        for result in lifecycle.Lifecycle(self.target).restore(self.timeout_s):
+            self.say(f"{result['name']} {result['version']}: {result['action']}")
+
+    def _due(self, seen: dict[str, Any] | None, item: Published) -> bool:
+        """Whether a complete version is handled at this check: new content, a failed version
+        uploaded again (same bytes too) or whose next retry has come."""
+        if not seen or seen.get("fingerprint") != item.fingerprint:
+            return True
+        if seen.get("outcome") not in WAITING:
+            return False
+        if item.uploaded and seen.get("uploaded") != item.uploaded:
+            return True
+        return bool(seen.get("retry_at_s")) and time.time() >= float(seen["retry_at_s"])
+
+    def _failed(self, item: Published, exc: BaseException) -> dict[str, Any]:
+        """Mark a failed version: a temporary failure with its next attempt (backoff doubling,
+        capped), a permanent one (or the last attempt) waiting for a new upload."""
+        detail = str(exc) if isinstance(exc, ServetoolError) else whole_cause(exc)
+        reason = transient_reason(exc)
+        before = self.state["versions"].get(item.model, {}).get(item.version, {})
+        again = before.get("outcome") == "failed" and before.get("fingerprint") == \
+            item.fingerprint and before.get("uploaded", item.uploaded) == item.uploaded
+        attempts = int(before.get("attempts") or 1) + 1 if again else 1
+        retry: dict[str, Any] = {"transient": reason, "attempts": attempts, "retry_at": None,
+                                 "retry_at_s": None}
+        if reason and attempts < self.retry_attempts:
+            delay = min(self.retry_max_s, self.retry_base_s * 2 ** (attempts - 1))
+            when = time.time() + delay
+            retry |= {"retry_at": datetime.fromtimestamp(when).astimezone().isoformat(
+                timespec="seconds"), "retry_at_s": when}
+            detail += (f"; a temporary failure ({reason}): attempt {attempts} of "
+                       f"{self.retry_attempts}, tried again at {retry['retry_at']} (in {delay:g} s) "
+                       "or when it is published again; the serving default is unchanged")
+        elif reason:
+            detail += (f"; a temporary failure ({reason}), and that was the last of "
+                       f"{self.retry_attempts} attempts: tried again when it is published again "
+                       "(the same bytes uploaded anew will do); the serving default is unchanged")
+        else:
+            detail += ("; the serving default is unchanged, and this version is tried again when "
+                       "it is published again (new content, or the same uploaded anew)")
+        return self._mark(item, "failed", detail, **retry)
+
     def _check_failed(self, reason: str) -> list[dict[str, Any]]:
         self.metrics.check_errors.inc()
         if self.state.get("last_error") != reason:
@@ -174,13 +326,14 @@ class Watcher:
 
     def _check_model(self, model: str, items: list[Published]) -> list[dict[str, Any]]:
         seen = self.state["versions"].get(model, {})
-        new = [p for p in items if p.complete
-               and seen.get(p.version, {}).get("fingerprint") != p.fingerprint]
+        due = [p for p in items if p.complete and self._due(seen.get(p.version), p)]
+        events = [self._mark(p, "refused", p.refused) for p in due if p.refused]
+        new = [p for p in due if not p.refused]
         if not new:
-            return []
+            return events
         recorded = lifecycle.read_record(self.run_dir).get(model, {})
         default = recorded.get("default")
-        events, winner = [], None
+        winner = None
         for item in sorted(new, key=lambda p: lifecycle.version_key(p.version), reverse=True):
             if winner is not None:
                 events.append(self._mark(item, "superseded", f"{winner} was published too and is "
@@ -218,9 +371,7 @@ class Watcher:
                 self._check_failed(f"the server stopped while {item.model} {item.version} was "
                                    f"being loaded: {whole_cause(exc)}")
                 return None
-            detail = str(exc) if isinstance(exc, ServetoolError) else whole_cause(exc)
-            return self._mark(item, "failed", detail + "; the serving default is unchanged, and "
-                              "this version is tried again when its content changes")
+            return self._failed(item, exc)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         seconds = time.monotonic() - started
@@ -277,6 +428,8 @@ class Watcher:
         events = []
         for model, recorded in lifecycle.read_record(self.run_dir).items():
             present = {p.version for p in by_model.get(model, [])}
+            if MODEL_FOLDER in present:  # its folder is a link now: refused, nothing unloaded
+                continue
             for version, entry in list(recorded.get("versions", {}).items()):
                 if entry.get("source") != self.source.url or version in present:
                     continue
@@ -314,12 +467,29 @@ def describe(run_dir: Path) -> dict[str, Any] | None:
     pid = state.get("pid")
     alive = bool(pid) and Path(f"/proc/{pid}").exists() and \
         b"servetool" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    failed = [{"model": m, **v} for m, vs in state.get("versions", {}).items() for v in vs.values()
-              if v.get("outcome") == "failed"]
+    waiting = [{"model": m, **v} for m, vs in state.get("versions", {}).items()
+               for v in vs.values() if v.get("outcome") in WAITING]
     return {"source": state.get("source"), "running": alive, "pid": pid if alive else None,
             "interval_s": state.get("interval_s"), "last_check": state.get("last_check"),
             "last_error": state.get("last_error"), "metrics": state.get("metrics"),
-            "events": state.get("events", {}), "failed": failed}
+            "events": state.get("events", {}),
+            # failed: each with why (`transient`: the temporary cause, '' when permanent), its
+            # `attempts` and `retry_at` (None: it waits to be published again)
+            "failed": [v for v in waiting if v["outcome"] == "failed"],
+            "refused": [v for v in waiting if v["outcome"] == "refused"]}
+
+
+def retry_text(entry: dict[str, Any]) -> str:
+    """A failed version's state in a few words, for `servetool versions`."""
+    if entry.get("outcome") == "refused":
+        return "refused"
+    if not entry.get("transient"):
+        return "failed (permanent): waits to be published again"
+    attempts = f"attempt {entry.get('attempts') or 1}"
+    if entry.get("retry_at"):
+        return f"failed (temporary: {entry['transient']}), {attempts}, retry at {entry['retry_at']}"
+    return (f"failed (temporary: {entry['transient']}), {attempts} was the last: waits to be "
+            "published again")
 
 
 # --- the background watcher of `deploy --watch` ---------------------------------------------------
@@ -343,7 +513,8 @@ def make_target(options: dict[str, Any], say: Callable[[str], None]) -> Any:
 
 
 def launch(target: Any, source: str, *, endpoint_url: str | None, interval_s: float | None,
-           keep: int | None, metrics_port: int | None) -> int:
+           keep: int | None, metrics_port: int | None,
+           retry: dict[str, float] | None = None) -> int:
     """Start the background watcher of this deployment (replacing one that watches elsewhere)."""
     from servetool.torchserve import port_in_use
 
@@ -358,6 +529,8 @@ def launch(target: Any, source: str, *, endpoint_url: str | None, interval_s: fl
     if target.name == "docker":
         options |= {"container_name": target.docker_opts.container_name,
                     "cpus": target.docker_opts.cpus}
+    if retry:  # {"base_s", "max_s", "attempts"}: the backoff of temporary failures
+        options["retry"] = retry
     watcher = daemon(run_dir)
     if watcher.pid() is not None:
         if watcher.options() == options:
@@ -381,7 +554,9 @@ def main(run_dir: Path) -> int:
         watcher = Watcher(make_target(options, say),
                           open_source(options["source"], options.get("endpoint_url")),
                           interval_s=options.get("interval_s"), keep=options.get("keep"),
-                          metrics_port=options.get("metrics_port"), say=say)
+                          metrics_port=options.get("metrics_port"), say=say,
+                          **{f"retry_{key}": value for key, value in
+                             (options.get("retry") or {}).items()})
     except ServetoolError as exc:
         say(f"the watcher cannot start: {exc}")
         return 1

@@ -153,10 +153,57 @@ def test_package_deploy_predict_scale_status_stop(tmp_path):
     (["scale", "digits", "--version", "../embed", "--workers", "1"], "version '../embed'"),
     (["scale", "a/b", "--workers", "1"], "model name 'a/b'"),
     (["bench", "serve", "x?y"], "model name 'x?y'"),
+    # `^...$` lets `$` match before a trailing newline: names are matched whole (\A...\Z)
+    (["predict", "digits\n", str(DIGITS / "samples" / "digit_1.png")], "model name 'digits\\n'"),
+    (["predict", "digits", str(DIGITS / "samples" / "digit_1.png"), "--version", "1.0\n"],
+     "version '1.0\\n'"),
+    (["scale", "digits\n", "--workers", "1"], "model name 'digits\\n'"),
+    (["scale", "digits", "--version", "2.0\n", "--workers", "1"], "version '2.0\\n'"),
+    (["bench", "serve", "digits\n"], "model name 'digits\\n'"),
+    (["versions", "digits\n"], "model name 'digits\\n'"),
+    (["promote", "digits", "2.0\n"], "version '2.0\\n'"),
 ])
 def test_model_names_and_versions_are_checked_before_any_request(args, words, tmp_path):
     proc = run(*args, "--run-dir", str(tmp_path / "nothing-runs-here"))
     assert_clean_error(proc, words, "is not valid")
+    assert len(proc.stderr.strip().splitlines()) == 1  # the newline is shown escaped, not printed
+
+
+def newline_forms(good: str) -> list[str]:
+    return [good + "\n", good + "\r\n", "\n" + good, good[:2] + "\n" + good[2:]]
+
+
+def test_a_name_with_a_newline_is_refused_by_every_check(tmp_path):
+    """The management client's checks (before anything is sent), the spec, the split's labels and
+    the Kubernetes names: each matches the whole string, so a trailing newline is refused."""
+    from servetool import kubecheck, manifests, spec, split_runtime
+    from servetool.management import APIError, Client, check_name, check_version, model_path
+    from servetool.torchserve import ServerState
+
+    state = ServerState(run_dir=str(tmp_path), pid=0, host="127.0.0.1", ports={"management": 9},
+                        model_store=str(tmp_path), token_auth=False)
+    client = Client(state)
+    for name, version in zip(newline_forms("digits"), newline_forms("2.0"), strict=True):
+        for call, arg in ((check_name, name), (check_version, version), (model_path, name),
+                          (lambda v: model_path("digits", v), version),
+                          # refused before any connection (nothing listens on port 9)
+                          (lambda n: client.register("digits.mar", n, 1, timeout=1), name),
+                          (client.describe, name), (lambda v: client.unregister("digits", v), version)):
+            with pytest.raises(APIError, match="is not valid"):
+                call(arg)
+        with pytest.raises(split_runtime.SplitError, match="not a model name"):
+            split_runtime.set_weight(tmp_path, name, "2.0", 10)
+    for pattern, good in ((spec.NAME_RE, "digits"), (spec.VERSION_RE, "1.0"),
+                          (spec.INPUT_NAME, "input_ids"), (spec.AXIS_NAME, "batch"),
+                          (split_runtime.NAME, "digits"), (manifests.NAME_RE, "servetool"),
+                          (kubecheck.DNS_LABEL, "servetool"), (kubecheck.DNS_SUBDOMAIN, "a.b"),
+                          (kubecheck.QUANTITY, "500m")):
+        assert pattern.match(good), (pattern, good)
+        assert not [bad for bad in newline_forms(good) if pattern.match(bad)], pattern
+    with pytest.raises(spec.SpecError, match="name"):
+        spec.load_spec(write_spec(tmp_path / "spec", name="digits\n"))
+    with pytest.raises(spec.SpecError, match="version"):
+        spec.load_spec(write_spec(tmp_path / "spec-v", version="1.0\n"))
 
 
 @pytest.mark.server

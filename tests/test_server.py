@@ -55,20 +55,16 @@ def test_deploy_registers_every_archive_with_ready_workers(served):
 
 
 def test_a_batch_waits_at_most_what_the_spec_asks(served):
-    """A spec's max_delay_ms of 0 must not become TorchServe's 100 ms wait for a batch to fill."""
+    """A spec's max_delay_ms of 0 must not become TorchServe's 100 ms wait for a batch to fill:
+    the registered model says 1 ms (what a lone request then costs: benchmarks/latency.py)."""
     target, _ = served
     client = target.client()
     assert [(m["batchSize"], m["maxBatchDelay"]) for m in client.describe("digits_short")] == [(4, 1)]
     assert [(m["batchSize"], m["maxBatchDelay"]) for m in client.describe("digits")] == [(8, 1)]
     state = target.running()
     body = png_bytes(load_digits().images[3])
-    http_predict(state, "digits_short", body)
-    took = []
-    for _ in range(5):
-        start = time.perf_counter()
+    for _ in range(3):  # lone requests, each answered in a batch of its own
         assert http_predict(state, "digits_short", body).status_code == 200
-        took.append(time.perf_counter() - start)
-    assert sorted(took)[2] < 0.05, took  # one request alone; 100 ms means a batch waited in vain
 
 
 @pytest.mark.parametrize("model", ["digits", "digits_ts", *FORMAT_TWINS])
@@ -138,20 +134,43 @@ def test_bad_requests_fail_alone_inside_one_batch(served, held_out):
     client = Client(state)
     pid_before = client.describe("digits_batch")[0]["workers"][0]["pid"]
     bodies = [png_bytes(images[0]), b"this is not an image", png_bytes(images[1]), b""]
-    started = time.monotonic()
+    before = batches_seen(state, "digits_batch")
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda b: http_predict(state, "digits_batch", b), bodies))
-    elapsed = time.monotonic() - started
     assert [r.status_code for r in replies] == [200, 400, 200, 400]
     assert next(iter(replies[0].json())) == LABELS[labels[0]]
     assert next(iter(replies[2].json())) == LABELS[labels[1]]
     assert "not an image in an accepted format" in replies[1].json()["error"]
     assert "empty request body" in replies[3].json()["error"]
-    # The model batches 4 requests and waits up to 2 s to fill a batch: answers within 1.5 s
-    # mean all four went to the worker together, as one full batch.
-    assert elapsed < 1.5
+    # The model batches 4 requests (waiting up to 2 s to fill a batch): the handler saw all four
+    # together, as one full batch, not a partial one.
+    assert batches_since(state, "digits_batch", before, 4) == [4]
     workers = client.describe("digits_batch")[0]["workers"]
     assert workers[0]["pid"] == pid_before and workers[0]["status"] == "READY"
+
+
+def batches_seen(state, model: str, at_least: float = 0, version: str = "1.0") -> tuple[float, float]:
+    """(batches, requests in them) the model's handler has recorded (handlers/metrics.py's
+    servetool_batch_size histogram, on TorchServe's metrics port), once it holds `at_least`
+    requests: the frontend reads the handler's metric lines a moment after the answers."""
+    from servetool.top import read_metrics
+
+    key = ((model, version), "batch_size")
+    deadline = time.monotonic() + 30
+    while True:
+        figures = read_metrics(f"{state.url('metrics')}/metrics")
+        seen = figures["counts"].get(key, 0.0), figures["sums"].get(key, 0.0)
+        if seen[1] >= at_least or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.1)
+
+
+def batches_since(state, model: str, before: tuple[float, float], requests: int) -> list[float]:
+    """The batches the handler ran for the `requests` sent since `before`: [size] when they all
+    went in one batch, else [count, mean size]."""
+    batches, rows = batches_seen(state, model, before[1] + requests)
+    count, total = batches - before[0], rows - before[1]
+    return [total] if count == 1 else [count, total / count if count else 0.0]
 
 
 def test_oversized_image_gets_413_and_the_worker_lives(served):
@@ -289,10 +308,9 @@ def with_base_config(opts, tmp_path, extra: str):
 def test_a_jvm_that_dies_at_start_is_quoted_not_waited_for(tmp_path):
     opts = with_base_config(server_options(tmp_path / "run", tmp_path), tmp_path,
                             "vmargs=-XX:+NoSuchJvmOptionForServetool")
-    started = time.monotonic()
     with pytest.raises(ServerError) as err:
         torchserve.start(opts)
-    assert time.monotonic() - started < 30
+    # seen exiting, not waited for until the start-up timeout ("was not healthy within ...")
     assert "exited during start-up" in str(err.value)
     assert "NoSuchJvmOptionForServetool" in str(err.value)
     assert torchserve.running_state(opts.run_dir) is None
@@ -300,15 +318,16 @@ def test_a_jvm_that_dies_at_start_is_quoted_not_waited_for(tmp_path):
 
 def test_keys_are_renewed_only_once_expired_and_a_failed_renewal_is_reported(tmp_path):
     opts = with_base_config(server_options(tmp_path / "run", tmp_path), tmp_path,
-                            "token_expiration_min=0.1")  # 6 seconds
+                            "token_expiration_min=0.2")  # 12 seconds
     state = torchserve.start(opts)
     try:
-        first = json.loads(state.key_file.read_text())["inference"]["key"]
+        inference = json.loads(state.key_file.read_text())["inference"]
+        first = inference["key"]
         # Seconds before it expires, a key is still the key: renewing now would revoke it for every
         # client using it (curl scripts, load generators).
         assert Client(state).token("inference") == first
         assert http_ping(state, first).status_code == 200
-        time.sleep(7)
+        wait_until_expired(inference["expiration time"])
         assert http_ping(state, first).status_code == 400  # TorchServe's answer to an expired key
         assert Client(state).ping() == {"status": "Healthy"}  # renewed behind the scenes
         assert json.loads(state.key_file.read_text())["inference"]["key"] != first
@@ -324,6 +343,54 @@ def test_keys_are_renewed_only_once_expired_and_a_failed_renewal_is_reported(tmp
             Client(state).ping()
     finally:
         torchserve.stop(opts.run_dir)
+
+
+def test_predict_and_bench_serve_keep_working_across_key_expiries(tmp_path, model_store):
+    """TorchServe takes token_expiration_min in fractions of a minute (0.1: 6 s). `predict` after
+    the key expired, and `bench serve` runs longer than a key lives, with each engine: every
+    request answered 200, the key renewed as it lapsed (85% failed before, with a 1-minute expiry)."""
+    from servetool.bench.serve import wrk_path
+    from tests.test_cli import run
+
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copyfile(model_store / "digits_ts.mar", store / "digits_ts.mar")
+    opts = with_base_config(server_options(tmp_path / "run", store), tmp_path,
+                            "token_expiration_min=0.1")
+    target = LocalTarget(opts)
+    target.deploy([])
+    where = ["--run-dir", str(opts.run_dir), "--model-store", str(store)]
+    sample = DIGITS / "samples" / "digit_7.png"
+    try:
+        keys = json.loads(target.running().key_file.read_text())
+        first = keys["inference"]["key"]
+        wait_until_expired(keys["inference"]["expiration time"])
+        assert http_ping(target.running(), first).status_code == 400  # expired for any client
+        predicted = run("predict", "digits_ts", str(sample), *where, "--json")
+        assert predicted.returncode == 0, predicted.stderr
+        assert next(iter(json.loads(predicted.stdout)["prediction"])) == "seven"
+        assert json.loads(target.running().key_file.read_text())["inference"]["key"] != first
+
+        for engine in ["python"] + (["wrk"] if wrk_path() else []):
+            bench = run("bench", "serve", "digits_ts", *where, "--engine", engine, "--duration",
+                        "9", "-c", "2", "--payload", str(sample), "--out", str(tmp_path / engine),
+                        "--json")
+            assert bench.returncode == 0, bench.stderr
+            summary = json.loads(bench.stdout)
+            assert summary["errors"] == {} and summary["lost"] == 0, (engine, summary)
+            assert summary["ok"] == summary["sent"] > 0
+            assert summary["key_renewals"] >= 1 and "renewed" in bench.stderr, (engine, summary)
+            if engine == "wrk":  # rounds that end before the key expires, renewed between them
+                assert summary["rounds"] >= 2 and summary["retried"] == 0
+    finally:
+        target.down()
+
+
+def wait_until_expired(stamp: str) -> None:
+    from datetime import datetime
+
+    when = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    time.sleep(max(0.0, when - time.time()) + 0.2)
 
 
 def http_ping(state, key: str) -> requests.Response:
@@ -383,14 +450,16 @@ def test_one_request_never_fails_another_in_a_real_batch(served):
     bodies = [json.dumps([1, 2, 3, 4]), json.dumps([1, 2, 300, 4]), json.dumps([0, 0, 0, 0]),
               json.dumps([1, 2 ** 70, 3, 4]), json.dumps([9, 8, 7, 6]), json.dumps([1.5, 2, 3, 4]),
               json.dumps([5, 5, 5, 5]), '{"data": [1, 2, 3, true]}']
+    first = batches_seen(state, "embednet")
     alone = {i: http_predict(state, "embednet", bodies[i].encode(), "application/json").json()
              for i in (0, 2, 4, 6)}
-    started = time.monotonic()
+    before = batches_seen(state, "embednet", first[1] + len(alone))
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda b: http_predict(state, "embednet", b.encode(),
                                                        "application/json"), bodies))
-    assert time.monotonic() - started < 1.4  # one full batch of 8, not a 1.5 s partial one
     assert [r.status_code for r in replies] == [200, 422, 200, 400, 200, 400, 200, 400]
+    # one full batch of 8 (the model waits up to 1.5 s to fill one), not partial ones
+    assert batches_since(state, "embednet", before, 8) == [8]
     assert "the model could not process this input" in replies[1].json()["error"]
     assert "outside the int64 range" in replies[3].json()["error"]
     assert "integers only, got fractions" in replies[5].json()["error"]

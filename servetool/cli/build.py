@@ -190,6 +190,7 @@ def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int
                         run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     """Load-test a deployed MODEL: throughput, p50/p90/p99 latency, errors by status, lost requests."""
     from servetool.bench.serve import (
+        Auth,
         load_payloads,
         markdown,
         payload_files,
@@ -207,23 +208,34 @@ def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int
     sources = list(payloads) or [Path("models") / model / "samples"]
     if not all(p.exists() for p in sources):
         raise ServetoolError(f"no payloads: pass --payload FILE_OR_FOLDER ({sources[0]} does not exist)")
-    token = client.token("inference")
+
+    def bearer() -> str | None:
+        """The inference key as a header: read again, and renewed if it has expired."""
+        token = client.token("inference")
+        return f"Bearer {token}" if token else None
+
+    auth = Auth(bearer(), bearer)  # renewed before the load if it has already expired
     url = f"{client.state.url('inference')}/predictions{model_path(model, model_version)}"
     if engine == "wrk" and (count or not wrk_path()):
         raise ServetoolError("--engine wrk needs wrk installed (apt-get install wrk) and runs "
                              "for --duration, not --requests")
     use_wrk = engine == "wrk" or (engine == "auto" and not count and wrk_path() is not None)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     progress(f"{concurrency} clients on {url} for "
              + (f"{count} requests" if count else f"{duration:.0f} s")
              + f" ({'wrk' if use_wrk else 'Python'} engine)")
     if use_wrk:
         result = run_wrk(url, payload_files(sources), concurrency=concurrency,
-                         duration_s=duration, headers=headers)
+                         duration_s=duration, auth=auth,
+                         key_expires_at=lambda: client.key_expiry("inference"), progress=progress)
     else:
         result = run_load(url, load_payloads(sources), concurrency=concurrency,
                           duration_s=None if count else duration, requests=count,
-                          headers=headers, progress=progress)
+                          auth=auth, progress=progress)
+    if result.key_renewals:
+        progress(f"the inference key expired during the run: renewed {result.key_renewals} "
+                 f"time(s){f', {result.retried} request(s) sent again' if result.retried else ''}")
+    if result.key_error:
+        progress(f"renewing the inference key failed: {result.key_error}")
     summary = result.summary()
     summary["files"] = write_outputs(result, out, f"{model}-serve")
     emit(summary, as_json, markdown(summary) + "\nWritten: " + ", ".join(summary["files"].values()))

@@ -41,9 +41,23 @@ def _lifecycle(run_dir: Path, model_store: Path, target: str):
 @json_option
 @friendly_errors
 def versions(model: str, run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
-    """List MODEL's versions: which is the default, workers, when loaded, archive digest."""
+    """List MODEL's versions: which is the default, workers, when loaded, archive digest; and
+    those the watcher could not serve, with why and when it tries again."""
+    from servetool import watch as watching
+    from servetool.lifecycle import DeployError
+
     check_model_args(model, None)
-    rows = _lifecycle(run_dir, model_store, target).versions(model)
+    life = _lifecycle(run_dir, model_store, target)
+    watcher = watching.describe(life.run_dir) or {}
+    waiting = [{k: v for k, v in entry.items() if k not in ("model", "retry_at_s")}
+               for entry in watcher.get("failed", []) + watcher.get("refused", [])
+               if entry.get("model") == model]
+    try:
+        rows = life.versions(model)
+    except DeployError:
+        if not waiting:  # a model whose only versions failed in the watcher is still shown
+            raise
+        rows = []
     lines = [f"{'VERSION':<12} {'DEFAULT':<8} {'WORKERS':<10} {'LOADED AT':<26} DIGEST"]
     for r in rows:
         ready = sum(w["status"] == "READY" for w in r["workers"])
@@ -51,7 +65,12 @@ def versions(model: str, run_dir: Path, model_store: Path, target: str, as_json:
         lines.append(f"{r['version']:<12} {'yes' if r['default'] else '':<8} {workers:<10} "
                      f"{r['loaded_at'] or '-':<26} {(r['digest'] or '-')[:12]}"
                      + (f"  from {r['source']}" if r["source"] else ""))
-    emit({"model": model, "versions": rows}, as_json, "\n".join(lines))
+    if waiting:
+        lines.append(f"Published to {watcher.get('source')}, not serving:")
+        for entry in sorted(waiting, key=lambda e: str(e.get("version"))):
+            lines.append(f"{entry['version']:<12} {watching.retry_text(entry)}; last tried "
+                         f"{entry['at']}: {entry['detail']}")
+    emit({"model": model, "versions": rows, "watcher": waiting}, as_json, "\n".join(lines))
 
 
 @main.command()
@@ -128,8 +147,11 @@ def watch(source: str, endpoint_url: str | None, interval_s: float | None,
     Layout: SOURCE/MODEL/VERSION/ holding one .mar, or a servetool model folder (packaged here,
     gate and pre-flight included), and a READY file written last (optionally {"sha256": ...} of
     the .mar). Each new version is registered, smoke-tested on its own URL, made the default, and
-    versions beyond --keep are unloaded; one that fails never takes traffic and is retried only
-    when its content changes. Runs in the foreground until Ctrl-C.
+    versions beyond --keep are unloaded; one that fails never takes traffic. A temporary failure
+    (a full disk, the bucket or TorchServe unreachable, throttling) is retried with a backoff
+    (30 s doubling to 15 min, 8 attempts); any failed version is tried again when it is published
+    again, the same bytes too. Symbolic links in SOURCE are refused. `servetool versions MODEL`
+    shows why a version failed and when it is retried. Runs in the foreground until Ctrl-C.
     """
     from servetool import watch as watching
 

@@ -393,12 +393,24 @@ def status(run_dir: Path, model_store: Path, target: str, kubeconfig: Path | Non
     if not result["models"]:
         lines.append("  no models registered")
     lines += watcher_lines(result.get("watcher"))
+    lines += helper_lines(result.get("helpers"))
     if result.get("canary"):
         c = result["canary"]
         lines.append(f"Canary of {c['model']}: {c['weight']}% to {c['candidate']} (default "
                      f"{c['default']}), {c['status']}" + (f": {c['reason']}" if c.get("reason")
                                                            else ""))
     emit(result, as_json, "\n".join(lines))
+
+
+def helper_lines(helpers: dict[str, Any] | None) -> list[str]:
+    """The helpers servetool keeps running beside the server that have crashed, and when."""
+    lines = []
+    for name, record in sorted((helpers or {}).items()):
+        if record.get("restarts"):
+            last = record["crashes"][-1] if record.get("crashes") else {}
+            lines.append(f"Helper {name}: restarted {record['restarts']} time(s), last "
+                         f"{last.get('at', '?')} ({last.get('reason', '?')}), pid {record.get('pid')}")
+    return lines
 
 
 def watcher_lines(watcher: dict[str, Any] | None) -> list[str]:

@@ -1,6 +1,8 @@
 -- servetool's wrk script: POST the payload files in turn, count answers by status, and print one
 -- JSON line at the end. Arguments: FILE CONTENT_TYPE [FILE CONTENT_TYPE ...]; the Authorization
 -- header comes from the environment (SERVETOOL_WRK_AUTH), never the command line, which `ps` shows.
+-- The latency at each percentile of SERVETOOL_WRK_PERCENTILES (comma-separated; 0 is the fastest
+-- answer, 100 the slowest) goes in the line too, so that several runs can be merged.
 local threads = {}
 local bodies, types, auth = {}, {}, nil
 local next_body = 0
@@ -43,12 +45,18 @@ function done(summary, latency, requests)
   for status, n in pairs(merged) do
     table.insert(parts, string.format('"%d": %d', status, n))
   end
+  local curve = {}
+  for p in string.gmatch(os.getenv("SERVETOOL_WRK_PERCENTILES") or "", "[^,]+") do
+    local q = tonumber(p)
+    local us = q <= 0 and latency.min or (q >= 100 and latency.max or latency:percentile(q))
+    table.insert(curve, string.format("%d", us))
+  end
   local e = summary.errors
   io.write(string.format(
     'SERVETOOL_WRK {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, ' ..
     '"write": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "mean_us": %.1f, ' ..
-    '"statuses": {%s}}\n',
+    '"latency_us": [%s], "statuses": {%s}}\n',
     summary.requests, summary.duration, e.connect, e.read, e.write, e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean,
-    table.concat(parts, ", ")))
+    table.concat(curve, ", "), table.concat(parts, ", ")))
 end

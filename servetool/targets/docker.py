@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from servetool import image, lifecycle, split, torchserve
+from servetool import image, lifecycle, runfiles, split, torchserve
 from servetool.errors import first_line
 from servetool.management import APIError, Client
 from servetool.targets.local import DeployError, LocalTarget, find_archives, stop_watcher
@@ -304,13 +304,14 @@ class DockerTarget(LocalTarget):
                                        ports=dict(opts.ports), model_store=str(opts.model_store.resolve()),
                                        token_auth=torchserve.token_auth_enabled(rendered),
                                        split_metrics_port=split_metrics)
-        opts.run_dir.mkdir(parents=True, exist_ok=True)
+        runfiles.private_folder(opts.run_dir)
         if dopts.image.bake_models:  # a new image holds only the archives it was built with
-            (opts.run_dir / lifecycle.RECORD_FILE).unlink(missing_ok=True)
-        self.state_file.write_text(json.dumps({"container_id": container.id, "name": container.name,
-                                               "image": self._image, "network": dopts.network,
-                                               "run_config": self._run_config(),
-                                               "server": asdict(state)}, indent=2) + "\n")
+            with lifecycle.locked(opts.run_dir, self.progress) as models:
+                models.clear()
+        runfiles.write_private(self.state_file, json.dumps({
+            "container_id": container.id, "name": container.name, "image": self._image,
+            "network": dopts.network, "run_config": self._run_config(),
+            "server": asdict(state)}, indent=2) + "\n")
         self._wait_healthy(container, state, opts.startup_timeout_s)
         return state
 

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from servetool import archive, lifecycle, torchserve
+from servetool import archive, lifecycle, pod, torchserve
+from servetool.errors import ServetoolError
 from servetool.lifecycle import DeployError, version_key, wait_ready
 from servetool.management import APIError, Client
 
@@ -205,8 +206,11 @@ class LocalTarget:
         return [path for _, path in newest.values()]
 
     def scale(self, name: str, workers: int, version: str | None = None) -> dict[str, Any]:
-        result = self._scale(name, workers, version)
-        with lifecycle.locked(Path(self.require_running().run_dir)) as models:
+        """Set a version's worker count. The lifecycle lock is held from before TorchServe changes
+        until the record holds the new count, so that a crash restore (which takes the same lock)
+        never brings back a count that a scale had already changed."""
+        with lifecycle.locked(Path(self.require_running().run_dir), self.progress) as models:
+            result = self._scale(name, workers, version)
             entry = models.get(name, {}).get("versions", {}).get(result["version"])
             if entry is not None:  # what a restart restores, and what the next version inherits
                 entry["workers"] = workers
@@ -238,13 +242,20 @@ class LocalTarget:
         if cond == "crashed":
             return {"target": self.name, "running": False, "state": "crashed", "models": [],
                     "detail": self.crash_detail(),
-                    "supervised": supervisor_pid(self.opts.run_dir) is not None}
+                    "supervised": supervisor_pid(self.opts.run_dir) is not None,
+                    "helpers": pod.read_supervised(self.opts.run_dir)}
         state = self.running()
         if state is None:
             return {"target": self.name, "running": False, "state": "stopped", "models": []}
         client = self.make_client(state)
-        models = []
-        for entry in client.list_models():
+        models: list[dict[str, Any]] = []
+        try:
+            listed = client.list_models()
+        except ServetoolError as exc:  # the front restarting, say: the rest is still worth showing
+            listed = []
+            models.append({"name": None, "error": f"the management API did not answer: {exc}",
+                           "workers": [], "default": False, "version": None, "batch_size": None})
+        for entry in listed:
             name = entry["modelName"]
             try:  # another client may have registered a name servetool would refuse: still shown
                 default = client.describe(name, None, unchecked=True)[0]["modelVersion"]
@@ -267,7 +278,8 @@ class LocalTarget:
                 "supervised": supervisor_pid(self.opts.run_dir) is not None, "models": models,
                 "watcher": watcher_status(self.opts.run_dir),
                 "split": bool(state.split_metrics_port),
-                "canary": canary_state(Path(state.run_dir))}
+                "canary": canary_state(Path(state.run_dir)),
+                "helpers": pod.read_supervised(Path(state.run_dir))}
 
 
 def default_workers() -> int:
