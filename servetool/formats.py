@@ -39,7 +39,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("onnx-int8", "onnx", "model.onnx", "int8", 5e-2, 5e-2, 0.97, 0.5,
            "ONNX Runtime, dynamic int8 (MatMul/Gemm weights; activations quantized per call)"),
     Format("onnx-int8-static", "onnx", "model.onnx", "int8", 5e-2, 1.5e-1, 0.95, 0.5,
-           "ONNX Runtime, static int8 (QDQ, per-channel weights, calibrated activations)"),
+           "ONNX Runtime, static int8 (QDQ, per-channel 7-bit weights, calibrated activations)"),
     Format("openvino", "openvino", "model.xml", "fp32", 1e-3, 1e-4, 1.0, 0.1,
            "OpenVINO Runtime, fp32 IR converted from the ONNX export"),
     Format("openvino-bf16", "openvino", "model.xml", "bf16", 5e-2, 2e-2, 0.98, 0.5,

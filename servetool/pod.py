@@ -699,17 +699,19 @@ class Target:
         return {k: [v] for k, v in self.params.items()}
 
 
-def _decode(raw: str, what: str, plus: bool) -> str:
-    """One percent-decoding of one segment, name or value, checked for what a second decoder could
-    read otherwise."""
+def _decode(raw: str, what: str, query: bool) -> str:
+    """One percent-decoding of one path segment (query=False) or one parameter name or value
+    (query=True, where '+' is a space), checked for what a second decoder could read otherwise."""
     if _ESCAPE.search(raw):
         raise TargetError(f"{what}: '%' that does not start an escape (%XX)")
     try:
-        text = unquote(raw.replace("+", " ") if plus else raw, errors="strict")
+        text = unquote(raw.replace("+", " ") if query else raw, errors="strict")
     except UnicodeDecodeError:
         raise TargetError(f"{what}: escapes that are not UTF-8 (an overlong or broken "
                           "sequence)") from None
-    for escape in _HEX_ESCAPE.findall(raw):
+    # TorchServe decodes the path before it splits it at '/', so an encoded '/' in a segment would
+    # move the segment boundaries; a parameter is split first and decoded after, so it may hold one.
+    for escape in [] if query else _HEX_ESCAPE.findall(raw):
         if escape.lower() in ("%2f", "%5c"):
             raise TargetError(f"{what}: an encoded '/' or '\\' ({escape})")
     if "%" in text:
@@ -740,15 +742,15 @@ def canonical_target(target: str) -> Target:
         pieces.pop()
     segments = [""] if pieces else []
     for i, raw in enumerate(pieces[1:], 1):
-        segment = _decode(raw, f"path segment {i}", plus=False)
+        segment = _decode(raw, f"path segment {i}", query=False)
         if segment in ("", ".", ".."):
             raise TargetError(f"path segment {i}: an empty, '.' or '..' segment")
         segments.append(segment)
     params: dict[str, str] = {}
     for i, raw in enumerate(raw_query.split("&") if raw_query else [], 1):
         raw_name, eq, raw_value = raw.partition("=")
-        name = _decode(raw_name, f"parameter {i}'s name", plus=True)
-        value = _decode(raw_value, f"parameter {name!r}", plus=True)
+        name = _decode(raw_name, f"parameter {i}'s name", query=True)
+        value = _decode(raw_value, f"parameter {name!r}", query=True)
         if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise TargetError(f"parameter {i}: its name {name!r} is not a plain word")
         if name in params:

@@ -35,6 +35,8 @@ def pod_helper() -> Any:
     path = os.environ.get("SERVETOOL_POD_HELPER", "/opt/servetool/servetool_pod.py")
     spec = importlib.util.spec_from_file_location("servetool_pod", path)
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: its dataclasses look their module up in sys.modules.
+    sys.modules["servetool_pod"] = module
     spec.loader.exec_module(module)
     return module
 

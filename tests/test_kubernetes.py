@@ -297,6 +297,17 @@ def test_set_workers_edits_only_that_model():
     assert out.splitlines()[0] == "a=1"
 
 
+
+def test_the_watcher_loads_the_pod_helper_as_the_image_ships_it(monkeypatch):
+    """The watcher container loads servetool_pod.py from a file (it is pod.py, copied alone into the
+    image); the module must work loaded that way, dataclasses included, or the container exits."""
+    from servetool import pod, pod_watch
+    monkeypatch.setenv("SERVETOOL_POD_HELPER", pod.__file__)
+    helper = pod_watch.pod_helper()
+    assert helper.canonical_target("/models?url=a.mar").params == {"url": "a.mar"}
+    with pytest.raises(helper.TargetError, match="encoded"):
+        helper.canonical_target("/models%2F?url=a.mar")
+
 # --- the rendered pod under the local Docker engine --------------------------------------------------
 def run_pod(engine, pod: dict, volumes_dir: Path, objs: list[dict], name: str,
             secrets: dict[str, dict[str, str]] | None = None) -> list:

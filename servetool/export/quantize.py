@@ -113,12 +113,15 @@ def static_int8(base: Path, target: Path, inputs: np.ndarray,
             return None if batch is None else {input_name: batch}
 
     with tempfile.TemporaryDirectory() as tmp:
+        # reduce_range: 7-bit weights. On x86 CPUs without VNNI, ONNX Runtime's u8*s8 kernels sum
+        # pairs of products in 16 bits and saturate; the example detector lost 1.09 points of
+        # mAP@0.5:0.95 with 8-bit weights on an AVX2 machine, 0.33 with 7-bit ones.
         quantize_static(str(_preprocessed(base, Path(tmp))), str(target), Reader(),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
                         op_types_to_quantize=op_types)
-    return {"quantization": f"static int8 QDQ, per-channel weights, calibrated on {len(inputs)} "
+    return {"quantization": f"static int8 QDQ, per-channel 7-bit weights, calibrated on {len(inputs)} "
                             "inputs (MinMax)" + (f", {'/'.join(op_types)} only" if op_types else "")}
 
 
