@@ -7,11 +7,17 @@ detected from the output's shape:
 - "yolov5": [N, anchors, 5 + classes]: box centre x, y, width, height, objectness, class scores
   (a detection's score is objectness x its class score);
 - "yolov8": [N, 4 + classes, anchors]: the same without objectness, channels first (YOLOv8, YOLO11);
-- "nms": [N, K, 6]: x1, y1, x2, y2, score, class, already suppressed (zero rows pad K);
+- "nms": [N, K, 6]: box, score, class, already suppressed (zero rows pad K): end-to-end YOLO
+  exports (x1, y1, x2, y2 in pixels) and ultralytics' RT-DETR (cx, cy, w, h normalised to 0..1);
+- "detr": [N, queries, 4 + classes]: box and per-class scores, no NMS needed (DETR, RT-DETR);
 - "torchvision": three outputs, boxes [N, K, 4] (x1, y1, x2, y2), scores [N, K] and labels [N, K]
   (torchvision's detection heads, exported with a batch axis), already suppressed.
-Then a confidence threshold, boxes that reach into the image only (one wholly in the letterbox's
-padding is not an object of this image), class-wise non-maximum suppression (vectorised numpy,
+Each layout has a usual box format (BOX_DEFAULTS); the spec's detection.box_format (xyxy, xywh,
+cxcywh) and detection.box_units (pixels of the model input, or normalised 0..1) override it.
+The image reaches the model letterboxed (aspect kept, padded) or stretched (detection.fit),
+resized with the kernel the model was trained with. Then a confidence threshold, boxes that
+reach into the image only (one wholly in the letterbox's padding is not an object of this
+image), class-wise non-maximum suppression (vectorised numpy,
 below) up to `max_detections`, and the boxes mapped back through the letterbox and clipped.
 
 Answer: [{"label", "class_id", "score", "box": [x1, y1, x2, y2]}], highest score first, in the
@@ -32,8 +38,14 @@ from handlers.errors import RequestError
 from handlers.imaging import DEFAULT_FORMATS, decode, default_max_pixels
 from handlers.payload import request_payload
 
-LAYOUTS = ("yolov5", "yolov8", "nms", "torchvision")
-SUPPRESSED = ("nms", "torchvision")  # layouts whose model already ran NMS
+LAYOUTS = ("yolov5", "yolov8", "nms", "detr", "torchvision")
+SUPPRESSED = ("nms", "detr", "torchvision")  # layouts whose model needs no NMS after it
+BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+BOX_UNITS = ("pixels", "normalized")
+# (format, units) of each layout's boxes unless the spec says otherwise
+BOX_DEFAULTS = {"yolov5": ("cxcywh", "pixels"), "yolov8": ("cxcywh", "pixels"),
+                "nms": ("xyxy", "pixels"), "detr": ("cxcywh", "normalized"),
+                "torchvision": ("xyxy", "pixels")}
 OVERRIDES = ("confidence", "iou", "max_detections")
 
 
@@ -41,6 +53,25 @@ OVERRIDES = ("confidence", "iou", "max_detections")
 def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     half = boxes[:, 2:4] / 2
     return np.concatenate([boxes[:, :2] - half, boxes[:, :2] + half], axis=1)
+
+
+@dataclass(frozen=True)
+class BoxFormat:
+    """How a layout's box columns read: corners or sizes, in input pixels or normalised."""
+
+    format: str = "xyxy"
+    units: str = "pixels"
+
+    def to_pixels_xyxy(self, boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+        """x1 y1 x2 y2 in the model input's pixels (width x height)."""
+        boxes = np.asarray(boxes, dtype=np.float32)
+        if self.format == "cxcywh":
+            boxes = xywh_to_xyxy(boxes)
+        elif self.format == "xywh":
+            boxes = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:4]], axis=1)
+        if self.units == "normalized":
+            boxes = boxes * np.array([width, height, width, height], np.float32)
+        return boxes
 
 
 def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -110,33 +141,39 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
 
 # --- output layouts -------------------------------------------------------------------------------
 def detect_layout(shape: tuple[int, ...], num_classes: int | None) -> str:
-    """The layout of one image's output (no batch axis), or ValueError saying why it is unclear."""
+    """The layout of one image's output (no batch axis), or ValueError saying why it is unclear.
+    A shape that fits two layouts (or one layout with two box formats) is refused, never
+    guessed: a wrong guess answers HTTP 200 with wrong boxes."""
     if len(shape) != 2:
         raise ValueError(f"a detector's output for one image has two axes; this one is {list(shape)}")
     rows, cols = shape
     fits = []
     if num_classes:
         if rows == 4 + num_classes:
-            fits.append("yolov8")
+            fits.append("yolov8 [4 + classes, anchors]")
         if cols == 5 + num_classes:
-            fits.append("yolov5")
-        if cols == 6:
-            fits.append("nms")
+            fits.append("yolov5 [anchors, 5 + classes]")
+        if cols == 4 + num_classes:
+            fits.append("detr [queries, 4 + classes]")
     else:  # no labels: the anchors axis is the long one
         if cols > rows > 4:
-            fits.append("yolov8")
+            fits.append("yolov8 [4 + classes, anchors]")
         if rows > cols > 6:
-            fits.append("yolov5")
-        if cols == 6:
-            fits.append("nms")
+            fits.extend(["yolov5 [anchors, 5 + classes]", "detr [queries, 4 + classes]"])
+    if cols == 6:
+        # end-to-end YOLO (x1 y1 x2 y2 pixels) and ultralytics' RT-DETR (cx cy w h normalised)
+        # both write [K, 6]: only the exporter's metadata or the spec can tell them apart
+        fits.extend(["nms with x1 y1 x2 y2 in pixels (end-to-end YOLO)",
+                     "nms with cx cy w h normalised (RT-DETR)"])
     if len(fits) == 1:
-        return fits[0]
+        return fits[0].split()[0]
     classes = f"{num_classes} classes" if num_classes else "no labels"
     raise ValueError(f"the output shape {list(shape)} with {classes} "
-                     + (f"fits several layouts ({', '.join(fits)})" if fits else
+                     + (f"fits several layouts ({'; '.join(fits)})" if fits else
                         "fits no known layout (yolov5 [anchors, 5 + classes], yolov8 [4 + classes, "
-                        "anchors], nms [K, 6])")
-                     + ": name it in the spec (detection: layout: yolov5 | yolov8 | nms)")
+                        "anchors], nms [K, 6], detr [queries, 4 + classes])")
+                     + ": name it in the spec (detection: layout: yolov5 | yolov8 | nms | detr, "
+                       "and box_format: xyxy | xywh | cxcywh, box_units: pixels | normalized)")
 
 
 def split_outputs(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -156,22 +193,29 @@ def split_outputs(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np
     return boxes[0].astype(np.float32), scores.astype(np.float32), labels.astype(np.int64)
 
 
-def candidates(output: np.ndarray | list[np.ndarray], layout: str, confidence: float
+def candidates(output: np.ndarray | list[np.ndarray], layout: str, confidence: float,
+               boxes_as: BoxFormat | None = None, size: tuple[int, int] = (1, 1)
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(boxes x1 y1 x2 y2, scores, class ids) of one image's output above `confidence`."""
+    """(boxes x1 y1 x2 y2 in input pixels, scores, class ids) of one image's output above
+    `confidence`; `boxes_as`: the box columns' format (default: the layout's usual one), `size`:
+    the model input's (width, height), for normalised boxes."""
+    boxes_as = boxes_as or BoxFormat(*BOX_DEFAULTS[layout])
     if layout == "torchvision":
         boxes, scores, labels = split_outputs(list(output))
         chosen = scores > confidence
-        return boxes[chosen], scores[chosen], labels[chosen]
+        return boxes_as.to_pixels_xyxy(boxes[chosen], *size), scores[chosen], labels[chosen]
     out = np.asarray(output, dtype=np.float32)
     if layout == "nms":
         scores = out[:, 4]
         chosen = scores > confidence
-        return out[chosen, :4], scores[chosen], out[chosen, 5].astype(np.int64)
+        return (boxes_as.to_pixels_xyxy(out[chosen, :4], *size), scores[chosen],
+                out[chosen, 5].astype(np.int64))
+    objectness = None
     if layout == "yolov8":
         out = out.T
         boxes, class_scores = out[:, :4], out[:, 4:]
-        objectness = None
+    elif layout == "detr":
+        boxes, class_scores = out[:, :4], out[:, 4:]
     else:
         boxes, objectness, class_scores = out[:, :4], out[:, 4], out[:, 5:]
     classes = class_scores.argmax(axis=1)
@@ -179,7 +223,7 @@ def candidates(output: np.ndarray | list[np.ndarray], layout: str, confidence: f
     if objectness is not None:
         scores = scores * objectness
     chosen = scores > confidence
-    return xywh_to_xyxy(boxes[chosen]), scores[chosen], classes[chosen]
+    return boxes_as.to_pixels_xyxy(boxes[chosen], *size), scores[chosen], classes[chosen]
 
 
 @dataclass(frozen=True)
@@ -191,13 +235,14 @@ class Thresholds:
 
 
 def detections(output: np.ndarray | list[np.ndarray], layout: str, t: Thresholds,
-               region: tuple[float, float, float, float] | None = None
+               region: tuple[float, float, float, float] | None = None,
+               boxes_as: BoxFormat | None = None, size: tuple[int, int] = (1, 1)
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image's final (boxes, scores, classes) in the model input's pixels, best first.
     With `region` (where the image lies in the input, x1 y1 x2 y2), a box with no area inside it
     (wholly in the letterbox's padding: nothing of the image is there) is no candidate: it
     suppresses nothing and takes no place among `max_detections`."""
-    boxes, scores, classes = candidates(output, layout, t.confidence)
+    boxes, scores, classes = candidates(output, layout, t.confidence, boxes_as, size)
     if not np.isfinite(boxes).all() or not np.isfinite(scores).all():
         raise ValueError("the model's output holds NaN or infinity")
     if region is not None and len(boxes):
@@ -217,12 +262,13 @@ def detections(output: np.ndarray | list[np.ndarray], layout: str, t: Thresholds
 
 def image_region(box: geometry.Letterbox, width: int, height: int) -> tuple[float, ...]:
     """Where a width x height image lies in its letterboxed input (the inverse of to_original)."""
-    return (box.left, box.top, box.left + width * box.scale, box.top + height * box.scale)
+    return (box.left, box.top, box.left + width * box.scale_x, box.top + height * box.scale_y)
 
 
 def to_original(boxes: np.ndarray, box: geometry.Letterbox, width: int, height: int) -> np.ndarray:
     """Boxes in the letterboxed input's pixels -> the original image's, clipped to it."""
-    mapped = (boxes - np.array([box.left, box.top, box.left, box.top], np.float32)) / box.scale
+    mapped = ((boxes - np.array([box.left, box.top, box.left, box.top], np.float32))
+              / np.array([box.scale_x, box.scale_y, box.scale_x, box.scale_y], np.float32))
     return np.clip(mapped, 0, [width, height, width, height])
 
 
@@ -246,11 +292,14 @@ class ObjectDetection:
         pre = config.get("preprocess") or {}
         det = config.get("detection") or {}
         self.fill = int((pre.get("letterbox") or {}).get("fill", 114))
+        self.fit = det.get("fit") or "letterbox"
         self.interpolation = pre.get("interpolation") or "bilinear"
         self.scale = float(det.get("scale", 1 / 255))
         self.formats = tuple(pre.get("formats") or DEFAULT_FORMATS)
         self.max_pixels = int(pre.get("max_pixels") or default_max_pixels(self.height, self.width))
+        self.jpeg_draft = pre.get("jpeg_draft") is True  # as the classifier: only when asked
         self.layout = det.get("layout", "auto")
+        self.box_format, self.box_units = det.get("box_format"), det.get("box_units")
         base = Thresholds()  # the spec writes every field; these are for a config without them
         self.defaults = Thresholds(float(det.get("confidence", base.confidence)),
                                    float(det.get("iou", base.iou)),
@@ -287,12 +336,17 @@ class ObjectDetection:
 
     def image(self, payload: Any):
         return decode(payload, mode="L" if self.channels == 1 else "RGB", formats=self.formats,
-                      max_pixels=self.max_pixels, draft_size=(self.width, self.height))
+                      max_pixels=self.max_pixels,
+                      draft_size=(self.width, self.height) if self.jpeg_draft else None)
 
     def letterboxed(self, image) -> tuple[np.ndarray, geometry.Letterbox]:
         """The model input for one decoded image, and where the image sits in it."""
-        canvas, box = geometry.letterbox(image, self.height, self.width, fill=self.fill,
-                                         interpolation=self.interpolation)
+        if self.fit == "stretch":
+            canvas, box = geometry.stretch(image, self.height, self.width,
+                                           interpolation=self.interpolation)
+        else:
+            canvas, box = geometry.letterbox(image, self.height, self.width, fill=self.fill,
+                                             interpolation=self.interpolation)
         array = np.asarray(canvas, dtype=np.float32) * self.scale
         array = array[None, :, :] if array.ndim == 2 else array.transpose(2, 0, 1)
         return np.ascontiguousarray(array), box
@@ -320,8 +374,10 @@ class ObjectDetection:
                region: tuple[float, ...] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One image's detections (in the model input's pixels) from all of its outputs."""
         layout = self.layout_for(outputs)
+        usual = BOX_DEFAULTS[layout]
+        boxes_as = BoxFormat(self.box_format or usual[0], self.box_units or usual[1])
         return detections(outputs if layout == "torchvision" else outputs[0], layout, thresholds,
-                          region)
+                          region, boxes_as, (self.width, self.height))
 
     def detect(self, outputs: list[np.ndarray], prepared: Prepared,
                thresholds: Thresholds | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

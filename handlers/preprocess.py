@@ -6,13 +6,31 @@ torchvision's eval transforms on PIL images are Pillow operations underneath: `R
 torchvision's default `antialias=True`), `Resize(int)` scales the shorter side and keeps the aspect
 ratio, and `CenterCrop` pads with zeros when the image is smaller than the crop. The same Pillow
 calls here give the same pixels.
+
+Detectors exported by ultralytics (and many OpenCV pipelines) were trained on images resized with
+OpenCV's `cv2.resize(..., INTER_LINEAR)`, which does not antialias when it shrinks: Pillow's
+antialiased bilinear moved a trained detector's scores by up to 0.18. The "opencv-*" kernels call
+OpenCV itself (an optional dependency, imported only when a spec names one), so the pixels are
+OpenCV's own, not an imitation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "opencv-bilinear", "opencv-area",
+                  "opencv-bicubic", "opencv-nearest")
+FITS = ("letterbox", "stretch")  # a detector's input: aspect kept and padded, or stretched
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise RuntimeError("this model's spec resizes with OpenCV (preprocess.interpolation "
+                           "opencv-*), and OpenCV is not installed: pip install "
+                           "opencv-python-headless") from None
+    return cv2
 
 
 def pil_filter(name: str):
@@ -33,11 +51,24 @@ def resized_size(width: int, height: int, resize: int | list[int] | tuple[int, i
     return int(resize[1]), int(resize[0])
 
 
-def resize(image, size: int | list[int] | tuple[int, int], interpolation: str = "bilinear"):
-    target = resized_size(image.width, image.height, size)
-    if target == image.size:
+def resize_to(image, size: tuple[int, int], interpolation: str = "bilinear"):
+    """The image resized to exactly (width, height) with the named kernel (Pillow's, or OpenCV's
+    for the "opencv-" ones)."""
+    if size == image.size:
         return image
-    return image.resize(target, pil_filter(interpolation))
+    if not interpolation.startswith("opencv-"):
+        return image.resize(size, pil_filter(interpolation))
+    import numpy as np
+    from PIL import Image
+
+    cv2 = _cv2()
+    flag = {"opencv-bilinear": cv2.INTER_LINEAR, "opencv-area": cv2.INTER_AREA,
+            "opencv-bicubic": cv2.INTER_CUBIC, "opencv-nearest": cv2.INTER_NEAREST}[interpolation]
+    return Image.fromarray(cv2.resize(np.asarray(image), size, interpolation=flag), image.mode)
+
+
+def resize(image, size: int | list[int] | tuple[int, int], interpolation: str = "bilinear"):
+    return resize_to(image, resized_size(image.width, image.height, size), interpolation)
 
 
 def center_crop(image, height: int, width: int):
@@ -57,14 +88,24 @@ def center_crop(image, height: int, width: int):
 
 @dataclass(frozen=True)
 class Letterbox:
-    """Where the original image sits in a letterboxed one: boxes found in the letterboxed image
-    map back with (x - left) / scale, (y - top) / scale."""
+    """Where the original image sits in a letterboxed (or stretched) one: boxes found in it map
+    back with (x - left) / scale_x, (y - top) / scale_y."""
 
-    scale: float
+    scale: float  # the aspect-kept scale (min of the two sides')
     left: int
     top: int
     width: int  # the letterboxed image's size
     height: int
+    # each side's own scale, from the rounded resized size (as ultralytics' scale_boxes maps
+    # back); 0: `scale` (kept so that older callers constructing a Letterbox still work)
+    scale_x: float = 0.0
+    scale_y: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.scale_x:
+            object.__setattr__(self, "scale_x", self.scale)
+        if not self.scale_y:
+            object.__setattr__(self, "scale_y", self.scale)
 
 
 def letterbox(image, height: int, width: int, *, fill: int = 114, stride: int | None = None,
@@ -75,9 +116,9 @@ def letterbox(image, height: int, width: int, *, fill: int = 114, stride: int | 
     from PIL import Image
 
     scale = min(height / image.height, width / image.width)
+    original = image.size
     inner = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    if inner != image.size:
-        image = image.resize(inner, pil_filter(interpolation))
+    image = resize_to(image, inner, interpolation)
     if stride:
         width = min(width, -(-inner[0] // stride) * stride)
         height = min(height, -(-inner[1] // stride) * stride)
@@ -85,4 +126,13 @@ def letterbox(image, height: int, width: int, *, fill: int = 114, stride: int | 
     canvas = Image.new(image.mode, (width, height), (fill,) * len(image.getbands())
                        if len(image.getbands()) > 1 else fill)
     canvas.paste(image, (left, top))
-    return canvas, Letterbox(scale, left, top, width, height)
+    return canvas, Letterbox(scale, left, top, width, height, inner[0] / original[0],
+                             inner[1] / original[1])
+
+
+def stretch(image, height: int, width: int, *, interpolation: str = "bilinear"):
+    """Resize to exactly height x width, aspect not kept (RT-DETR's and many DETRs' input)."""
+    original = image.size
+    canvas = resize_to(image, (width, height), interpolation)
+    sx, sy = width / original[0], height / original[1]
+    return canvas, Letterbox(min(sx, sy), 0, 0, width, height, sx, sy)

@@ -9,11 +9,12 @@ handler crop padded dynamic axes per request (handlers/batching.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
-from handlers.batching import as_feeds
+from handlers.batching import as_feeds, batch_size, take
 
 
 class Runtime(Protocol):
@@ -58,6 +59,42 @@ def threads_per_worker(max_workers: int | None, cores: int | None = None) -> int
     """
     cores = cores or available_cores()
     return max(1, cores // max(1, max_workers or cores))
+
+
+def fixed_batch(leading_dims: list[object]) -> int | None:
+    """The batch the model file fixes, from its inputs' first axes (ONNX Runtime gives an int for a
+    fixed axis, a name or None for a dynamic one); None when the batch is dynamic. Exporters fix it
+    by default more often than not (ultralytics, torch.onnx.export without dynamic axes)."""
+    sizes = [d for d in leading_dims if isinstance(d, int) and not isinstance(d, bool) and d > 0]
+    return sizes[0] if sizes else None
+
+
+def run_in_chunks(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+                  feeds: dict[str, np.ndarray], size: int) -> list[np.ndarray]:
+    """run() on a batch of any length for a model that takes exactly `size` rows at a time: chunks
+    of `size`, the last one padded with copies of its own last row (real values, so a padding row
+    cannot make the model raise or give NaN the way zeros could: an all-zero attention mask, an
+    index out of range), and the padding's outputs dropped. Rows must not see each other in the
+    model, as in any batched model (a dynamic int8 model's per-tensor scale is the exception:
+    copies of a real row leave its range unchanged)."""
+    total = batch_size(feeds)
+    if total in (0, size):  # 0: the model's own error, never an empty answer
+        return run(feeds)
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, total, size):
+        chunk = take(feeds, start, start + size)
+        real = batch_size(chunk)
+        if real < size:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], size - real, axis=0)])
+                     for k, v in chunk.items()}
+        outs = run(chunk)
+        for i, out in enumerate(outs):
+            if np.ndim(out) == 0 or len(out) != size:
+                raise ValueError(f"output {i} has shape {list(np.shape(out))}: its first axis is "
+                                 f"not the model's fixed batch of {size}, so a batch of {total} "
+                                 f"cannot run in chunks of {size}")
+        parts.append([np.asarray(out)[:real] for out in outs])
+    return [np.concatenate(rows) for rows in zip(*parts, strict=True)]
 
 
 class TorchScriptRuntime:
@@ -115,12 +152,18 @@ class OnnxRuntime:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_axes = [list(o.shape) for o in self.session.get_outputs()]
+        # A fixed batch axis: every batch (the gate's, TorchServe's) runs in chunks of that size
+        self.fixed_batch = fixed_batch([i.shape[0] if i.shape else None
+                                        for i in self.session.get_inputs()])
         custom = self.session.get_modelmeta().custom_metadata_map
         self.metadata = {k.removeprefix("servetool."): v for k, v in custom.items()
                          if k.startswith("servetool.")}
 
     def run(self, batch: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, as_feeds(batch, self.input_names))
+        feeds = as_feeds(batch, self.input_names)
+        if self.fixed_batch is None:
+            return self.session.run(None, feeds)
+        return run_in_chunks(lambda chunk: self.session.run(None, chunk), feeds, self.fixed_batch)
 
 
 class OpenVINORuntime:
@@ -142,9 +185,18 @@ class OpenVINORuntime:
         self.output_names = [o.get_any_name() if o.get_names() else f"output_{i}"
                              for i, o in enumerate(self.compiled.outputs)]
         self.output_axes = None
+        # An IR converted from a fixed-batch ONNX model keeps its batch: chunked as ONNX Runtime's
+        self.fixed_batch = fixed_batch([
+            s[0].get_length() if s.rank.is_static and len(s) and s[0].is_static else None
+            for s in (i.get_partial_shape() for i in self.compiled.inputs)])
 
     def run(self, batch: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
         feeds = as_feeds(batch, self.input_names)
+        if self.fixed_batch is not None:
+            return run_in_chunks(self._infer, feeds, self.fixed_batch)
+        return self._infer(feeds)
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         results = self.request.infer({i: feeds[n] for i, n in enumerate(self.input_names)})
         return [np.asarray(results[o]) for o in self.compiled.outputs]
 

@@ -33,7 +33,9 @@ class ImageClassification:
         self.crop = pre.get("center_crop")
         self.letterbox = pre.get("letterbox")  # {fill, stride}: fit inside the input size
         self.invert = bool(pre.get("invert"))
-        self.jpeg_draft = pre.get("jpeg_draft", True) is not False
+        # draft decoding gives other pixels than the full decode the model was trained on: only
+        # when the spec asks for it (an archive without the key decodes fully too)
+        self.jpeg_draft = pre.get("jpeg_draft") is True
         self.formats = tuple(pre.get("formats") or DEFAULT_FORMATS)
         # The decode cost is bounded by what the model sees, unless the spec sets its own limit.
         seen = ((self.resize, self.resize) if isinstance(self.resize, int)
@@ -180,6 +182,18 @@ def output_problem(task: str, shapes: list[tuple[int, ...]], names: list[str],
             f"{names[0]} has shape {list(shape)} ({hint}): use task: tensor for its raw output")
 
 
+def detection_layout(shapes: list[tuple[int, ...]], layout: str, num_classes: int | None) -> str:
+    """The layout the handler reads these outputs (with their batch axis) as; ValueError when
+    `auto` cannot tell."""
+    from handlers.detection import detect_layout
+
+    if layout != "auto":
+        return layout
+    if len(shapes) == 3:
+        return "torchvision"
+    return detect_layout(tuple(shapes[0][1:]), num_classes)
+
+
 def _detection_problem(shapes: list[tuple[int, ...]], described: str, layout: str,
                        num_classes: int | None) -> str | None:
     from handlers.detection import detect_layout
@@ -193,15 +207,16 @@ def _detection_problem(shapes: list[tuple[int, ...]], described: str, layout: st
                 f"labels [batch, K]; the model gives {described}")
     if len(shapes) != 1 or len(shapes[0]) != 3:
         return (f"object-detection reads one output of shape [batch, anchors, 5 + classes] "
-                f"(yolov5), [batch, 4 + classes, anchors] (yolov8) or [batch, K, 6] (nms), or "
-                f"three (torchvision: boxes, scores, labels); the model gives {described}")
+                f"(yolov5), [batch, 4 + classes, anchors] (yolov8), [batch, K, 6] (nms) or "
+                f"[batch, queries, 4 + classes] (detr), or three (torchvision: boxes, scores, "
+                f"labels); the model gives {described}")
     rows, cols = shapes[0][1:]
     if layout == "auto":
         try:
             layout = detect_layout((rows, cols), num_classes)
         except ValueError as exc:
             return str(exc)
-    expected = {"yolov5": cols - 5, "yolov8": rows - 4, "nms": None}[layout]
+    expected = {"yolov5": cols - 5, "yolov8": rows - 4, "nms": None, "detr": cols - 4}[layout]
     if layout == "nms" and cols != 6:
         return f"layout nms reads [batch, K, 6]; the model gives {described}"
     if expected is not None and expected < 1:

@@ -65,6 +65,10 @@ def model_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
                                                    "maxWorkers": spec.max_workers}
     return {
         **workers,
+        # Any batch size is right, also for a model whose ONNX file fixes its batch at N: the
+        # handler's runtime runs a TorchServe batch in chunks of N (handlers/runtimes.py,
+        # run_in_chunks), so the spec's batch.size stays what TorchServe collects; `package`
+        # names the fixed batch, and says when batch.size is no multiple of it (padding rows).
         "batchSize": spec.batch_size,
         # TorchServe reads 0 as "unset" and waits its default 100 ms for every batch to fill; 1 ms
         # is the least it waits, which is what a spec's 0 asks for.

@@ -15,7 +15,8 @@ class Format:
     runtime: str  # the handler runtime that loads it: torchscript | onnx | openvino | tensorrt
     artifact: str  # main file name inside the archive
     precision: str  # fp32 | fp16 | int8
-    # Parity against the original: |converted - original| <= atol + rtol * max|original|, per output.
+    # Parity against the original, every value of every output (servetool/validate.py):
+    # |converted - original| <= atol * max(1, max|original|) + rtol * |original|
     atol: float
     rtol: float
     min_top1_agreement: float  # share of samples whose top-1 class must match the original's

@@ -100,6 +100,9 @@ def requirements(archives: Iterable[Path], with_watcher: bool = False) -> list[s
         needed += FORMAT_PACKAGES.get(runtime, [])
         if handler.get("text"):  # the worker tokenizes (tokenizers, not transformers)
             needed.append("tokenizers")
+        interpolation = (handler.get("preprocess") or {}).get("interpolation") or ""
+        if interpolation.startswith("opencv-"):  # OpenCV's own resize (handlers/preprocess.py)
+            needed.append("opencv-python-headless")
     return [pinned(p) for p in dict.fromkeys(needed)]
 
 

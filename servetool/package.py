@@ -70,9 +70,10 @@ def sample_inputs_failures(spec: ModelSpec):
         ) from None
 
 
-def check_task(spec: ModelSpec, original) -> None:
-    """The model's outputs must be what the spec's task turns into answers."""
-    from handlers.tasks import output_problem
+def check_task(spec: ModelSpec, original) -> list[str]:
+    """The model's outputs must be what the spec's task turns into answers; returns how they are
+    read (what `package` says), so that nothing is chosen silently."""
+    from handlers.tasks import detection_layout, output_problem
 
     batch = 2
     outputs = export.runner_for(original)(export.example_batch(spec, batch))
@@ -83,6 +84,22 @@ def check_task(spec: ModelSpec, original) -> None:
                              len(labels) if labels else None)
     if problem:
         raise TaskMismatch(f"{spec.spec_file}: task {spec.task}: {problem}")
+    if spec.detection is None:
+        return []
+    from handlers.detection import BOX_DEFAULTS
+
+    shapes = [tuple(np.shape(o)) for o in outputs]
+    layout = detection_layout(shapes, spec.detection.layout, len(labels) if labels else None)
+    usual = BOX_DEFAULTS[layout]
+    d = spec.detection
+    how = "named in the spec or the model file" if d.layout != "auto" else (
+        f"found from the output shape {[list(s) for s in shapes]} and "
+        + (f"{len(labels)} labels" if labels else "no labels"))
+    return [f"detector: layout {layout} ({how}); boxes {d.box_format or usual[0]} in "
+            f"{d.box_units or usual[1]}; image {d.fit}ed to {list(spec.input_shape[1:])} with "
+            f"{spec.preprocess.interpolation} resizing; confidence {d.confidence}, iou {d.iou}, "
+            f"max_detections {d.max_detections}; labels: "
+            + (f"{len(labels)}" if labels else "none (answers give class ids)")]
 
 
 def preflight_format(fmt: str) -> None:
@@ -98,6 +115,23 @@ def preflight_format(fmt: str) -> None:
         openvino.require()
 
 
+def fixed_batch_line(spec: ModelSpec, fixed: int) -> str:
+    """What `package` says about a model whose file fixes its batch (ultralytics' default
+    export, torch.onnx.export without dynamic axes): how it is run, and what batch.size fits."""
+    first = spec.inputs[0]
+    line = (f"the model has a fixed batch of {fixed} (input {first.name!r} is "
+            f"{[fixed, *first.shape]}): the gate and the server run every batch in chunks of "
+            f"{fixed}")
+    if fixed == 1:
+        return line + "; re-export with a dynamic batch axis to run a batch in one call"
+    line += ", the last chunk padded with copies of its last row"
+    if spec.batch_size % fixed:
+        line += (f"; a full batch of batch.size {spec.batch_size} leaves "
+                 f"{fixed - spec.batch_size % fixed} padding row(s) in its last chunk: a multiple "
+                 f"of {fixed} fills every chunk")
+    return line
+
+
 def convert(spec: ModelSpec, fmt: str, out_dir: Path, *, original=None, atol: float | None = None,
             accept_drift: bool = False, progress: Progress = _quiet
             ) -> tuple[export.Artifact, validate.ValidationReport]:
@@ -107,9 +141,13 @@ def convert(spec: ModelSpec, fmt: str, out_dir: Path, *, original=None, atol: fl
         progress(f"{spec.name}: loading the original model ({spec.source.kind})")
         original = export.load_original(spec)
     with sample_inputs_failures(spec):
-        check_task(spec, original)
+        reading = check_task(spec, original)
+    for line in (*spec.inferred, *reading):
+        progress(f"{spec.name}: {line}")
     progress(f"{spec.name}: exporting to {fmt}")
     artifact = export.export(spec, original, out_dir, fmt)
+    if artifact.notes.get("fixed_batch"):
+        progress(f"{spec.name}: {fixed_batch_line(spec, artifact.notes['fixed_batch'])}")
     progress(f"{spec.name}: checking {artifact.path.name} ({fmt}) against the original")
     runner = export.artifact_runner(artifact.format.runtime, artifact.path, 1,
                                     artifact.runtime_options, [i.name for i in spec.inputs])

@@ -23,7 +23,10 @@ FORMATS = tuple(FORMAT_TABLE)
 TEXT_TASKS = ("feature-extraction", "text-classification", "token-classification")
 TASKS = ("image-classification", "tensor", "object-detection", *TEXT_TASKS)
 IMAGE_TASKS = ("image-classification", "object-detection")
-DETECTION_LAYOUTS = ("auto", "yolov5", "yolov8", "nms", "torchvision")
+DETECTION_LAYOUTS = ("auto", "yolov5", "yolov8", "nms", "detr", "torchvision")
+BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+BOX_UNITS = ("pixels", "normalized")
+FITS = ("letterbox", "stretch")
 SOURCE_KINDS = ("state_dict", "torchscript", "onnx", "pickled_module", "random_weights",
                 "transformers")
 POOLINGS = ("mean", "cls")
@@ -201,6 +204,9 @@ class DetectionOptions:
     min_confidence: float = 0.001  # the lowest confidence a request may ask for
     max_detections_limit: int = 300  # the most detections a request may ask for
     scale: float = 1 / 255  # pixel values times this (1: the model takes 0-255)
+    box_format: str | None = None  # xyxy | xywh | cxcywh; None: the layout's usual one
+    box_units: str | None = None  # pixels (of the model input) | normalized; None: the layout's
+    fit: str = "letterbox"  # letterbox (aspect kept, padded) | stretch (to the input size)
 
     def handler_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,7 +220,9 @@ class Preprocess:
     interpolation: str = "bilinear"  # bilinear | bicubic | nearest (antialiased, as torchvision)
     center_crop: tuple[int, int] | None = None
     letterbox: dict[str, Any] | None = None  # {fill}: fit inside the input size, aspect kept
-    jpeg_draft: bool = True  # large JPEGs decode at a reduced scale (see handlers/imaging.py)
+    # true: large JPEGs decode at a reduced scale, faster but other pixels than the model was
+    # trained on, so only when asked for (see handlers/imaging.py)
+    jpeg_draft: bool = False
     invert: bool = False  # dark ink on light paper -> the light-on-dark the model was trained on
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -267,6 +275,8 @@ class ModelSpec:
     outputs: tuple[str, ...] = ()  # output names for an export (default: output, output_0, ...)
     text: TextOptions | None = None  # the text tasks'
     detection: DetectionOptions | None = None  # object-detection's
+    label_list: tuple[str, ...] = ()  # class names read from the model file (no labels file)
+    inferred: tuple[str, ...] = ()  # what was read from the model file, one line each
 
     def is_text(self) -> bool:
         return self.task in TEXT_TASKS
@@ -299,6 +309,8 @@ class ModelSpec:
 
     def label_names(self) -> list[str] | None:
         if self.labels is None:
+            if self.label_list:
+                return list(self.label_list)
             return list(self.text.labels) if self.text and self.text.labels else None
         return [line.strip() for line in self.labels.read_text().splitlines() if line.strip()]
 
@@ -470,7 +482,10 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         else f"must be a list of distinct output names, got {v!r}"))
     shape, dtype, allow_nonfinite = inputs[0].shape, inputs[0].dtype, inputs[0].allow_nonfinite
     task = top.get("task", str, check=_one_of(TASKS))
+    hints = _file_hints(top, source, task)
     pre = _parse_preprocess(top.child("preprocess", None), spec_file)
+    given_pre = top.data.get("preprocess") or {}
+    pre = replace(pre, **{k: v for k, v in hints.preprocess.items() if k not in given_pre})
     labels_rel = top.get("labels", str, None)
     labels = _existing_file(top, directory, "labels", labels_rel) if labels_rel else None
     top_k = top.get("top_k", int, 5, check=_positive)
@@ -501,7 +516,7 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         top.fail(f"is for the text tasks ({', '.join(TEXT_TASKS)}); task is {task}", "text")
     detection = None
     if task == "object-detection":
-        detection = _parse_detection(top.child("detection", None))
+        detection = _parse_detection(top.child("detection", None), hints.detection)
         if calibration is not None and calibration.coco:
             top.fail("takes images or an .npz for a detector (no boxes needed)", "calibration")
     elif "detection" in top.data:
@@ -546,6 +561,8 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         runtime=runtime, validation=validation, calibration=calibration, tolerance=tolerance,
         allow_nonfinite=allow_nonfinite, max_request_bytes=max_request_bytes, inputs=inputs,
         outputs=outputs, text=text, detection=detection,
+        label_list=tuple(hints.labels or ()) if labels is None and task in IMAGE_TASKS else (),
+        inferred=tuple(hints.notes),
     )
     if labels is not None and not spec.label_names():
         top.fail(f"names an empty labels file: {labels}", "labels")
@@ -886,8 +903,27 @@ def _parse_data(section: _Reader | None, directory: Path, labelled: bool,
     return DataRef(path, samples)
 
 
-def _parse_detection(section: _Reader | None) -> DetectionOptions:
-    default = DetectionOptions()
+def _file_hints(top: _Reader, source: Source, task: str):
+    """What an ONNX image model's own metadata says (servetool/exporter_metadata.py); a task
+    that contradicts the exporter's is refused rather than served wrong."""
+    from servetool.exporter_metadata import ULTRALYTICS_TASKS, Hints, onnx_hints
+
+    if source.kind != "onnx" or task not in IMAGE_TASKS:
+        return Hints()
+    hints = onnx_hints(source.path)
+    if hints.task and ULTRALYTICS_TASKS.get(hints.task) != task:
+        top.fail(f"is {task}, but {source.path.name} is an {hints.exporter} '{hints.task}' model"
+                 + (f" (serve it as task: {ULTRALYTICS_TASKS[hints.task]})"
+                    if hints.task in ULTRALYTICS_TASKS else
+                    f", whose outputs servetool does not decode (it serves "
+                    f"{', '.join(ULTRALYTICS_TASKS)})"), "task")
+    return hints
+
+
+def _parse_detection(section: _Reader | None,
+                     found: dict[str, Any] | None = None) -> DetectionOptions:
+    """detection: keys over what the model file said (`found`) over servetool's defaults."""
+    default = replace(DetectionOptions(), **(found or {}))
     if section is None:
         return default
     share = lambda v: None if 0 <= v <= 1 else f"must be between 0 and 1, got {v}"  # noqa: E731
@@ -904,6 +940,9 @@ def _parse_detection(section: _Reader | None) -> DetectionOptions:
                                          default.max_detections_limit, check=_positive),
         scale=float(section.get("scale", number, default.scale,
                                 check=lambda v: None if v > 0 else f"must be > 0, got {v}")),
+        box_format=section.get("box_format", str, default.box_format, check=_one_of(BOX_FORMATS)),
+        box_units=section.get("box_units", str, default.box_units, check=_one_of(BOX_UNITS)),
+        fit=section.get("fit", str, default.fit, check=_one_of(FITS)),
     )
     section.finish()
     if result.max_detections > result.max_detections_limit:
@@ -961,7 +1000,7 @@ def _parse_preprocess(pre: _Reader | None, spec_file: Path) -> Preprocess:
         interpolation=pre.get("interpolation", str, "bilinear", check=_one_of(INTERPOLATIONS)),
         center_crop=tuple(crop) if crop else None,
         letterbox=letterbox_opts,
-        jpeg_draft=pre.get("jpeg_draft", bool, True),
+        jpeg_draft=pre.get("jpeg_draft", bool, False),
         invert=pre.get("invert", bool, False),
         mean=tuple(float(v) for v in mean) if mean else None,
         std=tuple(float(v) for v in std) if std else None,

@@ -4,6 +4,16 @@ Like Optimum's validate step, a failure names which output drifted, by how much,
 broke. Two checks: parity on sample inputs (max abs/rel diff and cosine similarity for every output,
 top-1 agreement for a classifier's scores only, bounds per format), and, where the spec names a
 labelled validation set, top-1 accuracy of original vs converted.
+
+The parity bound fits the output's scale. Every value must satisfy, as numpy.allclose,
+
+    |converted - original| <= atol * max(1, max|original|) + rtol * |original|
+
+with max|original| taken over the whole output. A float32 conversion reorders sums, and the error
+that leaves grows with the size of the numbers summed, not with a fixed constant: a detector's boxes
+in pixels (0..320) or large logits drift by more than 1e-4 in a correct ONNX export, while a
+probability or an embedding (|values| <= 1) keeps the plain `atol`. A real drift (a wrong weight, a
+box moved by a pixel) is still orders of magnitude over the bound.
 """
 
 from __future__ import annotations
@@ -29,8 +39,8 @@ class ValidationError(ServetoolError):
 
 @dataclass(frozen=True)
 class Limits:
-    atol: float
-    rtol: float  # relative to the largest |value| of the original output
+    atol: float  # scaled per output by max(1, max|original|): see this module's docstring
+    rtol: float  # relative to each original value, elementwise (numpy.allclose's rtol)
     min_top1_agreement: float
     max_accuracy_drop: float  # percentage points
     # detectors (detection_gate.py): points of mAP@0.5:0.95, and the share of the original's boxes
@@ -69,15 +79,28 @@ def limits_for(fmt: str, tolerance: Tolerance = Tolerance(), atol: float | None 
     )
 
 
+# A relative difference is reported only for values at least this share of the output's scale:
+# next to a value that is practically 0, any difference is "infinitely" relative and says nothing.
+REL_DIFF_FLOOR = 1e-3
+
+
+def scaled_atol(atol: float, magnitude: float) -> float:
+    """The absolute part of the parity bound for an output whose largest |value| is `magnitude`."""
+    return atol * max(1.0, magnitude)
+
+
 @dataclass
 class OutputParity:
     name: str
     max_abs_diff: float
-    max_rel_diff: float
-    bound: float  # atol + rtol * max|original|
+    max_rel_diff: float  # over values >= REL_DIFF_FLOOR x max(1, max|original|)
+    bound: float  # atol (scaled) + rtol * |original| at the value with the largest abs diff
     top1_agreement: float | None  # a classifier's scores only
     shape: list[int]
     min_cosine: float | None = None  # the lowest per-example cosine similarity (embeddings)
+    atol: float = 0.0  # the absolute bound applied: limits.atol * max(1, max|original|)
+    rtol: float = 0.0
+    values_outside: int = 0  # values whose difference broke their bound
 
 
 @dataclass
@@ -144,20 +167,38 @@ def check_parity(original, artifact, batches: list[np.ndarray], fmt: str,
 def _compare(name: str, pairs, fmt: str, limits: Limits, problems: list[str],
              classifier: bool) -> OutputParity:
     """One output over every batch (batches may differ in a dynamic axis's length)."""
-    max_abs = max_rel = scale = 0.0
+    flat = [(e.reshape(len(e), -1).astype(np.float64), a.reshape(len(a), -1).astype(np.float64))
+            for e, a in pairs]
+    finite = all(bool(np.isfinite(a).all()) for _, a in flat)
+    # the output's scale over every batch, so one batch of small values is not judged tighter
+    scale = max((float(np.abs(e).max()) for e, _ in flat if e.size), default=0.0)
+    atol = scaled_atol(limits.atol, scale)
+    rel_floor = REL_DIFF_FLOOR * max(1.0, scale)
+    max_abs = max_rel = 0.0
+    bound = atol
+    outside = total = 0
+    worst: tuple[float, int, int] | None = None  # (diff / bound, batch, flat index)
     hits = rows = 0
     cosine: float | None = None
-    finite = True
-    for e, a in pairs:
-        e = e.reshape(len(e), -1).astype(np.float64)
-        a = a.reshape(len(a), -1).astype(np.float64)
-        finite = finite and bool(np.isfinite(a).all())
+    for b, (e, a) in enumerate(flat):
         if not e.size:
             continue
         diff = np.abs(e - a)
-        max_abs = max(max_abs, float(diff.max()))
-        max_rel = max(max_rel, float((diff / np.maximum(np.abs(e), 1e-12)).max()))
-        scale = max(scale, float(np.abs(e).max()))
+        allowed = atol + limits.rtol * np.abs(e)
+        k = int(np.argmax(diff))
+        if diff.flat[k] > max_abs:
+            max_abs, bound = float(diff.flat[k]), float(allowed.flat[k])
+        significant = np.abs(e) >= rel_floor
+        if significant.any():
+            max_rel = max(max_rel, float((diff[significant] / np.abs(e[significant])).max()))
+        over = diff > allowed
+        total += diff.size
+        if over.any():
+            outside += int(over.sum())
+            ratio = np.where(over, diff / np.maximum(allowed, 1e-300), 0.0)
+            j = int(np.argmax(ratio))
+            if worst is None or ratio.flat[j] > worst[0]:
+                worst = (float(ratio.flat[j]), b, j)
         if e.shape[1] > 1:
             norms = np.linalg.norm(e, axis=1) * np.linalg.norm(a, axis=1)
             low = float(np.min(np.where(norms > 0, (e * a).sum(1) / np.maximum(norms, 1e-300),
@@ -165,21 +206,29 @@ def _compare(name: str, pairs, fmt: str, limits: Limits, problems: list[str],
             cosine = low if cosine is None else min(cosine, low)
             hits += int((e.argmax(1) == a.argmax(1)).sum())
             rows += len(e)
-    bound = limits.atol + limits.rtol * scale
     top1 = hits / rows if classifier and rows and len(pairs[0][0].shape) == 2 else None
     if not finite:
         problems.append(f"output '{name}' of the {fmt} artifact has NaN or infinity")
-    elif max_abs > bound:
-        how = f"{limits.atol:.3g}" + (f" + {limits.rtol:.3g} x {scale:.3g}" if limits.rtol else "")
-        problems.append(f"output '{name}' drifted: max abs diff {max_abs:.3g} > tolerance "
-                        f"{bound:.3g} ({how}; max rel diff {max_rel:.3g})")
+    elif worst is not None:
+        _, b, j = worst
+        e, a = flat[b][0].flat[j], flat[b][1].flat[j]
+        where = list(int(i) for i in np.unravel_index(j, pairs[b][0].shape))
+        rel = f"{abs(e - a) / abs(e):.3g}" if e else "inf"
+        problems.append(
+            f"output '{name}' drifted: max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}; "
+            f"{outside} of {total} values break |converted - original| <= atol {atol:.3g} "
+            f"({limits.atol:.3g} x max(1, max|original| {scale:.4g})) + rtol {limits.rtol:.3g} x "
+            f"|original|; worst at {where} of a batch of {len(flat[b][0])}: original {e:.7g}, "
+            f"converted {a:.7g}, abs diff {abs(e - a):.3g} > bound "
+            f"{atol + limits.rtol * abs(e):.3g}, rel diff {rel}")
     if top1 is not None and top1 < limits.min_top1_agreement:
         problems.append(f"output '{name}': top-1 agreement with the original {top1:.1%} < "
                         f"required {limits.min_top1_agreement:.1%}")
     if cosine is not None and limits.min_cosine is not None and cosine < limits.min_cosine:
         problems.append(f"output '{name}': cosine similarity with the original down to "
                         f"{cosine:.10g} < required {limits.min_cosine}")
-    return OutputParity(name, max_abs, max_rel, bound, top1, list(pairs[0][0].shape[1:]), cosine)
+    return OutputParity(name, max_abs, max_rel, bound, top1, list(pairs[0][0].shape[1:]), cosine,
+                        atol, limits.rtol, outside)
 
 
 def top1_accuracy(run, x, y: np.ndarray) -> float:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from handlers.detection import (
+    BoxFormat,
     ObjectDetection,
     Thresholds,
     batched_nms,
@@ -65,8 +66,10 @@ def test_letterbox_places_the_image_and_boxes_map_back(size):
     found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32)
     back = to_original(found, meta, width, height)[0]
     assert np.abs(back - box).max() <= 2 / meta.scale + 1e-3, (back, box)
-    # and exact arithmetic: input -> original -> input
-    inside = box * meta.scale + np.array([meta.left, meta.top] * 2)
+    # and exact arithmetic: input -> original -> input, each axis by its own scale (the resized
+    # size is rounded per side, as ultralytics' scale_boxes maps back)
+    assert (meta.scale_x, meta.scale_y) == (inner_w / width, inner_h / height)
+    inside = box * np.array([meta.scale_x, meta.scale_y] * 2) + np.array([meta.left, meta.top] * 2)
     assert np.allclose(to_original(inside[None], meta, width, height)[0], box, atol=1e-3)
 
 
@@ -182,7 +185,11 @@ def layout_output(layout: str, anchors: int = 50) -> np.ndarray:
 @pytest.mark.parametrize("layout", ["yolov5", "yolov8", "nms"])
 def test_each_layout_decodes_to_the_same_detections(layout):
     out = layout_output(layout)
-    assert detect_layout(out.shape, 10) == layout
+    if layout == "nms":  # [K, 6] is RT-DETR's shape too: auto refuses to choose
+        with pytest.raises(ValueError, match="nms with cx cy w h normalised"):
+            detect_layout(out.shape, 10)
+    else:
+        assert detect_layout(out.shape, 10) == layout
     boxes, scores, classes = detections(out, layout, Thresholds(confidence=0.25, iou=0.45))
     assert classes.tolist() == [3, 7]
     assert np.allclose(scores, [0.9, 0.6], atol=1e-6)
@@ -192,12 +199,28 @@ def test_each_layout_decodes_to_the_same_detections(layout):
 def test_layout_detection_refuses_what_it_cannot_tell():
     assert detect_layout((84, 8400), 80) == "yolov8"
     assert detect_layout((25200, 85), 80) == "yolov5"
-    assert detect_layout((300, 6), 80) == "nms"
+    assert detect_layout((300, 84), 80) == "detr"
     assert detect_layout((84, 8400), None) == "yolov8"  # no labels: the long axis is anchors
+    with pytest.raises(ValueError, match="nms with x1 y1 x2 y2 .*nms with cx cy w h normalised"):
+        detect_layout((300, 6), 80)  # end-to-end YOLO or ultralytics' RT-DETR
+    with pytest.raises(ValueError, match="yolov5 .*detr .*box_units"):
+        detect_layout((300, 85), None)  # without labels, 5 + 80 or 4 + 81 classes
     with pytest.raises(ValueError, match="fits several layouts.*name it in the spec"):
         detect_layout((300, 6), 1)  # yolov5 with one class is [anchors, 6] too
     with pytest.raises(ValueError, match="fits no known layout"):
         detect_layout((84, 8400), 10)
+
+
+def test_box_formats_and_units_read_as_said():
+    """The same two boxes written as corners, corner + size and centre + size, in pixels and
+    normalised to a 200 x 100 input, all read back as the same pixels."""
+    xyxy = np.array([[10, 20, 50, 60], [100, 5, 190, 45]], np.float32)
+    as_written = {"xyxy": xyxy, "xywh": np.c_[xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]],
+                  "cxcywh": np.c_[(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]]}
+    for fmt, boxes in as_written.items():
+        assert np.allclose(BoxFormat(fmt, "pixels").to_pixels_xyxy(boxes, 200, 100), xyxy)
+        normalised = boxes / np.array([200, 100, 200, 100], np.float32)
+        assert np.allclose(BoxFormat(fmt, "normalized").to_pixels_xyxy(normalised, 200, 100), xyxy)
 
 
 def test_max_detections_keeps_the_best():
@@ -272,13 +295,24 @@ class Layout(nn.Module):
             return self.nms[None] * keep
         if self.layout == "yolov8":
             return self.rows.T[None] * keep
+        if self.layout == "detr":  # per-class scores, boxes cx cy w h normalised to the input
+            return torch.cat([self.rows[:, :4] / 128, self.rows[:, 4:]], 1)[None] * keep
+        if self.layout == "rtdetr":  # ultralytics' RT-DETR: [K, 6], cx cy w h normalised
+            cxcywh = self.rows[:20, :4] / 128
+            score, cls = self.rows[:20, 4:].max(dim=1)
+            return torch.cat([cxcywh, score[:, None], cls[:, None].float()], 1)[None] * keep
         objectness = torch.ones(self.rows.shape[0], 1)
         return torch.cat([self.rows[:, :4], objectness, self.rows[:, 4:]], 1)[None] * keep
 '''
 
 
-@pytest.mark.parametrize("layout", ["yolov5", "yolov8", "nms"])
-def test_a_model_of_each_layout_is_exported_and_served_with_boxes_in_image_pixels(tmp_path, layout):
+@pytest.mark.parametrize("layout, said", [
+    ("yolov5", {}), ("yolov8", {}), ("detr", {}),
+    # [K, 6] is both end-to-end YOLO and RT-DETR: the spec says which
+    ("nms", {"layout": "nms"}),
+    ("rtdetr", {"layout": "nms", "box_format": "cxcywh", "box_units": "normalized"})])
+def test_a_model_of_each_layout_is_exported_and_served_with_boxes_in_image_pixels(tmp_path, layout,
+                                                                                  said):
     """Each layout from a real model file through servetool's spec, ONNX export, gate and the
     handler as TorchServe runs it, on a 256x200 image (letterbox scale 0.5, 14 pixels of padding
     on top): the boxes come back at twice the size, shifted by the padding and clipped to the
@@ -297,10 +331,12 @@ def test_a_model_of_each_layout_is_exported_and_served_with_boxes_in_image_pixel
         "name": "layout", "source": {"random_weights": True, "model_file": "model.py",
                                      "class": "Layout", "init_args": {"layout": layout}},
         "input": {"shape": [3, 128, 128]}, "format": "onnx", "task": "object-detection",
-        "labels": "labels.txt"}))
+        "labels": "labels.txt", **({"detection": said} if said else {})}))
     spec = load_spec(spec_file)
     original = export.load_original(spec)
-    check_task(spec, original)  # the layout is found from the output's shape and the labels
+    # the layout is found from the output's shape and the labels, or named; package says which
+    reading = check_task(spec, original)
+    assert f"layout {said.get('layout', layout)} (" in reading[0], reading
     artifact = export.export(spec, original, tmp_path)
     image = png(Image.new("RGB", (256, 200), (30, 30, 30)))
     replies, statuses, _ = serve_in_process(tmp_path, archive.model_config(spec, artifact),
@@ -541,3 +577,52 @@ def test_without_labels_the_gate_compares_boxes_with_the_original(tmp_path):
     _, report = convert(load_spec(tmp_path / "servetool.yaml"), "onnx-int8-static", tmp_path / "q")
     agreement = report.detection["agreement"]
     assert report.ok and agreement["images"] == 3 and agreement["matched"] >= 0.9
+
+
+def test_ultralytics_metadata_sets_the_reading_and_package_says_so(tmp_path):
+    """An ONNX file carrying the metadata ultralytics writes (names, task, head, end2end) is read
+    without spec lines: labels, layout and box format, fit, OpenCV resizing and ultralytics'
+    predict thresholds; RT-DETR's [K, 6] is read as normalised cx cy w h, stretched; a task that
+    contradicts the file's is refused; the spec overrides any item."""
+    import onnx
+    import torch
+    import yaml
+
+    from servetool.spec import SpecError, load_spec
+
+    class Head(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(1, 2, 3))[:, None, None].expand(-1, 300, 6)
+
+    def exported(head: str, task: str = "detect", end2end: str = "False") -> Path:
+        path = tmp_path / f"{head}-{task}-{end2end}.onnx"
+        torch.onnx.export(Head(), (torch.zeros(1, 3, 64, 64),), str(path), dynamo=False,
+                          input_names=["images"], output_names=["output0"])
+        model = onnx.load(str(path))
+        for key, value in {"author": "Ultralytics", "version": "8.4.190", "task": task,
+                           "head": head, "end2end": end2end, "batch": "1", "imgsz": "[64, 64]",
+                           "names": "{0: 'cat', 1: 'dog'}"}.items():
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(path))
+        return path
+
+    def spec_for(path: Path, **extra):
+        (tmp_path / "servetool.yaml").write_text(yaml.safe_dump(
+            {"name": "u", "source": {"onnx": path.name}, "task": "object-detection", **extra}))
+        return load_spec(tmp_path / "servetool.yaml")
+
+    rtdetr = spec_for(exported("RTDETRDecoder"))
+    d = rtdetr.detection
+    assert (d.layout, d.box_format, d.box_units, d.fit) == ("nms", "cxcywh", "normalized", "stretch")
+    assert (d.confidence, d.iou, d.max_detections) == (0.25, 0.7, 300)
+    assert rtdetr.preprocess.interpolation == "opencv-bilinear"
+    assert rtdetr.label_names() == ["cat", "dog"]
+    assert any("RTDETRDecoder" in line for line in rtdetr.inferred)
+    e2e = spec_for(exported("Detect", end2end="True")).detection
+    assert (e2e.layout, e2e.box_format, e2e.box_units, e2e.fit) == ("nms", "xyxy", "pixels", "letterbox")
+    overridden = spec_for(exported("RTDETRDecoder"), detection={"fit": "letterbox", "iou": 0.5},
+                          preprocess={"interpolation": "bilinear"})
+    assert (overridden.detection.fit, overridden.detection.iou) == ("letterbox", 0.5)
+    assert overridden.preprocess.interpolation == "bilinear"
+    with pytest.raises(SpecError, match="'segment' model"):
+        spec_for(exported("Segment", task="segment"))

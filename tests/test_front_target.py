@@ -85,7 +85,7 @@ targets = st.tuples(path, st.sampled_from(["", "?"]), query).map(
     lambda t: t[0] + (t[1] + t[2] if t[1] else ""))
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(targets)
 def test_what_the_front_forwards_torchserve_reads_as_the_front_checked_it(torchserve_parser,
                                                                           target):
@@ -102,7 +102,7 @@ def test_what_the_front_forwards_torchserve_reads_as_the_front_checked_it(torchs
     assert pod.canonical_target(checked.rebuilt) == checked
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40))
 def test_any_printable_target_is_read_alike_or_refused(torchserve_parser, tail):
     target = "/" + tail

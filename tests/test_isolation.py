@@ -153,9 +153,14 @@ def test_large_jpegs_decode_at_a_reduced_scale_for_a_small_target():
     photo = encoded("JPEG", size=(4000, 3000))
     assert decode(photo, mode="RGB", draft_size=(8, 8)).size == (500, 375)  # 1/8 scale
     assert decode(photo, mode="RGB").size == (4000, 3000)
-    # over the pixel limit at full size, within it once reduced: served
-    task = ImageClassification(IMAGE_CONFIG, None)
-    assert task.preprocess(encoded("JPEG", size=(6000, 4000))).shape == (1, 8, 8)
+    # over the pixel limit at full size, within it once reduced: served when the spec asks for
+    # draft decoding, refused by default (a full decode is what the model was trained on)
+    big = encoded("JPEG", size=(6000, 4000))
+    drafting = {**IMAGE_CONFIG, "preprocess": {**IMAGE_CONFIG["preprocess"], "jpeg_draft": True}}
+    assert ImageClassification(drafting, None).preprocess(big).shape == (1, 8, 8)
+    with pytest.raises(RequestError) as err:
+        ImageClassification(IMAGE_CONFIG, None).preprocess(big)
+    assert err.value.status == 413
 
 
 def test_a_detection_shaped_model_is_refused_by_image_classification(tmp_path):

@@ -4,11 +4,14 @@ step as torchvision 0.2x applies them to PIL images, against servetool's shared 
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from handlers.errors import RequestError
+from handlers.imaging import decode
 from handlers.preprocess import letterbox
 from handlers.tasks import ImageClassification
 from servetool.spec import SpecError, load_spec
@@ -108,3 +111,129 @@ def test_geometry_that_cannot_give_the_input_size_is_refused(tmp_path, preproces
     with pytest.raises(SpecError) as err:
         load_spec(write_spec(tmp_path / "m", preprocess=preprocess))
     assert f"key '{key}'" in str(err.value) and words in str(err.value), str(err.value)
+
+
+# --- Decoding: every Pillow mode becomes the pixels the model's library would have trained on ---
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def gradient8(width: int = 256, height: int = 6) -> np.ndarray:
+    """Every 8-bit grey level left to right, so a clipped or mis-scaled level shows."""
+    return np.tile(np.arange(width, dtype=np.int64) * 255 // (width - 1), (height, 1)).astype(np.uint8)
+
+
+def test_a_16_bit_png_decodes_to_its_8_bit_reference_not_white():
+    levels = gradient8()
+    # the low byte carries sub-8-bit detail a real 16-bit scan has: it must not move the level
+    noise = np.random.default_rng(0).integers(0, 256, levels.shape)
+    deep = Image.fromarray((levels.astype(np.uint16) << 8) | noise.astype(np.uint16))
+    data = encode(deep, "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"  # what a 16-bit greyscale PNG opens as
+    decoded = np.asarray(decode(data, mode="L"))
+    np.testing.assert_array_equal(decoded, levels)
+    assert decoded.mean() < 200  # Pillow's convert("L") served this as (nearly) white
+    # the same through a model's whole preprocessing, grey and RGB, and a 257-times twin
+    twin = encode(Image.fromarray(levels.astype(np.uint16) * 257), "PNG")
+    for channels in (1, 3):
+        task = ImageClassification({"input_shape": [channels, 6, 256]}, None)
+        reference = task.preprocess(encode(Image.fromarray(levels), "PNG"))
+        np.testing.assert_array_equal(task.preprocess(data), reference)
+        np.testing.assert_array_equal(task.preprocess(twin), reference)
+
+
+def test_deep_tiffs_scale_by_their_declared_bit_depth():
+    levels = gradient8()
+    sixteen = encode(Image.fromarray(levels.astype(np.uint16) * 257), "TIFF")
+    np.testing.assert_array_equal(np.asarray(decode(sixteen, mode="L")), levels)
+    # a signed 32-bit TIFF: 31 bits of magnitude, so a level k is stored as k << 23
+    signed = encode(Image.fromarray(levels.astype(np.int32) << 23), "TIFF")
+    assert Image.open(io.BytesIO(signed)).mode == "I"
+    np.testing.assert_array_equal(np.asarray(decode(signed, mode="L")), levels)
+    # float: 0..1, level k stored as k / 255, back to k (rounded, not truncated)
+    floats = encode(Image.fromarray(levels.astype(np.float32) / 255), "TIFF")
+    assert Image.open(io.BytesIO(floats)).mode == "F"
+    np.testing.assert_array_equal(np.asarray(decode(floats, mode="RGB"))[..., 1], levels)
+
+
+@pytest.mark.parametrize("values, words", [
+    (np.full((4, 4), 2.5, np.float32), "must hold values in 0..1"),
+    (np.full((4, 4), np.nan, np.float32), "NaN or infinity"),
+    (np.full((4, 4), -7, np.int32), "negative values (-7)"),
+])
+def test_deep_images_that_have_no_8_bit_pixels_are_refused_not_clipped(values, words):
+    with pytest.raises(RequestError) as err:
+        decode(encode(Image.fromarray(values), "TIFF"), mode="L")
+    assert err.value.status == 400 and words in err.value.message, err.value.message
+
+
+def rgba_picture() -> Image.Image:
+    """Colours under every alpha from opaque to fully transparent."""
+    rgb = np.asarray(photo(40, 30))
+    alpha = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (30, 1))
+    return Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+
+
+def test_alpha_is_dropped_as_pillows_convert_rgb_drops_it():
+    data = encode(rgba_picture(), "PNG")
+    opened = Image.open(io.BytesIO(data))
+    for mode in ("RGB", "L"):
+        np.testing.assert_array_equal(np.asarray(decode(data, mode=mode)),
+                                      np.asarray(opened.convert(mode)))
+    # the colour under a fully transparent pixel is served, not a background
+    assert decode(data, mode="RGB").getpixel((0, 29)) == rgba_picture().getpixel((0, 29))[:3]
+    grey_alpha = encode(rgba_picture().convert("LA"), "PNG")
+    np.testing.assert_array_equal(np.asarray(decode(grey_alpha, mode="RGB")),
+                                  np.asarray(Image.open(io.BytesIO(grey_alpha)).convert("RGB")))
+
+
+@pytest.mark.parametrize("fmt, transparency", [("PNG", 0), ("PNG", bytes([0, 128, 255])),
+                                               ("GIF", 1)])
+def test_a_palette_with_transparency_decodes_as_pillows_convert_rgb(fmt, transparency):
+    palette = photo(40, 30).quantize(16)
+    data = encode(palette, fmt, transparency=transparency)
+    opened = Image.open(io.BytesIO(data))
+    assert opened.mode == "P" and "transparency" in opened.info
+    with warnings.catch_warnings():  # Pillow's advice to go through RGBA: the reference as is
+        warnings.simplefilter("ignore")
+        reference = {mode: np.asarray(opened.convert(mode)) for mode in ("RGB", "L")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and the served path says nothing in the worker's log
+        for mode in ("RGB", "L"):
+            np.testing.assert_array_equal(np.asarray(decode(data, mode=mode)), reference[mode])
+
+
+def test_exif_orientation_is_applied_before_anything_else():
+    picture = photo(64, 32)  # wide and not symmetric
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; show the image rotated 90 degrees clockwise
+    rotated = encode(picture, "JPEG", quality=95, exif=exif.tobytes())
+    plain = encode(picture, "JPEG", quality=95)  # the same compressed pixels, no orientation
+    decoded = decode(rotated, mode="RGB")
+    assert decoded.size == (32, 64)
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(
+        decode(plain, mode="RGB").transpose(Image.Transpose.ROTATE_270)))
+    task = ImageClassification({"input_shape": [3, 64, 32]}, None)  # a tall model input
+    assert task.preprocess(rotated).shape == (3, 64, 32)
+
+
+def test_jpeg_draft_is_off_unless_the_spec_asks(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "m"))
+    assert spec.preprocess.jpeg_draft is False
+    assert load_spec(write_spec(tmp_path / "d", preprocess={
+        **spec.preprocess.as_dict(), "jpeg_draft": True})).preprocess.jpeg_draft is True
+    large = encode(photo(1600, 1200), "JPEG", quality=90)
+    config = {"input_shape": [3, 32, 32], "preprocess": {"resize": [32, 32]}}
+    full = np.asarray(Image.open(io.BytesIO(large)).convert("RGB").resize((32, 32), Image.BILINEAR),
+                      np.float32) / 255
+    served = ImageClassification(config, None).preprocess(large)  # an archive without the key
+    np.testing.assert_allclose(served, full.transpose(2, 0, 1), atol=1e-6)
+    spec_default = {**config, "preprocess": {**config["preprocess"], "jpeg_draft": False}}
+    np.testing.assert_array_equal(ImageClassification(spec_default, None).preprocess(large), served)
+    drafting = ImageClassification({**config, "preprocess": {**config["preprocess"],
+                                                              "jpeg_draft": True}}, None)
+    assert drafting._draft_size() == (32, 32)
+    assert decode(large, mode="RGB", draft_size=drafting._draft_size()).size == (200, 150)

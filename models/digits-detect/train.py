@@ -54,7 +54,8 @@ def inputs(items: list[Canvas], qualities: list[int]) -> tuple[np.ndarray, list[
         rows = t.preprocess(jpeg(canvas.image, quality))
         arrays.append(rows.examples[0]["input"])
         box = rows.meta.box
-        boxes.append(canvas.boxes * box.scale + np.array([box.left, box.top] * 2, np.float32))
+        boxes.append(canvas.boxes * np.array([box.scale_x, box.scale_y] * 2, np.float32)
+                     + np.array([box.left, box.top] * 2, np.float32))
     return np.stack(arrays), boxes
 
 

@@ -23,7 +23,8 @@ from servetool.management import model_path
 
 atol_option = click.option(
     "--atol", type=float, default=None,
-    help="Parity tolerance (max abs diff), overriding the format's default and the spec's.")
+    help="Parity atol (scaled by each output's max(1, max|value|)), overriding the format's "
+         "default and the spec's.")
 accept_option = click.option(
     "--accept-drift", is_flag=True,
     help="Package even when the gate finds drift (the problems are still reported).")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +84,10 @@ def load_original(spec: ModelSpec):
         except Exception as exc:
             raise ExportError(f"{src.path}: not a TorchScript file ({_saved_as(src.path)}): "
                               f"{whole_cause(exc)}") from None
+    from servetool.export import onnx as onnx_export
+
+    # its weights may be in external files: a missing one is named here, not by ONNX Runtime
+    onnx_export.external_data_files(src.path)
     return src.path  # an ONNX source is its own original
 
 
@@ -281,17 +284,21 @@ def _export_onnx_family(spec: ModelSpec, original, out_dir: Path, fmt: Format) -
 
     base = out_dir / "base.onnx" if fmt.name != "onnx" else out_dir / fmt.artifact
     notes: dict[str, Any] = {}
+    base_files = [base]  # base and the external data it needs
     if spec.source.kind == "onnx":
-        shutil.copyfile(spec.source.path, base)
+        base_files = onnx_export.copy_source(spec.source.path, base)
         onnx_export.check(base)
     else:
         model, export_spec = _for_onnx(spec, original, fmt)
         notes.update(onnx_export.export_onnx(model, example_batch(spec, 2), base, export_spec,
                                              torchscript_exporter=fmt.name == "onnx-transformer"))
+    fixed = onnx_export.fixed_batch(base)
+    if fixed is not None:  # the runtimes run any batch in chunks of it (handlers/runtimes.py)
+        notes["fixed_batch"] = fixed
     if spec.source.kind == "onnx" or len(spec.inputs) > 1:
         _require_single_input_for(spec, fmt)
     if fmt.name == "onnx":
-        artifact = Artifact(fmt, base, [base], notes)
+        artifact = Artifact(fmt, base, base_files, notes)
     elif fmt.name == "onnx-transformer":
         from servetool.export import fusion
 
@@ -312,6 +319,7 @@ def _export_onnx_family(spec: ModelSpec, original, out_dir: Path, fmt: Format) -
         artifact.runtime_options = spec.runtime.as_dict()
         if spec.runtime.optimized_model:
             onnx_export.add_optimized_model(artifact, spec)
-    if base not in artifact.files:
-        base.unlink(missing_ok=True)
+    for file in base_files:
+        if file not in artifact.files:
+            file.unlink(missing_ok=True)
     return artifact

@@ -167,6 +167,94 @@ def read_metadata(path: Path) -> dict[str, str]:
             if p.key.startswith(METADATA_PREFIX)}
 
 
+# An ONNX source's external weights are folded into the one model file up to this size: well under
+# protobuf's 2 GiB limit on one message, so the folded file always serializes. One self-contained
+# file is what every later step handles best (onnxslim, the quantizers, OpenVINO). Above it, the
+# weights are rewritten into one file beside the model, named after it (model.onnx.data).
+FOLD_LIMIT_BYTES = 1 << 30
+
+
+def _graph_tensors(graph) -> list:
+    """Every TensorProto a graph holds, its subgraphs' (If, Loop, Scan) included: where an
+    exporter may have put weights in external data."""
+    tensors = [*graph.initializer]
+    for sparse in graph.sparse_initializer:
+        tensors += [sparse.values, sparse.indices]
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors += [attr.t] if attr.HasField("t") else []
+            tensors += list(attr.tensors)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                tensors += _graph_tensors(sub)
+    return tensors
+
+
+def external_data_files(path: Path) -> list[str]:
+    """The external data files (locations relative to the model's folder, as ONNX resolves them)
+    that the model at `path` references, in first-use order; raises ExportError naming the file
+    and the model when one is missing or lies outside the model's folder."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    folder = path.resolve().parent
+    found: dict[str, str] = {}  # location -> the first tensor stored there
+    for tensor in _graph_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        found.setdefault(location, tensor.name)
+    for location, tensor in found.items():
+        where = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not where.is_relative_to(folder):
+            raise ExportError(f"{path}: tensor {tensor!r} names external data {location!r}, "
+                              f"which is not a file in the model's folder {folder} (ONNX only "
+                              "reads external data beside the model)")
+        if not where.is_file():
+            raise ExportError(f"{path}: its weights (tensor {tensor!r} and maybe more) are in "
+                              f"the external data file {location!r}, which is missing: {where}; "
+                              f"copy it beside {path.name}, where the exporter wrote it")
+    return list(found)
+
+
+def copy_source(source: Path, target: Path) -> list[Path]:
+    """An ONNX source as one model at `target`, plus the files it needs: the same bytes when it
+    is self-contained; its external data folded in (up to FOLD_LIMIT_BYTES) or rewritten into one
+    file beside `target` when it is not (exporters write any names, several files, subfolders:
+    one flat file is what the archive ships and ONNX Runtime finds beside the model)."""
+    import shutil
+
+    import onnx
+
+    locations = external_data_files(source)
+    if not locations:
+        shutil.copyfile(source, target)
+        return [target]
+    size = source.stat().st_size + sum((source.parent / loc).stat().st_size for loc in locations)
+    model = onnx.load(str(source))  # external data read relative to the source's folder
+    if size <= FOLD_LIMIT_BYTES:
+        onnx.save_model(model, str(target), save_as_external_data=False)
+        return [target]
+    data = target.with_name(target.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name)
+    return [target, data] if data.is_file() else [target]  # tensors under 1 KiB stay inline
+
+
+def fixed_batch(path: Path) -> int | None:
+    """The batch size the model's inputs fix (their first axis), or None for a dynamic batch;
+    the same rule as the handler's runtime (handlers.runtimes.fixed_batch)."""
+    import onnx
+
+    from handlers.runtimes import fixed_batch as first_fixed
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    dims = [list(v.type.tensor_type.shape.dim) for v in graph.input if v.name not in weights]
+    return first_fixed([d[0].dim_value if d and d[0].HasField("dim_value") else None
+                        for d in dims])
+
+
 def check(path: Path) -> None:
     import onnx
 
@@ -188,7 +276,16 @@ def add_optimized_model(artifact: Artifact, spec: ModelSpec) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(optimized)
+    # A model too large for one file (external weights) must not be written back as one
+    optimized_data = (optimized.with_name(optimized.name + ".data")
+                      if external_data_files(artifact.path) else None)
+    if optimized_data is not None:
+        optimized_data.unlink(missing_ok=True)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", optimized_data.name)
     ort.InferenceSession(str(artifact.path), options, providers=["CPUExecutionProvider"])
     artifact.files.append(optimized)
+    if optimized_data is not None and optimized_data.is_file():
+        artifact.files.append(optimized_data)
     artifact.runtime_options = {**artifact.runtime_options, "optimized_model_file": optimized.name}
     artifact.notes["optimized_model"] = f"{optimized.name} (ONNX Runtime, extended level)"

@@ -102,11 +102,14 @@ def static_int8(base: Path, target: Path, inputs: np.ndarray,
         quantize_static,
     )
 
+    from servetool.export.onnx import fixed_batch
+
     input_name = onnx.load(str(base), load_external_data=False).graph.input[0].name
+    batches = calibration_batches(inputs, fixed_batch(base))
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(np.array_split(inputs, max(1, len(inputs) // 16)))
+            self.batches = iter(batches)
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -123,6 +126,19 @@ def static_int8(base: Path, target: Path, inputs: np.ndarray,
                         op_types_to_quantize=op_types)
     return {"quantization": f"static int8 QDQ, per-channel 7-bit weights, calibrated on {len(inputs)} "
                             "inputs (MinMax)" + (f", {'/'.join(op_types)} only" if op_types else "")}
+
+
+def calibration_batches(inputs: np.ndarray, fixed: int | None) -> list[np.ndarray]:
+    """Calibration inputs in batches the model takes: about 16 rows each, or exactly `fixed`
+    rows for a model with a fixed batch, the last batch padded with copies of its last row
+    (MinMax calibration: repeated rows leave every range as it was)."""
+    if fixed is None:
+        return np.array_split(inputs, max(1, len(inputs) // 16))
+    batches = [inputs[i:i + fixed] for i in range(0, len(inputs), fixed)]
+    short = fixed - len(batches[-1])
+    if short:
+        batches[-1] = np.concatenate([batches[-1], np.repeat(batches[-1][-1:], short, axis=0)])
+    return batches
 
 
 def to_fp16(base: Path, target: Path) -> dict[str, str]:
