@@ -40,8 +40,6 @@ from handlers.payload import request_payload
 
 LAYOUTS = ("yolov5", "yolov8", "nms", "detr", "torchvision")
 SUPPRESSED = ("nms", "detr", "torchvision")  # layouts whose model needs no NMS after it
-BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
-BOX_UNITS = ("pixels", "normalized")
 # (format, units) of each layout's boxes unless the spec says otherwise
 BOX_DEFAULTS = {"yolov5": ("cxcywh", "pixels"), "yolov8": ("cxcywh", "pixels"),
                 "nms": ("xyxy", "pixels"), "detr": ("cxcywh", "normalized"),
@@ -174,6 +172,17 @@ def detect_layout(shape: tuple[int, ...], num_classes: int | None) -> str:
                         "anchors], nms [K, 6], detr [queries, 4 + classes])")
                      + ": name it in the spec (detection: layout: yolov5 | yolov8 | nms | detr, "
                        "and box_format: xyxy | xywh | cxcywh, box_units: pixels | normalized)")
+
+
+def resolve_layout(image_shapes: list[tuple[int, ...]], layout: str,
+                   num_classes: int | None) -> str:
+    """The layout one image's outputs (no batch axis) are read as: the named one, else three
+    outputs are torchvision's, else the shape decides (ValueError when it cannot tell)."""
+    if layout != "auto":
+        return layout
+    if len(image_shapes) == 3:
+        return "torchvision"
+    return detect_layout(tuple(image_shapes[0]), num_classes)
 
 
 def split_outputs(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -365,9 +374,8 @@ class ObjectDetection:
 
     def layout_for(self, outputs: list[np.ndarray]) -> str:
         """The layout of one image's outputs: the spec's, else found from them once."""
-        if self.layout == "auto":
-            self.layout = "torchvision" if len(outputs) == 3 else detect_layout(
-                tuple(np.shape(outputs[0])), len(self.labels) if self.labels else None)
+        self.layout = resolve_layout([tuple(np.shape(o)) for o in outputs], self.layout,
+                                     len(self.labels) if self.labels else None)
         return self.layout
 
     def decode(self, outputs: list[np.ndarray], thresholds: Thresholds,

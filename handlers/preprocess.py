@@ -21,6 +21,10 @@ from dataclasses import dataclass
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "opencv-bilinear", "opencv-area",
                   "opencv-bicubic", "opencv-nearest")
 FITS = ("letterbox", "stretch")  # a detector's input: aspect kept and padded, or stretched
+# how a detector's box columns read (handlers/detection.py); here, beside the geometry, so that
+# the spec can check them without importing numpy
+BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+BOX_UNITS = ("pixels", "normalized")
 
 
 def _cv2():

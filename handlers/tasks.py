@@ -182,18 +182,6 @@ def output_problem(task: str, shapes: list[tuple[int, ...]], names: list[str],
             f"{names[0]} has shape {list(shape)} ({hint}): use task: tensor for its raw output")
 
 
-def detection_layout(shapes: list[tuple[int, ...]], layout: str, num_classes: int | None) -> str:
-    """The layout the handler reads these outputs (with their batch axis) as; ValueError when
-    `auto` cannot tell."""
-    from handlers.detection import detect_layout
-
-    if layout != "auto":
-        return layout
-    if len(shapes) == 3:
-        return "torchvision"
-    return detect_layout(tuple(shapes[0][1:]), num_classes)
-
-
 def _detection_problem(shapes: list[tuple[int, ...]], described: str, layout: str,
                        num_classes: int | None) -> str | None:
     from handlers.detection import detect_layout

@@ -73,7 +73,7 @@ def sample_inputs_failures(spec: ModelSpec):
 def check_task(spec: ModelSpec, original) -> list[str]:
     """The model's outputs must be what the spec's task turns into answers; returns how they are
     read (what `package` says), so that nothing is chosen silently."""
-    from handlers.tasks import detection_layout, output_problem
+    from handlers.tasks import output_problem
 
     batch = 2
     outputs = export.runner_for(original)(export.example_batch(spec, batch))
@@ -86,10 +86,11 @@ def check_task(spec: ModelSpec, original) -> list[str]:
         raise TaskMismatch(f"{spec.spec_file}: task {spec.task}: {problem}")
     if spec.detection is None:
         return []
-    from handlers.detection import BOX_DEFAULTS
+    from handlers.detection import BOX_DEFAULTS, resolve_layout
 
     shapes = [tuple(np.shape(o)) for o in outputs]
-    layout = detection_layout(shapes, spec.detection.layout, len(labels) if labels else None)
+    layout = resolve_layout([s[1:] for s in shapes], spec.detection.layout,
+                            len(labels) if labels else None)
     usual = BOX_DEFAULTS[layout]
     d = spec.detection
     how = "named in the spec or the model file" if d.layout != "auto" else (

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from handlers.preprocess import INTERPOLATIONS
+from handlers.preprocess import BOX_FORMATS, BOX_UNITS, FITS, INTERPOLATIONS
 from servetool.errors import ServetoolError
 from servetool.formats import FORMATS as FORMAT_TABLE
 from servetool.formats import ONNX_FAMILY
@@ -24,9 +24,6 @@ TEXT_TASKS = ("feature-extraction", "text-classification", "token-classification
 TASKS = ("image-classification", "tensor", "object-detection", *TEXT_TASKS)
 IMAGE_TASKS = ("image-classification", "object-detection")
 DETECTION_LAYOUTS = ("auto", "yolov5", "yolov8", "nms", "detr", "torchvision")
-BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
-BOX_UNITS = ("pixels", "normalized")
-FITS = ("letterbox", "stretch")
 SOURCE_KINDS = ("state_dict", "torchscript", "onnx", "pickled_module", "random_weights",
                 "transformers")
 POOLINGS = ("mean", "cls")
