@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,11 @@ def model_config(spec: ModelSpec, artifact: Artifact) -> dict[str, Any]:
 
 
 def build_archive(spec: ModelSpec, artifact: Artifact, model_store: Path, *,
-                  check: bool = True) -> Path:
-    """Write model_store/NAME.mar after a pre-flight of the very archive that will ship."""
+                  check: bool = True,
+                  verify: Callable[[Path, dict[str, Any]], None] | None = None) -> Path:
+    """Write model_store/NAME.mar after a pre-flight of the very archive that will ship;
+    `verify` (reference parity) is then given the unpacked archive and its config, and may raise
+    to keep the archive out of the store."""
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
@@ -121,6 +125,8 @@ def build_archive(spec: ModelSpec, artifact: Artifact, model_store: Path, *,
             with zipfile.ZipFile(built) as zf:
                 zf.extractall(unpacked)
             preflight.run(unpacked, spec)
+            if verify is not None:
+                verify(unpacked, model_config(spec, artifact))
         target = model_store / built.name
         # Same filesystem rename where possible, so a running server never sees half a file.
         staged = model_store / f".{built.name}.partial"

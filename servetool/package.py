@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from handlers.batching import batch_size, take
-from servetool import archive, export, validate
+from servetool import archive, export, reference, validate
 from servetool.errors import ServetoolError, whole_cause
 from servetool.formats import get_format
 from servetool.spec import ModelSpec
@@ -187,7 +187,12 @@ def package(spec: ModelSpec, model_store: Path, *, atol: float | None = None,
         artifact, report = convert(spec, spec.format, Path(tmp), atol=atol,
                                    accept_drift=accept_drift, progress=progress)
         progress(f"{spec.name}: archiving and pre-flighting the handler")
-        mar = archive.build_archive(spec, artifact, model_store)
+        checked: list[str] = []
+
+        def against_library(folder: Path, config: dict[str, Any]) -> None:
+            checked.extend(reference.check(spec, folder, config, progress))
+
+        mar = archive.build_archive(spec, artifact, model_store, verify=against_library)
         converted = describe(artifact, report)
     return {
         "name": spec.name,
@@ -199,5 +204,6 @@ def package(spec: ModelSpec, model_store: Path, *, atol: float | None = None,
         "artifact_bytes": converted["size_bytes"],
         "notes": converted["notes"],
         "parity": converted["gate"],
+        "reference": checked,
         "seconds": round(time.perf_counter() - started, 2),
     }
