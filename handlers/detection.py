@@ -14,11 +14,15 @@ detected from the output's shape:
   (torchvision's detection heads, exported with a batch axis), already suppressed.
 Each layout has a usual box format (BOX_DEFAULTS); the spec's detection.box_format (xyxy, xywh,
 cxcywh) and detection.box_units (pixels of the model input, or normalised 0..1) override it.
-The image reaches the model letterboxed (aspect kept, padded) or stretched (detection.fit),
-resized with the kernel the model was trained with. Then a confidence threshold, boxes that
-reach into the image only (one wholly in the letterbox's padding is not an object of this
-image), class-wise non-maximum suppression (vectorised numpy,
-below) up to `max_detections`, and the boxes mapped back through the letterbox and clipped.
+The image reaches the model letterboxed (aspect kept, padded), stretched, or, for a model whose
+input height and width are free (ultralytics' dynamic=True export), letterboxed to its own "rect"
+size as ultralytics' predictor does for it (the longer side to the input size, the shorter padded
+only up to a multiple of detection.stride) (detection.fit), resized with the kernel the model was
+trained with. Rect inputs differ in size from image to image: the handler runs the requests of one
+size together (handlers/entry.py groups a batch by its examples' shapes, never pads them).
+Then a confidence threshold, boxes that reach into the image only (one wholly in the
+letterbox's padding is not an object of this image), class-wise non-maximum suppression
+(vectorised numpy, below) up to `max_detections`, and the boxes mapped back through the letterbox and clipped.
 
 Answer: [{"label", "class_id", "score", "box": [x1, y1, x2, y2]}], highest score first, in the
 original image's pixels; [] when nothing is found. A multipart request may set "confidence",
@@ -70,6 +74,15 @@ class BoxFormat:
         if self.units == "normalized":
             boxes = boxes * np.array([width, height, width, height], np.float32)
         return boxes
+
+
+def looks_normalised(boxes: np.ndarray, width: int, height: int) -> bool:
+    """Boxes read as input pixels (x1 y1 x2 y2) that all lie within [0, 1.5] of an input of at
+    least 32 pixels a side: normalised coordinates read as pixels (every object a speck in the
+    top-left corner). Boxes without area (a padded [K, 6]'s zero rows) say nothing."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    real = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+    return min(width, height) >= 32 and len(real) > 0 and bool(np.abs(real).max() <= 1.5)
 
 
 def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -302,6 +315,7 @@ class ObjectDetection:
         det = config.get("detection") or {}
         self.fill = int((pre.get("letterbox") or {}).get("fill", 114))
         self.fit = det.get("fit") or "letterbox"
+        self.stride = int(det.get("stride") or 32)  # letterbox-rect's
         self.interpolation = pre.get("interpolation") or "bilinear"
         self.scale = float(det.get("scale", 1 / 255))
         self.formats = tuple(pre.get("formats") or DEFAULT_FORMATS)
@@ -354,8 +368,9 @@ class ObjectDetection:
             canvas, box = geometry.stretch(image, self.height, self.width,
                                            interpolation=self.interpolation)
         else:
+            stride = self.stride if self.fit == "letterbox-rect" else None
             canvas, box = geometry.letterbox(image, self.height, self.width, fill=self.fill,
-                                             interpolation=self.interpolation)
+                                             stride=stride, interpolation=self.interpolation)
         array = np.asarray(canvas, dtype=np.float32) * self.scale
         array = array[None, :, :] if array.ndim == 2 else array.transpose(2, 0, 1)
         return np.ascontiguousarray(array), box
@@ -379,20 +394,23 @@ class ObjectDetection:
         return self.layout
 
     def decode(self, outputs: list[np.ndarray], thresholds: Thresholds,
-               region: tuple[float, ...] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One image's detections (in the model input's pixels) from all of its outputs."""
+               region: tuple[float, ...] | None = None, size: tuple[int, int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One image's detections (in the model input's pixels) from all of its outputs; `size`:
+        the (width, height) it was fed at (a rect input's own; default the input size)."""
         layout = self.layout_for(outputs)
         usual = BOX_DEFAULTS[layout]
         boxes_as = BoxFormat(self.box_format or usual[0], self.box_units or usual[1])
         return detections(outputs if layout == "torchvision" else outputs[0], layout, thresholds,
-                          region, boxes_as, (self.width, self.height))
+                          region, boxes_as, size or (self.width, self.height))
 
     def detect(self, outputs: list[np.ndarray], prepared: Prepared,
                thresholds: Thresholds | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One image's detections in its own pixels: what the handler answers, the gate judges
         and the example's training evaluates."""
         region = image_region(prepared.box, prepared.width, prepared.height)
-        boxes, scores, classes = self.decode(outputs, thresholds or prepared.thresholds, region)
+        boxes, scores, classes = self.decode(outputs, thresholds or prepared.thresholds, region,
+                                             (prepared.box.width, prepared.box.height))
         return to_original(boxes, prepared.box, prepared.width, prepared.height), scores, classes
 
     def postprocess(self, rows: Rows) -> list[dict[str, Any]]:

@@ -100,15 +100,32 @@ class ServeHandler:
         return self.task.preprocess(request_payload(request))
 
     def inference(self, items: list[Any]) -> list[Any]:
-        """Runs the good requests as one batch (dynamic axes padded to this batch's longest); bad
-        ones pass through untouched. A request may bring several rows (Rows: a text task's
-        texts). When the batch run raises, each request runs alone, so only the one the model
-        cannot process gets an error."""
+        """Runs the good requests as one batch (dynamic axes padded to this batch's longest; one
+        batch per shape where examples differ on a fixed axis); bad ones pass through untouched.
+        A request may bring several rows (Rows: a text task's texts). When the batch run raises,
+        each request runs alone, so only the one the model cannot process gets an error."""
         good = [i for i, item in enumerate(items) if not isinstance(item, RequestError)]
         results: list[Any] = list(items)
-        if not good:
-            return results
         rows = {i: self._rows(items[i]) for i in good}
+        for group in self._same_fixed_shapes(good, rows):
+            self._run_batch(group, items, rows, results)
+        return results
+
+    def _same_fixed_shapes(self, good: list[int], rows: dict[int, list]) -> list[list[int]]:
+        """The requests in groups whose examples agree on every axis the config fixes: padding
+        joins examples along dynamic axes only. Examples that differ on a fixed one (a detector's
+        rect letterbox, each image at its own height and width) are run in separate batches;
+        padding them would feed the model grey-less borders it never saw."""
+        groups: dict[tuple, list[int]] = {}
+        for i in good:
+            key = tuple(tuple(n for n, dim in zip(e[spec["name"]].shape, spec["shape"], strict=False)
+                              if not isinstance(dim, str))
+                        for e in rows[i] for spec in self.inputs)
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    def _run_batch(self, good: list[int], items: list[Any], rows: dict[int, list],
+                   results: list[Any]) -> None:
         flat = [example for i in good for example in rows[i]]
         try:
             outputs = self.runtime.run(collate(flat, self.inputs))
@@ -121,12 +138,11 @@ class ServeHandler:
             if len(good) == 1:
                 logger.warning("the model failed on request %d", good[0], exc_info=True)
                 results[good[0]] = model_failure(exc)
-                return results
+                return
             logger.warning("the model failed on a batch of %d; running them one by one (%s)",
                            len(good), describe(exc))
             for i in good:
                 results[i] = self._run_alone(items[i], rows[i], i)
-        return results
 
     def _rows(self, item: Any) -> list[dict[str, np.ndarray]]:
         names = [spec["name"] for spec in self.inputs]

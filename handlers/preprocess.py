@@ -20,7 +20,10 @@ from dataclasses import dataclass
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "opencv-bilinear", "opencv-area",
                   "opencv-bicubic", "opencv-nearest")
-FITS = ("letterbox", "stretch")  # a detector's input: aspect kept and padded, or stretched
+# a detector's input: aspect kept and padded to the input size, or only up to a multiple of the
+# stride on the shorter side (ultralytics' "rect" letterbox, for inputs with free height and
+# width), or stretched
+FITS = ("letterbox", "letterbox-rect", "stretch")
 # how a detector's box columns read (handlers/detection.py); here, beside the geometry, so that
 # the spec can check them without importing numpy
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
@@ -75,8 +78,13 @@ def resize(image, size: int | list[int] | tuple[int, int], interpolation: str = 
     return resize_to(image, resized_size(image.width, image.height, size), interpolation)
 
 
-def center_crop(image, height: int, width: int):
-    """torchvision's CenterCrop: zero padding where the image is smaller, then the middle."""
+CROP_OFFSETS = ("round", "floor")  # torchvision's CenterCrop | Hugging Face image processors
+
+
+def center_crop(image, height: int, width: int, offsets: str = "round"):
+    """torchvision's CenterCrop: zero padding where the image is smaller, then the middle. With
+    offsets "floor", the middle as Hugging Face's image processors take it: (size - crop) // 2,
+    where torchvision rounds half to even (they differ by a pixel when size - crop is 3 mod 4)."""
     from PIL import Image
 
     if image.width < width or image.height < height:
@@ -85,8 +93,11 @@ def center_crop(image, height: int, width: int):
         top = (padded.height - image.height) // 2
         padded.paste(image, (left, top))
         image = padded
-    top = int(round((image.height - height) / 2.0))
-    left = int(round((image.width - width) / 2.0))
+    if offsets == "floor":
+        top, left = (image.height - height) // 2, (image.width - width) // 2
+    else:
+        top = int(round((image.height - height) / 2.0))
+        left = int(round((image.width - width) / 2.0))
     return image.crop((left, top, left + width, top + height))
 
 
@@ -115,8 +126,9 @@ class Letterbox:
 def letterbox(image, height: int, width: int, *, fill: int = 114, stride: int | None = None,
               interpolation: str = "bilinear"):
     """Fit the image inside height x width with its aspect kept, centred on a `fill` background.
-    With `stride`, the canvas shrinks to the smallest multiple of it that holds the image (a
-    detector's "rect" mode); without, it is exactly height x width."""
+    With `stride`, each side is padded only by the remainder of its padding modulo the stride (a
+    detector's "rect" mode, ultralytics' LetterBox(auto=True)): the canvas is the image plus less
+    than one stride, a multiple of it when the input size is; without, exactly height x width."""
     from PIL import Image
 
     scale = min(height / image.height, width / image.width)
@@ -124,8 +136,8 @@ def letterbox(image, height: int, width: int, *, fill: int = 114, stride: int | 
     inner = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     image = resize_to(image, inner, interpolation)
     if stride:
-        width = min(width, -(-inner[0] // stride) * stride)
-        height = min(height, -(-inner[1] // stride) * stride)
+        width = inner[0] + (width - inner[0]) % stride
+        height = inner[1] + (height - inner[1]) % stride
     left, top = (width - inner[0]) // 2, (height - inner[1]) // 2
     canvas = Image.new(image.mode, (width, height), (fill,) * len(image.getbands())
                        if len(image.getbands()) > 1 else fill)

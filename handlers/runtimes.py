@@ -232,8 +232,102 @@ class TensorRTRuntime:
         return [o.float().cpu().numpy() for o in outs]
 
 
+def load_program(path: str):
+    """A torch.export program, opened as a file: torch.export.load takes a path for the current
+    archive format only when its name ends in .pt2 (a model.pt from a user is one too)."""
+    import torch
+
+    with open(path, "rb") as f:
+        return torch.export.load(f)
+
+
+def program_inputs(program) -> list[tuple[str, list[int | str], object]]:
+    """A program's user inputs in call order: (name, shape with the batch axis, torch dtype), a
+    dynamic axis as its symbol's name (s0, s77...: the same name on two inputs is one length, and
+    the ONNX exported from the program names the axis so too). A non-tensor input has no shape."""
+    users = set(program.graph_signature.user_inputs)
+    found = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in users:
+            value = node.meta.get("val")
+            shape = [d if isinstance(d, int) else str(d) for d in getattr(value, "shape", ())]
+            found.append((node.name, shape if hasattr(value, "shape") else None,
+                          getattr(value, "dtype", None)))
+    return found
+
+
+def program_batch(program) -> tuple[int, int | None]:
+    """The fewest and most rows one call of the program takes (most None: no bound), from its
+    first input's first axis: a fixed axis (an example of batch 1 specialises it) is (n, n); a
+    dynamic one is its range, where a least of 2 stands for 1 (torch.export's 0/1 specialisation
+    gives Dim.AUTO and Dim('batch') the range [2, ...], and such a program runs a batch of 1)."""
+    users = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        shape = getattr(node.meta.get("val"), "shape", None)
+        if node.op != "placeholder" or node.name not in users or not shape:
+            continue
+        first = shape[0]
+        if isinstance(first, int):
+            return first, first
+        bounds = program.range_constraints.get(first.node.expr)
+        if bounds is None:
+            return 1, None
+        least = int(bounds.lower) if bounds.lower > 2 else 1
+        return least, int(bounds.upper) if bounds.upper < 2**62 else None  # int_oo: no bound
+    return 1, None
+
+
+def rows_per_call(total: int, least: int, most: int | None) -> int | None:
+    """The chunk size a batch of `total` rows must run in (run_in_chunks) for a model that takes
+    least..most rows a call, or None when it runs whole."""
+    if total < least:
+        return least  # one call, padded with copies of the last row
+    if most is not None and total > most:
+        return most
+    return None
+
+
+class ExportedProgramRuntime:
+    """A torch.export program (.pt2) run by PyTorch: its module, called eagerly op by op."""
+
+    metadata: dict[str, str] = {}
+
+    def __init__(self, path: str, threads: int, options: dict | None = None) -> None:
+        import torch
+        from torch.utils import _pytree
+
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # can only be set once per process, before any parallel work
+            pass
+        self._torch, self._leaves = torch, _pytree.tree_leaves
+        options = options or {}
+        program = load_program(path)
+        self.module = program.module()  # no .eval(): the program is already in inference form
+        self.input_names = list(options.get("input_names") or program.graph_signature.user_inputs)
+        count = len(program.graph_signature.user_outputs)
+        self.output_names = list(options.get("output_names") or (
+            ["output"] if count == 1 else [f"output_{i}" for i in range(count)]))
+        self.output_axes = None
+        self.least, self.most = program_batch(program)
+        self.fixed_batch = self.least if self.least == self.most else None
+
+    def run(self, batch: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = as_feeds(batch, self.input_names)
+        size = rows_per_call(batch_size(feeds), self.least, self.most)
+        return self._infer(feeds) if size is None else run_in_chunks(self._infer, feeds, size)
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.module(*(torch.from_numpy(np.ascontiguousarray(feeds[n]))
+                                for n in self.input_names))
+        return [o.numpy() for o in self._leaves(out)]  # a dict's values, a tuple's items, in order
+
+
 RUNTIMES = {"torchscript": TorchScriptRuntime, "onnx": OnnxRuntime, "openvino": OpenVINORuntime,
-            "tensorrt": TensorRTRuntime}
+            "tensorrt": TensorRTRuntime, "exported-program": ExportedProgramRuntime}
 
 
 def load_runtime(runtime: str, path: str, threads: int, options: dict | None = None) -> Runtime:

@@ -31,6 +31,7 @@ class ImageClassification:
         self.resize = pre.get("resize")  # int: shorter side (aspect kept); [h, w]: exact
         self.interpolation = pre.get("interpolation") or "bilinear"
         self.crop = pre.get("center_crop")
+        self.crop_offsets = pre.get("crop_offsets") or "round"
         self.letterbox = pre.get("letterbox")  # {fill, stride}: fit inside the input size
         self.invert = bool(pre.get("invert"))
         # draft decoding gives other pixels than the full decode the model was trained on: only
@@ -68,7 +69,7 @@ class ImageClassification:
         elif self.resize:
             image = geometry.resize(image, self.resize, self.interpolation)
         if self.crop:
-            image = geometry.center_crop(image, self.crop[0], self.crop[1])
+            image = geometry.center_crop(image, self.crop[0], self.crop[1], self.crop_offsets)
         array = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
         if self.invert:
             array = 1.0 - array
@@ -146,7 +147,8 @@ class Tensor:
 TASKS = {"image-classification": ImageClassification, "tensor": Tensor}
 
 
-TEXT_OUTPUT_RANKS = {"feature-extraction": 2, "text-classification": 2, "token-classification": 3}
+TEXT_OUTPUT_RANKS = {"feature-extraction": 2, "text-classification": 2, "token-classification": 3,
+                     "text-reranking": 2}
 
 
 def output_problem(task: str, shapes: list[tuple[int, ...]], names: list[str],
@@ -166,6 +168,9 @@ def output_problem(task: str, shapes: list[tuple[int, ...]], names: list[str],
             axes = "[batch, hidden]" if task == "feature-extraction" else (
                 "[batch, labels]" if rank == 2 else "[batch, sequence, labels]")
             return f"{task} needs one output of shape {axes}; the model gives {described}"
+        if task == "text-reranking" and shapes[0][1] != 1:  # one relevance score per pair
+            return (f"text-reranking needs one score per pair, an output of shape [batch, 1]; "
+                    f"the model gives {described}: use task: text-classification")
         return None
     if task != "image-classification":
         return None

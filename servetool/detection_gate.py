@@ -69,11 +69,18 @@ def outputs(run, task, images: list[bytes]) -> tuple[list[list[np.ndarray]], lis
     geometry, through `task` (the spec's detector); decoded afterwards at whichever thresholds a
     check needs."""
     prepared = [task.preprocess(data) for data in images]
-    raw: list[list[np.ndarray]] = []
-    for start in range(0, len(prepared), BATCH):
-        batch = np.stack([r.examples[0][task.input_name] for r in prepared[start:start + BATCH]])
-        results = [np.asarray(o) for o in run(batch)]
-        raw.extend([o[row] for o in results] for row in range(len(batch)))
+    arrays = [r.examples[0][task.input_name] for r in prepared]
+    raw: list[list[np.ndarray]] = [[] for _ in arrays]
+    # batches of one size: a letterbox-rect detector feeds each image at its own height and width
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, array in enumerate(arrays):
+        by_shape.setdefault(array.shape, []).append(index)
+    for members in by_shape.values():
+        for start in range(0, len(members), BATCH):
+            chunk = members[start:start + BATCH]
+            results = [np.asarray(o) for o in run(np.stack([arrays[i] for i in chunk]))]
+            for row, index in enumerate(chunk):
+                raw[index] = [o[row] for o in results]
     return raw, [r.meta for r in prepared]
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 class Format:
     name: str
     runtime: str  # the handler runtime that loads it: torchscript | onnx | openvino | tensorrt
+    # | exported-program
     artifact: str  # main file name inside the archive
     precision: str  # fp32 | fp16 | int8
     # Parity against the original, every value of every output (servetool/validate.py):
@@ -31,6 +32,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "TorchScript (trace, or script where tracing would freeze control flow)"),
     Format("onnx", "onnx", "model.onnx", "fp32", 1e-4, 0.0, 1.0, 0.1,
            "ONNX Runtime, fp32"),
+    # The same ATen kernels as eager PyTorch, called from the program's graph: tight bounds.
+    Format("exported-program", "exported-program", "model.pt2", "fp32", 1e-5, 0.0, 1.0, 0.1,
+           "torch.export program (.pt2) run by PyTorch: torch.export.load(...).module()"),
     # Fused kernels (one Attention op, SkipLayerNormalization, a GELU op) add up differently.
     Format("onnx-transformer", "onnx", "model.onnx", "fp32", 1e-3, 1e-3, 1.0, 0.1,
            "ONNX Runtime, fp32, with its transformer optimizer's fusions (attention, LayerNorm, "
@@ -38,7 +42,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("onnx-fp16", "onnx", "model.onnx", "fp16", 1e-2, 1e-2, 0.98, 0.5,
            "ONNX Runtime, fp16 weights and activations (fp32 inputs/outputs)"),
     Format("onnx-int8", "onnx", "model.onnx", "int8", 5e-2, 5e-2, 0.97, 0.5,
-           "ONNX Runtime, dynamic int8 (MatMul/Gemm weights; activations quantized per call)"),
+           "ONNX Runtime, int8 MatMul/Gemm weights; activations quantized per call (text models: "
+           "per row, so a text's answer does not depend on its batch)"),
     Format("onnx-int8-static", "onnx", "model.onnx", "int8", 5e-2, 1.5e-1, 0.95, 0.5,
            "ONNX Runtime, static int8 (QDQ, per-channel 7-bit weights, calibrated activations)"),
     Format("openvino", "openvino", "model.xml", "fp32", 1e-3, 1e-4, 1.0, 0.1,

@@ -14,13 +14,21 @@ from typing import Any
 
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER = "tokenizer.json"
+IMAGE_PROCESSOR = "preprocessor_config.json"
 # Longer inputs cost quadratic attention time; a model may allow more, a spec may ask for more.
 DEFAULT_MAX_LENGTH = 512
 
 
+def is_image_folder(folder: Path) -> bool:
+    """An image model's folder: an image processor's settings and no tokenizer."""
+    return (folder / IMAGE_PROCESSOR).is_file() and not (folder / TOKENIZER).is_file()
+
+
 def missing_files(folder: Path) -> list[str]:
-    """The files a folder lacks to be loaded offline: config, weights, the fast tokenizer."""
-    missing = [name for name in ("config.json", TOKENIZER) if not (folder / name).is_file()]
+    """The files a folder lacks to be loaded offline: config, weights, the fast tokenizer (an
+    image model's folder: its preprocessor_config.json instead)."""
+    needed = ("config.json",) if is_image_folder(folder) else ("config.json", TOKENIZER)
+    missing = [name for name in needed if not (folder / name).is_file()]
     if not any((folder / name).is_file() for name in WEIGHTS):
         missing.append(" or ".join(WEIGHTS))
     return missing
@@ -111,3 +119,55 @@ def labels(config: dict[str, Any]) -> list[str] | None:
 
 def multi_label(config: dict[str, Any]) -> bool:
     return config.get("problem_type") == "multi_label_classification"
+
+
+# The task each Hugging Face head serves, by the class name's suffix in config.json's
+# `architectures` (what save_pretrained wrote): loading such a folder as a base model would drop
+# the head the folder was trained with.
+HEAD_TASKS = (("ForSequenceClassification", "text-classification"),
+              ("ForTokenClassification", "token-classification"))
+
+
+def head_task(config: dict[str, Any]) -> str | None:
+    """The task the folder's trained head serves, or None for a base model (no head)."""
+    for name in config.get("architectures") or []:
+        for suffix, task in HEAD_TASKS:
+            if str(name).endswith(suffix):
+                return task
+    return None
+
+
+def num_labels(config: dict[str, Any]) -> int:
+    """The head's outputs: id2label's size (what save_pretrained writes), else num_labels."""
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    declared = config.get("num_labels")
+    return int(declared) if isinstance(declared, int) and declared > 0 else 2
+
+
+def head_kind(config: dict[str, Any]) -> str:
+    """How a sequence classifier's outputs read: `classes` (softmax), `multi_label` (a sigmoid
+    per label), `score` (one output: a cross-encoder's relevance, a regression), `regression`
+    (several raw outputs)."""
+    if multi_label(config):
+        return "multi_label"
+    if num_labels(config) == 1:
+        return "score"
+    return "regression" if config.get("problem_type") == "regression" else "classes"
+
+
+def score_activation(config: dict[str, Any]) -> str | None:
+    """The activation sentence-transformers' CrossEncoder applies to this folder's scores, where
+    config.json names one (v4+: sentence_transformers.activation_fn; older: sbert_ce_default_
+    activation_function): `sigmoid` or `raw`; None where it names none or another one (see
+    activation_name)."""
+    return {"Sigmoid": "sigmoid", "Identity": "raw"}.get(activation_name(config) or "")
+
+
+def activation_name(config: dict[str, Any]) -> str | None:
+    """The class name of the CrossEncoder activation config.json declares, if any."""
+    st = config.get("sentence_transformers")
+    path = (st.get("activation_fn") if isinstance(st, dict) else None) or config.get(
+        "sbert_ce_default_activation_function")
+    return path.rsplit(".", 1)[-1] if isinstance(path, str) else None

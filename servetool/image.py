@@ -94,7 +94,7 @@ def requirements(archives: Iterable[Path], with_watcher: bool = False) -> list[s
         handler = archive.archive_manifest(path)["config"].get("handler", {})
         fmt = FORMATS.get(handler.get("format", ""))
         runtime = handler.get("runtime") or (fmt.runtime if fmt else "")
-        if runtime not in FORMAT_PACKAGES and runtime != "torchscript":
+        if runtime not in FORMAT_PACKAGES and runtime not in ("torchscript", "exported-program"):
             raise ImageError(f"{path.name}: unknown handler runtime {runtime!r}; repackage it "
                              "with this servetool (`servetool package`)")
         needed += FORMAT_PACKAGES.get(runtime, [])

@@ -16,7 +16,7 @@ from servetool import archive, export, reference, validate
 from servetool.errors import ServetoolError, whole_cause
 from servetool.formats import get_format
 from servetool.spec import ModelSpec
-from servetool.text_samples import collate_texts, encode_texts, sample_texts
+from servetool.text_samples import collate_texts, encode_texts, representative_texts
 
 PARITY_BATCH_SIZES = (1, 4, 16)  # more than one, so a batch axis frozen at export is caught
 Progress = Callable[[str], None]
@@ -31,17 +31,28 @@ def gate_batches(spec: ModelSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
     # dynamic axes at other lengths than the export example's
     random = [export.example_batch(spec, n, seed=n, length=3 + 2 * n) for n in PARITY_BATCH_SIZES]
     real: list = []
-    if spec.is_text():  # the sample sentences, tokenized as the worker does
-        encoded = encode_texts(spec, sample_texts(spec, sum(PARITY_BATCH_SIZES)))
-        edges = np.cumsum((0, *PARITY_BATCH_SIZES))
+    if spec.is_text():  # the representative texts (servetool's and the spec's), as the worker
+        encoded = encode_texts(spec, gate_texts(spec))  # tokenizes them
+        sizes = list(PARITY_BATCH_SIZES)
+        while sum(sizes) < len(encoded):  # every text, in batches of 16 after 1, 4 and 16
+            sizes.append(PARITY_BATCH_SIZES[-1])
+        edges = np.cumsum((0, *sizes))
         real = [collate_texts(spec, encoded[a:b])
-                for a, b in zip(edges[:-1], edges[1:], strict=True) if b <= len(encoded)]
+                for a, b in zip(edges[:-1], edges[1:], strict=True) if a < len(encoded)]
     elif spec.validation is not None or spec.calibration is not None:
         x = export.sample_inputs(spec, sum(PARITY_BATCH_SIZES))
         edges = np.cumsum((0, *PARITY_BATCH_SIZES))
         real = [take(x, a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)
                 if b <= batch_size(x)]
     return random, real
+
+
+def gate_texts(spec: ModelSpec) -> list[str]:
+    """servetool's representative texts plus the spec's (text.samples, calibration.texts), at
+    least enough for batches of 1, 4 and 16 (repeated when the set is smaller)."""
+    texts, _ = representative_texts(spec)
+    need = sum(PARITY_BATCH_SIZES)
+    return (texts * (need // len(texts) + 1))[:max(need, len(texts))]
 
 
 class TaskMismatch(export.ExportError):
@@ -93,14 +104,45 @@ def check_task(spec: ModelSpec, original) -> list[str]:
                             len(labels) if labels else None)
     usual = BOX_DEFAULTS[layout]
     d = spec.detection
+    if (d.box_units or usual[1]) == "pixels":
+        refuse_normalised_boxes(spec, outputs, layout, d.box_format or usual[0])
     how = "named in the spec or the model file" if d.layout != "auto" else (
         f"found from the output shape {[list(s) for s in shapes]} and "
         + (f"{len(labels)} labels" if labels else "no labels"))
     return [f"detector: layout {layout} ({how}); boxes {d.box_format or usual[0]} in "
-            f"{d.box_units or usual[1]}; image {d.fit}ed to {list(spec.input_shape[1:])} with "
+            f"{d.box_units or usual[1]}; image {fitted(d.fit, d.stride)} {list(spec.input_shape[1:])} with "
             f"{spec.preprocess.interpolation} resizing; confidence {d.confidence}, iou {d.iou}, "
             f"max_detections {d.max_detections}; labels: "
             + (f"{len(labels)}" if labels else "none (answers give class ids)")]
+
+
+def fitted(fit: str, stride: int) -> str:
+    """How the image is placed in the model input, for package's report."""
+    if fit == "letterbox-rect":
+        return f"letterboxed (rect: padded to multiples of {stride}) within"
+    return f"{fit}ed to"
+
+
+def refuse_normalised_boxes(spec: ModelSpec, outputs: list[np.ndarray], layout: str,
+                            box_format: str) -> None:
+    """A detector read as giving pixels whose every box on the sample inputs lies within [0, 1.5]
+    gives normalised coordinates: served as pixels, each object would come back as a speck in
+    the image's corner with HTTP 200. Checked here, once at package time, not per request."""
+    from handlers.detection import BoxFormat, candidates, looks_normalised
+
+    _, height, width = spec.input_shape
+    boxes_as = BoxFormat(box_format, "pixels")
+    found = []
+    for row in range(len(outputs[0])):
+        image = [np.asarray(o)[row] for o in outputs]
+        found.append(candidates(image if layout == "torchvision" else image[0], layout, -np.inf,
+                                boxes_as, (width, height))[0])
+    if looks_normalised(np.concatenate(found), width, height):
+        raise TaskMismatch(
+            f"{spec.spec_file}: task object-detection: every box the model gives on the sample "
+            f"inputs lies within [0, 1.5] of its {width}x{height} input, read as {layout} boxes "
+            "in pixels: they are normalised (0..1) coordinates; set detection.box_units: "
+            "normalized")
 
 
 def preflight_format(fmt: str) -> None:
@@ -147,12 +189,18 @@ def convert(spec: ModelSpec, fmt: str, out_dir: Path, *, original=None, atol: fl
         progress(f"{spec.name}: {line}")
     progress(f"{spec.name}: exporting to {fmt}")
     artifact = export.export(spec, original, out_dir, fmt)
+    if artifact.notes.get("quantization"):  # how, and on what data (int8: none for text)
+        progress(f"{spec.name}: {artifact.notes['quantization']}")
     if artifact.notes.get("fixed_batch"):
         progress(f"{spec.name}: {fixed_batch_line(spec, artifact.notes['fixed_batch'])}")
     progress(f"{spec.name}: checking {artifact.path.name} ({fmt}) against the original")
     runner = export.artifact_runner(artifact.format.runtime, artifact.path, 1,
                                     artifact.runtime_options, [i.name for i in spec.inputs])
     random, real = gate_batches(spec)
+    if spec.is_text():
+        progress(f"{spec.name}: gating on {len(gate_texts(spec))} texts from "
+                 + " + ".join(representative_texts(spec)[1])
+                 + "; each also alone and in a batch of mixed lengths")
     with sample_inputs_failures(spec):
         report = validate.validate(spec, export.runner_for(original), runner, fmt,
                                    validate.limits_for(fmt, spec.tolerance, atol, spec.task),

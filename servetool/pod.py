@@ -374,7 +374,17 @@ def exec_with_front(command: list[str]) -> None:
         Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         start_front()
     start_split()
+    start_clients()
     os.execvp(command[0], command)
+
+
+def start_clients() -> subprocess.Popen | None:
+    """The OpenAI/TEI clients' front (servetool/clients.py, local target only: it needs
+    servetool itself), under a keeper, when SERVETOOL_CLIENTS_LISTEN asks for it."""
+    listen = os.environ.get("SERVETOOL_CLIENTS_LISTEN")
+    if not listen:
+        return None
+    return start_kept("clients", [sys.executable, "-m", "servetool.clients", listen])
 
 
 def start_split() -> subprocess.Popen | None:

@@ -69,6 +69,7 @@ def _check_good(spec: ModelSpec, body: Any) -> str | None:
         return None
     if spec.is_text():
         key = {"feature-extraction": "embeddings", "text-classification": "predictions",
+               "text-reranking": "predictions",
                "token-classification": "entities"}[spec.task]
         if not isinstance(body, dict) or not isinstance(body.get(key), list) or len(body[key]) != 2:
             return f"expected {{\"{key}\": [one per text]}} for 2 texts, got {body!r:.200}"

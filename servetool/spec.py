@@ -13,20 +13,27 @@ from typing import Any
 
 import yaml
 
-from handlers.preprocess import BOX_FORMATS, BOX_UNITS, FITS, INTERPOLATIONS
+from handlers.preprocess import BOX_FORMATS, BOX_UNITS, CROP_OFFSETS, FITS, INTERPOLATIONS
 from servetool.errors import ServetoolError
 from servetool.formats import FORMATS as FORMAT_TABLE
 from servetool.formats import ONNX_FAMILY
 
 SPEC_FILE = "servetool.yaml"
 FORMATS = tuple(FORMAT_TABLE)
-TEXT_TASKS = ("feature-extraction", "text-classification", "token-classification")
+TEXT_TASKS = ("feature-extraction", "text-classification", "token-classification",
+              "text-reranking")
 TASKS = ("image-classification", "tensor", "object-detection", *TEXT_TASKS)
 IMAGE_TASKS = ("image-classification", "object-detection")
 DETECTION_LAYOUTS = ("auto", "yolov5", "yolov8", "nms", "detr", "torchvision")
 SOURCE_KINDS = ("state_dict", "torchscript", "onnx", "pickled_module", "random_weights",
-                "transformers")
+                "transformers", "exported_program")
+# A torch.export program: the program itself, or ONNX made from it. TorchScript (and TensorRT,
+# built from TorchScript) are not: tracing the program's module freezes a specialised batch.
+PROGRAM_FORMATS = ("exported-program", *ONNX_FAMILY)
 POOLINGS = ("mean", "cls")
+SCORE_ACTIVATIONS = ("sigmoid", "raw")  # a one-output head's score: CrossEncoder's default, or the logit
+AGGREGATIONS = ("first", "simple", "average", "max")  # transformers' token-classification strategies
+PAIR_TRUNCATIONS = ("longest_first", "only_second")  # tokenizers' strategies for a text pair
 TORCHSCRIPT_METHODS = ("auto", "trace", "script")
 GRAPH_OPTIMIZATION = ("disabled", "basic", "extended", "all")
 DTYPES = ("float32", "float64", "int64", "int32")
@@ -119,6 +126,12 @@ class DataRef:
             pairs.append((label.strip(), text))
         return pairs[: self.samples] if self.samples else pairs
 
+    def plain_texts(self) -> list[str]:
+        """A calibration texts file: one text per non-empty line, as written (no labels)."""
+        texts = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                 if line.strip()]
+        return texts[: self.samples] if self.samples else texts
+
     def load(self, names: list[str] | None = None) -> tuple[Any, Any]:
         """(x, y): x an array, or {input name: array} for a model of several inputs (the .npz
         then holds one array per input name instead of x)."""
@@ -181,11 +194,20 @@ class TextOptions:
     samples: Path | None = None  # sentences, one per line, for the gate
     labels: tuple[str, ...] | None = None  # classifiers: from config.json's id2label
     multi_label: bool = False  # text-classification: sigmoid per label instead of softmax
+    # text-classification / text-reranking: how the head's outputs read (servetool.hf.head_kind):
+    # classes | multi_label | score | regression
+    head: str = "classes"
+    score: str = "sigmoid"  # score and regression heads: sigmoid | raw
+    threshold: float = 0.5  # multi_label: every label whose sigmoid is >= this
+    aggregation: str = "first"  # token-classification: the pipeline's strategy
+    pair_truncation: str = "longest_first"  # a text pair over max_length: which side is cut
 
     def handler_dict(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer.name, "max_length": self.max_length,
                 "truncate": self.truncate, "max_texts": self.max_texts, "pooling": self.pooling,
-                "normalize": self.normalize, "multi_label": self.multi_label}
+                "normalize": self.normalize, "multi_label": self.multi_label, "head": self.head,
+                "score": self.score, "threshold": self.threshold,
+                "aggregation": self.aggregation, "pair_truncation": self.pair_truncation}
 
 
 @dataclass(frozen=True)
@@ -203,7 +225,11 @@ class DetectionOptions:
     scale: float = 1 / 255  # pixel values times this (1: the model takes 0-255)
     box_format: str | None = None  # xyxy | xywh | cxcywh; None: the layout's usual one
     box_units: str | None = None  # pixels (of the model input) | normalized; None: the layout's
-    fit: str = "letterbox"  # letterbox (aspect kept, padded) | stretch (to the input size)
+    # letterbox (aspect kept, padded to the input size) | letterbox-rect (padded only up to a
+    # multiple of `stride`: ultralytics' predictor on an input with free height and width) |
+    # stretch (to the input size)
+    fit: str = "letterbox"
+    stride: int = 32  # letterbox-rect's: each side a multiple of it (the model's largest stride)
 
     def handler_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -216,6 +242,7 @@ class Preprocess:
     resize: tuple[int, int] | int | None = None
     interpolation: str = "bilinear"  # bilinear | bicubic | nearest (antialiased, as torchvision)
     center_crop: tuple[int, int] | None = None
+    crop_offsets: str = "round"  # round: torchvision's CenterCrop; floor: Hugging Face processors'
     letterbox: dict[str, Any] | None = None  # {fill}: fit inside the input size, aspect kept
     # true: large JPEGs decode at a reduced scale, faster but other pixels than the model was
     # trained on, so only when asked for (see handlers/imaging.py)
@@ -232,6 +259,7 @@ class Preprocess:
             "resize": list(self.resize) if isinstance(self.resize, tuple) else self.resize,
             "interpolation": self.interpolation,
             "center_crop": list(self.center_crop) if self.center_crop else None,
+            "crop_offsets": self.crop_offsets,
             "letterbox": dict(self.letterbox) if self.letterbox else None,
             "jpeg_draft": self.jpeg_draft,
             "invert": self.invert,
@@ -293,15 +321,20 @@ class ModelSpec:
         x = text_batch(self, [text for _, text in pairs])
         return x, np.array([names.index(label) for label, _ in pairs], np.int64)
 
-    def detector(self):
+    def detector(self, full_canvas: bool = False):
         """The serving task of a detector (handlers/detection.py): the gate, validation and
-        calibration preprocess and decode exactly as the handler does."""
+        calibration preprocess and decode exactly as the handler does. `full_canvas`: a
+        letterbox-rect detector letterboxes to the whole input size instead (one array of
+        same-sized images, as calibration data must be; a valid input of the same model)."""
         from handlers.detection import ObjectDetection
 
+        options = self.detection or DetectionOptions()
+        if full_canvas and options.fit == "letterbox-rect":
+            options = replace(options, fit="letterbox")
         return ObjectDetection({"input_shape": list(self.input_shape),
                                 "inputs": [i.as_dict() for i in self.inputs],
                                 "preprocess": self.preprocess.as_dict(),
-                                "detection": (self.detection or DetectionOptions()).handler_dict()},
+                                "detection": options.handler_dict()},
                                self.label_names())
 
     def label_names(self) -> list[str] | None:
@@ -318,8 +351,9 @@ class ModelSpec:
         import numpy as np
 
         if ref.coco or (ref.images and self.task == "object-detection"):
-            # a detector's images, letterboxed as served (their boxes: detection_gate)
-            task = self.detector()
+            # a detector's images, letterboxed as served (their boxes: detection_gate), all at
+            # the full input size (one array)
+            task = self.detector(full_canvas=True)
             return np.stack([task.preprocess(data).examples[0][task.input_name]
                              for data in ref.detector_images()[0]]), None
         if not ref.images:
@@ -473,13 +507,22 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     if source.kind == "onnx" and fmt not in ONNX_FAMILY:
         top.fail(f"is {fmt!r}, but an ONNX source can only be served as one of "
                  f"{', '.join(ONNX_FAMILY)}", "format")
+    if source.kind == "exported_program" and fmt not in PROGRAM_FORMATS:
+        top.fail(f"is {fmt!r}, but a torch.export program is served as one of "
+                 f"{', '.join(PROGRAM_FORMATS)}: TorchScript is not made from a program (a trace "
+                 "of its module freezes a specialised batch, and TorchScript is deprecated)",
+                 "format")
     inputs = _parse_inputs(top, source)
     outputs = tuple(top.get("outputs", list, [], check=lambda v: None if all(
         isinstance(n, str) and INPUT_NAME.match(n) for n in v) and len(set(v)) == len(v)
         else f"must be a list of distinct output names, got {v!r}"))
     shape, dtype, allow_nonfinite = inputs[0].shape, inputs[0].dtype, inputs[0].allow_nonfinite
-    task = top.get("task", str, check=_one_of(TASKS))
+    task = top.get("task", str, _default_task(source), check=_one_of(TASKS))
     hints = _file_hints(top, source, task)
+    if task == "object-detection" and hints.dynamic_hw and hints.imgsz and "input" not in top.data:
+        inputs = _largest_image_input(inputs, hints.imgsz)
+        shape = inputs[0].shape
+    _image_config_hints(top, source, task, hints, shape)
     pre = _parse_preprocess(top.child("preprocess", None), spec_file)
     given_pre = top.data.get("preprocess") or {}
     pre = replace(pre, **{k: v for k, v in hints.preprocess.items() if k not in given_pre})
@@ -505,15 +548,30 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         text = _parse_text(top.child("text", None), top, task, source, directory)
         for key, ref in (("validation", validation), ("calibration", calibration)):
             if ref is not None and not ref.texts:
-                top.fail("must be {texts: FILE} (LABEL<TAB>TEXT lines) for a text model", key)
+                top.fail("must be {texts: FILE} for a text model (" + (
+                    "LABEL<TAB>TEXT lines)" if key == "validation" else "one text per line)"), key)
         if validation is not None and task != "text-classification":
             top.fail(f"labelled texts judge a text classifier's accuracy; {task} has none to "
                      "judge (its gate compares with the original on text.samples)", "validation")
     elif "text" in top.data:
-        top.fail(f"is for the text tasks ({', '.join(TEXT_TASKS)}); task is {task}", "text")
+        tensor_text = top.child("text", None)
+        if not (task == "tensor" and source.kind == "transformers" and tensor_text is not None
+                and set(tensor_text.data) <= {"hidden_states"}):
+            top.fail(f"is for the text tasks ({', '.join(TEXT_TASKS)}); task is {task} (a "
+                     "Hugging Face folder as tensor takes text.hidden_states only)", "text")
+        tensor_text.get("hidden_states", bool, False)
+    _refuse_dropped_head(top, task, source)
+    if task not in TEXT_TASKS and calibration is not None and calibration.texts:
+        top.fail(f"texts calibrate a text model; task {task} takes "
+                 f"{calibration_hint(task)}", "calibration")
     detection = None
     if task == "object-detection":
         detection = _parse_detection(top.child("detection", None), hints.detection)
+        if detection.fit == "letterbox-rect" and not getattr(hints, "dynamic_hw", False):
+            top.fail(f"letterbox-rect feeds each image at its own size, but {source.path.name} "
+                     f"takes a fixed {list(shape)[1:]}: use detection.fit: letterbox (or export "
+                     "the model with dynamic height and width, e.g. ultralytics' dynamic=True)",
+                     "detection.fit")
         if calibration is not None and calibration.coco:
             top.fail("takes images or an .npz for a detector (no boxes needed)", "calibration")
     elif "detection" in top.data:
@@ -521,11 +579,14 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     elif validation is not None and validation.coco:
         top.fail("is a COCO file of boxes, which only an object-detection model uses", "validation")
     top.finish()
-    if fmt == "onnx-int8-static" and calibration is None and validation is None:
+    # a text model without calibration texts is calibrated on servetool's representative set
+    if fmt == "onnx-int8-static" and calibration is None and validation is None and (
+            task not in TEXT_TASKS):
         top.fail(f"is onnx-int8-static, which needs calibration data: add {calibration_hint(task)}",
                  "format")
 
-    if source.kind == "transformers" and task not in (*TEXT_TASKS, "tensor"):
+    if source.kind == "transformers" and task not in (*TEXT_TASKS, "tensor") and not (
+            task == "image-classification" and _is_image_folder(source)):
         top.fail(f"is {task}, but a Hugging Face text model serves one of {', '.join(TEXT_TASKS)} "
                  "(or tensor, for raw token ids)", "task")
     if task == "text-classification" and not (labels or (text and text.labels)):
@@ -575,13 +636,30 @@ def calibration_hint(task: str) -> str:
     if task in IMAGE_TASKS:
         return ("calibration.images (a folder of images like those it will serve) or "
                 "calibration.data (an .npz with x)")
+    if task in TEXT_TASKS:
+        return "calibration.texts (a file of texts like those it will serve, one per line)"
     return "calibration.data (an .npz with x)"
+
+
+def _largest_image_input(inputs: tuple[InputSpec, ...], imgsz: list[int]
+                         ) -> tuple[InputSpec, ...]:
+    """A detector whose file leaves height and width free (ultralytics' dynamic=True export):
+    its input is described at the size it was exported at, the largest canvas it is fed (the gate,
+    calibration and the archive's config see a fixed [channels, height, width]; the handler's
+    letterbox-rect feeds smaller ones)."""
+    first = inputs[0]
+    if len(first.shape) != 3 or not isinstance(first.shape[0], int):
+        return inputs
+    fixed = replace(first, shape=(first.shape[0], int(imgsz[0]), int(imgsz[1])))
+    return (fixed, *inputs[1:])
 
 
 def _parse_inputs(top: _Reader, source: Source) -> tuple[InputSpec, ...]:
     """`input:` (one), `inputs:` (several, by name), or, for an ONNX source, the file's own."""
     if "input" in top.data and "inputs" in top.data:
         top.fail("and input both given: use input for one, inputs for several", "inputs")
+    if source.kind == "exported_program":
+        return _program_spec_inputs(top, source.path)
     if "inputs" in top.data:
         items = top.get("inputs", list, check=lambda v: None if v else "must list an input")
         inputs = tuple(_parse_input(_Reader(item, f"inputs[{i}]", top.file), None)
@@ -675,6 +753,81 @@ def onnx_inputs(path: Path) -> tuple[InputSpec, ...]:
     return tuple(inputs)
 
 
+PROGRAM_FIX = {"state_dict": "name it source.state_dict (with model_file and class)",
+               "torchscript": "name it source.torchscript",
+               "pickled_module": "name it source.pickled_module (with trust_pickle: true)",
+               "onnx": "name it source.onnx"}
+
+
+def program_inputs(path: Path) -> tuple[InputSpec, ...]:
+    """A torch.export program's inputs, without their batch axis (a fixed or dynamic batch is
+    the runtime's business: handlers.runtimes.program_batch)."""
+    from servetool.errors import whole_cause
+    from servetool.torch_files import PROGRAM, SOURCE_KEYS, saved_as
+
+    kind = saved_as(path)
+    if kind != PROGRAM:
+        key = "onnx" if path.suffix.lower() == ".onnx" else SOURCE_KEYS.get(kind, "")
+        fix = PROGRAM_FIX.get(key, "save the program with "
+                              "torch.export.save(torch.export.export(model, example), path)")
+        raise SpecError(f"{path}: named as source.exported_program, but it is {kind}, not a "
+                        f"torch.export program: {fix}")
+    from handlers.runtimes import load_program
+    from handlers.runtimes import program_inputs as signature
+
+    try:
+        program = load_program(str(path))
+    except Exception as exc:
+        raise SpecError(f"{path}: torch.export.load failed: {whole_cause(exc)}") from None
+    inputs = []
+    for name, shape, dtype in signature(program):
+        dtype_name = str(dtype).removeprefix("torch.")
+        if not shape:
+            raise SpecError(f"{path}: the program's input {name!r} is "
+                            f"{'a tensor without a batch axis' if shape == [] else 'not a tensor'}; "
+                            "servetool feeds batches of tensors: re-export with tensor inputs "
+                            "whose first axis is the batch")
+        if dtype_name not in DTYPES:
+            raise SpecError(f"{path}: the program's input {name!r} is {dtype_name}, which "
+                            f"servetool does not take ({', '.join(DTYPES)})")
+        inputs.append(InputSpec(name, tuple(shape[1:]), dtype_name))
+    if not inputs:
+        raise SpecError(f"{path}: the program has no tensor inputs")
+    return tuple(inputs)
+
+
+def _program_spec_inputs(top: _Reader, path: Path) -> tuple[InputSpec, ...]:
+    """The program's inputs; or the spec's (input or inputs), which may name them, narrow a
+    dynamic axis to a length, or set pad and range, but must not contradict the program."""
+    program = program_inputs(path)
+    if "inputs" in top.data:
+        key = "inputs"
+        items = top.get(key, list, check=lambda v: None if v else "must list an input")
+        given = tuple(_parse_input(_Reader(item, f"inputs[{i}]", top.file),
+                                   program[i].name if i < len(program) else None)
+                      for i, item in enumerate(items))
+    elif "input" in top.data:
+        key, given = "input", (_parse_input(top.child("input"), program[0].name),)
+    else:
+        top.seen.add("input")
+        return program
+    if len(given) != len(program):
+        top.fail(f"gives {len(given)} input(s) ({_describe_inputs(given)}), but the program "
+                 f"{path.name} takes {len(program)} ({_describe_inputs(program)}); leave {key} "
+                 "out to use the program's", key)
+    for i, (mine, theirs) in enumerate(zip(given, program, strict=True)):
+        fixed_differ = len(mine.shape) != len(theirs.shape) or any(
+            isinstance(t, int) and m != t for m, t in zip(mine.shape, theirs.shape, strict=True))
+        if fixed_differ or mine.dtype != theirs.dtype:
+            top.fail(f"gives {mine.name} {list(mine.shape)} {mine.dtype}, but the program "
+                     f"{path.name} takes {theirs.name} {list(theirs.shape)} {theirs.dtype} "
+                     f"(without the batch axis): correct it, or leave {key} out to use the "
+                     "program's", key if key == "input" else f"inputs[{i}]")
+    if len({i.name for i in given}) != len(given):
+        top.fail(f"names an input twice: {[i.name for i in given]}", key)
+    return given
+
+
 def _describe_inputs(inputs: tuple[InputSpec, ...]) -> str:
     return ", ".join(f"{i.name} {list(i.shape)} {i.dtype}" for i in inputs)
 
@@ -693,6 +846,7 @@ def _parse_source(src: _Reader, directory: Path) -> Source:
         path = _transformers_folder(src, directory)
     else:
         path = _existing_file(src, directory, kind, src.get(kind, str))
+        _refuse_a_program_under(src, kind, path)
     model_file = class_name = None
     init_args: dict[str, Any] = {}
     seed = 0
@@ -717,6 +871,18 @@ def _parse_source(src: _Reader, directory: Path) -> Source:
     return Source(kind, path, model_file, class_name, init_args, seed, trust)
 
 
+def _refuse_a_program_under(src: _Reader, kind: str, path: Path) -> None:
+    """A .pt2 under another key: its loader would call it corrupted (torch.load, torch.jit.load)."""
+    from servetool.torch_files import is_exported_program
+
+    if kind != "exported_program" and is_exported_program(path):
+        what = {"torchscript": "TorchScript", "pickled_module": "pickled module",
+                "onnx": "ONNX"}.get(kind, kind)
+        src.fail(f"names {path.name}, which is a torch.export program (torch.export.save), not a "
+                 f"{what} file: name it source.exported_program (its inputs are read from the "
+                 "program)", src.key(kind))
+
+
 def _transformers_folder(src: _Reader, directory: Path) -> Path:
     from servetool import hf
 
@@ -738,8 +904,18 @@ def _transformers_folder(src: _Reader, directory: Path) -> Path:
 
 def _transformers_inputs(folder: Path) -> tuple[InputSpec, ...]:
     """input_ids, attention_mask (and token_type_ids where the model has types), one dynamic
-    "sequence" axis they share; padded as the tokenizer pads; sample values the model accepts."""
+    "sequence" axis they share; padded as the tokenizer pads; sample values the model accepts.
+    An image model's folder: pixel_values of the size its image processor produces."""
     from servetool import hf
+
+    if hf.is_image_folder(folder):
+        from servetool.image_metadata import folder_input_shape
+
+        shape = folder_input_shape(folder)
+        if shape is None:
+            raise SpecError(f"{folder / hf.IMAGE_PROCESSOR}: its processor gives no fixed image "
+                            "size; add input: {shape: [3, HEIGHT, WIDTH]} to the spec")
+        return (InputSpec("pixel_values", shape),)
 
     config = hf.read_json(folder / "config.json")
     vocab = hf.vocab_size(config) or 2
@@ -777,15 +953,85 @@ def _parse_text(section: _Reader | None, top: _Reader, task: str, source: Source
     normalize = section.get("normalize", bool, declared_normalize)
     samples_rel = section.get("samples", str, None)
     samples = _existing_file(section, directory, "samples", samples_rel) if samples_rel else None
+    head = _text_head(section, task, config, folder is not None)
+    declared = hf.activation_name(config)
+    if head == "score" and declared and not hf.score_activation(config) and "score" not in section.data:
+        # a Tanh or Softmax CrossEncoder would get another function's scores: never silently
+        section.fail(f"is missing: config.json names the CrossEncoder activation {declared}, which "
+                     "servetool does not apply; set score: sigmoid or score: raw", section.key("score"))
     options = TextOptions(
         tokenizer=tokenizer, max_length=max_length, truncate=section.get("truncate", bool, True),
         max_texts=section.get("max_texts", int, 32, check=_positive), pooling=pooling,
         normalize=normalize, samples=samples,
-        labels=tuple(hf.labels(config) or ()) or None, multi_label=hf.multi_label(config))
+        labels=tuple(hf.labels(config) or ()) or None, multi_label=hf.multi_label(config),
+        head=head,
+        score=section.get("score", str, hf.score_activation(config) or (
+            "sigmoid" if head == "score" else "raw"), check=_one_of(SCORE_ACTIVATIONS)),
+        threshold=section.get("threshold", (int, float), 0.5, check=lambda v: None if 0 < v < 1
+                              else f"must be a probability between 0 and 1, got {v}"),
+        aggregation=section.get("aggregation", str, "first", check=_one_of(AGGREGATIONS)),
+        pair_truncation=section.get("pair_truncation", str, "longest_first",
+                                    check=_one_of(PAIR_TRUNCATIONS)))
+    section.get("hidden_states", bool, False)  # read by _refuse_dropped_head
     section.finish()
     if task != "feature-extraction" and ("pooling" in section.data or "normalize" in section.data):
         section.fail(f"sets pooling/normalize, which only feature-extraction uses (task: {task})")
+    _refuse_keys_for_other_heads(section, task, head)
     return options
+
+
+def _text_head(section: _Reader, task: str, config: dict[str, Any], from_folder: bool) -> str:
+    """How a classifier's outputs read, from config.json (num_labels, problem_type); a reranker
+    needs one output per pair."""
+    from servetool import hf
+
+    if task not in ("text-classification", "text-reranking"):
+        return "classes"
+    if not from_folder:  # an ONNX/TorchScript file: no config to read; a reranker gives one score
+        return "score" if task == "text-reranking" else "classes"
+    head = hf.head_kind(config)
+    if task == "text-reranking" and head != "score":
+        section.fail(f"text-reranking scores (query, passage) pairs with a one-output head "
+                     f"(num_labels 1, as a sentence-transformers CrossEncoder); this folder's "
+                     f"head has {hf.num_labels(config)} outputs ({head}): use task: "
+                     "text-classification", "task")
+    return head
+
+
+def _refuse_keys_for_other_heads(section: _Reader, task: str, head: str) -> None:
+    """A key the model's head or the task never reads is a mistake worth naming."""
+    given = set(section.data)
+    if "threshold" in given and head != "multi_label":
+        section.fail(f"is for multi-label classifiers (config.json problem_type: multi_label_"
+                     f"classification); this model's head is {head} (task {task})",
+                     section.key("threshold"))
+    if "score" in given and head not in ("score", "regression"):
+        section.fail(f"is for one-output (score) and regression heads; this model's head is "
+                     f"{head} (task {task})", section.key("score"))
+    if "aggregation" in given and task != "token-classification":
+        section.fail(f"is for token-classification; task is {task}", section.key("aggregation"))
+    if "hidden_states" in given and task != "feature-extraction":
+        section.fail(f"is for feature-extraction and tensor (serve the hidden states of a folder "
+                     f"with a head); task is {task}", section.key("hidden_states"))
+
+
+def _refuse_dropped_head(top: _Reader, task: str, source: Source) -> None:
+    """Serving hidden states (tensor, feature-extraction) from a folder whose weights hold a
+    trained head drops that head: refused, naming the task that serves it, unless the spec asks
+    for the hidden states explicitly (text.hidden_states: true)."""
+    from servetool import hf
+
+    if source.kind != "transformers" or task not in ("tensor", "feature-extraction"):
+        return
+    if _is_image_folder(source):
+        return
+    fits = hf.head_task(hf.read_json(source.path / "config.json"))
+    text = top.data.get("text")
+    if fits is None or (isinstance(text, dict) and text.get("hidden_states") is True):
+        return
+    top.fail(f"is {task}, which serves the encoder's hidden states and drops the trained head of "
+             f"{source.path} (config.json architectures: a {fits.replace('-', ' ')} head): use "
+             f"task: {fits} (or set text.hidden_states: true to serve the hidden states)", "task")
 
 
 def _parse_workers(section: _Reader | None) -> tuple[int | None, int | None]:
@@ -844,9 +1090,11 @@ def _parse_data(section: _Reader | None, directory: Path, labelled: bool,
     if "texts" in section.data:
         path = _existing_file(section, directory, "texts", section.get("texts", str))
         section.finish()
-        if not labelled:
-            section.fail("takes no texts file: a text model's calibration uses its sample "
-                         "sentences (text.samples)", section.key("texts"))
+        if not labelled:  # a text model's calibration: one text per line, no labels
+            ref = DataRef(path, samples, texts=True)
+            if not ref.plain_texts():
+                section.fail(f"names an empty file: {path}", section.key("texts"))
+            return ref
         ref = DataRef(path, samples, texts=True)
         try:
             if not ref.labelled_texts():
@@ -900,6 +1148,43 @@ def _parse_data(section: _Reader | None, directory: Path, labelled: bool,
     return DataRef(path, samples)
 
 
+def _is_image_folder(source: Source) -> bool:
+    from servetool import hf
+
+    return source.kind == "transformers" and hf.is_image_folder(source.path)
+
+
+def _default_task(source: Source) -> Any:
+    """image-classification for a Hugging Face image folder (package prints it); else required."""
+    return "image-classification" if _is_image_folder(source) else ...
+
+
+def _image_config_hints(top: _Reader, source: Source, task: str, hints: Any,
+                        shape: tuple) -> None:
+    """Merge what a timm or Hugging Face image config says (servetool/image_metadata.py) into
+    the file's hints; what servetool cannot reproduce is refused unless the spec sets it."""
+    from servetool.image_metadata import read
+
+    if task != "image-classification":
+        return
+    found = read(source.kind, source.path)
+    if "task" not in top.data and _is_image_folder(source):
+        hints.notes.append(f"task: image-classification ({source.path.name} is a Hugging Face "
+                           "image model; set task to override)")
+    if not found.library:
+        return
+    given = top.data.get("preprocess") or {}
+    for keys, message in found.problems:
+        if not all(k in given for k in keys):
+            top.fail(message, "preprocess")
+    if found.input_shape and tuple(found.input_shape) != tuple(shape):
+        top.fail(f"is {list(shape)}, but {found.file} says the model takes "
+                 f"{list(found.input_shape)}: fix the input shape or the config", "input.shape")
+    hints.preprocess.update(found.preprocess)
+    hints.labels = hints.labels or found.labels
+    hints.notes.extend(found.notes)
+
+
 def _file_hints(top: _Reader, source: Source, task: str):
     """What an ONNX image model's own metadata says (servetool/exporter_metadata.py); a task
     that contradicts the exporter's is refused rather than served wrong."""
@@ -940,6 +1225,7 @@ def _parse_detection(section: _Reader | None,
         box_format=section.get("box_format", str, default.box_format, check=_one_of(BOX_FORMATS)),
         box_units=section.get("box_units", str, default.box_units, check=_one_of(BOX_UNITS)),
         fit=section.get("fit", str, default.fit, check=_one_of(FITS)),
+        stride=section.get("stride", int, default.stride, check=_positive),
     )
     section.finish()
     if result.max_detections > result.max_detections_limit:
@@ -996,6 +1282,7 @@ def _parse_preprocess(pre: _Reader | None, spec_file: Path) -> Preprocess:
         resize=tuple(resize) if isinstance(resize, list) else resize,
         interpolation=pre.get("interpolation", str, "bilinear", check=_one_of(INTERPOLATIONS)),
         center_crop=tuple(crop) if crop else None,
+        crop_offsets=pre.get("crop_offsets", str, "round", check=_one_of(CROP_OFFSETS)),
         letterbox=letterbox_opts,
         jpeg_draft=pre.get("jpeg_draft", bool, False),
         invert=pre.get("invert", bool, False),

@@ -60,6 +60,7 @@ class ServerState:
     front: bool = False  # management through servetool's front (front_key.json beside the keys)
     jvm_pid: int | None = None  # recorded once the server is healthy
     split_metrics_port: int | None = None  # HAProxy's exporter, when the split fronts inference
+    clients_port: int | None = None  # the OpenAI/TEI clients' front (servetool/clients.py)
 
     def url(self, api: str) -> str:
         return f"http://{_url_host(self.host)}:{self.ports[api]}"
@@ -89,6 +90,8 @@ class ServerOptions:
     sizes: tuple[int | None, int | None] = (None, None)
     # HAProxy on the inference port in front of TorchServe, for canary splits (servetool/split.py)
     split: bool = False
+    # the OpenAI and TEI clients' paths (servetool/clients.py) on this port; None: not served
+    clients_port: int | None = None
 
 
 def _url_host(host: str) -> str:
@@ -328,7 +331,8 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
         progress("TorchServe had crashed: ending what was left of it")
         stop(opts.run_dir)
     java_version()
-    for api, port in opts.ports.items():
+    for api, port in {**opts.ports, **({"clients": opts.clients_port} if opts.clients_port
+                                       else {})}.items():
         if port_in_use(opts.host, port):
             raise ServerError(f"port {port} on {opts.host} ({api} API) is already in use by another "
                               f"program; pick another with --{api.replace('_', '-')}-port")
@@ -362,7 +366,7 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
            "METRICS_LOCATION": str(logs), "SERVETOOL_WORK_DIR": str(run_dir),
            "SERVETOOL_TS_CONFIG": str(config_file),
            "SERVETOOL_FRONT_LISTEN": f"{_url_host(opts.host)}:{opts.ports['management']}",
-           **split_env}
+           **split_env, **clients_env(opts)}
     # pod.py exec starts servetool's management front, then becomes TorchServe's launcher: one
     # process group holds the launcher, the JVM, its workers and the front.
     cmd = [sys.executable, pod.__file__, "exec", torchserve_command(), "--start", "--foreground",
@@ -376,7 +380,7 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
     state = ServerState(run_dir=str(run_dir), pid=proc.pid, host=opts.host, ports=dict(opts.ports),
                         model_store=str(opts.model_store.resolve()),
                         token_auth=token_auth_enabled(config_file), front=True,
-                        split_metrics_port=split_metrics)
+                        split_metrics_port=split_metrics, clients_port=opts.clients_port)
     runfiles.write_private(run_dir / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
     try:
         wait_healthy(state, opts.startup_timeout_s, proc)
@@ -387,6 +391,16 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
     state = replace(state, jvm_pid=_member_with(state.pid, JVM_MARK))
     runfiles.write_private(run_dir / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
     return state
+
+
+def clients_env(opts: ServerOptions) -> dict[str, str]:
+    """What pod.py needs to start the clients' front: where it listens, and the public inference
+    port it forwards to (HAProxy's when a canary split fronts it, so the split applies)."""
+    if not opts.clients_port:
+        return {}
+    upstream = opts.host if opts.host not in ("0.0.0.0", "::", "localhost") else "127.0.0.1"
+    return {"SERVETOOL_CLIENTS_LISTEN": f"{_url_host(opts.host)}:{opts.clients_port}",
+            "SERVETOOL_CLIENTS_UPSTREAM": f"{_url_host(upstream)}:{opts.ports['inference']}"}
 
 
 def wait_healthy(state: ServerState, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -514,7 +528,7 @@ def _group_alive(pgid: int) -> bool:
 # What the processes of a server servetool started run: the launcher, the JVM, the Python workers
 # (which outlive a killed JVM for a while) and the management front.
 OUR_PROCESSES = (b"torchserve", b"org.pytorch.serve", b"model_server", b"ts/model_service_worker",
-                 b"pod.py front", b"pod.py keep")
+                 b"pod.py front", b"pod.py keep", b"servetool.clients")
 
 
 def _is_ours(pgid: int) -> bool:

@@ -20,9 +20,7 @@ import yaml
 from servetool import lifecycle
 from servetool.bench.serve import run_load
 from servetool.lifecycle import DeployError, Lifecycle
-from servetool.package import package
 from servetool.sources import BucketSource, FolderSource, SourceError, safe_target
-from servetool.spec import load_spec
 from servetool.targets.local import LocalTarget
 from servetool.torchserve import free_ports
 from servetool.watch import Watcher, describe
@@ -34,9 +32,10 @@ IMAGE = (DIGITS / "samples" / "digit_3.png").read_bytes()
 
 # --- archives and publishing ---------------------------------------------------------------------
 def rewrite_archive(src: Path, dst: Path, *, name: str | None = None, version: str | None = None,
-                    break_import: bool = False, max_pixels: int | None = None) -> Path:
+                    break_import: bool = False, max_pixels: int | None = None,
+                    workers: int | None = None) -> Path:
     """A copy of an archive as another model or version, or with a handler that cannot load, or
-    one whose workers load but refuse the smoke test's image."""
+    one whose workers load but refuse the smoke test's image, or with a fixed worker count."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
         for item in zin.infolist():
@@ -49,10 +48,13 @@ def rewrite_archive(src: Path, dst: Path, *, name: str | None = None, version: s
             if item.filename == "entry.py" and break_import:
                 data = data.replace(b"import numpy as np\n",
                                     b"import numpy as np\nimport module_nobody_installed\n")
-            if item.filename == "model-config.yaml" and max_pixels:
+            if item.filename == "model-config.yaml" and (max_pixels or workers):
                 config = yaml.safe_load(data)
-                config["handler"]["preprocess"]["max_pixels"] = max_pixels
-                data = yaml.safe_dump(config).encode()
+                if max_pixels:
+                    config["handler"]["preprocess"]["max_pixels"] = max_pixels
+                if workers:
+                    config |= {"minWorkers": workers, "maxWorkers": workers}
+                data = yaml.safe_dump(config, sort_keys=False).encode()
             zout.writestr(item, data)
     return dst
 
@@ -73,14 +75,14 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory):
-    """Model `lc` in versions 1.0 and 2.0 (ONNX, one worker each) and variants of them."""
+def archives(tmp_path_factory, model_store):
+    """Model `lc` in versions 1.0 and 2.0 (ONNX, one worker each) and variants of them: the
+    session's packaged digits archive rewritten (a version is only its manifest's field), not
+    packaged again."""
     built = tmp_path_factory.mktemp("lc-built")
-    specs = tmp_path_factory.mktemp("lc-specs")
-    out = {}
-    for version in ("1.0", "2.0"):
-        spec = load_spec(write_spec(specs / version, name="lc", version=version, workers=ONE))
-        out[version] = Path(package(spec, built / version)["archive"])
+    out = {version: rewrite_archive(model_store / "digits.mar", built / version / "lc.mar",
+                                    name="lc", version=version, workers=1)
+           for version in ("1.0", "2.0")}
     out["broken"] = rewrite_archive(out["2.0"], built / "broken" / "lc.mar", version="3.0",
                                     break_import=True)
     out["refusing"] = rewrite_archive(out["2.0"], built / "refusing" / "lc.mar", version="3.2",

@@ -489,19 +489,16 @@ def test_an_image_that_makes_the_decoder_raise_fails_alone(served, held_out):
 
 
 def test_archives_of_one_model_are_ordered_by_version_not_file_name(tmp_path, model_store):
-    from servetool.package import package
     from servetool.targets.local import version_key
-    from tests.conftest import write_spec
+    from tests.test_lifecycle import rewrite_archive
 
     assert sorted(["10.0", "9.1", "1.0", "2", "1.0-rc1", "1.0.1"], key=version_key) == \
         ["1.0-rc1", "1.0", "1.0.1", "2", "9.1", "10.0"]
     store = tmp_path / "store"
     store.mkdir()
     shutil.copyfile(model_store / "digits_ts.mar", store / "digits_ts.mar")  # version 1.0
-    newer = package(load_spec(write_spec(tmp_path / "v2", name="digits_ts", version="2.0",
-                                         format="torchscript", workers={"min": 1, "max": 1})),
-                    tmp_path / "built")
-    shutil.copyfile(newer["archive"], store / "a-digits_ts-2.0.mar")  # sorts first by name
+    # version 2.0 of the same archive (a version is only its manifest's field), sorting first by name
+    rewrite_archive(model_store / "digits_ts.mar", store / "a-digits_ts-2.0.mar", version="2.0")
     target = LocalTarget(server_options(tmp_path / "run", store))
     try:
         for _ in range(2):  # a second deploy must not "upgrade" 2.0 to 1.0

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 
 from handlers.text import TextEncoder
 from servetool import export
-from servetool.package import convert, package
+from servetool.package import convert
 from servetool.spec import SpecError, load_spec
 from servetool.targets.local import LocalTarget
 from servetool.text_samples import sample_texts, text_batch
-from tests.conftest import ROOT, server_options
+from tests.conftest import ROOT, package_all, server_options
 
 MINILM = ROOT / "models" / "minilm"
 VARIED = [
@@ -217,7 +217,9 @@ def test_sample_sentences_repeat_to_the_count_asked():
 
 
 @pytest.fixture(scope="module")
-def text_server(tmp_path_factory):
+def text_store(tmp_path_factory) -> tuple[Path, Path]:
+    """The three text archives (MiniLM, a sequence and a token classifier), packaged once for the
+    module: (the model store, the folder of their specs and models)."""
     store = tmp_path_factory.mktemp("text_store")
     work = tmp_path_factory.mktemp("text_specs")
     # batching with a long delay, so concurrent requests share one batch
@@ -228,12 +230,18 @@ def text_server(tmp_path_factory):
                "text": {**minilm["text"], "max_texts": 4}}
     (work / "minilm").mkdir()
     (work / "minilm" / "servetool.yaml").write_text(yaml.safe_dump(minilm))
-    package(load_spec(work / "minilm"), store)
-    package(load_spec(write_text_spec(work / "cls", small_classifier(work, "sequence"), "sentiment",
-                                      "text-classification", top_k=2)), store)
-    package(load_spec(write_text_spec(work / "tok", small_classifier(work, "token"), "ner",
-                                      "token-classification", text={"truncate": False,
-                                                                    "max_length": 32})), store)
+    package_all([work / "minilm",
+                 write_text_spec(work / "cls", small_classifier(work, "sequence"), "sentiment",
+                                 "text-classification", top_k=2),
+                 write_text_spec(work / "tok", small_classifier(work, "token"), "ner",
+                                 "token-classification", text={"truncate": False, "max_length": 32})],
+                store)
+    return store, work
+
+
+@pytest.fixture(scope="module")
+def text_server(tmp_path_factory, text_store):
+    store, work = text_store
     target = LocalTarget(server_options(tmp_path_factory.mktemp("text_run"), store))
     target.deploy([])
     state = target.running()
@@ -330,20 +338,15 @@ def test_token_classification_over_http(text_server):
 
 
 @pytest.mark.docker
-def test_a_text_model_serves_from_the_docker_image(tmp_path, docker_engine):
+def test_a_text_model_serves_from_the_docker_image(tmp_path, docker_engine, text_store):
     """The image carries the tokenizer library for a text archive (and not transformers)."""
     from servetool.torchserve import free_ports
     from tests.conftest import LOCAL_BASE_IMAGE
     from tests.test_docker import cli, port_args
 
-    store = tmp_path / "store"
-    spec = yaml.safe_load((MINILM / "servetool.yaml").read_text())
-    spec["source"]["transformers"] = str(minilm_folder())
-    spec["text"]["samples"] = str(MINILM / "samples.txt")
-    spec |= {"format": "onnx-int8", "workers": {"min": 1, "max": 1}}
-    (tmp_path / "spec").mkdir()
-    (tmp_path / "spec" / "servetool.yaml").write_text(yaml.safe_dump(spec))
-    package(load_spec(tmp_path / "spec"), store)
+    store = tmp_path / "store"  # the module's MiniLM archive (ONNX, one worker), alone
+    store.mkdir()
+    shutil.copyfile(text_store[0] / "minilm.mar", store / "minilm.mar")
     ports = free_ports()
     proc = cli("deploy", "--target", "docker", "--network", "host", "--base-image",
                LOCAL_BASE_IMAGE, "--model-store", str(store), "--container-name",

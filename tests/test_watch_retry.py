@@ -24,12 +24,10 @@ import requests
 from servetool import lifecycle, watch
 from servetool.lifecycle import DeployError, Lifecycle
 from servetool.management import APIError
-from servetool.package import package
 from servetool.sources import MODEL_FOLDER, FolderSource, Published, SourceError, bucket_transient
-from servetool.spec import load_spec
 from servetool.targets.local import LocalTarget
 from servetool.watch import Watcher, describe, transient_reason
-from tests.conftest import server_options, write_spec
+from tests.conftest import server_options
 from tests.test_lifecycle import answering, bucket, publish, rewrite_archive  # noqa: F401
 
 MODEL = "wr"
@@ -150,13 +148,13 @@ def needs_tmpfs(store) -> Path:
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory):
-    """Model `wr` 1.0 (ONNX, one worker), and the same as other versions: rewritten, not packaged
-    again; `slow` starts its workers 6 s late, which leaves time to kill a watcher mid-install."""
+def archives(tmp_path_factory, model_store):
+    """Model `wr` 1.0 (ONNX, one worker: the session's digits archive rewritten), and the same as
+    other versions: rewritten, not packaged again; `slow` starts its workers 6 s late, which
+    leaves time to kill a watcher mid-install."""
     built = tmp_path_factory.mktemp("wr-built")
-    spec = load_spec(write_spec(tmp_path_factory.mktemp("wr-spec"), name=MODEL, version="1.0",
-                                workers={"min": 1, "max": 1}))
-    first = Path(package(spec, built / "1.0")["archive"])
+    first = rewrite_archive(model_store / "digits.mar", built / "1.0" / f"{MODEL}.mar", name=MODEL,
+                            version="1.0", workers=1)
     return {"1.0": first, "built": built}
 
 

@@ -52,6 +52,10 @@ from servetool.torchserve import DEFAULT_PORTS
               show_default=True)
 @click.option("--grpc-management-port", type=int, default=DEFAULT_PORTS["grpc_management"],
               show_default=True)
+@click.option("--clients-port", type=int, default=None,
+              help="Local target: the OpenAI (/v1/embeddings, /v1/models) and TEI (/embed, "
+                   "/predict, /rerank) paths on this port [default: the inference port + 3, "
+                   "8083]; 0 turns them off.")
 @click.option("--timeout", type=float, default=300, show_default=True,
               help="Seconds to wait for the server and for each model's workers.")
 @click.option("--no-promote", is_flag=True,
@@ -115,7 +119,8 @@ from servetool.torchserve import DEFAULT_PORTS
 def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Path,
            base_config: Path | None, host: str, inference_port: int, management_port: int,
            metrics_port: int, grpc_inference_port: int, grpc_management_port: int,
-           timeout: float, no_promote: bool, with_split: bool, restart_on_crash: bool,
+           clients_port: int | None, timeout: float, no_promote: bool, with_split: bool,
+           restart_on_crash: bool,
            base_image: str | None, network: str, mount_models: bool,
            mount_config: bool, image_tag: str | None, container_name: str, docker_cpus: float | None,
            docker_memory: str | None, ca_certs: tuple[Path, ...], kubeconfig: Path | None,
@@ -167,8 +172,10 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
                          ca_certs=list(ca_certs) or None),
             network=network, container_name=container_name, publish_host=host,
             cpus=docker_cpus, memory_limit=docker_memory, restart_on_crash=restart_on_crash)
+    local = {"clients_port": inference_port + 3 if clients_port is None else clients_port or None} \
+        if target == "local" else {}
     tgt = make_target(run_dir, model_store, target, docker_opts, base_config=base_config,
-                      host=host, ports=ports, startup_timeout_s=timeout, split=with_split)
+                      host=host, ports=ports, startup_timeout_s=timeout, split=with_split, **local)
     if keep is not None:
         tgt.keep = keep
     tgt.promote = not no_promote
@@ -211,6 +218,8 @@ def deploy_summary(result: dict[str, Any]) -> str:
              f"  inference:  {ep['inference']}",
              f"  management: {ep['management']}",
              f"  metrics:    {ep['metrics']}"]
+    if ep.get("clients"):  # OpenAI SDK: base_url=<this>/v1; TEI-style: <this>/embed, /rerank
+        lines.append(f"  clients:    {ep['clients']} (OpenAI /v1/embeddings, TEI /embed /rerank)")
     for m in result["models"]:
         ready = sum(w["status"] == "READY" for w in m["workers"])
         lines.append(f"  {m['name']} {m['version']}: {m['action']}, {ready} worker(s) READY, "

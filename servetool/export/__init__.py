@@ -47,7 +47,8 @@ class Artifact:
 
 
 def load_original(spec: ModelSpec):
-    """The model as its author wrote it: an eager nn.Module, a TorchScript module, or an ONNX file."""
+    """The model as its author wrote it: an eager nn.Module, a TorchScript module, a torch.export
+    program's module, or an ONNX file."""
     import torch
 
     src = spec.source
@@ -70,6 +71,10 @@ def load_original(spec: ModelSpec):
                 raise ExportError(f"{src.path}: not a state_dict for {src.class_name}: "
                                   f"{whole_cause(exc, limit=1200)}") from None
         return model.eval()
+    if src.kind == "exported_program":
+        from servetool.export import exported_program
+
+        return exported_program.load(src.path)
     if src.kind == "pickled_module":
         from servetool.export.pickled import load_pickled_module
 
@@ -110,20 +115,9 @@ def _load_state_dict(path: Path, class_name: str) -> dict:
 
 def _saved_as(path: Path) -> str:
     """What kind of PyTorch file `path` is, read from its zip layout (nothing is unpickled)."""
-    import zipfile
+    from servetool.torch_files import saved_as
 
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            pickle_name = next((n for n in names if n.endswith("/data.pkl")), None)
-            if any(n.endswith("/constants.pkl") for n in names):
-                return "a TorchScript file"
-            data = zf.read(pickle_name) if pickle_name else b""
-    except (OSError, zipfile.BadZipFile):
-        return "not a file torch.save or torch.jit.save wrote"
-    if b"torch.nn.modules" in data or b"__main__" in data:
-        return "a torch.save file holding pickled objects: a whole module, not a state_dict"
-    return "a torch.save file"
+    return saved_as(path)
 
 
 @contextlib.contextmanager
@@ -221,7 +215,7 @@ def runner_for(original) -> Runner:
 
 
 def _require_single_input_for(spec: ModelSpec, fmt: Format) -> None:
-    if fmt.name == "onnx-int8-static" and len(spec.inputs) > 1:
+    if fmt.name == "onnx-int8-static" and len(spec.inputs) > 1 and not spec.is_text():
         raise ExportError(f"{spec.name}: onnx-int8-static calibrates one input; this model has "
                           f"{len(spec.inputs)}: use onnx-int8 (dynamic) or onnx")
 
@@ -255,6 +249,10 @@ def export(spec: ModelSpec, original, out_dir: Path, fmt: str | None = None) -> 
         from servetool.export import tensorrt
 
         return tensorrt.export(spec, original, out_dir, fmt_info)
+    if fmt_info.runtime == "exported-program":
+        from servetool.export import exported_program
+
+        return exported_program.export(spec, original, out_dir / fmt_info.artifact, fmt_info)
     if fmt_info.name == "torchscript":
         from servetool.export import torchscript
 
@@ -288,6 +286,10 @@ def _export_onnx_family(spec: ModelSpec, original, out_dir: Path, fmt: Format) -
     if spec.source.kind == "onnx":
         base_files = onnx_export.copy_source(spec.source.path, base)
         onnx_export.check(base)
+    elif spec.source.kind == "exported_program":  # its own shapes, fixed batch included
+        from servetool.export import exported_program
+
+        notes.update(exported_program.to_onnx(original, spec, base))
     else:
         model, export_spec = _for_onnx(spec, original, fmt)
         notes.update(onnx_export.export_onnx(model, example_batch(spec, 2), base, export_spec,

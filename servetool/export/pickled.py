@@ -30,8 +30,11 @@ def load_pickled_module(path: Path, model_file: Path | None):
         stand_in = import_file(model_file, model_file.stem)
         sys.modules.setdefault(model_file.stem, stand_in)
 
+    wanted: list[str] = []  # the module each class was looked up in, the failing one last
+
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str):
+            wanted.append(module)
             if module == "__main__" and stand_in is not None:
                 return getattr(stand_in, name)
             return super().find_class(module, name)
@@ -44,7 +47,10 @@ def load_pickled_module(path: Path, model_file: Path | None):
     try:
         model = torch.load(path, map_location="cpu", weights_only=False,
                            pickle_module=pickle_module)
-    except (AttributeError, ModuleNotFoundError, ImportError) as exc:
+    except ModuleNotFoundError as exc:
+        raise PickleSourceError(missing_module_message(path, exc, wanted[-1] if wanted else "",
+                                                       model_file)) from None
+    except (AttributeError, ImportError) as exc:
         raise PickleSourceError(
             f"{path}: the pickled module refers to a class Python cannot find ({exc}); name the "
             "file that defines it as source.model_file") from None
@@ -58,3 +64,32 @@ def load_pickled_module(path: Path, model_file: Path | None):
         raise PickleSourceError(f"{path}: holds a {type(model).__name__}, not a torch.nn.Module "
                                 "(a state_dict goes under source.state_dict)")
     return model
+
+
+# import name -> the distribution pip installs it from, where the two differ
+PIP_NAMES = {"sklearn": "scikit-learn", "cv2": "opencv-python-headless", "PIL": "Pillow",
+             "yaml": "pyyaml", "skimage": "scikit-image", "mmcv": "mmcv", "detectron2": "detectron2"}
+
+
+def missing_module_message(path: Path, exc: ModuleNotFoundError, wanted: str,
+                           model_file: Path | None) -> str:
+    """Why the pickle's class cannot be imported, and the fix: a package to install when the class
+    lives in a library (timm.models.resnet, say), the defining file when it is the user's own."""
+    import importlib.util
+
+    missing = exc.name or wanted
+    top = missing.split(".")[0]
+    where = [d for d in (path.parent, model_file.parent if model_file else None) if d is not None]
+    own = top in ("__main__", "__mp_main__") or any(
+        (d / f"{top}.py").is_file() or (d / top / "__init__.py").is_file() for d in where)
+    if own or "." not in wanted:  # `model` (a model.py beside the training script): the user's
+        return (f"{path}: the pickled module refers to a class in {wanted or missing!r}, which "
+                f"Python cannot import ({exc}); name the file that defines it as "
+                "source.model_file")
+    if importlib.util.find_spec(top) is not None:  # installed, but another version
+        return (f"{path}: the pickled module's class lives in {wanted!r}, which the installed "
+                f"{top} does not have ({exc}): install the {top} version the model was saved "
+                f"with (pip install '{PIP_NAMES.get(top, top)}==VERSION')")
+    return (f"{path}: the pickled module's class lives in {wanted!r}, from the package {top!r}, "
+            f"which is not installed: pip install {PIP_NAMES.get(top, top)} (the version the "
+            "model was saved with), or save a state_dict or a torch.export program instead")

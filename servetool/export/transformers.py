@@ -19,6 +19,7 @@ from servetool.spec import ModelSpec
 
 AUTO_CLASSES = {"feature-extraction": "AutoModel", "tensor": "AutoModel",
                 "text-classification": "AutoModelForSequenceClassification",
+                "text-reranking": "AutoModelForSequenceClassification",
                 "token-classification": "AutoModelForTokenClassification"}
 
 
@@ -28,6 +29,10 @@ def load(spec: ModelSpec, attention: str | None = None) -> Any:
     from servetool.export import ExportError
 
     folder = spec.source.path
+    if spec.task == "image-classification":  # an image model's folder
+        from servetool.export import hf_vision
+
+        return hf_vision.load(spec, attention)
     try:
         import transformers
     except ImportError:

@@ -24,7 +24,7 @@ from servetool.reference.served import ServedPath
 from servetool.spec import ModelSpec
 
 # In order; every one that applies runs.
-REFERENCES = ("classification", "detection")
+REFERENCES = ("classification", "detection", "text")
 NOT_CHECKED = "not checked against the library"
 
 

@@ -296,6 +296,8 @@ def endpoints(state: torchserve.ServerState) -> dict[str, str]:
              "metrics": f"{state.url('metrics')}/metrics"}
     if state.split_metrics_port:  # HAProxy's exporter, when the canary split fronts inference
         found["split_metrics"] = f"http://127.0.0.1:{state.split_metrics_port}/metrics"
+    if state.clients_port:  # OpenAI's /v1/embeddings, TEI's /embed, /rerank (servetool/clients.py)
+        found["clients"] = f"http://{torchserve._url_host(state.host)}:{state.clients_port}"
     return found
 
 

@@ -1,0 +1,201 @@
+"""Reference parity for text models (servetool/reference/text.py): `package` compares the archive's
+handler, in-process, with transformers' and sentence-transformers' own inference, and stops on a
+tokenizer that differs from the one transformers builds, naming the text and the stage.
+
+Real libraries and models only: all-MiniLM-L6-v2 (models/minilm) from a folder outside the repo,
+an XLM-R-style SentencePiece Unigram tokenizer trained here with `sentencepiece`, and small models
+built from config with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from servetool.package import package
+from servetool.reference import ReferenceMismatch
+from servetool.reference.text import HARD_TEXTS
+from servetool.spec import load_spec
+from tests.conftest import ROOT
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+MINILM = ROOT / "models" / "minilm" / "model"
+TRAINING = ROOT / "servetool" / "resources" / "sentences.txt"
+
+
+def spec_dir(root: Path, folder: Path, task: str, **fields) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    # torchscript: traced in seconds; the reference compares whatever format is served
+    raw = {"name": "ref", "source": {"transformers": str(folder)}, "task": task,
+           "format": "torchscript",
+           "workers": {"min": 1, "max": 1}, **fields}
+    (root / "servetool.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root
+
+
+def test_minilm_from_a_folder_outside_the_repo_matches_sentence_transformers(tmp_path):
+    if not (MINILM / "config.json").is_file():
+        pytest.fail("models/minilm/model is missing: run models/minilm/make_model.sh")
+    folder = tmp_path / "downloads" / "all-MiniLM-L6-v2"
+    shutil.copytree(MINILM, folder)
+    lines: list[str] = []
+    summary = package(load_spec(spec_dir(tmp_path / "work", folder, "feature-extraction")),
+                      tmp_path / "store", progress=lines.append)
+    (line,) = summary["reference"]
+    assert line.startswith("embeddings match sentence-transformers"), line
+    cosine = float(line.split("cosine >= ")[1].split()[0])
+    assert 0.9999 <= cosine <= 1.0000001, line
+    assert "tokenization equal on" in line and "past max_length 256" in line
+    assert any(f"reference: {line}" in p for p in lines)
+
+
+# --- an XLM-R-style SentencePiece Unigram tokenizer --------------------------------------------
+
+def _sentencepiece_vocab(tmp: Path) -> tuple[list[tuple[str, float]], bytes]:
+    """A tiny Unigram model trained on servetool's sentences (NFKC charsmap, as XLM-R's)."""
+    spm = pytest.importorskip("sentencepiece")
+    from sentencepiece import sentencepiece_model_pb2
+
+    lines = [t for t in TRAINING.read_text(encoding="utf-8").splitlines() if t] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp / "sp"),
+                                   vocab_size=300, hard_vocab_limit=False, model_type="unigram",
+                                   character_coverage=1.0, minloglevel=2)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((tmp / "sp.model").read_bytes())
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]  # fairseq's order, as XLM-R's
+    vocab = [(s, 0.0) for s in specials] + [(p.piece, p.score) for p in proto.pieces
+                                             if p.piece not in specials] + [("<mask>", 0.0)]
+    return vocab, proto.normalizer_spec.precompiled_charsmap
+
+
+def xlmr_folder(tmp: Path, head: str) -> Path:
+    """A 1-layer XLM-R (random weights) with the SentencePiece tokenizer, as save_pretrained
+    writes it with this transformers."""
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification, XLMRobertaTokenizer
+
+    vocab, charsmap = _sentencepiece_vocab(tmp)
+    tokenizer = XLMRobertaTokenizer(vocab=vocab, _spm_precompiled_charsmap=charsmap)
+    config = XLMRobertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, intermediate_size=64,
+                              max_position_embeddings=130, id2label={0: "no", 1: "yes"},
+                              label2id={"no": 0, "yes": 1})
+    torch.manual_seed(0)
+    folder = tmp / f"xlmr-{head}"
+    XLMRobertaForSequenceClassification(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def as_transformers_4_saved_it(folder: Path) -> None:
+    """tokenizer.json in the shape transformers 4's XLM-R converter wrote (hub folders hold it):
+    the charsmap then Replace(" {2,}", " ") as normalizer, a Metaspace pre-tokenizer (no
+    WhitespaceSplit). transformers 5 rebuilds both from XLMRobertaTokenizer's class."""
+    path = folder / "tokenizer.json"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved["normalizer"] = {"type": "Sequence", "normalizers": [
+        saved["normalizer"], {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]}
+    saved["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always",
+                              "split": True}
+    path.write_text(json.dumps(saved, ensure_ascii=False), encoding="utf-8")
+
+
+def _differing_hard_texts(folder: Path) -> list[str]:
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    worker = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    worker.no_padding()
+    library = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return [t for t in HARD_TEXTS if worker.encode(t).ids != library(t)["input_ids"]]
+
+
+def test_xlmr_sentencepiece_tokenizer_parity_is_checked(tmp_path):
+    folder = xlmr_folder(tmp_path, "classes")
+    # as saved by this transformers: the file is what AutoTokenizer runs, and package passes
+    assert _differing_hard_texts(folder) == []
+    summary = package(load_spec(spec_dir(tmp_path / "same", folder, "text-classification")),
+                      tmp_path / "store")
+    (line,) = summary["reference"]
+    assert line.startswith("scores match transformers") and "and 7 pairs" in line, line
+
+    # the file as transformers 4 saved it: trailing and repeated spaces tokenize otherwise
+    as_transformers_4_saved_it(folder)
+    differing = _differing_hard_texts(folder)
+    assert "   leading, trailing and   repeated   spaces   " in differing
+    with pytest.raises(ReferenceMismatch) as stop:
+        package(load_spec(spec_dir(tmp_path / "v4", folder, "text-classification")),
+                tmp_path / "store")
+    message = str(stop.value)
+    assert ": tokenizer: " in message and "input_ids" in message, message
+    first = differing[0]
+    assert repr(first[:40] + ("…" if len(first) > 40 else "")) in message, message
+    assert "first difference at position" in message and "save_pretrained" in message
+
+
+# --- token classification ----------------------------------------------------------------------
+
+def bert_tagger(tmp: Path) -> Path:
+    from transformers import BertConfig, BertForTokenClassification
+
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        id2label=dict(enumerate(labels)),
+                        label2id={v: i for i, v in enumerate(labels)})
+    torch.manual_seed(1)
+    folder = tmp / "tagger"
+    BertForTokenClassification(config).eval().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.txt"):
+        shutil.copyfile(MINILM / name, folder / name)
+    return folder
+
+
+def test_token_classification_entities_and_offsets_equal_the_pipeline(tmp_path):
+    folder = bert_tagger(tmp_path)
+    spec = load_spec(spec_dir(tmp_path / "s", folder, "token-classification"))
+    summary = package(spec, tmp_path / "store")
+    (line,) = summary["reference"]
+    assert line.startswith("entities match transformers"), line
+    count = int(line.split("): ")[1].split(" entities")[0])
+    assert count > 20, line  # random weights: many entities, so offsets are really compared
+
+
+def tiny_sentence_transformer(tmp: Path) -> Path:
+    """A 2-layer BERT (random weights) with MiniLM's tokenizer and sentence-transformers modules
+    (mean pooling, Normalize)."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(2)
+    folder = tmp / "tiny-st"
+    BertModel(config).eval().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.txt", "modules.json"):
+        shutil.copyfile(MINILM / name, folder / name)
+    (folder / "1_Pooling").mkdir()
+    pooling = json.loads((MINILM / "1_Pooling" / "config.json").read_text())
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {**pooling, "word_embedding_dimension": 32}))
+    (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 128}')
+    return folder
+
+
+def test_a_pooling_the_library_does_not_do_is_named(tmp_path):
+    folder = tiny_sentence_transformer(tmp_path)
+    spec = load_spec(spec_dir(tmp_path / "s", folder, "feature-extraction",
+                              text={"pooling": "cls"}))
+    with pytest.raises(ReferenceMismatch) as stop:
+        package(spec, tmp_path / "store")
+    message = str(stop.value)
+    assert "tokenization is equal" in message and "stage that differs: pooling" in message
+    cosine = float(message.split("cosine ")[1].split()[0])
+    assert cosine < 0.9999 and np.isfinite(cosine)
