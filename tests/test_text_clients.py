@@ -1,6 +1,7 @@
 """The clients people use against a servetool deployment: the OpenAI Python SDK and TEI-style
 HTTP calls, on the clients' front (servetool/clients.py) beside a real TorchServe serving the real
-all-MiniLM-L6-v2, compared with sentence-transformers on the same texts; and the tokenizer's
+all-MiniLM-L6-v2 and a small cross-encoder (random weights, MiniLM's tokenizer), compared with
+sentence-transformers (SentenceTransformer, CrossEncoder) on the same texts; and the tokenizer's
 guards (huge texts cut before tokenizing, lone surrogates refused in words)."""
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from handlers.text import TextEncoder
 from servetool.targets.local import LocalTarget
 from servetool.torchserve import free_ports
 from tests.conftest import ROOT, package_all, server_options
+from tests.test_text import write_text_spec
+from tests.test_text_heads import PASSAGES, QUERY, bert_folder
 
 MINILM = ROOT / "models" / "minilm"
 TEXTS = ["A man is eating food.", "Les enfants jouent dans le parc. 😀",
@@ -35,8 +38,15 @@ def folder():
 
 
 @pytest.fixture(scope="module")
-def clients(tmp_path_factory):
-    """MiniLM packaged and deployed with the clients' front: (its URL, the inference key)."""
+def cross_encoder(tmp_path_factory):
+    """A one-score BertForSequenceClassification folder (a cross-encoder, random weights)."""
+    return bert_folder(tmp_path_factory.mktemp("cross"), "cross-encoder", ["LABEL_0"])
+
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory, cross_encoder):
+    """MiniLM and a reranker (the cross-encoder, TorchScript: traced in seconds) packaged and
+    deployed with the clients' front: (its URL, the inference key)."""
     store, work = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("spec")
     spec = yaml.safe_load((MINILM / "servetool.yaml").read_text())
     spec["source"]["transformers"] = str(folder())
@@ -48,7 +58,9 @@ def clients(tmp_path_factory):
     spec |= {"workers": {"min": 1, "max": 1}, "format": "onnx",
              "max_request_bytes": 8_000_000}  # the 6 MB text's request
     (work / "minilm" / "servetool.yaml").write_text(yaml.safe_dump(spec))
-    package_all([work / "minilm"], store)
+    package_all([work / "minilm", write_text_spec(work / "rerank", cross_encoder, "rerank",
+                                                  "text-reranking", format="torchscript")],
+                store)
     opts = replace(server_options(tmp_path_factory.mktemp("run"), store),
                    clients_port=free_ports(("clients",))["clients"])
     target = LocalTarget(opts)
@@ -99,7 +111,7 @@ def test_openai_sdk_with_its_defaults_and_with_dimensions(clients, reference):
     vectors = np.array([d.embedding for d in short.data])
     assert vectors.shape == (4, 128) and cosines(vectors, cut).min() >= 0.9999
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    assert [m.id for m in client.models.list()] == ["minilm"]
+    assert [m.id for m in client.models.list()] == ["minilm", "rerank"]
 
 
 def test_openai_errors_in_openai_shape(clients):
@@ -131,13 +143,45 @@ def test_tei_embed_and_errors_in_tei_shape(clients, reference):
     assert cosines(reply.json(), reference.encode(TEXTS)).min() >= 0.9999
     single = requests.post(f"{url}/embed", headers=auth, json={"inputs": TEXTS[0]}).json()
     assert np.asarray(single).shape == (1, 384)
-    rerank = requests.post(f"{url}/rerank", headers=auth, json={"query": "q", "texts": ["a"]})
-    assert rerank.status_code == 404
-    assert rerank.json()["error_type"] == "Validation" and "0 deployed models answer reranking" \
-        in rerank.json()["error"]
+    rerank = requests.post(f"{url}/rerank?model=minilm", headers=auth,
+                           json={"query": "q", "texts": ["a"]})
+    assert rerank.status_code == 400
+    assert rerank.json()["error_type"] == "Validation"
+    assert "'minilm' is a feature-extraction model" in rerank.json()["error"]
+    assert "fitting: rerank" in rerank.json()["error"]
     odd = requests.post(f"{url}/embed", headers=auth, json={"inputs": "x", "normalize": False})
     assert odd.status_code == 400 and "text.normalize" in odd.json()["error"]
     assert requests.post(f"{url}/embed", json={"inputs": "x"}).status_code == 401
+
+
+def test_tei_rerank_and_predict_over_http_equal_cross_encoder(clients, cross_encoder):
+    """TEI's /rerank (no model named: the only reranker deployed) and /predict, answered by the
+    reranker as sentence-transformers' CrossEncoder.predict scores the pairs (sigmoid)."""
+    from sentence_transformers import CrossEncoder
+
+    url, key = clients
+    auth = {"Authorization": f"Bearer {key}"}
+    expected = CrossEncoder(str(cross_encoder), device="cpu").predict(
+        [(QUERY, p) for p in PASSAGES])
+    assert np.diff(np.sort(expected)).min() > 1e-3  # an order to get right, not ties
+    reply = requests.post(f"{url}/rerank", headers=auth,
+                          json={"query": QUERY, "texts": PASSAGES, "return_text": True})
+    assert reply.status_code == 200, reply.text
+    ranked = reply.json()
+    assert [r["index"] for r in ranked] == list(np.argsort(-expected, kind="stable"))
+    for r in ranked:
+        assert set(r) == {"index", "score", "text"} and r["text"] == PASSAGES[r["index"]]
+        assert abs(r["score"] - expected[r["index"]]) < 1e-4
+    # TEI reads ["q", "p"] as one pair and answers it alone; a list of pairs, one answer each
+    one = requests.post(f"{url}/predict", headers=auth, json={"inputs": [QUERY, PASSAGES[0]]})
+    assert one.status_code == 200, one.text
+    assert set(one.json()) == {"score"} and abs(one.json()["score"] - expected[0]) < 1e-4
+    several = requests.post(f"{url}/predict", headers=auth,
+                            json={"inputs": [[QUERY, p] for p in PASSAGES[:3]]})
+    assert np.allclose([p["score"] for p in several.json()], expected[:3], atol=1e-4)
+    wrong = requests.post(f"{url}/rerank", headers=auth, json={"query": QUERY, "texts": []})
+    assert wrong.status_code == 400 and wrong.json()["error_type"] == "Validation"
+    assert "empty list" in wrong.json()["error"]
 
 
 def test_a_huge_text_is_cut_before_tokenizing(clients, reference):
