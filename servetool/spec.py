@@ -270,6 +270,58 @@ class Preprocess:
         }
 
 
+PRUNE_TARGETS = ("speedup", "macs_ratio", "params_ratio")
+IMPORTANCES = ("l1", "l2", "taylor")  # group L1/L2 magnitude, or first-order Taylor (needs data)
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Structured pruning (servetool/compress/prune.py): channels removed to reach one target."""
+
+    target: str  # speedup (original MACs / pruned), macs_ratio or params_ratio (pruned / original)
+    value: float
+    importance: str = "l1"
+    keep: tuple[str, ...] | None = None  # module names kept whole; None: the classifier head
+    round_to: int = 8  # channel counts stay multiples of this (kernels run full vectors)
+    steps: int = 1  # prune in this many steps, recovering between them where one loses too much
+    max_layer_ratio: float = 0.9  # the most of one layer's channels any step may remove
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """Recovery by knowledge distillation from the original (servetool/compress/distill.py)."""
+
+    train: DataRef  # the training data: an image folder (labels from sub-folders) or an .npz
+    epochs: int = 10
+    lr: float = 1e-3
+    batch: int = 64
+    temperature: float = 4.0
+    alpha: float = 0.5  # weight of cross-entropy on the labels (where there are labels)
+    max_minutes: float | None = None  # the training time budget, all epochs together
+    patience: int = 3  # epochs without a better validation accuracy before stopping
+    step_epochs: int = 1  # recovery between pruning steps, when a step lost too much
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudentOptions:
+    """A smaller model class the user gives, distilled from the original instead of pruning it."""
+
+    model_file: Path
+    class_name: str
+    init_args: dict[str, Any] = field(default_factory=dict)
+    state_dict: Path | None = None  # its starting weights (default: the class's own init)
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    prune: PruneOptions | None = None
+    distill: DistillOptions | None = None
+    student: StudentOptions | None = None
+    max_accuracy_drop: float = 1.0  # top-1 points the result may lose against the original
+    int8: bool = False  # static int8 on top (onnx-int8-static): the new version's format
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -300,6 +352,7 @@ class ModelSpec:
     outputs: tuple[str, ...] = ()  # output names for an export (default: output, output_0, ...)
     text: TextOptions | None = None  # the text tasks'
     detection: DetectionOptions | None = None  # object-detection's
+    compress: CompressOptions | None = None  # `servetool compress`'s section
     label_list: tuple[str, ...] = ()  # class names read from the model file (no labels file)
     inferred: tuple[str, ...] = ()  # what was read from the model file, one line each
 
@@ -337,6 +390,15 @@ class ModelSpec:
                                 "detection": options.handler_dict()},
                                self.label_names())
 
+    def image_task(self):
+        """The serving task of an image classifier (handlers/tasks.py): images decode and
+        preprocess exactly as the handler does them."""
+        from handlers.tasks import ImageClassification
+
+        return ImageClassification({"input_shape": list(self.input_shape),
+                                    "input_dtype": self.input_dtype,
+                                    "preprocess": self.preprocess.as_dict()}, None)
+
     def label_names(self) -> list[str] | None:
         if self.labels is None:
             if self.label_list:
@@ -358,11 +420,7 @@ class ModelSpec:
                              for data in ref.detector_images()[0]]), None
         if not ref.images:
             return ref.load([i.name for i in self.inputs])
-        from handlers.tasks import ImageClassification
-
-        task = ImageClassification({"input_shape": list(self.input_shape),
-                                    "input_dtype": self.input_dtype,
-                                    "preprocess": self.preprocess.as_dict()}, None)
+        task = self.image_task()
         names = self.label_names() or []
         xs, ys = [], []
         for path, label in ref.image_files():
@@ -543,6 +601,7 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
                              top.data.get("task") == "object-detection")
     calibration = _parse_data(top.child("calibration", None), directory, False, inputs)
     tolerance = _parse_tolerance(top.child("tolerance", None))
+    compress = _parse_compress(top.child("compress", None), directory, inputs)
     text = None
     if task in TEXT_TASKS:
         text = _parse_text(top.child("text", None), top, task, source, directory)
@@ -618,7 +677,7 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
         min_workers=min_w, max_workers=max_w, response_timeout_s=timeout, export=export,
         runtime=runtime, validation=validation, calibration=calibration, tolerance=tolerance,
         allow_nonfinite=allow_nonfinite, max_request_bytes=max_request_bytes, inputs=inputs,
-        outputs=outputs, text=text, detection=detection,
+        outputs=outputs, text=text, detection=detection, compress=compress,
         label_list=tuple(hints.labels or ()) if labels is None and task in IMAGE_TASKS else (),
         inferred=tuple(hints.notes),
     )
@@ -1251,6 +1310,105 @@ def _parse_tolerance(section: _Reader | None) -> Tolerance:
         max_map_drop=section.get("max_map_drop", (int, float), None, check=non_negative),
         min_box_match=section.get("min_box_match", (int, float), None, check=share),
     )
+    section.finish()
+    return result
+
+
+def _parse_compress(section: _Reader | None, directory: Path,
+                    inputs: tuple[InputSpec, ...]) -> CompressOptions | None:
+    """`compress:` (servetool compress): prune or a student, distillation, the gate's bound."""
+    if section is None:
+        return None
+    prune = _parse_prune(section.child("prune", None))
+    distill = _parse_distill(section.child("distill", None), directory, inputs)
+    student = _parse_student(section.child("student", None), directory)
+    result = CompressOptions(
+        prune=prune, distill=distill, student=student,
+        max_accuracy_drop=float(section.get("max_accuracy_drop", (int, float), 1.0,
+                                            check=lambda v: None if v >= 0 else
+                                            f"must be >= 0 (top-1 points), got {v}")),
+        int8=section.get("int8", bool, False))
+    section.finish()
+    if prune is None and student is None:
+        section.fail("needs prune (channels removed from the original) or student (a smaller "
+                     "model class distilled from it)")
+    if prune is not None and student is not None:
+        section.fail("gives both prune and student: pruning makes the smaller model from the "
+                     "original, a student is one you give; choose one", section.key("student"))
+    if distill is None and (student is not None or prune.importance == "taylor"):
+        what = "a student learns" if student is not None else "taylor importance is measured"
+        section.fail(f"is required: {what} on training data (distill.train: {{images: FOLDER}} "
+                     "with one sub-folder per label, or {data: FILE.npz} with x and y)",
+                     section.key("distill"))
+    return result
+
+
+def _parse_prune(section: _Reader | None) -> PruneOptions | None:
+    if section is None:
+        return None
+    given = [k for k in PRUNE_TARGETS if section.data.get(k) is not None]
+    if len(given) != 1:
+        section.fail(f"must give exactly one target of {', '.join(PRUNE_TARGETS)} "
+                     f"(e.g. speedup: 2.0); got {', '.join(given) or 'none'}")
+    target = given[0]
+    share = lambda v: None if 0 < v < 1 else f"must be between 0 and 1 (exclusive), got {v}"  # noqa: E731
+    check = (lambda v: None if v > 1 else f"must be > 1 (original MACs / pruned), got {v}") \
+        if target == "speedup" else share
+    keep = section.get("keep", list, None, check=lambda v: None if all(
+        isinstance(n, str) and n for n in v) else f"must be a list of module names, got {v!r}")
+    result = PruneOptions(
+        target=target, value=float(section.get(target, (int, float), check=check)),
+        importance=section.get("importance", str, "l1", check=_one_of(IMPORTANCES)),
+        keep=tuple(keep) if keep is not None else None,
+        round_to=section.get("round_to", int, 8, check=_positive),
+        steps=section.get("steps", int, 1, check=_positive),
+        max_layer_ratio=float(section.get("max_layer_ratio", (int, float), 0.9, check=share)))
+    for other in PRUNE_TARGETS:
+        section.seen.add(other)
+    section.finish()
+    return result
+
+
+def _parse_distill(section: _Reader | None, directory: Path,
+                   inputs: tuple[InputSpec, ...]) -> DistillOptions | None:
+    if section is None:
+        return None
+    if section.data.get("train") is None:
+        section.fail("is required: the training data (an image folder with one sub-folder per "
+                     "label: {images: FOLDER}; or {data: FILE.npz} with x, and y for labels)",
+                     section.key("train"))
+    train = _parse_data(section.child("train"), directory, False, inputs)
+    if train.texts or train.coco:
+        section.fail("takes images ({images: FOLDER}) or an .npz ({data: FILE}) for an image "
+                     "classifier", section.key("train"))
+    positive = lambda v: None if v > 0 else f"must be > 0, got {v}"  # noqa: E731
+    result = DistillOptions(
+        train=train,
+        epochs=section.get("epochs", int, 10, check=_positive),
+        lr=float(section.get("lr", (int, float), 1e-3, check=positive)),
+        batch=section.get("batch", int, 64, check=_positive),
+        temperature=float(section.get("temperature", (int, float), 4.0, check=positive)),
+        alpha=float(section.get("alpha", (int, float), 0.5, check=lambda v: None if 0 <= v <= 1
+                                else f"must be between 0 and 1, got {v}")),
+        max_minutes=section.get("max_minutes", (int, float), None, check=positive),
+        patience=section.get("patience", int, 3, check=_positive),
+        step_epochs=section.get("step_epochs", int, 1, check=_non_negative),
+        seed=section.get("seed", int, 0))
+    section.finish()
+    return result
+
+
+def _parse_student(section: _Reader | None, directory: Path) -> StudentOptions | None:
+    if section is None:
+        return None
+    weights = section.get("state_dict", str, None)
+    result = StudentOptions(
+        model_file=_existing_file(section, directory, "model_file",
+                                  section.get("model_file", str)),
+        class_name=section.get("class", str, check=lambda v: None if v.isidentifier() else
+                               f"must be a Python class name, got {v!r}"),
+        init_args=section.get("init_args", dict, {}),
+        state_dict=_existing_file(section, directory, "state_dict", weights) if weights else None)
     section.finish()
     return result
 

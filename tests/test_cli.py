@@ -14,7 +14,7 @@ from servetool.torchserve import free_ports
 from tests.conftest import DIGITS, ROOT, write_spec
 
 SERVETOOL = str(Path(sys.executable).with_name("servetool"))
-COMMANDS = ["package", "deploy", "image", "predict", "scale", "status", "token", "stop"]
+COMMANDS = ["package", "compress", "deploy", "image", "predict", "scale", "status", "token", "stop"]
 
 
 def run(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 300):

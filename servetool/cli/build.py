@@ -1,4 +1,5 @@
-"""Commands that build and measure artifacts: package, convert, bench formats, bench serve."""
+"""Commands that build and measure artifacts: package, convert, compress, bench formats, bench
+serve."""
 
 from __future__ import annotations
 
@@ -240,3 +241,44 @@ def bench_serve_command(model: str, payloads: tuple[Path, ...], concurrency: int
     summary = result.summary()
     summary["files"] = write_outputs(result, out, f"{model}-serve")
     emit(summary, as_json, markdown(summary) + "\nWritten: " + ", ".join(summary["files"].values()))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="The new model folder [default: MODEL_DIR-compressed beside MODEL_DIR].")
+@click.option("--version", "model_version", default=None,
+              help="The new version [default: the original's, last number one up: 1.0 -> 1.1].")
+@click.option("--accept", is_flag=True,
+              help="Keep the result even when it loses more accuracy than "
+                   "compress.max_accuracy_drop allows (the drop is still reported).")
+@click.option("--latency-seconds", type=click.FloatRange(min=0), default=3.0, show_default=True,
+              help="Time budget per step and batch size for the latency columns (0: not measured).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads for training and latency [default: all cores].")
+@json_option
+@friendly_errors
+def compress(model_dir: Path, out: Path | None, model_version: str | None, accept: bool,
+             latency_seconds: float, threads: int | None, as_json: bool) -> None:
+    """Make a smaller version of MODEL_DIR's model, as its spec's compress: section says.
+
+    Structured pruning (or a student class you give), recovered by distillation from the
+    original, saved as a new model folder (model.pt2 + servetool.yaml) that `package` takes;
+    refused when its top-1 accuracy falls more than compress.max_accuracy_drop points below the
+    original's. A report per step goes to OUT (compress-report.json, .csv, .png). An interrupted
+    or refused run resumes from its checkpoint in OUT/.compress/.
+    """
+    from servetool.compress import compress as compress_model
+    from servetool.compress.report import table
+    from servetool.spec import load_spec
+
+    result = compress_model(load_spec(model_dir), out, version=model_version, accept=accept,
+                            latency_seconds=latency_seconds, threads=threads, progress=progress)
+    gate = result["gate"]
+    verdict = (f"compression gate: top-1 {gate['original']:.2%} -> {gate['result']:.2%} "
+               f"({-gate['drop_points']:+.2f} pts, allowed -{gate['max_drop_points']:.2f})"
+               + (" ACCEPTED DESPITE THE DROP" if gate["accepted_despite_drop"] else ""))
+    text = (table(result) + f"\n{verdict}\n{result['spec']}: version {result['version']}; "
+            f"package it with: servetool package {result['out']}\nWritten: "
+            + ", ".join(result["files"].values()))
+    emit(result, as_json, text)

@@ -113,7 +113,7 @@ def export(spec: ModelSpec, original, target: Path, fmt: Format) -> Artifact:
                           f"{spec.source.kind} source cannot be exported to a program: use onnx "
                           "(or torchscript, for a TorchScript source)")
     else:
-        program = _export_module(spec, original)
+        program = export_module(spec, original)
         torch.export.save(program, str(target))
     least, most = program_batch(program)
     notes: dict[str, Any] = {"fixed_batch": least} if least == most else {}
@@ -123,7 +123,8 @@ def export(spec: ModelSpec, original, target: Path, fmt: Format) -> Artifact:
     return Artifact(fmt, target, [target], notes, options)
 
 
-def _export_module(spec: ModelSpec, model: torch.nn.Module):
+def export_module(spec: ModelSpec, model: torch.nn.Module):
+    """torch.export of a PyTorch model with a dynamic batch (and the spec's dynamic axes)."""
     from servetool.export.onnx import _dims
 
     example = example_batch(spec, 2)
