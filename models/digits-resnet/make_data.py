@@ -5,6 +5,8 @@ calibration.npz: 128 training digits (x), for static int8 calibration (never the
 Each x is the 80x80 picture preprocessed as the handler does it: pixels / 255, then the spec's
 mean and std (metrics.json). Run: python models/digits-resnet/make_data.py   (after train.py;
 deterministic; the files are committed)
+train.npz (with --train): all 1437 training digits (x, y), the data `servetool compress`
+distils on (compress.distill.train); 37 MB, made on demand and not committed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def main() -> None:
     pick = np.random.default_rng(1).choice(len(x_train), 128, replace=False)
     np.savez_compressed(HERE / "calibration.npz", x=normalise(x_train[pick]))
     print(f"validation: {len(y_held)} images, calibration: {len(pick)} images")
+    if "--train" in sys.argv[1:]:
+        _, y_train, _, _ = split()
+        np.savez(HERE / "train.npz", x=normalise(x_train), y=y_train)
+        print(f"train: {len(y_train)} images")
 
 
 if __name__ == "__main__":
