@@ -7,7 +7,7 @@ Run (after the compress run the README shows):
     .venv/bin/python models/digits-resnet/make_data.py --train
     .venv/bin/servetool compress models/digits-resnet --out /tmp/digits-resnet-compressed
     .venv/bin/python benchmarks/compress.py models/digits-resnet /tmp/digits-resnet-compressed
-The served-throughput target (issue 25: >= 1.6x with `bench serve`) is not measured here yet.
+Served throughput: benchmarks/compress_served.sh.
 """
 
 from __future__ import annotations
