@@ -291,7 +291,10 @@ class PruneOptions:
 class DistillOptions:
     """Recovery by knowledge distillation from the original (servetool/compress/distill.py)."""
 
-    train: DataRef  # the training data: an image folder (labels from sub-folders) or an .npz
+    # the training data: an image folder (labels from sub-folders) or an .npz; None when it is
+    # not there yet (made on demand, as models/digits-resnet's train.npz): the spec still loads
+    # for package and deploy, and compress refuses with `train_problem`
+    train: DataRef | None
     epochs: int = 10
     lr: float = 1e-3
     batch: int = 64
@@ -301,6 +304,7 @@ class DistillOptions:
     patience: int = 3  # epochs without a better validation accuracy before stopping
     step_epochs: int = 1  # recovery between pruning steps, when a step lost too much
     seed: int = 0
+    train_problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1377,8 +1381,15 @@ def _parse_distill(section: _Reader | None, directory: Path,
         section.fail("is required: the training data (an image folder with one sub-folder per "
                      "label: {images: FOLDER}; or {data: FILE.npz} with x, and y for labels)",
                      section.key("train"))
-    train = _parse_data(section.child("train"), directory, False, inputs)
-    if train.texts or train.coco:
+    train_section = section.child("train")
+    problem = None
+    try:
+        train = _parse_data(train_section, directory, False, inputs)
+    except SpecError as exc:
+        if not _missing_path(train_section, directory):
+            raise
+        train, problem = None, str(exc)
+    if train is not None and (train.texts or train.coco):
         section.fail("takes images ({images: FOLDER}) or an .npz ({data: FILE}) for an image "
                      "classifier", section.key("train"))
     positive = lambda v: None if v > 0 else f"must be > 0, got {v}"  # noqa: E731
@@ -1393,9 +1404,15 @@ def _parse_distill(section: _Reader | None, directory: Path,
         max_minutes=section.get("max_minutes", (int, float), None, check=positive),
         patience=section.get("patience", int, 3, check=_positive),
         step_epochs=section.get("step_epochs", int, 1, check=_non_negative),
-        seed=section.get("seed", int, 0))
+        seed=section.get("seed", int, 0), train_problem=problem)
     section.finish()
     return result
+
+
+def _missing_path(section: _Reader, directory: Path) -> bool:
+    """compress.distill.train names a file or folder that is not there (yet)."""
+    rel = section.data.get("data") or section.data.get("images")
+    return isinstance(rel, str) and not (directory / rel).exists()
 
 
 def _parse_student(section: _Reader | None, directory: Path) -> StudentOptions | None:

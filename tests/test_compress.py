@@ -325,6 +325,11 @@ def test_bad_input_is_one_line(tiny, tmp_path):
             "'compress.distill' is required: a student learns on training data", error=SpecError)
     refused({"prune": {"speedup": 2}, "distill": {"epochs": 2}},
             "'compress.distill.train' is required: the training data", error=SpecError)
+    # training data not made yet: the spec still loads (package and deploy need none), compress
+    # names the missing file
+    refused({"prune": {"speedup": 2}, "distill": {**distill, "train": {
+        "data": str(tmp_path / "later.npz")}}}, "compress.distill.train.data",
+            f"names a file that does not exist: {tmp_path / 'later.npz'}")
     np.savez(tmp_path / "empty.npz", x=np.zeros((0, 1, 16, 16), np.float32))
     refused({"prune": {"speedup": 2}, "distill": {**distill, "train": {
         "data": str(tmp_path / "empty.npz")}}}, "no training data")

@@ -64,6 +64,9 @@ def _require(spec: ModelSpec) -> CompressOptions:
     if spec.compress is None:
         raise CompressError(f"{spec.spec_file}: has no compress: section; add e.g. compress: "
                             "{prune: {speedup: 2}, distill: {train: {images: FOLDER}}}")
+    distil = spec.compress.distill
+    if distil is not None and distil.train is None:
+        raise CompressError(distil.train_problem or "compress.distill.train is missing")
     return spec.compress
 
 
