@@ -11,13 +11,17 @@ S=$ROOT/.venv/bin/servetool
 W=$(mktemp -d /tmp/servetool-compress-served-XXXX)
 trap 'for v in orig pruned int8; do $S stop --run-dir "$W/run-$v" >/dev/null 2>&1 || true; done; rm -rf "$W"' EXIT
 cd "$W"
-cp -r "$COMPRESSED" pruned
-sed -i 's/^format: .*/format: onnx/' pruned/servetool.yaml
-cp -r "$COMPRESSED" int8
-sed -i 's/^format: .*/format: onnx-int8-static/' int8/servetool.yaml
+# the two formats as sibling copies of the compressed folder: its spec names the original's
+# validation and calibration files by relative paths
+PRUNED="$COMPRESSED.served-onnx" INT8="$COMPRESSED.served-int8"
+trap 'for v in orig pruned int8; do $S stop --run-dir "$W/run-$v" >/dev/null 2>&1 || true; done; rm -rf "$W" "$PRUNED" "$INT8"' EXIT
+cp -r "$COMPRESSED" "$PRUNED"
+sed -i 's/^format: .*/format: onnx/' "$PRUNED/servetool.yaml"
+cp -r "$COMPRESSED" "$INT8"
+sed -i 's/^format: .*/format: onnx-int8-static/' "$INT8/servetool.yaml"
 "$S" package "$ROOT/models/digits-resnet" --model-store store-orig >/dev/null
-"$S" package pruned --model-store store-pruned >/dev/null
-"$S" package int8 --model-store store-int8 >/dev/null
+"$S" package "$PRUNED" --model-store store-pruned >/dev/null
+"$S" package "$INT8" --model-store store-int8 >/dev/null
 PORTS="--inference-port 18080 --management-port 18081 --metrics-port 18082 --grpc-inference-port 17070 --grpc-management-port 17071"
 for round in 1 2; do
   for v in orig pruned int8; do
