@@ -4,7 +4,6 @@ which `package`, `watch` and `promote` take like any other version of the model.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -62,8 +61,8 @@ def write_model_folder(spec: ModelSpec, model: torch.nn.Module, out: Path, versi
 
 def derived_spec(spec: ModelSpec, out: Path, version: str) -> dict[str, Any]:
     """The original's spec for the program in `out`: same task, preprocessing (written out in
-    full: a program carries no image config) and serving settings; data paths made valid from
-    `out`; inputs read from the program."""
+    full: a program carries no image config) and serving settings; data paths made absolute
+    (see _relocated); inputs read from the program."""
     raw = yaml.safe_load(spec.spec_file.read_text())
     raw.pop("compress", None)
     for key in ("input", "inputs", "labels", "text"):
@@ -79,15 +78,16 @@ def derived_spec(spec: ModelSpec, out: Path, version: str) -> dict[str, Any]:
     raw["preprocess"] = {k: v for k, v in spec.preprocess.as_dict().items() if v != defaults[k]}
     for key in ("validation", "calibration"):
         if isinstance(raw.get(key), dict):
-            raw[key] = _relocated(raw[key], spec.directory, out)
+            raw[key] = _relocated(raw[key], spec.directory)
     return raw
 
 
-def _relocated(section: dict[str, Any], origin: Path, out: Path) -> dict[str, Any]:
-    """A data section whose paths (relative to the original's folder) point at the same files
-    from `out`."""
+def _relocated(section: dict[str, Any], origin: Path) -> dict[str, Any]:
+    """A data section whose paths (relative to the original's folder) name the same files as
+    absolute paths: the compressed folder is moved on its own (into a watched folder, a bucket's
+    staging copy), and a path relative to it would then name nothing."""
     moved = dict(section)
     for key in DATA_KEYS:
         if isinstance(moved.get(key), str):
-            moved[key] = os.path.relpath((origin / moved[key]).resolve(), out.resolve())
+            moved[key] = str((origin / moved[key]).resolve())
     return moved
