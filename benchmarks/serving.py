@@ -25,6 +25,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -327,9 +328,12 @@ def stop(handle) -> None:
         os.killpg(handle.pid, signal.SIGKILL)
 
 
-def measure(name: str, url: str, headers: dict, files, args) -> dict[str, Any]:
+def measure(name: str, url: str, headers: dict, files, args,
+            cpu: Callable[[], tuple[float, int]] | None = None) -> dict[str, Any]:
     """Warm up, then measure, with wrk where installed (a tenth of the Python engine's CPU, which
-    on 2 cores is CPU taken from the server under test) and the Python engine otherwise."""
+    on 2 cores is CPU taken from the server under test) and the Python engine otherwise. With
+    `cpu` (the server's CPU seconds so far, and its process count), also the server's CPU per
+    request while measured."""
     def load(seconds: float):
         if wrk_path() and not args.python_engine:
             return run_wrk(url, files, concurrency=args.concurrency, duration_s=seconds,
@@ -341,11 +345,17 @@ def measure(name: str, url: str, headers: dict, files, args) -> dict[str, Any]:
     say(f"{name}: warming up for {args.warmup:.0f} s")
     load(args.warmup)
     say(f"{name}: {args.concurrency} clients for {args.duration:.0f} s")
+    before, count = cpu() if cpu else (0.0, 0)
     summary = load(args.duration).summary()
-    return {"setup": name, **{k: summary[k] for k in ("engine", "throughput", "p50_ms", "p99_ms",
-                                                      "sent",
-                                                      "ok", "errors", "lost",
-                                                      "generator_cpu_share")}}
+    result = {"setup": name, **{k: summary[k] for k in (
+        "engine", "throughput", "p50_ms", "p99_ms", "sent", "ok", "errors", "lost",
+        "generator_cpu_share")}}
+    if cpu:
+        used = cpu()[0] - before
+        say(f"{name}: {summary['throughput']:.1f} req/s, the server's {count} processes used "
+            f"{used:.1f} s of CPU")
+        result["server_cpu_s_per_request"] = used / max(1, summary["ok"])
+    return result
 
 
 def bench_model(model: str, args) -> dict[str, Any]:

@@ -50,7 +50,6 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import SERVETOOL, cli  # noqa: E402
-from benchmarks.serving import per_core, say, stop, wait_http  # noqa: E402
+from benchmarks.serving import measure, per_core, say, stop, wait_http  # noqa: E402
 from servetool.spec import load_spec  # noqa: E402
 from servetool.text_samples import sample_texts  # noqa: E402
 from servetool.torchserve import free_ports  # noqa: E402
@@ -207,32 +206,6 @@ def tree_cpu(roots: list) -> tuple[float, int]:
     return total, len(seen)
 
 
-def measure_served(name: str, url: str, headers: dict, files: list[Path], args,
-                   cpu: Callable[[], tuple[float, int]]) -> dict[str, Any]:
-    """benchmarks.serving.measure's warm-up and closed loop, with the CPU the server used while
-    measured (`cpu`: its CPU seconds so far, and how many processes)."""
-    from servetool.bench.serve import load_payloads, run_load, run_wrk, wrk_path
-
-    def load(seconds: float):
-        if wrk_path() and not args.python_engine:
-            return run_wrk(url, files, concurrency=args.concurrency, duration_s=seconds,
-                           headers=headers)
-        return run_load(url, load_payloads(files), concurrency=args.concurrency,
-                        duration_s=seconds, headers=headers)
-
-    say(f"{name}: warming up for {args.warmup:.0f} s")
-    load(args.warmup)
-    say(f"{name}: {args.concurrency} clients for {args.duration:.0f} s")
-    before, count = cpu()
-    summary = load(args.duration).summary()
-    used = cpu()[0] - before
-    say(f"{name}: {summary['throughput']:.1f} req/s, the server's {count} processes used "
-        f"{used:.1f} s of CPU")
-    return {"setup": name, "server_cpu_s_per_request": used / max(1, summary["ok"]),
-            **{k: summary[k] for k in ("engine", "throughput", "p50_ms", "p99_ms", "sent", "ok",
-                                       "errors", "lost", "generator_cpu_share")}}
-
-
 FLASK_APP = textwrap.dedent('''
     """The model card's recipe behind Flask: eager transformers, mean pooling, normalisation."""
     import sys
@@ -329,8 +302,8 @@ def run(args, work: Path) -> list[dict[str, Any]]:
         for model, unit, per, _, served in workloads:
             for name, api, path, body_files in served:
                 url = f"http://127.0.0.1:{ports[api]}{path}"
-                row = measure_served(f"{model}: {name}", url, headers, body_files, args,
-                                     lambda: deployment_cpu(project))
+                row = measure(f"{model}: {name}", url, headers, body_files, args,
+                             lambda: deployment_cpu(project))
                 rows.append({**row, "model": model, "unit": unit, "setup": f"served: {name}",
                              "requests_s": row["throughput"],
                              "items_s": round(row["throughput"] * per, 1),
@@ -359,8 +332,8 @@ def run(args, work: Path) -> list[dict[str, Any]]:
             import psutil
 
             flask_process = psutil.Process(proc.pid)
-            row = measure_served("minilm: Flask", url, {}, files["embed"], args,
-                                 lambda: tree_cpu([flask_process]))
+            row = measure("minilm: Flask", url, {}, files["embed"], args,
+                         lambda: tree_cpu([flask_process]))
         finally:
             stop(proc)
         rows.append({**row, "model": "minilm", "unit": "embeddings",

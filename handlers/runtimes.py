@@ -97,17 +97,22 @@ def run_in_chunks(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
     return [np.concatenate(rows) for rows in zip(*parts, strict=True)]
 
 
+def _torch_threads(torch, threads: int) -> None:
+    """PyTorch's intra-op threads for this worker, and one inter-op thread."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # can only be set once per process, before any parallel work
+        pass
+
+
 class TorchScriptRuntime:
     metadata: dict[str, str] = {}
 
     def __init__(self, path: str, threads: int, options: dict | None = None) -> None:
         import torch
 
-        torch.set_num_threads(threads)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:  # can only be set once per process, before any parallel work
-            pass
+        _torch_threads(torch, threads)
         self._torch = torch
         self.module = torch.jit.load(path, map_location="cpu").eval()
         self.input_names = list((options or {}).get("input_names") or ["input"])
@@ -296,11 +301,7 @@ class ExportedProgramRuntime:
         import torch
         from torch.utils import _pytree
 
-        torch.set_num_threads(threads)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:  # can only be set once per process, before any parallel work
-            pass
+        _torch_threads(torch, threads)
         self._torch, self._leaves = torch, _pytree.tree_leaves
         options = options or {}
         program = load_program(path)

@@ -43,7 +43,10 @@ def load(spec: ModelSpec, attention: str | None = None) -> Any:
     return wrap(model.eval())
 
 
-def from_pretrained(transformers: Any, folder: Any, attention: str | None) -> tuple[Any, list]:
+def from_pretrained(transformers: Any, folder: Any, attention: str | None,
+                    auto_class: str = AUTO_CLASS) -> tuple[Any, list]:
+    """transformers' `auto_class` from the folder, offline, with its load report's missing keys;
+    its warnings silenced and a failure one ExportError (shared with export/transformers.py)."""
     from servetool.export import ExportError
 
     quiet = logging.getLogger("transformers")
@@ -51,11 +54,11 @@ def from_pretrained(transformers: Any, folder: Any, attention: str | None) -> tu
     quiet.setLevel(logging.ERROR)  # its "weights not initialised" warning becomes our error
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            model, info = getattr(transformers, AUTO_CLASS).from_pretrained(
+            model, info = getattr(transformers, auto_class).from_pretrained(
                 str(folder), local_files_only=True, output_loading_info=True,
                 **({"attn_implementation": attention} if attention else {}))
     except Exception as exc:
-        raise ExportError(f"{folder}: cannot load it as an {AUTO_CLASS} "
+        raise ExportError(f"{folder}: cannot load it as an {auto_class} "
                           f"({whole_cause(exc, limit=600)})") from None
     finally:
         quiet.setLevel(level)

@@ -9,12 +9,8 @@ its graph and the gate compares the vectors clients get; classifiers return thei
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from typing import Any
 
-from servetool.errors import whole_cause
 from servetool.spec import ModelSpec
 
 AUTO_CLASSES = {"feature-extraction": "AutoModel", "tensor": "AutoModel",
@@ -38,21 +34,10 @@ def load(spec: ModelSpec, attention: str | None = None) -> Any:
     except ImportError:
         raise ExportError("loading a Hugging Face folder needs transformers: pip install "
                           "transformers") from None
-    auto = getattr(transformers, AUTO_CLASSES[spec.task])
-    quiet = logging.getLogger("transformers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its "weights not initialised" warning becomes our error
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            model, info = auto.from_pretrained(
-                str(folder), local_files_only=True, output_loading_info=True,
-                **({"attn_implementation": attention} if attention else {}))
-    except Exception as exc:
-        raise ExportError(f"{folder}: cannot load it as a {AUTO_CLASSES[spec.task]} "
-                          f"({whole_cause(exc, limit=600)})") from None
-    finally:
-        quiet.setLevel(level)
-    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    from servetool.export.hf_vision import from_pretrained
+
+    model, missing = from_pretrained(transformers, folder, attention, AUTO_CLASSES[spec.task])
+    missing = [k for k in missing if "position_ids" not in k]
     if missing:
         raise ExportError(f"{folder}: the weights lack {', '.join(sorted(missing)[:6])}"
                           f"{' ...' if len(missing) > 6 else ''}: for task {spec.task} the folder "
