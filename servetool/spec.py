@@ -114,6 +114,17 @@ class DataRef:
     coco: bool = False  # a COCO instances file (boxes), its images beside it or in image_dir
     image_dir: Path | None = None
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether the set says what the right answers are (a `y` array in an .npz; an image
+        folder, a texts file and COCO boxes always do)."""
+        if self.images or self.texts or self.coco:
+            return True
+        import numpy as np
+
+        with np.load(self.path) as data:
+            return "y" in data.files
+
     def labelled_texts(self) -> list[tuple[str, str]]:
         """(label, text) per line of a texts file; SpecError naming a line without a tab."""
         pairs = []
@@ -301,7 +312,8 @@ class DistillOptions:
     temperature: float = 4.0
     alpha: float = 0.5  # weight of cross-entropy on the labels (where there are labels)
     max_minutes: float | None = None  # the training time budget, all epochs together
-    patience: int = 3  # epochs without a better validation accuracy before stopping
+    patience: int = 3  # epochs without a better held-out accuracy before stopping
+    holdout: float = 0.1  # the share of the training data early stopping judges (not trained on)
     step_epochs: int = 1  # recovery between pruning steps, when a step lost too much
     seed: int = 0
     train_problem: str | None = None
@@ -324,6 +336,8 @@ class CompressOptions:
     student: StudentOptions | None = None
     max_accuracy_drop: float = 1.0  # top-1 points the result may lose against the original
     int8: bool = False  # static int8 on top (onnx-int8-static): the new version's format
+    # the serving formats each step's latency is measured in (the first: the primary columns)
+    formats: tuple[str, ...] = ("onnx", "torchscript")
 
 
 @dataclass(frozen=True)
@@ -601,7 +615,10 @@ def parse_spec(raw: Any, spec_file: Path) -> ModelSpec:
     max_request_bytes = top.get("max_request_bytes", int, None, check=_positive)
     export = _parse_export(top.child("export", None))
     runtime = _parse_runtime(top.child("runtime", None))
-    validation = _parse_data(top.child("validation", None), directory, True, inputs,
+    # a tensor model's validation .npz may hold inputs only (features, not classes: the gate
+    # then judges parity alone, and compress its cosine to the original)
+    validation = _parse_data(top.child("validation", None), directory,
+                             top.data.get("task") != "tensor", inputs,
                              top.data.get("task") == "object-detection")
     calibration = _parse_data(top.child("calibration", None), directory, False, inputs)
     tolerance = _parse_tolerance(top.child("tolerance", None))
@@ -1331,7 +1348,9 @@ def _parse_compress(section: _Reader | None, directory: Path,
         max_accuracy_drop=float(section.get("max_accuracy_drop", (int, float), 1.0,
                                             check=lambda v: None if v >= 0 else
                                             f"must be >= 0 (top-1 points), got {v}")),
-        int8=section.get("int8", bool, False))
+        int8=section.get("int8", bool, False),
+        formats=tuple(section.get("formats", list, ["onnx", "torchscript"],
+                                  check=_compress_formats)))
     section.finish()
     if prune is None and student is None:
         section.fail("needs prune (channels removed from the original) or student (a smaller "
@@ -1345,6 +1364,18 @@ def _parse_compress(section: _Reader | None, directory: Path,
                      "with one sub-folder per label, or {data: FILE.npz} with x and y)",
                      section.key("distill"))
     return result
+
+
+def _compress_formats(value: list) -> str | None:
+    """Formats a step's model is measured in: full-precision ones (int8 is its own row)."""
+    from servetool.formats import FORMATS
+
+    full = [n for n, f in FORMATS.items() if f.precision == "fp32"]
+    wrong = [v for v in value if v not in full]
+    if not value or wrong or len(set(value)) != len(value):
+        return (f"must list distinct full-precision formats of {', '.join(full)} (int8 is "
+                f"compress.int8's row); got {value!r}")
+    return None
 
 
 def _parse_prune(section: _Reader | None) -> PruneOptions | None:
@@ -1403,6 +1434,8 @@ def _parse_distill(section: _Reader | None, directory: Path,
                                 else f"must be between 0 and 1, got {v}")),
         max_minutes=section.get("max_minutes", (int, float), None, check=positive),
         patience=section.get("patience", int, 3, check=_positive),
+        holdout=float(section.get("holdout", (int, float), 0.1, check=lambda v: None
+                                  if 0 < v <= 0.5 else f"must be in (0, 0.5], got {v}")),
         step_epochs=section.get("step_epochs", int, 1, check=_non_negative),
         seed=section.get("seed", int, 0), train_problem=problem)
     section.finish()

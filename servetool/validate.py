@@ -269,7 +269,8 @@ def validate(spec: ModelSpec, original, artifact, fmt: str, limits: Limits,
     # sigmoid scores' too, the sigmoid's slope being at most 1/4).
     score_head = spec.text is not None and spec.text.head in ("score", "regression")
     classifier = not score_head and (spec.task in ("image-classification", "text-classification")
-                                     or spec.validation is not None)
+                                     or (spec.validation is not None
+                                         and spec.validation.has_labels))
     check_parity(original, artifact, batches, fmt, limits, report=report, classifier=classifier,
                  output_names=output_names)
     if spec.is_text() and report.outputs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,7 @@ def tiny(tmp_path_factory) -> Path:
     order = np.random.default_rng(0).permutation(len(x))
     train, val = order[:1400], order[1400:]
     np.savez(folder / "train.npz", x=x[train], y=y[train], index=train)
+    np.savez(folder / "train-x.npz", x=x[train])  # no labels
     np.savez(folder / "val.npz", x=x[val], y=y[val], pixels=pixels[val])
     for i in train[:500]:  # an image folder too: one sub-folder per label, as users keep them
         (folder / "images" / LABELS[y[i]]).mkdir(parents=True, exist_ok=True)
@@ -195,7 +197,9 @@ def test_distillation_lowers_the_loss_and_a_rerun_resumes_from_the_checkpoint(ti
                       progress=lines.append)
     assert any("from epoch 2 of 3" in line for line in lines), lines
     log = result["training"]["distil"]
-    assert [e["epoch"] for e in log] == [1, 2, 3]
+    assert [e["epoch"] for e in log] == [1, 2, 3] and all("holdout_accuracy" in e for e in log)
+    assert any("50 of them held out for early stopping (top-1 against labels" in line
+               for line in lines), lines
     assert log[-1]["loss"] < log[0]["loss"]
     assert [r["step"] for r in result["rows"]] == ["original", "student"]
     assert result["rows"][1]["params"] < result["rows"][0]["params"] / 10
@@ -205,6 +209,62 @@ def test_distillation_lowers_the_loss_and_a_rerun_resumes_from_the_checkpoint(ti
     assert (new.source.kind, new.version, new.task) == ("exported_program", "1.1", "image-classification")
     assert new.validation.path == tiny / "val.npz" and new.label_names() == LABELS
     assert not (out / ".compress").exists()
+
+
+def test_early_stopping_holds_out_part_of_the_training_data_not_the_validation_set(tiny):
+    from servetool.compress import data, metric
+
+    spec = load_spec(spec_folder(tiny, tiny / "split-spec", None))
+    samples = data.training_set(spec, replace(spec.validation, path=tiny / "train.npz"))
+    teacher = np.random.default_rng(1).normal(size=(samples.count, 10)).astype(np.float32)
+    top1 = data.split(samples, teacher, 0.1, 0, metric.Metric(metric.TOP1))
+    assert top1.train.count == 1260 and len(top1.early_stop[1]) == 140 and top1.labelled
+    assert len(top1.teacher) == 1260
+    held = {row.tobytes() for row in top1.early_stop[0]}
+    assert not held & {row.tobytes() for row in top1.train.arrays}  # disjoint
+    with np.load(tiny / "train.npz") as train:
+        where = {row.tobytes(): i for i, row in enumerate(train["x"])}
+        assert [train["y"][where[r.tobytes()]] for r in top1.early_stop[0]] == list(
+            top1.early_stop[1])
+    unlabelled = data.Samples(samples.count, None, arrays=samples.arrays)
+    cosine = data.split(unlabelled, teacher, 0.1, 0, metric.Metric(metric.COSINE))
+    assert cosine.early_stop[1].shape == (140, 10) and not cosine.labelled  # the outputs
+    assert data.split(unlabelled, teacher, 0.1, 0, metric.Metric(metric.TOP1)).early_stop[
+        1].tolist() == teacher[np.isin(np.arange(samples.count), np.sort(
+            np.random.default_rng(0).permutation(samples.count)[:140]))].argmax(1).tolist()
+    a = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    np.testing.assert_allclose(metric.cosines(a, np.array([[2.0, 0.0], [0.0, 0.0], [-1.0, -1.0]])),
+                               [1.0, 1.0, -1.0])
+
+
+def test_a_tensor_model_without_labels_is_gated_on_cosine_to_the_original(tiny, tmp_path):
+    """A model whose outputs are features, not classes (no labels anywhere): pruned, distilled on
+    the original's outputs, judged by the mean cosine of its outputs to the original's."""
+    folder = spec_folder(tiny, tmp_path / "m", {
+        "prune": {"speedup": 2, "round_to": 4},
+        "distill": {"train": {"data": str(tiny / "train-x.npz")}, "epochs": 3, "lr": 0.003},
+        "max_accuracy_drop": 15, "formats": ["onnx"]},
+        task="tensor", preprocess=None, labels=None, top_k=None,
+        validation={"data": str(tiny / "train-x.npz")}, calibration=None)
+    lines: list[str] = []
+    result = compress(load_spec(folder), tmp_path / "out", latency_seconds=0.2, threads=1,
+                      progress=lines.append)
+    assert result["metric"] == "cosine" and result["gate"]["metric"] == "cosine"
+    rows = {r["step"]: r for r in result["rows"]}
+    assert rows["original"]["accuracy"] == pytest.approx(1.0)
+    assert 0.85 < rows["distilled"]["accuracy"] < 1.0
+    assert rows["distilled"]["accuracy"] > rows["prune 1/1"]["accuracy"]
+    assert list(rows["distilled"]["latency"]) == ["onnx"]
+    assert any("held out for early stopping (cosine against the original's answers" in line
+               for line in lines), lines
+    assert load_spec(tmp_path / "out").task == "tensor"
+    # `bench formats --with`: the compressed version's row beside the original's, same run
+    from servetool.bench.formats import bench_formats
+
+    table = bench_formats(load_spec(folder), ["onnx"], batch=4, iterations=10, seconds=0.2,
+                          threads=1, others=[load_spec(tmp_path / "out")])
+    assert [r["format"] for r in table["rows"]] == ["eager", "onnx", "onnx (v1.1)"]
+    assert table["rows"][2]["version"] == "v1.1" and table["rows"][2]["p50_ms"] > 0
 
 
 def test_the_gate_refuses_a_model_that_lost_too_much_unless_accepted(tiny, tmp_path):
@@ -253,6 +313,10 @@ def test_compress_package_deploy_and_predict_over_http(tiny, tmp_path):
     assert list(rows) == ["original", "prune 1/2", "prune 2/2", "distilled", "int8"]
     assert rows["distilled"]["macs"] <= rows["original"]["macs"] / 2
     assert all(r["p50_ms_b1"] > 0 and r["ms_b16"] > 0 for r in rows.values())
+    # each step in each serving format; int8 in its own
+    assert all(list(rows[s]["latency"]) == ["onnx", "torchscript"] for s in list(rows)[:-1])
+    assert list(rows["int8"]["latency"]) == ["onnx-int8-static"]
+    assert rows["distilled"]["latency"]["torchscript"]["speedup_b1"] > 0
     assert rows["int8"]["size_mb"] < rows["distilled"]["size_mb"] < rows["original"]["size_mb"]
     assert result["gate"]["ok"] and "distilling from the original" in proc.stderr
     for kind in ("json", "csv", "png"):
@@ -260,24 +324,39 @@ def test_compress_package_deploy_and_predict_over_http(tiny, tmp_path):
     spec = load_spec(out)
     assert (spec.version, spec.format) == ("2.0", "onnx-int8-static")
 
+    # the original serves as 1.0; the compressed folder is installed as 2.0 beside it (as the
+    # watcher installs a published version), rolled back and promoted like any other version
+    from servetool.lifecycle import Lifecycle
+
     store = tmp_path / "store"
-    package(spec, store)
+    package(load_spec(folder), store)
+    compressed = package(spec, tmp_path / "staged")["archive"]
     target = LocalTarget(server_options(tmp_path / "run", store))
     try:
         target.deploy([])
+        life = Lifecycle(target)
+        assert life.install(Path(compressed))["version"] == "2.0"
         state = target.client().state
         key = json.loads(Path(state.key_file).read_text())["inference"]["key"]
         with np.load(tiny / "val.npz") as val:
             pixels, labels = val["pixels"][:8], val["y"][:8]
-        answers = [requests.post(f"{state.url('inference')}/predictions/tiny",
-                                 data=png_bytes(image), timeout=60,
-                                 headers={"Authorization": f"Bearer {key}",
-                                          "Content-Type": "application/octet-stream"})
-                   for image in pixels]
+
+        def ask() -> list[requests.Response]:
+            return [requests.post(f"{state.url('inference')}/predictions/tiny",
+                                  data=png_bytes(image), timeout=60,
+                                  headers={"Authorization": f"Bearer {key}",
+                                           "Content-Type": "application/octet-stream"})
+                    for image in pixels]
+
+        answers = ask()
         assert [a.status_code for a in answers] == [200] * 8
         assert answers[0].headers["X-Model-Version"] == "2.0"
         right = sum(next(iter(a.json())) == LABELS[y] for a, y in zip(answers, labels, strict=True))
         assert right >= 7, [a.json() for a in answers]
+        assert life.rollback("tiny")["default"] == "1.0"
+        assert ask()[0].headers["X-Model-Version"] == "1.0"
+        life.promote("tiny", "2.0")
+        assert ask()[0].headers["X-Model-Version"] == "2.0"
     finally:
         target.down()
 
@@ -337,10 +416,15 @@ def test_bad_input_is_one_line(tiny, tmp_path):
     refused({"prune": {"speedup": 2, "round": 8}}, "'compress.prune.round' is not a known key",
             error=SpecError)
     refused(None, "has no compress: section")
-    refused({"prune": {"speedup": 2}}, "compress supports task image-classification",
-            task="tensor", preprocess=None)
-    refused({"prune": {"speedup": 2}}, "needs a labelled validation set", validation=None,
-            calibration=None)
+    refused({"prune": {"speedup": 2}}, "the compression gate needs a validation set",
+            validation=None, calibration=None)
+    refused({"prune": {"speedup": 2}}, "lacks array(s) y", error=SpecError,
+            validation={"data": str(tiny / "train-x.npz")})
+    with pytest.raises(CompressError) as caught:  # no mAP gate (nor box losses) yet
+        folder = spec_folder(tiny, tmp_path / "detector", {"prune": {"speedup": 2}})
+        compress(replace(load_spec(folder), task="object-detection"), tmp_path / "out")
+    assert "compress supports task image-classification, tensor" in str(caught.value)
+    assert "this model's task is object-detection" in str(caught.value)
 
 
 def test_the_compress_section_reads_strictly(tiny, tmp_path):

@@ -49,7 +49,11 @@ def measure(request: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
 
 def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, iterations: int = 300,
                   seconds: float = 8.0, threads: int | None = None,
+                  others: list[ModelSpec] = (),
                   progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """The table; `others` are other versions of the same model (the folder `servetool compress`
+    wrote): their rows are measured in the same run, on the same inputs, and their accuracy drop
+    and speedup read against this model's eager reference."""
     from handlers.runtimes import available_cores
 
     threads = threads or available_cores()
@@ -72,20 +76,18 @@ def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, itera
                              "input_names": [i.name for i in spec.inputs]})
             rows.append(_row("eager", "fp32", None, eager, _source_size(spec),
                              accuracy=_eager_accuracy(spec, original)))
-        for i, fmt in enumerate(formats, 1):
-            progress(f"[{i}/{len(formats)}] {fmt}: converting and gating")
-            try:
-                artifact, report = convert(spec, fmt, Path(tmp) / fmt, original=original,
-                                           accept_drift=True)
-            except ServetoolError as exc:
-                rows.append({"format": fmt, "skipped": str(exc).splitlines()[0]})
-                progress(f"[{i}/{len(formats)}] {fmt}: skipped ({str(exc).splitlines()[0]})")
-                continue
-            progress(f"[{i}/{len(formats)}] {fmt}: measuring")
-            numbers = measure({**common, "kind": "runtime", "runtime": artifact.format.runtime,
-                               "artifact": str(artifact.path), "options": artifact.runtime_options})
-            rows.append(_row(fmt, artifact.format.precision, report, numbers, artifact.size_bytes))
-    eager_p50 = next((r["p50_ms"] for r in rows if r["format"] == "eager"), None)
+        rows += _format_rows(spec, formats, common, Path(tmp), progress, original)
+        for other in others:  # another version: its own original, the same inputs
+            label = f"v{other.version}"
+            rows += _format_rows(other, formats, {**common, "inputs": str(_renamed(
+                inputs, spec, other, Path(tmp)))} if not spec.is_text() else common,
+                Path(tmp) / label, progress, None, label)
+    eager = next((r for r in rows if r["format"] == "eager"), {})
+    eager_p50 = eager.get("p50_ms")
+    for row in rows:
+        if row.get("version") and eager.get("accuracy") is not None and row.get("accuracy") \
+                is not None:  # against this model's original, not the version's own
+            row["accuracy_drop_points"] = round((eager["accuracy"] - row["accuracy"]) * 100, 2)
     for row in rows:
         if "p50_ms" in row:
             row["speedup_vs_eager"] = round(eager_p50 / row["p50_ms"], 2) if eager_p50 else None
@@ -98,6 +100,40 @@ def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, itera
     if spec.is_text():
         result["tokens"] = tokens
     return result
+
+
+def _format_rows(spec: ModelSpec, formats: list[str], common: dict[str, Any], tmp: Path,
+                 progress: Callable[[str], None], original=None,
+                 version: str | None = None) -> list[dict[str, Any]]:
+    """Each format converted, gated (reported, not enforced) and measured in its own process."""
+    rows = []
+    for i, fmt in enumerate(formats, 1):
+        name = f"{fmt} ({version})" if version else fmt
+        progress(f"[{i}/{len(formats)}] {name}: converting and gating")
+        try:
+            artifact, report = convert(spec, fmt, tmp / fmt, original=original, accept_drift=True)
+        except ServetoolError as exc:
+            rows.append({"format": name, "skipped": str(exc).splitlines()[0]})
+            progress(f"[{i}/{len(formats)}] {name}: skipped ({str(exc).splitlines()[0]})")
+            continue
+        progress(f"[{i}/{len(formats)}] {name}: measuring")
+        numbers = measure({**common, "kind": "runtime", "runtime": artifact.format.runtime,
+                           "artifact": str(artifact.path), "options": artifact.runtime_options})
+        rows.append({**_row(name, artifact.format.precision, report, numbers, artifact.size_bytes),
+                     **({"version": version} if version else {})})
+    return rows
+
+
+def _renamed(inputs: Path, spec: ModelSpec, other: ModelSpec, tmp: Path) -> Path:
+    """The same inputs under the other version's input name (a program names its input after
+    forward's argument)."""
+    if [i.name for i in other.inputs] == [i.name for i in spec.inputs]:
+        return inputs
+    with np.load(inputs) as data:
+        arrays = [data[i.name] for i in spec.inputs]
+    path = tmp / f"inputs-v{other.version}.npz"
+    np.savez(path, **{i.name: a for i, a in zip(other.inputs, arrays, strict=True)})
+    return path
 
 
 def save_text_sets(spec: ModelSpec, folder: Path) -> tuple[dict[str, Path], dict[str, int]]:

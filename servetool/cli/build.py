@@ -148,10 +148,14 @@ def bench() -> None:
               help="Intra-op threads for every format [default: all cores].")
 @click.option("--out", type=click.Path(path_type=Path), default="bench", show_default=True,
               help="Folder for NAME-formats.md, .csv and .png.")
+@click.option("--with", "others", multiple=True, type=click.Path(path_type=Path),
+              help="Another version's model folder (e.g. what `servetool compress` wrote), "
+                   "measured in the same run on the same inputs (repeatable).")
 @json_option
 @friendly_errors
 def bench_formats_command(model_dir: Path, formats: tuple[str, ...], batch: int, iterations: int,
-                          seconds: float, threads: int | None, out: Path, as_json: bool) -> None:
+                          seconds: float, threads: int | None, out: Path, others: tuple[Path, ...],
+                          as_json: bool) -> None:
     """One row per serving format of MODEL_DIR's model: accuracy, latency, throughput, size, memory.
 
     Everything is measured in one run on the same inputs, each format in its own process after a
@@ -163,7 +167,7 @@ def bench_formats_command(model_dir: Path, formats: tuple[str, ...], batch: int,
     spec = load_spec(model_dir)
     result = bench_formats(spec, list(formats) or DEFAULT_FORMATS, batch=batch,
                            iterations=iterations, seconds=seconds, threads=threads,
-                           progress=progress)
+                           others=[load_spec(other) for other in others], progress=progress)
     result["files"] = write_outputs(result, out)
     text = markdown_table(result) + "\nWritten: " + ", ".join(result["files"].values())
     emit(result, as_json, text)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from servetool import export
-from servetool.compress import checkpoint, data, distill, gate, models, prune, report, save
+from servetool.compress import checkpoint, data, distill, gate, metric, models, prune, report, save
 from servetool.compress.common import SUPPORTED_TASKS, CompressError, Progress, quiet
 from servetool.spec import VERSION_RE, CompressOptions, ModelSpec
 
@@ -60,7 +60,8 @@ def compress(spec: ModelSpec, out: Path | None = None, *, version: str | None = 
 def _require(spec: ModelSpec) -> CompressOptions:
     if spec.task not in SUPPORTED_TASKS:
         raise CompressError(f"{spec.spec_file}: compress supports task {', '.join(SUPPORTED_TASKS)} "
-                            f"(its gate is top-1 accuracy); this model's task is {spec.task}")
+                            "(its gate is top-1, or cosine to the original's outputs); this "
+                            f"model's task is {spec.task}, whose gate (mAP, or text) it has not")
     if spec.compress is None:
         raise CompressError(f"{spec.spec_file}: has no compress: section; add e.g. compress: "
                             "{prune: {speedup: 2}, distill: {train: {images: FOLDER}}}")
@@ -79,7 +80,7 @@ class Run:
         self.say = lambda message: progress(f"{spec.name}: {message}")
         self.progress = progress
         self.example = torch.from_numpy(export.example_batch(spec, 1))
-        self.samples = self.teacher_logits = None
+        self.samples = self.teacher_logits = self.data = None
         self.deadline = None
 
     # --- the steps, in order -----------------------------------------------------------------
@@ -88,7 +89,7 @@ class Run:
         started = time.monotonic()
         self.say(f"loading the original ({self.spec.source.kind}) and the validation set")
         self.original = export.load_original(self.spec)
-        self.validation = data.validation_set(self.spec)
+        self._validation()
         self.bench = self._bench(latency_seconds, threads)
         key = checkpoint.fingerprint(self.spec)
         self.state = checkpoint.load(self.out, key, self.progress) or {
@@ -102,7 +103,7 @@ class Run:
         if self.options.distill is not None:
             model = self._train(model, "distil", self.options.distill.epochs)
         model.eval()
-        models.check_classes(self.spec, model, "the compressed model")
+        self._check_outputs(model, "the compressed model")
         return self._finish(model, version, accept, time.monotonic() - started)
 
     def _load_training_data(self) -> None:
@@ -110,9 +111,38 @@ class Run:
         if distil is None:
             return
         self.say(f"reading the training data {distil.train.path}")
-        self.samples = data.training_set(self.spec, distil.train)
-        self.say(f"the original's soft targets for {self.samples.count} training examples")
-        self.teacher_logits = _teacher_logits(self.original, self.samples)
+        samples = data.training_set(self.spec, distil.train)
+        self.say(f"the original's outputs for {samples.count} training examples")
+        self.data = data.split(samples, _teacher_logits(self.original, samples), distil.holdout,
+                               distil.seed, self.metric)
+        self.samples, self.teacher_logits = self.data.train, self.data.teacher
+        self.early_stop_reference = self.metric.score(
+            models.logits(self.original, self.data.early_stop[0]), self.data.early_stop[1])
+        against = "labels" if self.data.labelled else "the original's answers"
+        self.say(f"{len(self.data.early_stop[1])} of them held out for early stopping ("
+                 f"{self.metric.name} against {against}: the original scores "
+                 f"{self.early_stop_reference:.2%})")
+
+    def _validation(self) -> None:
+        """The validation inputs and what the task's metric scores them against: labels (top-1),
+        or the original's own outputs (cosine)."""
+        x, y = data.validation_set(self.spec)
+        outputs = models.logits(self.original, x)
+        self.metric = metric.for_task(self.spec.task, y is not None, outputs.shape)
+        if self.metric.name == metric.TOP1:
+            self.validation = (x, data.require_labels(self.spec, y))
+        else:
+            self.validation = (x, outputs)
+        self.original_outputs = outputs.shape[1:]
+
+    def score(self, model: torch.nn.Module, x: np.ndarray, target: np.ndarray) -> float:
+        return distill.score(model, x, target, self.metric)
+
+    def _check_outputs(self, model: torch.nn.Module, what: str) -> None:
+        if self.metric.name == metric.TOP1:
+            models.check_classes(self.spec, model, what)
+        else:
+            models.check_shape(self.spec, model, what, self.original_outputs)
 
     def _model(self) -> torch.nn.Module:
         """The model being compressed, as the checkpoint left it (or as it starts)."""
@@ -130,22 +160,28 @@ class Run:
 
     def _original_row(self) -> None:
         self.say("measuring the original")
-        x, y = self.validation
-        accuracy = float((models.logits(self.original, x).argmax(1) == y).mean())
-        artifact = export.export(self.spec, self.original, self.tmp / "original", "onnx")
+        accuracy = self.metric.score(models.logits(self.original, self.validation[0]),
+                                     self.validation[1])
+        skipped: dict[str, str] = {}
+        artifacts = report.exports(self.original, self.spec, self.tmp / "original",
+                                   self.bench.formats, skipped)
+        if not artifacts:
+            raise CompressError("the original exports to none of compress.formats: "
+                                + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         counts = self.base if self.options.prune is not None else _counts(self.original,
                                                                           self.example)
         self.state["rows"].append(report.row(
-            "original", accuracy=accuracy, counts=counts, size=artifact.size_bytes,
-            timing=report.latency(artifact.path, self.spec, self.bench,
-                                  artifact.runtime_options)))
+            "original", accuracy=accuracy, counts=counts,
+            size=next(iter(artifacts.values())).size_bytes,
+            timing=report.timing(artifacts, self.spec, self.bench),
+            note="; ".join(f"no {k}: {v}" for k, v in skipped.items())))
 
     def _prune_steps(self, model: torch.nn.Module) -> torch.nn.Module:
         options = self.options.prune
         gradients = None
         if options.importance == "taylor":
             gradients = distill.gradients_for_taylor(self.samples, self.teacher_logits,
-                                                     self.options.distill)
+                                                     self.options.distill, self.metric)
         goals = prune.step_goals(options)
         for number, goal in enumerate(goals, 1):
             label = f"prune {number}/{len(goals)}"
@@ -155,8 +191,8 @@ class Run:
                 pruned = prune.prune_to(model, self.example, options, self.keep, goal, self.base,
                                         gradients)
                 model = pruned.model
-                models.check_classes(self.spec, model, f"the model after {label} (add the layer "
-                                     "that gives the classes to compress.prune.keep)")
+                self._check_outputs(model, f"the model after {label} (add the layer that gives "
+                                    "the outputs to compress.prune.keep)")
                 self.state["histories"].append(pruned.history)
                 self._step_row(label, model, (pruned.macs, pruned.params),
                                f"{prune.channels(model) / self.base_channels:.0%} of the "
@@ -167,17 +203,23 @@ class Run:
 
     def _step_row(self, label: str, model: torch.nn.Module, counts: tuple[int, int],
                   note: str) -> None:
-        accuracy = distill.accuracy(model, *self.validation)
-        onnx = report.onnx_of(model, self.spec, self.tmp / label.replace(" ", "-").replace("/", "-")
-                              / "model.onnx")
+        accuracy = self.score(model, *self.validation)
+        artifacts = self._step_exports(model, self.spec, label)
         self.state["rows"].append(report.row(label, accuracy=accuracy, counts=counts,
-                                             size=onnx.stat().st_size,
-                                             timing=report.latency(onnx, self.spec, self.bench),
+                                             size=next(iter(artifacts.values())).size_bytes,
+                                             timing=report.timing(artifacts, self.spec, self.bench),
                                              note=note))
         self.say(f"{label}: {counts[0] / self.base[0]:.3f} of the MACs, "
-                 f"{counts[1] / self.base[1]:.3f} of the parameters; validation top-1 "
+                 f"{counts[1] / self.base[1]:.3f} of the parameters; validation "
+                 f"{self.metric.name} "
                  f"{accuracy:.2%}")
         self._save(model)
+
+    def _step_exports(self, model: torch.nn.Module, spec: ModelSpec, label: str,
+                      formats: tuple[str, ...] | None = None) -> dict[str, Any]:
+        folder = self.tmp / label.replace(" ", "-").replace("/", "-")
+        return report.exports(model.eval(), report.module_spec(spec), folder,
+                              formats or self.bench.formats)
 
     def _recover(self, model: torch.nn.Module, label: str) -> torch.nn.Module:
         """Distillation between pruning steps, when this step lost more than the gate allows."""
@@ -186,14 +228,14 @@ class Run:
         if distil is None or not distil.step_epochs:
             return model
         row = next(r for r in self.state["rows"] if r["step"] == label)
-        lost = (self.state["rows"][0]["accuracy"] - row["accuracy"]) * 100
+        lost = (self.early_stop_reference - self.score(model, *self.data.early_stop)) * 100
         if stage not in self.state["loops"] and lost <= self.options.max_accuracy_drop:
             return model
         model = self._train(model, stage, distil.step_epochs)
         loop = self.state["loops"][stage]
-        row["recovered_accuracy"] = loop["best_accuracy"]
+        row["recovered_accuracy"] = self.score(model, *self.validation)
         row["note"] = (row["note"].split("; recovered")[0] + f"; recovered to "
-                       f"{loop['best_accuracy']:.2%} in {loop['epochs_done']} epoch(s)")
+                       f"{row['recovered_accuracy']:.2%} in {loop['epochs_done']} epoch(s)")
         return model
 
     def _train(self, model: torch.nn.Module, stage: str, epochs: int) -> torch.nn.Module:
@@ -211,9 +253,9 @@ class Run:
             self.state["loops"][stage] = current.state()
             self._save(model)
 
-        distill.train(model, self.samples, self.teacher_logits, self.validation,
-                      self.options.distill, loop, save=save_loop, deadline=self.deadline,
-                      progress=self.say)
+        distill.train(model, self.samples, self.teacher_logits, self.data.early_stop,
+                      self.options.distill, loop, save=save_loop, metric=self.metric,
+                      deadline=self.deadline, progress=self.say)
         if loop.complete:  # its best weights are the model's now; its optimizer is done
             self.state["loops"][stage] = {**loop.state(), "best": None, "optimizer": None}
         self._save(model)  # the best weights, which train() left on the model
@@ -234,7 +276,8 @@ class Run:
             self._result_rows(new_spec, model, accept)
             rows = self.state["rows"]
             verdict = gate.judge(rows[0]["accuracy"], rows[-1]["accuracy"],
-                                 len(self.validation[1]), self.options.max_accuracy_drop, accept)
+                                 len(self.validation[1]), self.options.max_accuracy_drop, accept,
+                                 self.metric.name)
             result = self._report(new_spec, verdict, seconds)
             result["files"] = report.write(result, self.out)
             if not verdict["ok"] and not accept:
@@ -255,21 +298,36 @@ class Run:
         from servetool.package import convert
 
         self.say("gating the saved program's ONNX export against the program (as package does)")
-        artifact, checked = convert(new_spec, "onnx", self.tmp / "result", accept_drift=accept)
+        artifact, _ = convert(new_spec, "onnx", self.tmp / "result", accept_drift=accept)
         rows = self.state["rows"]
+        others = tuple(f for f in self.bench.formats if f != "onnx")
+        artifacts = {"onnx": artifact, **self._step_exports(model, new_spec, "result", others)}
+        artifacts = {f: artifacts[f] for f in self.bench.formats if f in artifacts}
         rows.append(report.row(
-            self._result_step(), accuracy=checked.accuracy.converted, size=artifact.size_bytes,
+            self._result_step(), accuracy=self._artifact_score(artifact, new_spec),
+            size=artifact.size_bytes,
             counts=prune.count(model, self.example),
-            timing=report.latency(artifact.path, new_spec, self.bench, artifact.runtime_options)))
+            timing=report.timing(artifacts, new_spec, self.bench)))
         if not self.options.int8:
             return
         self.say("int8 on top (onnx-int8-static, calibrated on the spec's data)")
-        artifact, checked = convert(new_spec, "onnx-int8-static", self.tmp / "int8",
+        artifact, _ = convert(new_spec, "onnx-int8-static", self.tmp / "int8",
                                     accept_drift=accept)
-        rows.append(report.row("int8", accuracy=checked.accuracy.converted,
+        rows.append(report.row("int8", accuracy=self._artifact_score(artifact, new_spec),
                                size=artifact.size_bytes, note="onnx-int8-static",
-                               timing=report.latency(artifact.path, new_spec, self.bench,
-                                                     artifact.runtime_options)))
+                               timing=report.timing({"onnx-int8-static": artifact}, new_spec,
+                                                    self.bench)))
+
+    def _artifact_score(self, artifact, new_spec: ModelSpec) -> float:
+        """The task's score of a served artifact on the validation set, run by the handler's own
+        runtime (what the new version will answer)."""
+        run = export.artifact_runner(artifact.format.runtime, artifact.path,
+                                     options=artifact.runtime_options,
+                                     input_names=[i.name for i in new_spec.inputs])
+        x, target = self.validation
+        outputs = np.concatenate([np.asarray(run(np.ascontiguousarray(x[i:i + 256]))[0])
+                                  for i in range(0, len(x), 256)])
+        return self.metric.score(outputs, target)
 
     def _result_step(self) -> str:
         if self.options.distill is None:
@@ -296,10 +354,11 @@ class Run:
         unfinished = [stage for stage, loop in loops.items() if not loop.complete]
         return {"model": self.spec.name, "version": new_spec.version, "out": str(self.out),
                 "spec": str(new_spec.spec_file), "how": self._how(), "rows": rows,
-                "gate": verdict, "training": training, "stopped_early": stopped,
+                "gate": verdict, "metric": self.metric.name, "training": training, "stopped_early": stopped,
                 "unfinished": unfinished,
                 "pruning": self._pruning(), "latency": {"threads": self.bench.threads,
-                                                        "seconds": self.bench.seconds},
+                                                        "seconds": self.bench.seconds,
+                                                        "formats": list(self.bench.formats)},
                 "seconds": round(seconds, 1)}
 
     def _pruning(self) -> dict[str, Any] | None:
@@ -312,7 +371,8 @@ class Run:
     def _bench(self, seconds: float, threads: int | None) -> report.Bench:
         from handlers.runtimes import available_cores
 
-        return report.Bench(self.validation[0], self.tmp, threads or available_cores(), seconds)
+        return report.Bench(self.validation[0], self.tmp, threads or available_cores(), seconds,
+                            self.options.formats)
 
 
 def _teacher_logits(original, samples: data.Samples) -> np.ndarray:

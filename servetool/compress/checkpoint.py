@@ -43,7 +43,7 @@ def fingerprint(spec: ModelSpec) -> str:
              "student": asdict(options.student) if options.student else None,
              "train": str(options.distill.train.path) if options.distill else None,
              "distill": {k: v for k, v in asdict(options.distill).items()
-                         if k in ("lr", "batch", "temperature", "alpha", "seed")}
+                         if k in ("lr", "batch", "temperature", "alpha", "seed", "holdout")}
              if options.distill else None}
     digest.update(json.dumps(shape, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]

@@ -8,8 +8,9 @@ from servetool.errors import ServetoolError
 
 Progress = Callable[[str], None]
 
-# The only task whose compression gate exists so far: top-1 accuracy against the original.
-SUPPORTED_TASKS = ("image-classification",)
+# The tasks whose compression gate exists (metric.py): top-1 for classifiers, cosine to the
+# original's outputs for other tensor models. Detectors (mAP, box losses) and text models are not.
+SUPPORTED_TASKS = ("image-classification", "tensor")
 
 
 class CompressError(ServetoolError):

@@ -11,6 +11,7 @@ import numpy as np
 
 from servetool import export
 from servetool.compress.common import CompressError
+from servetool.compress.metric import TOP1, Metric
 from servetool.spec import DataRef, ModelSpec
 
 # Image folders whose decoded inputs fit this are decoded once; larger ones batch by batch.
@@ -33,6 +34,38 @@ class Samples:
         task = self.spec.image_task()
         return np.stack([task.preprocess(self.files[i].read_bytes()) for i in index])
 
+    def subset(self, index: np.ndarray) -> Samples:
+        return Samples(len(index), None if self.y is None else self.y[index],
+                       arrays=None if self.arrays is None else self.arrays[index],
+                       files=None if self.files is None else [self.files[i] for i in index],
+                       spec=self.spec)
+
+
+@dataclass
+class Split:
+    """The training data cut in two: what the model learns on, and the held-out part that early
+    stopping and recovery judge, so that the spec's validation set stays unseen until the gate.
+    Where the training data has no labels, the held-out part's labels are the original's top-1."""
+
+    train: Samples
+    teacher: np.ndarray  # the original's outputs for each training example
+    early_stop: tuple[np.ndarray, np.ndarray]  # inputs, and what the metric scores them against
+    labelled: bool
+
+
+def split(samples: Samples, teacher: np.ndarray, share: float, seed: int,
+          metric: Metric) -> Split:
+    """A seeded random `share` of the examples held out (at least one)."""
+    if samples.count < 2:
+        raise CompressError(f"no training data to hold out for early stopping: "
+                            f"{samples.count} example(s)")
+    order = np.random.default_rng(seed).permutation(samples.count)
+    held = np.sort(order[:max(1, round(samples.count * share))])
+    kept = np.sort(order[len(held):])
+    target = metric.targets(teacher[held], None if samples.y is None else samples.y[held])
+    return Split(samples.subset(kept), teacher[kept], (samples.rows(held), target),
+                 samples.y is not None and metric.name == TOP1)
+
 
 def training_set(spec: ModelSpec, ref: DataRef) -> Samples:
     """compress.distill.train: every example, labels where the data has them."""
@@ -48,17 +81,26 @@ def training_set(spec: ModelSpec, ref: DataRef) -> Samples:
     return Samples(len(x), _labels(spec, ref, y, len(x)), arrays=x)
 
 
-def validation_set(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The spec's labelled validation set: what the compression gate and early stopping judge."""
+def validation_set(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray | None]:
+    """The spec's validation set, with its labels where it has them: what the compression gate
+    and the report judge (never seen by training: early stopping judges a part of the training
+    data, see `split`)."""
     if spec.validation is None:
-        raise CompressError(f"{spec.spec_file}: the compression gate needs a labelled validation "
-                            "set: add validation: {images: FOLDER} (one sub-folder per label) or "
-                            "{data: FILE.npz} (x and y)")
+        raise CompressError(f"{spec.spec_file}: the compression gate needs a validation set: add "
+                            "validation: {images: FOLDER} (one sub-folder per label) or "
+                            "{data: FILE.npz} (x, and y for a classifier)")
     x, y = spec.load_data(spec.validation)
+    x = np.asarray(export.as_input_dtypes(spec, x))
+    if len(x) == 0:
+        raise CompressError(f"{spec.validation.path}: the validation set holds no examples")
+    return x, None if y is None else np.asarray(y, np.int64)
+
+
+def require_labels(spec: ModelSpec, y: np.ndarray | None) -> np.ndarray:
     if y is None:
-        raise CompressError(f"{spec.validation.path}: the compression gate needs labels (y in the "
-                            ".npz, or one sub-folder per label)")
-    return np.asarray(export.as_input_dtypes(spec, x)), np.asarray(y, np.int64)
+        raise CompressError(f"{spec.validation.path}: the compression gate of a classifier needs "
+                            "labels (y in the .npz, or one sub-folder per label)")
+    return y
 
 
 def _labels(spec: ModelSpec, ref: DataRef, y, count: int) -> np.ndarray | None:

@@ -1,11 +1,11 @@
 """Knowledge distillation: the model being trained (a pruned copy of the original, or the user's
-student) learns the original's soft targets, softmax(logits / T), by KL divergence scaled by T^2
-(Hinton et al.: the gradients of soft targets shrink as 1/T^2), plus cross-entropy on the labels
-where the data has them (weight alpha). The teacher's logits are computed once for the whole
-training set: nothing augments the data, so they are the same every epoch.
+student) learns the original's answers: soft targets and labels for a classifier, the outputs
+themselves for other models (metric.py says which loss). The teacher's outputs are computed once
+for the whole training set: nothing augments the data, so they are the same every epoch.
 
-Each epoch ends with the validation accuracy (early stopping keeps the best weights) and a
-checkpoint; a rerun resumes from the epoch after the last one saved.
+Each epoch ends with the task's score on the held-out part of the training data (early stopping
+keeps the best weights; the spec's validation set is left for the gate) and a checkpoint; a rerun
+resumes from the epoch after the last one saved.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from servetool.compress.common import Progress, quiet
 from servetool.compress.data import Samples
+from servetool.compress.metric import TOP1, Metric
 from servetool.spec import DistillOptions
 
 EVAL_BATCH = 256
@@ -52,45 +52,35 @@ class Loop:
         return dict(self.__dict__)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
-            temperature: float, alpha: float) -> torch.Tensor:
-    soft = F.kl_div(F.log_softmax(student / temperature, 1), F.softmax(teacher / temperature, 1),
-                    reduction="batchmean") * temperature ** 2
-    if labels is None:
-        return soft
-    return (1 - alpha) * soft + alpha * F.cross_entropy(student, labels)
-
-
 def cosine_lr(base: float, epoch: int, epochs: int) -> float:
     """The learning rate of a 1-based epoch on a cosine from `base` down, in closed form: a rerun
     that asks for more epochs goes on along the longer schedule."""
     return base * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
 
 
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy of a PyTorch module in eval mode (its training mode is restored)."""
+def score(model: nn.Module, x: np.ndarray, target: np.ndarray, metric: Metric) -> float:
+    """The task's score of a PyTorch module in eval mode (its training mode is restored)."""
     was_training = model.training
     model.eval()
-    hits = 0
     with torch.inference_mode():
-        for start in range(0, len(x), EVAL_BATCH):
-            out = model(torch.from_numpy(np.ascontiguousarray(x[start:start + EVAL_BATCH])))
-            hits += int((out.argmax(1).numpy() == y[start:start + EVAL_BATCH]).sum())
+        outputs = np.concatenate([
+            model(torch.from_numpy(np.ascontiguousarray(x[start:start + EVAL_BATCH]))).numpy()
+            for start in range(0, len(x), EVAL_BATCH)])
     model.train(was_training)
-    return hits / len(x)
+    return metric.score(outputs, target)
 
 
 def train(model: nn.Module, samples: Samples, teacher: np.ndarray,
-          validation: tuple[np.ndarray, np.ndarray], options: DistillOptions, loop: Loop, *,
-          save: Callable[[Loop], None], deadline: float | None = None,
-          progress: Progress = quiet) -> Loop:
+          early_stop: tuple[np.ndarray, np.ndarray], options: DistillOptions, loop: Loop, *,
+          save: Callable[[Loop], None], metric: Metric = Metric(TOP1),
+          deadline: float | None = None, progress: Progress = quiet) -> Loop:
     """Run `loop` on to its epochs (or early stopping, or the deadline), then leave the best
     weights on the model. `save` is called after every epoch with the loop's state."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
     if loop.optimizer is not None:
         optimizer.load_state_dict(loop.optimizer)
     if loop.best is None:  # the starting point is the one to beat
-        loop.best_accuracy = accuracy(model, *validation)
+        loop.best_accuracy = score(model, *early_stop, metric)
         loop.best = _copy_state(model)
     ran = 0  # every run trains at least one epoch, so that reruns on a tight budget go on
     while not loop.complete:
@@ -102,14 +92,14 @@ def train(model: nn.Module, samples: Samples, teacher: np.ndarray,
         started = time.monotonic()
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(options.lr, epoch, loop.epochs)
-        loss = _epoch(model, samples, teacher, options, optimizer, epoch, loop, progress)
+        loss = _epoch(model, samples, teacher, options, optimizer, epoch, loop, metric, progress)
         ran += 1
-        improved = _record(loop, model, accuracy(model, *validation), loss, started,
+        improved = _record(loop, model, score(model, *early_stop, metric), loss, started,
                            options.patience)
         loop.optimizer = optimizer.state_dict()
         save(loop)
-        progress(f"{loop.stage}: epoch {epoch}/{loop.epochs} loss {loss:.4f}, validation "
-                 f"top-1 {loop.log[-1]['val_accuracy']:.2%}" + (" (best)" if improved else "")
+        progress(f"{loop.stage}: epoch {epoch}/{loop.epochs} loss {loss:.4f}, held-out "
+                 f"{metric.name} {loop.log[-1]['holdout_accuracy']:.2%}" + (" (best)" if improved else "")
                  + (f"; no better for {loop.stale} epochs: stopping early" if loop.stopped else ""))
     model.load_state_dict(loop.best)
     return loop
@@ -125,7 +115,7 @@ def _record(loop: Loop, model: nn.Module, score: float, loss: float, started: fl
     else:
         loop.stale += 1
     loop.epochs_done += 1
-    loop.log.append({"epoch": loop.epochs_done, "loss": round(loss, 6), "val_accuracy": score,
+    loop.log.append({"epoch": loop.epochs_done, "loss": round(loss, 6), "holdout_accuracy": score,
                      "seconds": round(time.monotonic() - started, 2)})
     if loop.stale >= patience:
         loop.stopped = "early"
@@ -133,7 +123,8 @@ def _record(loop: Loop, model: nn.Module, score: float, loss: float, started: fl
 
 
 def _epoch(model: nn.Module, samples: Samples, teacher: np.ndarray, options: DistillOptions,
-           optimizer: torch.optim.Optimizer, epoch: int, loop: Loop, progress: Progress) -> float:
+           optimizer: torch.optim.Optimizer, epoch: int, loop: Loop, metric: Metric,
+           progress: Progress) -> float:
     """One pass over the training set in a shuffled order fixed by the seed and the epoch (a
     resumed run sees the same order); returns the mean loss."""
     model.train()
@@ -147,8 +138,8 @@ def _epoch(model: nn.Module, samples: Samples, teacher: np.ndarray, options: Dis
             continue  # a batch of one breaks batch norm's statistics
         x = torch.from_numpy(np.ascontiguousarray(samples.rows(index)))
         labels = torch.from_numpy(samples.y[index]) if samples.y is not None else None
-        loss = kd_loss(model(x), torch.from_numpy(teacher[index]), labels,
-                       options.temperature, options.alpha)
+        loss = metric.loss(model(x), torch.from_numpy(teacher[index]), labels,
+                           options.temperature, options.alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -166,7 +157,7 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def gradients_for_taylor(samples: Samples, teacher: np.ndarray, options: DistillOptions,
-                         batches: int = 4) -> Callable[[nn.Module], None]:
+                         metric: Metric, batches: int = 4) -> Callable[[nn.Module], None]:
     """Accumulates the distillation loss's gradients on a few training batches, which Taylor
     importance (weight x gradient) ranks channels by."""
 
@@ -177,7 +168,7 @@ def gradients_for_taylor(samples: Samples, teacher: np.ndarray, options: Distill
             index = np.sort(order[start:start + options.batch])
             labels = torch.from_numpy(samples.y[index]) if samples.y is not None else None
             x = torch.from_numpy(np.ascontiguousarray(samples.rows(index)))
-            kd_loss(model(x), torch.from_numpy(teacher[index]), labels, options.temperature,
-                    options.alpha).backward()
+            metric.loss(model(x), torch.from_numpy(teacher[index]), labels,
+                        options.temperature, options.alpha).backward()
 
     return run

@@ -114,3 +114,12 @@ def logits(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
         warnings.simplefilter("ignore")
         return np.concatenate([np.asarray(run(np.ascontiguousarray(x[i:i + batch]))[0], np.float32)
                                for i in range(0, len(x), batch)])
+
+
+def check_shape(spec: ModelSpec, model: nn.Module, what: str, shape: tuple[int, ...]) -> None:
+    """`model` gives outputs of the original's shape (past the batch axis)."""
+    with torch.inference_mode():
+        out = model.eval()(torch.from_numpy(export.example_batch(spec, 2)))
+    if tuple(out.shape[1:]) != tuple(shape):
+        raise CompressError(f"{what} gives outputs of shape {list(out.shape)}; the original "
+                            f"gives [batch, {', '.join(map(str, shape))}]")

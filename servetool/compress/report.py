@@ -1,16 +1,17 @@
 """The compression report: one row per step (the original, each pruning step, the distilled
-result, int8 on top) with parameters, MACs, file size, bare ONNX Runtime latency at batch 1 and
-16 and top-1 accuracy; written as JSON, CSV and a PNG of accuracy against latency.
+result, int8 on top) with parameters, MACs, file size, bare latency at batch 1 and 16 in each
+serving format measured (compress.formats: ONNX Runtime and TorchScript by default) and top-1
+accuracy; written as JSON, CSV and a PNG of accuracy against latency.
 
 Latency is measured as `bench formats` measures it (servetool.bench.formats.measure: each model
-in its own process after a warm-up, on the same real inputs), on each step's ONNX export.
+in its own process after a warm-up, on the same real inputs), on each step's own exports.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ class Bench:
     folder: Path  # where the measuring process reads them from
     threads: int = 1
     seconds: float = 3.0
+    formats: tuple[str, ...] = ("onnx", "torchscript")  # the first is the primary columns'
 
     def inputs_for(self, spec: ModelSpec) -> Path:
         """The samples as an .npz under the input name of `spec`'s model (a program names its
@@ -43,27 +45,47 @@ class Bench:
         return path
 
 
-def onnx_of(model, spec: ModelSpec, target: Path) -> Path:
-    """A PyTorch module (a pruning step's) as ONNX, exported as `package` exports it."""
-    from servetool.export import example_batch
-    from servetool.export.onnx import export_onnx
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(model.eval(), example_batch(spec, 2), target, spec)
-    return target
+def module_spec(spec: ModelSpec) -> ModelSpec:
+    """The spec as the exporters should read it for a pruning step's model: a Python module,
+    whatever the original's source was (a program or a Hugging Face folder takes other paths)."""
+    return replace(spec, source=replace(spec.source, kind="state_dict"))
 
 
-def latency(onnx: Path, spec: ModelSpec, bench: Bench, options: dict[str, Any] | None = None
-            ) -> dict[str, float]:
-    """p50 ms of a batch of 1, and the mean ms of a batch of 16, in ONNX Runtime."""
+def exports(model, spec: ModelSpec, folder: Path, formats: tuple[str, ...],
+            skipped: dict[str, str] | None = None) -> dict[str, Any]:
+    """The model in each format, exported as `package` exports it: {format: Artifact}. A format
+    this model cannot take (TorchScript of an ONNX original) is left out, its reason kept in
+    `skipped`."""
+    from servetool import export
+    from servetool.errors import ServetoolError
+
+    made = {}
+    for fmt in formats:
+        try:
+            made[fmt] = export.export(spec, model, folder / fmt, fmt)
+        except ServetoolError as exc:
+            if skipped is not None:
+                skipped[fmt] = str(exc).splitlines()[0]
+    return made
+
+
+def timing(artifacts: dict[str, Any], spec: ModelSpec, bench: Bench) -> dict[str, Any]:
+    """A row's latency fields: per format, p50 ms of a batch of 1 and mean ms of a batch of 16;
+    the first format's also as the row's primary columns."""
     if not bench.seconds:
         return {}
+    per_format = {fmt: latency(artifact, spec, bench) for fmt, artifact in artifacts.items()}
+    return {**next(iter(per_format.values())), "latency": per_format}
+
+
+def latency(artifact, spec: ModelSpec, bench: Bench) -> dict[str, float]:
     from servetool.bench.formats import measure
 
-    numbers = measure({"kind": "runtime", "runtime": "onnx", "artifact": str(onnx),
-                       "options": options or {}, "inputs": str(bench.inputs_for(spec)),
-                       "threads": bench.threads, "batch": LATENCY_BATCH, "iterations": 300,
-                       "seconds": bench.seconds, "warmup": 10})
+    numbers = measure({"kind": "runtime", "runtime": artifact.format.runtime,
+                       "artifact": str(artifact.path), "options": artifact.runtime_options or {},
+                       "inputs": str(bench.inputs_for(spec)), "threads": bench.threads,
+                       "batch": LATENCY_BATCH, "iterations": 300, "seconds": bench.seconds,
+                       "warmup": 10})
     return {"p50_ms_b1": round(numbers["p50_ms"], 4),
             "ms_b16": round(1000 * LATENCY_BATCH / numbers["throughput"], 4)}
 
@@ -78,13 +100,18 @@ def row(step: str, *, accuracy: float | None, size: int | None = None,
 
 
 def finish(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row's accuracy drop and batch-1 speed-up against the original (the first row)."""
+    """Each row's accuracy drop and batch-1 speed-up against the original (the first row), in
+    each format."""
     first = rows[0]
     for r in rows:
         if r.get("accuracy") is not None and first.get("accuracy") is not None:
             r["accuracy_drop_points"] = round((first["accuracy"] - r["accuracy"]) * 100, 2)
         if r.get("p50_ms_b1") and first.get("p50_ms_b1"):
             r["speedup_b1"] = round(first["p50_ms_b1"] / r["p50_ms_b1"], 2)
+        for fmt, numbers in r.get("latency", {}).items():
+            base = first.get("latency", {}).get(fmt) or first.get("latency", {}).get("onnx")
+            if base:  # int8 runs in ONNX Runtime: against the original's ONNX
+                numbers["speedup_b1"] = round(base["p50_ms_b1"] / numbers["p50_ms_b1"], 2)
     return rows
 
 
@@ -94,28 +121,50 @@ def write(report: dict[str, Any], out: Path) -> dict[str, str]:
     paths = {kind: str(out / name) for kind, name in FILES.items()}
     report = {**report, "files": paths}
     Path(paths["json"]).write_text(json.dumps(report, indent=2) + "\n")
+    formats = _formats(report)
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + [f"{fmt}_{key}" for fmt in formats
+                                                         for key in ("p50_ms_b1", "ms_b16")],
+                                extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(report["rows"])
+        writer.writerows({**r, **{f"{fmt}_{key}": value for fmt, numbers in
+                                  r.get("latency", {}).items() for key, value in numbers.items()}}
+                         for r in report["rows"])
     _chart(report, Path(paths["png"]))
     return paths
 
 
 def table(report: dict[str, Any]) -> str:
     """The rows as a Markdown table (what the command prints)."""
-    heads = ["step", "params", "MMACs", "size MB", "p50 ms (b=1)", "ms (b=16)", "speed-up (b=1)",
-             "top-1", "drop (pts)", "note"]
+    formats = _formats(report)
+    heads = ["step", "params", "MMACs", "size MB",
+             *(f"{fmt} ms b=1 / b=16 (speed-up)" for fmt in formats), "top-1", "drop (pts)",
+             "note"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in report["rows"]:
         cells = [r["step"], _number(r.get("params")),
                  f"{r['macs'] / 1e6:.2f}" if r.get("macs") else "-", _number(r.get("size_mb")),
-                 _number(r.get("p50_ms_b1")), _number(r.get("ms_b16")),
-                 f"{r['speedup_b1']:.2f}x" if r.get("speedup_b1") else "-",
+                 *(_latency_cell(r, fmt) for fmt in formats),
                  f"{r['accuracy']:.2%}" if r.get("accuracy") is not None else "-",
                  _number(r.get("accuracy_drop_points")), r.get("note") or ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _formats(report: dict[str, Any]) -> list[str]:
+    """The formats measured, in their first appearance's order (int8's is its own)."""
+    seen: dict[str, None] = {}
+    for r in report["rows"]:
+        seen.update(dict.fromkeys(r.get("latency", {})))
+    return list(seen)
+
+
+def _latency_cell(row: dict[str, Any], fmt: str) -> str:
+    numbers = row.get("latency", {}).get(fmt)
+    if not numbers:
+        return "-"
+    speedup = f" ({numbers['speedup_b1']:.2f}x)" if numbers.get("speedup_b1") else ""
+    return f"{numbers['p50_ms_b1']:g} / {numbers['ms_b16']:g}{speedup}"
 
 
 def _number(value: Any) -> str:
@@ -132,7 +181,8 @@ def _chart(report: dict[str, Any], path: Path) -> None:
     timed = [r for r in rows if r.get("p50_ms_b1")]
     fig, axis = plt.subplots(figsize=(7, 4.5))
     if timed:
-        xs, label = [r["p50_ms_b1"] for r in timed], "ONNX Runtime p50 latency, batch 1 (ms)"
+        primary = next(iter(timed[0].get("latency", {"ONNX Runtime": 0})))
+        xs, label = [r["p50_ms_b1"] for r in timed], f"{primary} p50 latency, batch 1 (ms)"
     else:  # no latency measured: MACs stand in for the cost
         timed = [r for r in rows if r.get("macs")]
         xs, label = [r["macs"] / 1e6 for r in timed], "MMACs per example"
