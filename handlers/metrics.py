@@ -53,23 +53,32 @@ class BatchMetrics:
         if metrics is None or self.broken:
             return
         try:
-            from ts.metrics.metric_type_enum import MetricTypes
-
+            histogram, counter = _kinds()
             for step in STEPS:
-                metrics.get_metric(f"servetool_{step}_seconds", MetricTypes.HISTOGRAM) \
+                metrics.get_metric(f"servetool_{step}_seconds", histogram) \
                     .add_or_update(seconds[step], self.base)
-            metrics.get_metric("servetool_batch_size", MetricTypes.HISTOGRAM) \
+            metrics.get_metric("servetool_batch_size", histogram) \
                 .add_or_update(size, self.base)
             counts: dict[str, int] = {}
             for status in statuses:
                 key = f"{status // 100}xx"
                 counts[key] = counts.get(key, 0) + 1
-            requests = metrics.get_metric("servetool_requests_total", MetricTypes.COUNTER)
+            requests = metrics.get_metric("servetool_requests_total", counter)
             for key, n in counts.items():
                 requests.add_or_update(n, [*self.base, key])
-            bad = metrics.get_metric("servetool_bad_requests_total", MetricTypes.COUNTER)
+            bad = metrics.get_metric("servetool_bad_requests_total", counter)
             for reason in reasons:
                 bad.add_or_update(1, [*self.base, reason])
         except Exception:  # noqa: BLE001 (an undeclared metric, an old TorchServe: answers go on)
             self.broken = True
             logger.warning("servetool's model metrics are off for this worker", exc_info=True)
+
+
+def _kinds() -> tuple[Any, Any]:
+    """TorchServe's metric types; another engine's metrics object (servetool/engines/kserve) takes
+    the names, since it has no `ts` package to import them from."""
+    try:
+        from ts.metrics.metric_type_enum import MetricTypes
+    except ImportError:
+        return "histogram", "counter"
+    return MetricTypes.HISTOGRAM, MetricTypes.COUNTER

@@ -61,6 +61,7 @@ class ServerState:
     jvm_pid: int | None = None  # recorded once the server is healthy
     split_metrics_port: int | None = None  # HAProxy's exporter, when the split fronts inference
     clients_port: int | None = None  # the OpenAI/TEI clients' front (servetool/clients.py)
+    engine: str = "torchserve"  # or "kserve" (servetool/engines/kserve): the same APIs
 
     def url(self, api: str) -> str:
         return f"http://{_url_host(self.host)}:{self.ports[api]}"
@@ -92,6 +93,7 @@ class ServerOptions:
     split: bool = False
     # the OpenAI and TEI clients' paths (servetool/clients.py) on this port; None: not served
     clients_port: int | None = None
+    engine: str = "torchserve"  # or "kserve": servetool/engines/kserve, no JVM
 
 
 def _url_host(host: str) -> str:
@@ -254,6 +256,8 @@ def load_state(run_dir: Path) -> ServerState | None:
 # are still winding down.
 STARTUP_GRACE_S = 300.0
 JVM_MARK = b"org.pytorch.serve.ModelServer"
+# The process whose life is the server's, per engine (for KServe: its one Python process).
+MAIN_MARKS = {"torchserve": JVM_MARK, "kserve": b"servetool.engines.kserve.server"}
 
 
 def condition(run_dir: Path) -> tuple[str, ServerState | None]:
@@ -262,9 +266,10 @@ def condition(run_dir: Path) -> tuple[str, ServerState | None]:
     state = load_state(run_dir)
     if state is None:
         return "stopped", None
+    mark = MAIN_MARKS.get(state.engine, JVM_MARK)
     if state.jvm_pid is not None:
-        return ("running" if _is_process(state.jvm_pid, JVM_MARK) else "crashed"), state
-    if _member_with(state.pid, JVM_MARK) or (
+        return ("running" if _is_process(state.jvm_pid, mark) else "crashed"), state
+    if _member_with(state.pid, mark) or (
             _group_alive(state.pid) and time.time() - state.started_at < STARTUP_GRACE_S):
         return "starting", state
     return "crashed", state
@@ -434,7 +439,8 @@ FAILURE_PATTERNS = re.compile(
 LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\dT[\d:,.]+ \[\w+\s*\] \S+ \S+ - ")
 
 
-def log_tail(state: ServerState, names: tuple[str, ...] = ("ts_log.log", "launcher.log"),
+def log_tail(state: ServerState, names: tuple[str, ...] = ("ts_log.log", "launcher.log",
+                                                          "kserve.log"),
              lines: int = 8) -> list[str]:
     """The lines of the server's logs that say what went wrong (or the last lines, if none do)."""
     found: list[str] = []
@@ -528,7 +534,8 @@ def _group_alive(pgid: int) -> bool:
 # What the processes of a server servetool started run: the launcher, the JVM, the Python workers
 # (which outlive a killed JVM for a while) and the management front.
 OUR_PROCESSES = (b"torchserve", b"org.pytorch.serve", b"model_server", b"ts/model_service_worker",
-                 b"pod.py front", b"pod.py keep", b"servetool.clients")
+                 b"pod.py front", b"pod.py keep", b"servetool.clients",
+                 b"servetool.engines.kserve.server")
 
 
 def _is_ours(pgid: int) -> bool:

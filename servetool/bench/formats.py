@@ -41,9 +41,10 @@ def measure(request: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
                               capture_output=True, text=True, timeout=timeout_s)
     finally:
         Path(f.name).unlink(missing_ok=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-4:])
-        raise BenchError(f"measuring {request.get('runtime', 'eager')} failed:\n{tail}")
+    if proc.returncode != 0:  # the exception's own line (the last), not its traceback
+        lines = proc.stderr.strip().splitlines()
+        raise BenchError(f"measuring {request.get('runtime', 'eager')} failed: "
+                         f"{lines[-1].strip() if lines else f'exit {proc.returncode}'}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

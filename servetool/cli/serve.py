@@ -33,6 +33,8 @@ from servetool.errors import ServetoolError
 from servetool.management import explain_failure
 from servetool.torchserve import DEFAULT_PORTS
 
+ENGINES = ["torchserve", "kserve"]
+
 
 @main.command()
 @click.argument("models", nargs=-1)
@@ -45,14 +47,22 @@ from servetool.torchserve import DEFAULT_PORTS
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (local) or publish on (docker). Anything but loopback "
                    "exposes the APIs to the network.")
-@click.option("--inference-port", type=int, default=DEFAULT_PORTS["inference"], show_default=True)
-@click.option("--management-port", type=int, default=DEFAULT_PORTS["management"], show_default=True)
-@click.option("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"], show_default=True)
-@click.option("--grpc-inference-port", type=int, default=DEFAULT_PORTS["grpc_inference"],
-              show_default=True)
-@click.option("--grpc-management-port", type=int, default=DEFAULT_PORTS["grpc_management"],
-              show_default=True)
-@click.option("--clients-port", type=int, default=None,
+@click.option("--engine", type=click.Choice(ENGINES), envvar="SERVETOOL_ENGINE",
+              default="torchserve", show_default=True,
+              help="torchserve: TorchServe (JVM frontend, Python workers); kserve: the same "
+                   "archives in-process behind KServe's protocol stack (no Java; adds the Open "
+                   "Inference Protocol v2). Local target only, so far.")
+@click.option("--inference-port", type=int, envvar="SERVETOOL_INFERENCE_PORT",
+              default=DEFAULT_PORTS["inference"], show_default=True)
+@click.option("--management-port", type=int, envvar="SERVETOOL_MANAGEMENT_PORT",
+              default=DEFAULT_PORTS["management"], show_default=True)
+@click.option("--metrics-port", type=int, envvar="SERVETOOL_METRICS_PORT",
+              default=DEFAULT_PORTS["metrics"], show_default=True)
+@click.option("--grpc-inference-port", type=int, envvar="SERVETOOL_GRPC_INFERENCE_PORT",
+              default=DEFAULT_PORTS["grpc_inference"], show_default=True)
+@click.option("--grpc-management-port", type=int, envvar="SERVETOOL_GRPC_MANAGEMENT_PORT",
+              default=DEFAULT_PORTS["grpc_management"], show_default=True)
+@click.option("--clients-port", type=int, envvar="SERVETOOL_CLIENTS_PORT", default=None,
               help="Local target: the OpenAI (/v1/embeddings, /v1/models) and TEI (/embed, "
                    "/predict, /rerank) paths on this port [default: the inference port + 3, "
                    "8083]; 0 turns them off.")
@@ -117,7 +127,8 @@ from servetool.torchserve import DEFAULT_PORTS
 @json_option
 @friendly_errors
 def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Path,
-           base_config: Path | None, host: str, inference_port: int, management_port: int,
+           base_config: Path | None, host: str, engine: str, inference_port: int,
+           management_port: int,
            metrics_port: int, grpc_inference_port: int, grpc_management_port: int,
            clients_port: int | None, timeout: float, no_promote: bool, with_split: bool,
            restart_on_crash: bool,
@@ -172,8 +183,13 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
                          ca_certs=list(ca_certs) or None),
             network=network, container_name=container_name, publish_host=host,
             cpus=docker_cpus, memory_limit=docker_memory, restart_on_crash=restart_on_crash)
-    local = {"clients_port": inference_port + 3 if clients_port is None else clients_port or None} \
-        if target == "local" else {}
+    if engine != "torchserve" and target != "local":
+        raise ServetoolError(f"--engine {engine} serves on the local target so far (no image "
+                             "without Java, no InferenceService manifest yet): use --target local, "
+                             "or TorchServe for docker and kubernetes")
+    default_clients = inference_port + 3 if engine == "torchserve" else None
+    local = {"clients_port": default_clients if clients_port is None else clients_port or None,
+             "engine": engine} if target == "local" else {}
     tgt = make_target(run_dir, model_store, target, docker_opts, base_config=base_config,
                       host=host, ports=ports, startup_timeout_s=timeout, split=with_split, **local)
     if keep is not None:
@@ -389,7 +405,8 @@ def status(run_dir: Path, model_store: Path, target: str, kubeconfig: Path | Non
     ep = result["endpoints"]
     where = (f"container {result['container']}, {result['health'] or 'no health yet'}"
              if target == "docker" else f"pid {result['pid']}")
-    lines = [f"TorchServe running ({where}): inference {ep['inference']}, "
+    engine = "KServe engine" if result.get("engine") == "kserve" else "TorchServe"
+    lines = [f"{engine} running ({where}): inference {ep['inference']}, "
              f"management {ep['management']}, metrics {ep['metrics']}"]
     for m in result["models"] or []:
         if m.get("error"):

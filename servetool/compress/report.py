@@ -74,8 +74,16 @@ def timing(artifacts: dict[str, Any], spec: ModelSpec, bench: Bench) -> dict[str
     the first format's also as the row's primary columns."""
     if not bench.seconds:
         return {}
-    per_format = {fmt: latency(artifact, spec, bench) for fmt, artifact in artifacts.items()}
-    return {**next(iter(per_format.values())), "latency": per_format}
+    from servetool.errors import ServetoolError
+
+    per_format, failed = {}, {}
+    for fmt, artifact in artifacts.items():
+        try:
+            per_format[fmt] = latency(artifact, spec, bench)
+        except ServetoolError as exc:  # one format's measurement: the others' numbers stand
+            failed[fmt] = str(exc)
+    primary = next(iter(per_format.values()), {})
+    return {**primary, "latency": per_format, **({"latency_failed": failed} if failed else {})}
 
 
 def latency(artifact, spec: ModelSpec, bench: Bench) -> dict[str, float]:
@@ -108,6 +116,8 @@ def finish(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r["accuracy_drop_points"] = round((first["accuracy"] - r["accuracy"]) * 100, 2)
         if r.get("p50_ms_b1") and first.get("p50_ms_b1"):
             r["speedup_b1"] = round(first["p50_ms_b1"] / r["p50_ms_b1"], 2)
+        for fmt, why in r.pop("latency_failed", {}).items():
+            r["note"] = "; ".join(filter(None, [r.get("note"), f"{fmt} not measured ({why})"]))
         for fmt, numbers in r.get("latency", {}).items():
             base = first.get("latency", {}).get(fmt) or first.get("latency", {}).get("onnx")
             if base:  # int8 runs in ONNX Runtime: against the original's ONNX

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,6 +143,9 @@ def quiet_native_output():
 
 
 def import_file(path: Path, module_name: str):
+    # An identifier: TorchScript records a class by its module's name and cannot load one back
+    # whose name has a '-' (a model named digits-resnet), so a trace would save but never load.
+    module_name = re.sub(r"\W", "_", module_name)
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     # The user's model.py may import its neighbours (a layers.py beside it).

@@ -81,7 +81,7 @@ class LocalTarget:
 
     def failure_logs(self, state: torchserve.ServerState) -> str:
         """What the server logged about a failure, quoted for an error message."""
-        tail = torchserve.log_tail(state, ("model_log.log", "ts_log.log"))
+        tail = torchserve.log_tail(state, ("model_log.log", "ts_log.log", "kserve.log"))
         quoted = "\n".join(f"  {line}" for line in tail)
         return f"From the logs in {state.log_dir}:\n{quoted}"
 
@@ -93,6 +93,10 @@ class LocalTarget:
             from servetool.canary import on_server_start
 
             on_server_start(self.opts.run_dir)
+        if self.opts.engine == "kserve":
+            from servetool.engines.kserve import process
+
+            return process.start(self.opts, self.progress), True
         return torchserve.start(self.opts, self.progress), True
 
     def set_split(self, model: str, version: str, weight: int) -> None:
@@ -274,7 +278,8 @@ class LocalTarget:
                                  "memory_bytes": w.get("memoryUsage")} for w in m.get("workers", [])],
                 })
         return {"target": self.name, "running": True, "state": cond, "run_dir": state.run_dir,
-                "pid": state.pid, "endpoints": endpoints(state), "token_auth": state.token_auth,
+                "engine": state.engine, "pid": state.pid, "endpoints": endpoints(state),
+                "token_auth": state.token_auth,
                 "supervised": supervisor_pid(self.opts.run_dir) is not None, "models": models,
                 "watcher": watcher_status(self.opts.run_dir),
                 "split": bool(state.split_metrics_port),

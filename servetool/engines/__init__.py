@@ -1,0 +1,1 @@
+"""Serving engines: TorchServe (the default) and KServe's protocol stack in-process."""

@@ -1,0 +1,88 @@
+"""The KServe engine's server process: `python -m servetool.engines.kserve.server CONFIG.json`.
+
+CONFIG: {"host", "ports": {"inference", "management", "metrics"}, "model_store", "run_dir",
+"token_auth", "max_request_size"}. It writes RUN_DIR/key_file.json (0600; TorchServe's layout, so
+one client reads either engine's keys), serves the three apps on `host` (loopback unless the
+config says otherwise: KServe's own ModelServer would bind 0.0.0.0) and stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import signal
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from servetool.engines.kserve.app import inference_app, management_app, metrics_app
+from servetool.engines.kserve.metrics import HandlerMetrics
+from servetool.engines.kserve.protocol import ArchiveModel
+from servetool.engines.kserve.registry import Registry
+from servetool.runfiles import write_private
+
+logger = logging.getLogger("servetool.kserve")
+DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's default, so both engines refuse alike
+
+
+def write_keys(run_dir: Path) -> dict[str, str]:
+    now = datetime.now().isoformat()
+    keys = {kind: secrets.token_urlsafe(32) for kind in ("management", "inference", "API")}
+    write_private(run_dir / "key_file.json", json.dumps(
+        {kind: {"key": key, "created": now} for kind, key in keys.items()}, indent=2) + "\n")
+    return keys
+
+
+async def serve(config: dict[str, Any]) -> None:
+    run_dir = Path(config["run_dir"])
+    keys = write_keys(run_dir) if config.get("token_auth", True) else {}
+    metrics = HandlerMetrics()
+    registry = Registry(Path(config["model_store"]), run_dir / "kserve-models", metrics)
+
+    def sync() -> None:  # KServe's repository answers v1/v2 for each model's default version
+        repository = registry.kserve_models
+        for name in list(repository.get_models()):
+            if name not in registry.models:
+                repository.unload(name)
+        for name in registry.models:
+            if repository.get_model(name) is None:
+                repository.update(ArchiveModel(name, registry))
+
+    apps = {"inference": inference_app(registry, keys.get("inference"),
+                                       int(config.get("max_request_size")
+                                           or DEFAULT_MAX_REQUEST_SIZE)),
+            "management": management_app(registry, keys.get("management"), sync),
+            "metrics": metrics_app(metrics.exposition)}
+    servers = [uvicorn.Server(uvicorn.Config(app, host=config["host"],
+                                             port=int(config["ports"][api]), log_level="warning",
+                                             access_log=False, lifespan="off"))
+               for api, app in apps.items()]
+    for server in servers:
+        server.install_signal_handlers = lambda: None  # noqa: E731 (ours below, for all three)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    tasks = [loop.create_task(server.serve()) for server in servers]
+    logger.info("servetool KServe engine on %s: %s", config["host"], config["ports"])
+    await stopping.wait()
+    for server in servers:
+        server.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await registry.close()
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = json.loads(Path(argv[0]).read_text())
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
