@@ -9,8 +9,8 @@ import hmac
 import json
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import Response
 
 from servetool.engines.kserve.batcher import QueueFull
 from servetool.engines.kserve.context import decoded
@@ -19,41 +19,139 @@ from servetool.engines.kserve.registry import NotFound, Refused, Registry
 OPEN_PATHS = ("/ping", "/v2/health/live", "/v2/health/ready", "/")
 
 
-def _error(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse({"code": status, "type": kind, "message": message}, status_code=status)
+def _error(status: int, kind: str, message: str) -> Response:
+    return Response(json.dumps({"code": status, "type": kind, "message": message}),
+                    status_code=status, media_type="application/json")
 
 
-def _guard(app: FastAPI, key: str | None, open_paths: tuple[str, ...] = ()) -> None:
-    @app.middleware("http")
-    async def auth(request: Request, call_next):  # noqa: ANN001, ANN202
-        if key is not None and request.url.path not in open_paths:
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), key.encode()):
-                return _error(401, "Unauthorized", "Token Authorization failed: send "
-                              "Authorization: Bearer KEY (the key is in the run folder's "
-                              "key_file.json)")
-        return await call_next(request)
+class Guarded:
+    """Token auth as a plain ASGI wrapper (Starlette's @middleware("http") costs a task and a
+    stream per request, which shows at thousands of requests a second)."""
+
+    def __init__(self, app: Any, key: str | None, open_paths: tuple[str, ...] = ()) -> None:
+        self.app, self.key, self.open_paths = app, key, open_paths
+
+    def authorized(self, scope: dict[str, Any]) -> bool:
+        if self.key is None or scope["path"] in self.open_paths:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                token = value[7:] if value[:7].lower() == b"bearer " else b""
+                return hmac.compare_digest(token, self.key.encode())
+        return False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not self.authorized(scope):
+            await respond(send, 401, {"code": 401, "type": "Unauthorized", "message":
+                                      "Token Authorization failed: send Authorization: Bearer "
+                                      "KEY (the key is in the run folder's key_file.json)"})
+            return
+        await self.app(scope, receive, send)
 
 
-async def _items(request: Request) -> dict[str, Any]:
+async def respond(send: Any, status: int, body: Any, headers: dict[str, str] | None = None
+                  ) -> None:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    if not any(k == b"content-type" for k, _ in raw):
+        raw.append((b"content-type", b"application/json"))
+    raw.append((b"content-length", str(len(data)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+class TooLarge(Exception):
+    pass
+
+
+async def read_body(receive: Any, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(size)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def request_item(scope: dict[str, Any], receive: Any, limit: int) -> dict[str, Any]:
     """The request as TorchServe's worker receives it: the body (or each multipart field)
     decoded by its content type, plus the query parameters."""
-    item: dict[str, Any] = {k: v for k, v in request.query_params.items()}
-    kind = request.headers.get("content-type", "")
+    from urllib.parse import parse_qsl
+
+    item: dict[str, Any] = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+    kind = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), "")
     if kind.startswith("multipart/form-data"):
-        form = await request.form()
+        from starlette.requests import Request
+
+        form = await Request(scope, receive).form()
         for name, value in form.multi_items():
             if hasattr(value, "read"):
                 item[name] = decoded(await value.read(), value.content_type or "")
             else:
                 item[name] = value
         return item
-    item["body"] = decoded(await request.body(), kind)  # empty too, as TorchServe passes it
+    item["body"] = decoded(await read_body(receive, limit), kind)  # empty too, as TorchServe
     return item
 
 
-def inference_app(registry: Registry, key: str | None, max_request_size: int) -> FastAPI:
+class InferenceFront:
+    """The hot path answered without a framework: POST/PUT /predictions/NAME[/VERSION] and
+    /ping; everything else (KServe's v1 and v2) goes to the FastAPI app."""
+
+    def __init__(self, registry: Registry, fallback: Any, max_request_size: int) -> None:
+        self.registry, self.fallback, self.limit = registry, fallback, max_request_size
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path.startswith("/predictions/") or path == "/ping"):
+            await self.fallback(scope, receive, send)
+            return
+        if path == "/ping":
+            await respond(send, 200, {"status": "Healthy"})
+            return
+        if scope["method"] not in ("POST", "PUT"):  # PUT: `curl -T FILE` (TorchServe takes it)
+            await respond(send, 405, {"code": 405, "type": "MethodNotAllowedException",
+                                      "message": "Requested method is not allowed, please refer "
+                                                 "to API document."})
+            return
+        parts = path[len("/predictions/"):].split("/")
+        if len(parts) > 2 or not parts[0]:
+            await respond(send, 404, {"code": 404, "type": "ResourceNotFoundException",
+                                      "message": "Requested resource is not found, please refer "
+                                                 "to API document."})
+            return
+        await self.predict(scope, receive, send, parts[0], parts[1] if len(parts) > 1 else None)
+
+    async def predict(self, scope: dict[str, Any], receive: Any, send: Any, name: str,
+                      version: str | None) -> None:
+        try:
+            entry = self.registry.get(name, version)
+        except NotFound as exc:
+            await respond(send, 404, {"code": 404, "type": "ModelNotFoundException",
+                                      "message": str(exc)})
+            return
+        try:
+            item = await request_item(scope, receive, self.limit)
+        except TooLarge as exc:
+            await respond(send, 413, {"code": 413, "type": "RequestTooLarge", "message":
+                                      f"the request is over {exc.args[0]} bytes, more than the "
+                                      f"server's limit of {self.limit}"})
+            return
+        try:
+            reply = await entry.batcher.submit(item)
+        except QueueFull as exc:
+            await respond(send, 503, {"code": 503, "type": "ServiceUnavailableException",
+                                      "message": f"Model \"{name}\" has no worker to serve "
+                                                 f"inference request: {exc}"})
+            return
+        await respond(send, reply.status, reply.body, reply.headers)
+
+
+def inference_app(registry: Registry, key: str | None, max_request_size: int) -> Any:
     from kserve.model_repository import ModelRepository
     from kserve.protocol.dataplane import DataPlane
     from kserve.protocol.model_repository_extension import ModelRepositoryExtension
@@ -61,45 +159,13 @@ def inference_app(registry: Registry, key: str | None, max_request_size: int) ->
     from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    _guard(app, key, OPEN_PATHS)
     repository = ModelRepository()
     registry.kserve_models = repository  # kept in step with the registry (server.py)
     dataplane = DataPlane(model_registry=repository)
     register_v1_endpoints(app, dataplane, ModelRepositoryExtension(repository))
     register_v2_endpoints(app, dataplane, ModelRepositoryExtension(repository))
     _kserve_errors(app)
-
-    @app.get("/ping")
-    async def ping() -> dict[str, str]:
-        return {"status": "Healthy"}
-
-    async def predict(request: Request, name: str, version: str | None) -> Response:
-        size = int(request.headers.get("content-length") or 0)
-        if size > max_request_size:
-            return _error(413, "RequestTooLarge", f"the request is {size} bytes, more than the "
-                          f"server's limit of {max_request_size}")
-        try:
-            entry = registry.get(name, version)
-        except NotFound as exc:
-            return _error(404, "ModelNotFoundException", str(exc))
-        item = await _items(request)
-        try:
-            reply = await entry.batcher.submit(item)
-        except QueueFull as exc:
-            return _error(503, "ServiceUnavailableException",
-                          f"Model \"{name}\" has no worker to serve inference request: {exc}")
-        return Response(reply.body, status_code=reply.status, headers=reply.headers)
-
-    # POST, and PUT as `curl -T FILE` sends (TorchServe takes both)
-    @app.api_route("/predictions/{name}", methods=["POST", "PUT"])
-    async def predict_default(request: Request, name: str) -> Response:
-        return await predict(request, name, None)
-
-    @app.api_route("/predictions/{name}/{version}", methods=["POST", "PUT"])
-    async def predict_version(request: Request, name: str, version: str) -> Response:
-        return await predict(request, name, version)
-
-    return app
+    return Guarded(InferenceFront(registry, app, max_request_size), key, OPEN_PATHS)
 
 
 def _kserve_errors(app: FastAPI) -> None:
@@ -124,9 +190,8 @@ def _kserve_errors(app: FastAPI) -> None:
     app.add_exception_handler(Exception, generic_exception_handler)
 
 
-def management_app(registry: Registry, key: str | None, on_change: Any) -> FastAPI:
+def management_app(registry: Registry, key: str | None, on_change: Any) -> Any:
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    _guard(app, key)
 
     def answer(call: Any) -> Any:
         async def run(*args: Any) -> Response:
@@ -190,7 +255,7 @@ def management_app(registry: Registry, key: str | None, on_change: Any) -> FastA
     async def unregister(name: str, version: str) -> Response:
         return await remove(name, version)
 
-    return app
+    return Guarded(app, key)
 
 
 def metrics_app(exposition: Any) -> FastAPI:

@@ -60,7 +60,8 @@ async def serve(config: dict[str, Any]) -> None:
             "metrics": metrics_app(metrics.exposition)}
     servers = [uvicorn.Server(uvicorn.Config(app, host=config["host"],
                                              port=int(config["ports"][api]), log_level="warning",
-                                             access_log=False, lifespan="off"))
+                                             access_log=False, lifespan="off", loop="uvloop",
+                                             http="httptools"))
                for api, app in apps.items()]
     for server in servers:
         server.install_signal_handlers = lambda: None  # noqa: E731 (ours below, for all three)
