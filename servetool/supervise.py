@@ -59,7 +59,8 @@ def _options(run_dir: Path) -> torchserve.ServerOptions:
         base_config=Path(raw["base_config"]) if raw.get("base_config") else None,
         host=raw["host"], ports={k: int(v) for k, v in raw["ports"].items()},
         startup_timeout_s=float(raw["startup_timeout_s"]), split=bool(raw.get("split")),
-        clients_port=int(raw["clients_port"]) if raw.get("clients_port") else None)
+        clients_port=int(raw["clients_port"]) if raw.get("clients_port") else None,
+        engine=raw.get("engine") or "torchserve")
 
 
 def restore(opts: torchserve.ServerOptions) -> dict:
