@@ -495,14 +495,19 @@ def token(kind: str, as_header: bool, run_dir: Path, model_store: Path, target: 
 @friendly_errors
 def stop(run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     """Stop the server, its JVM and every worker."""
+    from servetool.torchserve import load_state
+
     tgt = make_target(run_dir, model_store, target)
     before = tgt.condition()
+    recorded = load_state(run_dir) if target == "local" else None
+    server = "the KServe engine" if recorded and recorded.engine == "kserve" else "TorchServe"
     was_running = tgt.down()
     if before == "crashed":
-        text = "TorchServe had crashed; what was left of it is stopped"
+        text = f"{server} had crashed; what was left of it is stopped"
     elif was_running:
-        text = "TorchServe stopped" + (" and its container removed" if target == "docker" else "")
+        text = f"{server} stopped" + (" and its container removed" if target == "docker" else "")
     else:
-        text = f"no TorchServe was running from {run_dir} ({target})"
+        text = f"no server was running from {run_dir} ({target})"
+    text = text[0].upper() + text[1:]
     emit({"target": target, "stopped": was_running, "was": before}, as_json, text)
 
