@@ -47,6 +47,11 @@ WATCHER_PACKAGES = ["boto3", "requests"]  # and prometheus-client, in every imag
 SPLIT_RUNTIME = Path(__file__).with_name("split_runtime.py")
 CONTAINER_SPLIT_RUNTIME = "/opt/servetool/servetool_split.py"
 WATCHER_LIB = "lib"  # /opt/servetool/lib in the image: the servetool and handlers packages
+# The KServe engine's image (servetool/engines/kserve): no torchserve, no Java; torch only for
+# archives whose runtime is PyTorch's.
+KSERVE_PACKAGES = ["kserve", "numpy", "pillow", "pyyaml", "prometheus-client", "uvicorn",
+                   "httptools", "uvloop", "fastapi"]
+KSERVE_CONFIG = "runtime/kserve.json"
 FORMAT_PACKAGES = {"onnx": ["onnxruntime"], "openvino": ["openvino"],
                    "tensorrt": ["torch-tensorrt"]}
 LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
@@ -78,6 +83,7 @@ class ImageOptions:
     # the canary split (servetool/split.py): HAProxy from Debian, and servetool's exporter beside
     # it (split_runtime.py, as servetool_split.py) with the Prometheus client it needs
     with_split: bool = False
+    engine: str = "torchserve"  # or "kserve": Dockerfile.kserve, no Java
 
 
 def pinned(package: str) -> str:
@@ -88,8 +94,11 @@ def pinned(package: str) -> str:
         return package
 
 
-def requirements(archives: Iterable[Path], with_watcher: bool = False) -> list[str]:
-    needed = list(RUNTIME_PACKAGES) + (WATCHER_PACKAGES if with_watcher else [])
+def requirements(archives: Iterable[Path], with_watcher: bool = False,
+                 engine: str = "torchserve") -> list[str]:
+    kserve = engine == "kserve"
+    needed = list(KSERVE_PACKAGES if kserve else RUNTIME_PACKAGES) + (
+        WATCHER_PACKAGES if with_watcher else [])
     for path in archives:
         handler = archive.archive_manifest(path)["config"].get("handler", {})
         fmt = FORMATS.get(handler.get("format", ""))
@@ -98,6 +107,8 @@ def requirements(archives: Iterable[Path], with_watcher: bool = False) -> list[s
             raise ImageError(f"{path.name}: unknown handler runtime {runtime!r}; repackage it "
                              "with this servetool (`servetool package`)")
         needed += FORMAT_PACKAGES.get(runtime, [])
+        if kserve and runtime in ("torchscript", "exported-program"):  # else torch is not there
+            needed.append("torch")
         if handler.get("text"):  # the worker tokenizes (tokenizers, not transformers)
             needed.append("tokenizers")
         interpolation = (handler.get("preprocess") or {}).get("interpolation") or ""
@@ -127,6 +138,8 @@ def render(opts: ImageOptions, archives: list[Path]) -> Path:
     for sub in ("runtime", "model-store", "build"):
         shutil.rmtree(out / sub, ignore_errors=True)
         (out / sub).mkdir(parents=True)
+    if opts.engine == "kserve":
+        return _render_kserve(opts, archives, out)
     shutil.copyfile(RESOURCES / "Dockerfile", out / "Dockerfile")
     (out / ".dockerignore").write_text("# The context is exactly what servetool rendered.\n*.md\n")
     shutil.copyfile(POD_HELPER, out / "runtime" / "servetool_pod.py")
@@ -144,6 +157,35 @@ def render(opts: ImageOptions, archives: list[Path]) -> Path:
         for package in (Path(__file__).resolve().parent, HANDLERS):
             shutil.copytree(package, out / "runtime" / WATCHER_LIB / package.name,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "docker"))
+    if opts.bake_models:
+        for path in archives:
+            _link_or_copy(path, out / "model-store" / path.name)
+    (out / "model-store" / ".keep").write_text("")
+    (out / "build" / "wheels").mkdir()
+    (out / "build" / "certs").mkdir()
+    _copy_certs(opts.ca_certs, out / "build" / "certs")
+    return out
+
+
+def _render_kserve(opts: ImageOptions, archives: list[Path], out: Path) -> Path:
+    """The KServe engine's context: Dockerfile.kserve, the server's settings, servetool's and
+    the handlers' code (the server runs them from /opt/servetool/lib), the archives."""
+    import json
+
+    from servetool.engines.kserve.process import server_settings
+
+    shutil.copyfile(RESOURCES / "Dockerfile.kserve", out / "Dockerfile")
+    (out / ".dockerignore").write_text("# The context is exactly what servetool rendered.\n*.md\n")
+    props = torchserve.read_properties(opts.base_config) if opts.base_config else {}
+    settings = server_settings("0.0.0.0", CONTAINER_PORTS, CONTAINER_STORE, CONTAINER_WORK,
+                               props, archive.archive_sizes(archives))
+    (out / KSERVE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+    for package in (Path(__file__).resolve().parent, HANDLERS):
+        shutil.copytree(package, out / "runtime" / WATCHER_LIB / package.name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "docker", "*.xml",
+                                                      "*.lua", "sentences.txt"))
+    (out / "build" / "requirements.txt").write_text(
+        "\n".join(requirements(archives, False, "kserve")) + "\n")
     if opts.bake_models:
         for path in archives:
             _link_or_copy(path, out / "model-store" / path.name)
@@ -283,7 +325,10 @@ def build_image(opts: ImageOptions, archives: list[Path],
     if opts.tag is None and (found := existing(client, tag)) is not None:
         progress(f"image {tag} already built")
         return found
-    if _local_torch_wheel(context / "build" / "wheels"):
+    needs_torch = opts.engine != "kserve" or any(
+        line.startswith("torch==") for line in (context / "build" / "requirements.txt")
+        .read_text().splitlines())
+    if needs_torch and _local_torch_wheel(context / "build" / "wheels"):
         progress("using this machine's torch wheel (no download in the build)")
     return build(client, context, tag, opts.base_image, progress,
                  "haproxy" if opts.with_split else "")

@@ -428,3 +428,60 @@ def check_split_in_container(env: dict, tmp_path: Path, common: list[str], url: 
     aborted = cli("canary", "digits", "--abort", *common, env=env, cwd=tmp_path)
     assert aborted.returncode == 0, aborted.stderr
     assert {answering() for _ in range(30)} == {"1.0"}
+
+
+def test_the_kserve_engine_image_context_has_no_java_and_no_torch_for_onnx(tmp_path, model_store):
+    opts = image.ImageOptions(model_store=model_store, out_dir=tmp_path / "ctx",
+                              base_config=ROOT / "config.properties", ca_certs=[],
+                              engine="kserve")
+    context = image.render(opts, [model_store / "digits.mar"])
+    hadolint = Path(__import__("sys").executable).with_name("hadolint")
+    proc = subprocess.run([str(hadolint), str(context / "Dockerfile")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dockerfile = (context / "Dockerfile").read_text()
+    assert "jdk" not in dockerfile and "jre" not in dockerfile.lower()
+    reqs = (context / "build" / "requirements.txt").read_text().split()
+    assert any(r.startswith("kserve==") for r in reqs) and any(r.startswith("onnxruntime==")
+                                                               for r in reqs)
+    assert not any(r.startswith(("torch", "torchserve")) for r in reqs), reqs
+    settings = json.loads((context / image.KSERVE_CONFIG).read_text())
+    assert settings["token_auth"] is True and settings["run_dir"] == image.CONTAINER_WORK
+    assert (context / "runtime" / "lib" / "servetool" / "engines" / "kserve" / "server.py").is_file()
+    # a TorchScript archive's image needs torch, still no Java
+    context = image.render(opts, [model_store / "digits_ts.mar"])
+    assert any(r.startswith("torch==") for r in
+               (context / "build" / "requirements.txt").read_text().split())
+
+
+@pytest.mark.docker
+def test_kserve_engine_in_docker_serves_without_java_or_torch(tmp_path, model_store, docker_engine,
+                                                              held_out):
+    env = {**docker_engine, "SERVETOOL_TARGET": "docker", "SERVETOOL_ENGINE": "kserve"}
+    ports = free_ports()
+    proc = cli("deploy", "digits", "--target", "docker", "--network", "host",
+               "--base-image", LOCAL_BASE_IMAGE, "--model-store", str(model_store),
+               "--config", str(ROOT / "config.properties"), "--container-name",
+               "servetool-kserve-e2e", "--json", *port_args(ports), env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    deployed = json.loads(proc.stdout)
+    try:
+        assert deployed["engine"] == "kserve"
+        assert deployed["image"]["size_bytes"] <= 700e6, deployed["image"]
+        url = deployed["models"][0]["predictions_url"]
+        assert requests.post(url, data=b"x", timeout=30).status_code == 401
+        key = cli("token", env=env, cwd=tmp_path).stdout.strip()
+        images, labels = held_out
+        names = (ROOT / "models/digits/labels.txt").read_text().split()
+        reply = requests.post(url, data=png_bytes(images[0]), timeout=30,
+                              headers={"Authorization": f"Bearer {key}"})
+        assert reply.status_code == 200 and next(iter(reply.json())) == names[int(labels[0])]
+        engine = image.docker_client_for(docker_engine["DOCKER_HOST"])
+        container = engine.containers.get("servetool-kserve-e2e")
+        assert container.attrs["Config"]["User"] == "1000:1000"
+        code, out = container.exec_run(["sh", "-c", "command -v java; ls /opt/venv/lib/python3*/"
+                                                    "site-packages | grep -c '^torch' || true"])
+        assert out.decode().split() == ["0"], out  # no java on the PATH, no torch package
+    finally:
+        stopped = cli("stop", env=env, cwd=tmp_path)
+        assert stopped.returncode == 0 and "container removed" in stopped.stdout

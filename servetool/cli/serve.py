@@ -149,6 +149,10 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
     holds its context) and the container replaced when the image changed.
     """
     base_config = base_config or default_config()
+    if engine != "torchserve" and target == "kubernetes":
+        raise ServetoolError(f"--engine {engine} serves on the local and docker targets so far "
+                             "(no KServe InferenceService manifest yet): use TorchServe for "
+                             "kubernetes")
     if watch_source and target == "docker":
         mount_models = True  # the watcher adds archives to the store the container reads
     if target == "kubernetes":
@@ -183,15 +187,12 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
                          ca_certs=list(ca_certs) or None),
             network=network, container_name=container_name, publish_host=host,
             cpus=docker_cpus, memory_limit=docker_memory, restart_on_crash=restart_on_crash)
-    if engine != "torchserve" and target != "local":
-        raise ServetoolError(f"--engine {engine} serves on the local target so far (no image "
-                             "without Java, no InferenceService manifest yet): use --target local, "
-                             "or TorchServe for docker and kubernetes")
     default_clients = inference_port + 3 if engine == "torchserve" else None
-    local = {"clients_port": default_clients if clients_port is None else clients_port or None,
-             "engine": engine} if target == "local" else {}
+    local = {"clients_port": default_clients if clients_port is None else clients_port or None} \
+        if target == "local" else {}
     tgt = make_target(run_dir, model_store, target, docker_opts, base_config=base_config,
-                      host=host, ports=ports, startup_timeout_s=timeout, split=with_split, **local)
+                      host=host, ports=ports, startup_timeout_s=timeout, split=with_split,
+                      engine=engine, **local)
     if keep is not None:
         tgt.keep = keep
     tgt.promote = not no_promote
@@ -230,7 +231,8 @@ def deploy_summary(result: dict[str, Any]) -> str:
     ep = result["endpoints"]
     where = (f"container {result['container']} from {result['image']['tag']}"
              if result["target"] == "docker" else f"run folder {result['run_dir']}")
-    lines = [f"TorchServe {'started' if result['server_started'] else 'already running'} ({where})",
+    engine = "KServe engine" if result.get("engine") == "kserve" else "TorchServe"
+    lines = [f"{engine} {'started' if result['server_started'] else 'already running'} ({where})",
              f"  inference:  {ep['inference']}",
              f"  management: {ep['management']}",
              f"  metrics:    {ep['metrics']}"]
@@ -495,12 +497,10 @@ def token(kind: str, as_header: bool, run_dir: Path, model_store: Path, target: 
 @friendly_errors
 def stop(run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     """Stop the server, its JVM and every worker."""
-    from servetool.torchserve import load_state
-
     tgt = make_target(run_dir, model_store, target)
     before = tgt.condition()
-    recorded = load_state(run_dir) if target == "local" else None
-    server = "the KServe engine" if recorded and recorded.engine == "kserve" else "TorchServe"
+    running = tgt.running() if before != "stopped" else None
+    server = "the KServe engine" if running and running.engine == "kserve" else "TorchServe"
     was_running = tgt.down()
     if before == "crashed":
         text = f"{server} had crashed; what was left of it is stopped"

@@ -44,10 +44,13 @@ class DockerOptions:
 class ContainerKeys:
     """Reads the keys inside the container; cached briefly (each read is a `docker exec`)."""
 
-    def __init__(self, container: Any, ttl_s: float = 20.0) -> None:
+    def __init__(self, container: Any, ttl_s: float = 20.0, engine: str = "torchserve") -> None:
         self.container = container
         self.ttl_s = ttl_s
         self.cached: tuple[float, dict] = (0.0, {})
+        # TorchServe's inference key and the management front's key (pod.py keys); the KServe
+        # engine keeps both in its key_file.json
+        self.command = ["cat", KEY_FILE] if engine == "kserve" else ["python3", POD_HELPER, "keys"]
 
     def invalidate(self) -> None:
         self.cached = (0.0, {})
@@ -56,8 +59,7 @@ class ContainerKeys:
         stamp, keys = self.cached
         if keys and time.monotonic() - stamp < self.ttl_s:
             return keys
-        # TorchServe's inference key, and the management front's key (pod.py keys)
-        code, out = self.container.exec_run(["python3", POD_HELPER, "keys"], user="1000")
+        code, out = self.container.exec_run(self.command, user="1000")
         try:
             keys = json.loads(out) if code == 0 else {}
         except ValueError:
@@ -66,10 +68,16 @@ class ContainerKeys:
         return keys
 
 
-def container_env(network: str, ports: dict[str, int]) -> dict[str, str]:
-    """TS_* overrides: on the host network TorchServe must bind loopback and the chosen ports."""
+def container_env(network: str, ports: dict[str, int], engine: str = "torchserve"
+                  ) -> dict[str, str]:
+    """TS_* overrides: on the host network TorchServe must bind loopback and the chosen ports
+    (the KServe engine reads SERVETOOL_KSERVE_* for the same)."""
     if network != "host":
         return {}
+    if engine == "kserve":
+        return {"SERVETOOL_KSERVE_HOST": "127.0.0.1",
+                **{f"SERVETOOL_KSERVE_{api.upper()}_PORT": str(ports[api])
+                   for api in ("inference", "management", "metrics")}}
     env = {f"TS_{api.upper()}_ADDRESS": f"http://127.0.0.1:{ports[api]}"
            for api in ("inference", "metrics")}
     env["SERVETOOL_FRONT_LISTEN"] = f"127.0.0.1:{ports['management']}"  # management: the front
@@ -204,7 +212,7 @@ class DockerTarget(LocalTarget):
         container = self.container()
         if container is None:
             raise DeployError("the servetool container is gone: `servetool deploy --target docker`")
-        return Client(state, keys=ContainerKeys(container),
+        return Client(state, keys=ContainerKeys(container, engine=state.engine),
                       keys_where=f"{KEY_FILE} in container {container.short_id}")
 
     def failure_logs(self, state: torchserve.ServerState | None = None) -> str:
@@ -227,6 +235,10 @@ class DockerTarget(LocalTarget):
         archives = find_archives(names, self.opts.model_store)
         img_opts = self.docker_opts.image
         img_opts.with_split = img_opts.with_split or self.opts.split
+        img_opts.engine = self.opts.engine
+        if self.opts.engine == "kserve" and self.opts.split:
+            raise DeployError("--engine kserve has no canary split (--split) yet: deploy the "
+                              "split on TorchServe")
         self._image = image.build_image(img_opts, archives, self.progress)
         result = super().deploy(names, timeout_s)
         container = self.container()
@@ -279,7 +291,7 @@ class DockerTarget(LocalTarget):
             str(opts.model_store.resolve()): {"bind": image.CONTAINER_STORE, "mode": "ro"}}
         if not dopts.image.bake_config:
             volumes[str(self._mounted_config())] = {"bind": image.CONTAINER_CONFIG, "mode": "ro"}
-        env, split_metrics = container_env(dopts.network, opts.ports), None
+        env, split_metrics = container_env(dopts.network, opts.ports, opts.engine), None
         if opts.split:  # a new container's split starts at 0: an automatic canary ends unjudged
             from servetool.canary import on_server_start
 
@@ -299,11 +311,16 @@ class DockerTarget(LocalTarget):
                 nano_cpus=int(dopts.cpus * 1e9) if dopts.cpus else None)
         except docker.errors.APIError as exc:
             raise DeployError(f"docker could not start the container: {exc.explanation or exc}") from None
-        rendered = dopts.image.out_dir / "runtime" / "config.properties"
+        if opts.engine == "kserve":
+            token_auth = json.loads((dopts.image.out_dir / image.KSERVE_CONFIG).read_text())[
+                "token_auth"]
+        else:
+            token_auth = torchserve.token_auth_enabled(
+                dopts.image.out_dir / "runtime" / "config.properties")
         state = torchserve.ServerState(run_dir=str(opts.run_dir.resolve()), pid=0, host="127.0.0.1",
                                        ports=dict(opts.ports), model_store=str(opts.model_store.resolve()),
-                                       token_auth=torchserve.token_auth_enabled(rendered),
-                                       split_metrics_port=split_metrics)
+                                       token_auth=token_auth, split_metrics_port=split_metrics,
+                                       engine=opts.engine)
         runfiles.private_folder(opts.run_dir)
         if dopts.image.bake_models:  # a new image holds only the archives it was built with
             with lifecycle.locked(opts.run_dir, self.progress) as models:
@@ -328,7 +345,7 @@ class DockerTarget(LocalTarget):
         old.remove(force=True)
 
     def _wait_healthy(self, container: Any, state: torchserve.ServerState, timeout_s: float) -> None:
-        client = Client(state, keys=ContainerKeys(container, ttl_s=0))
+        client = Client(state, keys=ContainerKeys(container, ttl_s=0, engine=state.engine))
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"
         while time.monotonic() < deadline:

@@ -153,6 +153,7 @@ class LocalTarget:
         return {
             "target": self.name,
             "server_started": fresh,
+            "engine": state.engine,
             "run_dir": state.run_dir,
             "endpoints": endpoints(state),
             "token_auth": state.token_auth,

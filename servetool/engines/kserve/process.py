@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from pathlib import Path
 
 from servetool import runfiles, torchserve
 from servetool.torchserve import ServerError, ServerOptions, ServerState
@@ -20,14 +21,23 @@ MARK = b"servetool.engines.kserve.server"
 LOG = "kserve.log"
 
 
+def server_settings(host: str, ports: dict[str, int], store: str | Path, run_dir: str | Path,
+                    props: dict[str, str], sizes: tuple[int | None, int | None]) -> dict:
+    """The server's settings file (server.py), here or in the image: the project's
+    config.properties' token switch and the archives' request sizes as TorchServe would read
+    them."""
+    return {"host": host,
+            "ports": {api: ports[api] for api in ("inference", "management", "metrics")},
+            "model_store": str(store), "run_dir": str(run_dir),
+            "token_auth": props.get("disable_token_authorization", "false").lower() != "true",
+            "max_request_size": max([*(s for s in sizes if s),
+                                     torchserve.DEFAULT_MAX_REQUEST_SIZE])}
+
+
 def config(opts: ServerOptions) -> dict:
     props = torchserve.read_properties(opts.base_config) if opts.base_config else {}
-    sizes = [s for s in opts.sizes if s]
-    return {"host": opts.host,
-            "ports": {api: opts.ports[api] for api in ("inference", "management", "metrics")},
-            "model_store": str(opts.model_store), "run_dir": str(opts.run_dir),
-            "token_auth": props.get("disable_token_authorization", "false").lower() != "true",
-            "max_request_size": max([*sizes, torchserve.DEFAULT_MAX_REQUEST_SIZE])}
+    return server_settings(opts.host, opts.ports, opts.model_store, opts.run_dir, props,
+                           opts.sizes)
 
 
 def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None) -> ServerState:

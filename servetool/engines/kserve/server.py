@@ -78,9 +78,20 @@ async def serve(config: dict[str, Any]) -> None:
     await registry.close()
 
 
+def from_environment(config: dict[str, Any]) -> dict[str, Any]:
+    """SERVETOOL_KSERVE_HOST and SERVETOOL_KSERVE_{INFERENCE,MANAGEMENT,METRICS}_PORT override the
+    file: a container on the host's network binds loopback and the ports servetool chose."""
+    import os
+
+    host = os.environ.get("SERVETOOL_KSERVE_HOST", config["host"])
+    ports = {api: int(os.environ.get(f"SERVETOOL_KSERVE_{api.upper()}_PORT", port))
+             for api, port in config["ports"].items()}
+    return {**config, "host": host, "ports": ports}
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    config = json.loads(Path(argv[0]).read_text())
+    config = from_environment(json.loads(Path(argv[0]).read_text()))
     asyncio.run(serve(config))
     return 0
 
