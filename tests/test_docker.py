@@ -482,6 +482,34 @@ def test_kserve_engine_in_docker_serves_without_java_or_torch(tmp_path, model_st
         code, out = container.exec_run(["sh", "-c", "command -v java; ls /opt/venv/lib/python3*/"
                                                     "site-packages | grep -c '^torch' || true"])
         assert out.decode().split() == ["0"], out  # no java on the PATH, no torch package
+        # as a Kubernetes pod runs it (servetool/engines/kserve/manifest.py): every archive
+        # loaded before the port opens, the Secret's one key for every API, read-only root
+        pod_ports = free_ports(("inference", "management", "metrics"))
+        pod = engine.containers.run(
+            deployed["image"]["tag"], detach=True, name="servetool-kserve-pod", network_mode="host",
+            read_only=True, tmpfs={"/home/model-server/work": "uid=1000"},
+            environment={"SERVETOOL_KSERVE_HOST": "127.0.0.1", "SERVETOOL_KSERVE_LOAD_MODELS": "all",
+                         "SERVETOOL_KSERVE_TOKEN": "pod-secret-key",
+                         **{f"SERVETOOL_KSERVE_{api.upper()}_PORT": str(port)
+                            for api, port in pod_ports.items()}})
+        try:
+            base = f"http://127.0.0.1:{pod_ports['inference']}"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if requests.get(f"{base}/ping", timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    time.sleep(0.5)
+            reply = requests.post(f"{base}/predictions/digits", data=png_bytes(images[1]),
+                                  headers={"Authorization": "Bearer pod-secret-key"}, timeout=30)
+            assert reply.status_code == 200, pod.logs()[-2000:]
+            assert next(iter(reply.json())) == names[int(labels[1])]
+            listed = requests.get(f"http://127.0.0.1:{pod_ports['management']}/models", timeout=10,
+                                  headers={"Authorization": "Bearer pod-secret-key"})
+            assert [m["modelName"] for m in listed.json()["models"]] == ["digits"]
+        finally:
+            pod.remove(force=True)
     finally:
         stopped = cli("stop", env=env, cwd=tmp_path)
         assert stopped.returncode == 0 and "container removed" in stopped.stdout

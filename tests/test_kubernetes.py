@@ -599,3 +599,42 @@ def check_canary_in_pod(mount: Path, answering) -> None:
                                                                       "weight": 0}}))
     time.sleep(3)
     assert {answering() for _ in range(30)} == {"2.0"}
+
+
+def test_kserve_engine_renders_a_raw_deployment_inference_service(tmp_path, model_store):
+    """--engine kserve: a KServe InferenceService (RawDeployment: no Knative) running the
+    KServe-engine image, its key in a Secret; the predictor's pod spec passes the official
+    schema strictly, and the structural check catches what would break it."""
+    from servetool.engines.kserve import manifest
+
+    result = render(tmp_path, model_store, "--engine", "kserve")
+    assert result["engine"] == "kserve" and result["objects"] == [
+        "Secret/digits-key", "InferenceService/digits"]
+    folder = Path(result["folder"])
+    service = yaml.safe_load((folder / "inferenceservice.yaml").read_text())
+    secret = yaml.safe_load((folder / "secret.yaml").read_text())
+    assert oct((folder / "secret.yaml").stat().st_mode & 0o777) == "0o600"
+    assert manifest.check(service) == []
+    annotations = service["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    container = service["spec"]["predictor"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SERVETOOL_KSERVE_LOAD_MODELS"]["value"] == "all"
+    assert env["SERVETOOL_KSERVE_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "digits-key",
+                                                                         "key": "key"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["image"].startswith("servetool/digits:")
+    pod = manifest.predictor_pod(service)
+    for version in K8S_VERSIONS:
+        assert_valid([pod, secret], version, tmp_path)
+    # the same key on a second render (clients keep working across deploys)
+    again = render(tmp_path, model_store, "--engine", "kserve")
+    assert yaml.safe_load((Path(again["folder"]) / "secret.yaml").read_text()) == secret
+    broken = copy.deepcopy(service)
+    broken["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] = "Serverless"
+    broken["spec"]["predictor"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = 9999
+    found = manifest.check(broken)
+    assert any("RawDeployment" in p for p in found) and any("port 9999" in p for p in found)
+    refused = run("deploy", "digits", "--target", "kubernetes", "--dry-run", "--name", "d",
+                  "--engine", "kserve", "--split", "--model-store", str(model_store), cwd=tmp_path)
+    assert_clean_error(refused, "--engine kserve on kubernetes", "--split")

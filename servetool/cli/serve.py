@@ -149,10 +149,6 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
     holds its context) and the container replaced when the image changed.
     """
     base_config = base_config or default_config()
-    if engine != "torchserve" and target == "kubernetes":
-        raise ServetoolError(f"--engine {engine} serves on the local and docker targets so far "
-                             "(no KServe InferenceService manifest yet): use TorchServe for "
-                             "kubernetes")
     if watch_source and target == "docker":
         mount_models = True  # the watcher adds archives to the store the container reads
     if target == "kubernetes":
@@ -166,7 +162,8 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
             models=models, model_store=model_store, base_config=base_config, name=deployment_name,
             namespace=namespace, image=kube_image, replicas=replicas, max_replicas=max_replicas,
             cpu=cpu, memory=memory, models_pvc=models_pvc, token_auth=not no_token_auth,
-            dry_run=dry_run, timeout_s=timeout, watch=watching, split=with_split),
+            dry_run=dry_run, timeout_s=timeout, watch=watching, split=with_split,
+            engine=engine),
             kube_target(kubeconfig, kube_context, manifests_dir))
         emit(result, as_json, kube_summary(result))
         return
@@ -215,8 +212,20 @@ def kube_summary(result: dict[str, Any]) -> str:
              "  " + ", ".join(result["objects"])]
     if result["dry_run"]:
         lines.append(f"Dry run: nothing applied. Apply with: {result['apply_with']}")
+    elif result.get("engine") == "kserve":
+        lines.append(f"Applied to namespace {result['namespace']}: KServe's controller makes the "
+                     "Deployment, Service and autoscaler (kubectl get inferenceservice)")
     else:
         lines.append(f"Applied to namespace {result['namespace']}; rollout: {result['rollout']}")
+    if result.get("engine") == "kserve":  # KServe names the predictor's Service NAME-predictor
+        service = f"{result['name']}-predictor"
+        key = (f"the key is in {result['folder']}/secret.yaml" if result["token_auth"]
+               else "no token: --no-token-auth")
+        lines.append(f"Predict: kubectl -n {result['namespace']} port-forward svc/{service} "
+                     f"8080:80, then curl -H 'Authorization: Bearer KEY' -T FILE "
+                     f"http://127.0.0.1:8080/predictions/MODEL ({key}); Open Inference Protocol: "
+                     "/v2/models/MODEL/infer")
+        return "\n".join(lines)
     service = next(o.split("/", 1)[1] for o in result["objects"] if o.startswith("Service/"))
     lines.append(f"Predict: kubectl -n {result['namespace']} port-forward svc/{service} 8080:8080, then "
                  "curl -H @<(servetool token --header --target kubernetes --name "

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from servetool import image, kubecheck, manifests, split_runtime
 from servetool.errors import ServetoolError, first_line
 from servetool.targets.local import find_archives
@@ -106,6 +108,56 @@ class KubernetesTarget:
         deployment = next(o for o in objs if o["kind"] == "Deployment")
         result["rollout"] = self.wait_rollout(opts.namespace, deployment["metadata"]["name"],
                                               timeout_s, at_least=opts.min_replicas)
+        return result
+
+    def deploy_kserve(self, opts: manifests.KubeOptions, archives: list[Path], dry_run: bool
+                      ) -> dict[str, Any]:
+        """The KServe engine's InferenceService (RawDeployment) and its key's Secret, written to
+        OUT/kserve/NAME/ and, unless a dry run, applied. KServe's controller then makes the
+        Deployment, Service and autoscaler."""
+        import secrets
+
+        from servetool.engines.kserve import manifest
+
+        folder = (self.out_dir / "kserve" / opts.name).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        service = manifest.inference_service(
+            opts.name, opts.namespace, opts.image, min_replicas=opts.min_replicas,
+            max_replicas=opts.max_replicas, cpu=opts.cpu_request,
+            memory_request=opts.memory_request, memory_limit=opts.memory_limit,
+            token_auth=opts.token_auth, target_cpu_percent=opts.target_cpu_percent)
+        if found := manifest.check(service):
+            raise KubeError("the rendered InferenceService is inconsistent: " + "; ".join(found))
+        objs = [service]
+        secret_path = folder / "secret.yaml"
+        if opts.token_auth:
+            try:
+                key = yaml.safe_load(secret_path.read_text())["stringData"]["key"]
+            except (OSError, KeyError, TypeError, yaml.YAMLError):
+                key = secrets.token_urlsafe(32)  # kept across renders: clients keep working
+            objs.insert(0, manifest.key_secret(opts.name, opts.namespace, key))
+            secret_path.write_text(yaml.safe_dump(objs[0], sort_keys=False))
+            secret_path.chmod(0o600)
+        (folder / "inferenceservice.yaml").write_text(yaml.safe_dump(service, sort_keys=False))
+        result = {"target": self.name, "engine": "kserve", "dry_run": dry_run,
+                  "folder": str(folder), "overlay": str(folder), "image": opts.image,
+                  "namespace": opts.namespace, "objects": object_names(objs),
+                  "token_auth": opts.token_auth, "models": [p.stem for p in archives],
+                  "apply_with": f"kubectl apply --server-side -f {folder}"}
+        if dry_run:
+            return result
+        from kubernetes import dynamic
+
+        dyn = dynamic.DynamicClient(self.api())
+        for obj in objs:
+            self.progress(f"applying {obj['kind']}/{obj['metadata']['name']}")
+            resource = self._call(f"looking up {obj['kind']} (is KServe installed in the "
+                                  "cluster?)", dyn.resources.get,
+                                  api_version=obj["apiVersion"], kind=obj["kind"])
+            self._call(f"applying {obj['kind']}/{obj['metadata']['name']}", dyn.server_side_apply,
+                       resource, body=obj, name=obj["metadata"]["name"],
+                       namespace=obj["metadata"]["namespace"], field_manager=FIELD_MANAGER,
+                       force_conflicts=True)
         return result
 
     def wait_rollout(self, namespace: str, name: str, timeout_s: float,
@@ -254,6 +306,7 @@ class KubeRequest:
     timeout_s: float
     watch: manifests.WatchSpec | None = None
     split: bool = False
+    engine: str = "torchserve"
 
 
 def default_name(archives: list[Path]) -> str:
@@ -269,7 +322,8 @@ def deploy_kubernetes(req: KubeRequest, target: KubernetesTarget) -> dict[str, A
         # The same tag `deploy --target docker` builds for these archives (context under deploy/).
         opts = image.ImageOptions(model_store=req.model_store, base_config=req.base_config,
                                   bake_models=req.models_pvc is None, ca_certs=[],
-                                  with_watcher=req.watch is not None, with_split=req.split)
+                                  with_watcher=req.watch is not None, with_split=req.split,
+                                  engine=req.engine)
         req.image = image.render_tagged(opts, archives)[1]
     memory = parse_memory(req.memory)
     opts = manifests.KubeOptions(
@@ -279,7 +333,14 @@ def deploy_kubernetes(req: KubeRequest, target: KubernetesTarget) -> dict[str, A
         memory_request=f"{memory // 2}Mi", memory_limit=f"{memory}Mi",
         token_auth=req.token_auth, models_pvc=req.models_pvc, base_config=req.base_config,
         watch=req.watch, split=req.split)
-    result = target.deploy(opts, archives, req.dry_run, req.timeout_s)
+    if req.engine == "kserve":
+        if req.watch is not None or req.split or req.models_pvc is not None:
+            raise KubeError("--engine kserve on kubernetes bakes the archives into its image: no "
+                            "--watch, --split or --models-pvc yet (TorchServe's pods have them)")
+        opts.check()
+        result = target.deploy_kserve(opts, archives, req.dry_run)
+    else:
+        result = target.deploy(opts, archives, req.dry_run, req.timeout_s)
     result["name"] = opts.name
     return result
 

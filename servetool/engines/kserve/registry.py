@@ -144,7 +144,8 @@ class Registry:
                            for name in sorted(self.models)]}
 
     # --- changing --------------------------------------------------------------------------------
-    async def register(self, url: str, name: str | None, workers: int) -> str:
+    async def register(self, url: str, name: str | None, workers: int | None) -> str:
+        """`workers` None: the archive's minWorkers, else one per core (as TorchServe's auto)."""
         if not ARCHIVE_NAME.fullmatch(url or ""):
             raise Refused(f"only an archive of the model store, by file name, may be registered "
                           f"(got {url!r})", 403)
@@ -165,6 +166,10 @@ class Registry:
                 raise Refused(f"Model version {version} is already registered for model "
                               f"{model}", 409)
             entry = Version(model, version, archive, folder, manifest, config, self.metrics)
+            if workers is None:
+                from handlers.runtimes import available_cores
+
+                workers = int(config.get("minWorkers") or available_cores())
             try:
                 for _ in range(max(1, workers)):
                     await entry.add_worker()

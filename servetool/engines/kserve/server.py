@@ -30,9 +30,11 @@ logger = logging.getLogger("servetool.kserve")
 DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's default, so both engines refuse alike
 
 
-def write_keys(run_dir: Path) -> dict[str, str]:
+def write_keys(run_dir: Path, shared: str | None = None) -> dict[str, str]:
+    """Fresh keys; or one `shared` key for every API (a Kubernetes Secret's, the same in every
+    pod, so that clients reach any replica)."""
     now = datetime.now().isoformat()
-    keys = {kind: secrets.token_urlsafe(32) for kind in ("management", "inference", "API")}
+    keys = {kind: shared or secrets.token_urlsafe(32) for kind in ("management", "inference", "API")}
     write_private(run_dir / "key_file.json", json.dumps(
         {kind: {"key": key, "created": now} for kind, key in keys.items()}, indent=2) + "\n")
     return keys
@@ -40,9 +42,11 @@ def write_keys(run_dir: Path) -> dict[str, str]:
 
 async def serve(config: dict[str, Any]) -> None:
     run_dir = Path(config["run_dir"])
-    keys = write_keys(run_dir) if config.get("token_auth", True) else {}
+    keys = write_keys(run_dir, config.get("token")) if config.get("token_auth", True) else {}
     metrics = HandlerMetrics()
     registry = Registry(Path(config["model_store"]), run_dir / "kserve-models", metrics)
+    if config.get("load_models") == "all":  # a pod: every archive before the port opens
+        await load_all(registry)
 
     def sync() -> None:  # KServe's repository answers v1/v2 for each model's default version
         repository = registry.kserve_models
@@ -78,6 +82,20 @@ async def serve(config: dict[str, Any]) -> None:
     await registry.close()
 
 
+async def load_all(registry: Registry) -> None:
+    """Every archive of the store; of several versions of a model, the highest is the default
+    (as `servetool deploy` makes it)."""
+    for path in sorted(registry.store.glob("*.mar")):
+        message = await registry.register(path.name, None, None)
+        logger.info("%s", message)
+    for name, versions in registry.models.items():
+        registry.defaults[name] = max(versions, key=lambda v: archive_version_key(v))
+
+
+def archive_version_key(version: str) -> tuple:
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.replace("-", ".").split("."))
+
+
 def from_environment(config: dict[str, Any]) -> dict[str, Any]:
     """SERVETOOL_KSERVE_HOST and SERVETOOL_KSERVE_{INFERENCE,MANAGEMENT,METRICS}_PORT override the
     file: a container on the host's network binds loopback and the ports servetool chose."""
@@ -86,7 +104,10 @@ def from_environment(config: dict[str, Any]) -> dict[str, Any]:
     host = os.environ.get("SERVETOOL_KSERVE_HOST", config["host"])
     ports = {api: int(os.environ.get(f"SERVETOOL_KSERVE_{api.upper()}_PORT", port))
              for api, port in config["ports"].items()}
-    return {**config, "host": host, "ports": ports}
+    extra = {"load_models": os.environ.get("SERVETOOL_KSERVE_LOAD_MODELS",
+                                           config.get("load_models")),
+             "token": os.environ.get("SERVETOOL_KSERVE_TOKEN") or config.get("token")}
+    return {**config, "host": host, "ports": ports, **extra}
 
 
 def main(argv: list[str]) -> int:
