@@ -626,3 +626,20 @@ def test_ultralytics_metadata_sets_the_reading_and_package_says_so(tmp_path):
     assert overridden.preprocess.interpolation == "bilinear"
     with pytest.raises(SpecError, match="'segment' model"):
         spec_for(exported("Segment", task="segment"))
+
+
+def test_detections_are_the_same_on_the_kserve_engine(detector, tmp_path):
+    """The same detector archive on the KServe engine: the same boxes, byte for byte, and the
+    same refusals."""
+    from tests.test_engines import assert_same_answers, endpoint, kserve_beside
+
+    _, summary, target = detector
+    kserve = kserve_beside(Path(summary["archive"]).parent, tmp_path / "run")
+    try:
+        cases = [("digits-detect", path.read_bytes(), "image/jpeg")
+                 for path in sorted((EXAMPLE / "samples").glob("*.jpg"))]
+        cases += [("digits-detect", b"not an image", "application/octet-stream"),
+                  ("digits-detect", b"", "application/octet-stream")]
+        assert_same_answers(endpoint(target.running()), endpoint(kserve.running()), cases)
+    finally:
+        kserve.down()

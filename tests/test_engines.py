@@ -36,6 +36,33 @@ def kserve(tmp_path_factory, model_store):
     target.down()
 
 
+def kserve_beside(store: Path, run_dir: Path) -> LocalTarget:
+    """The KServe engine serving `store`'s archives (for other modules' parity tests)."""
+    target = LocalTarget(ServerOptions(run_dir=run_dir, model_store=store,
+                                       base_config=ROOT / "config.properties", ports=free_ports(),
+                                       engine="kserve"))
+    target.deploy([])
+    return target
+
+
+def endpoint(state) -> tuple[str, dict[str, str]]:
+    """A server's inference URL and auth header."""
+    key = json.loads(Path(state.key_file).read_text())["inference"]["key"]
+    return state.url("inference"), {"Authorization": f"Bearer {key}"}
+
+
+def assert_same_answers(first: tuple[str, dict], second: tuple[str, dict],
+                        requests_: list[tuple[str, bytes, str]]) -> None:
+    """Each (model, body, content type) answered by both servers ((url, headers) each) with the
+    same status and the same bytes."""
+    for model, body, kind in requests_:
+        a, b = (requests.post(f"{url}/predictions/{model}", data=body, timeout=120,
+                              headers={**headers, "Content-Type": kind})
+                for url, headers in (first, second))
+        assert (a.status_code, a.content) == (b.status_code, b.content), (model, body[:40],
+                                                                          a.text, b.text)
+
+
 def post(state, path: str, body: bytes, content_type: str = "application/octet-stream",
          **kwargs) -> requests.Response:
     key = json.loads(Path(state.key_file).read_text())["inference"]["key"]

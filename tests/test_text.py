@@ -363,3 +363,26 @@ def test_a_text_model_serves_from_the_docker_image(tmp_path, docker_engine, text
         assert "tokenizers==" in reqs and "transformers" not in reqs
     finally:
         cli("stop", "--target", "docker", env=docker_engine, cwd=tmp_path)
+
+
+def test_text_answers_are_the_same_on_the_kserve_engine(text_server, text_store, tmp_path):
+    """The same text archives on the KServe engine: embeddings, labels, entities and every
+    refusal, byte for byte as TorchServe answers them."""
+    from tests.test_engines import assert_same_answers, endpoint, kserve_beside
+
+    url, headers, _ = text_server
+    kserve = kserve_beside(text_store[0], tmp_path / "run")
+    try:
+        cases = [("minilm", json.dumps({"inputs": t}).encode(), "application/json")
+                 for t in VARIED[:3]]
+        cases += [("minilm", json.dumps({"inputs": VARIED[:3]}).encode(), "application/json"),
+                  ("minilm", b"plain text, not JSON", "text/plain"),
+                  ("minilm", json.dumps({"inputs": []}).encode(), "application/json"),
+                  ("minilm", json.dumps({"inputs": ["a"] * 9}).encode(), "application/json"),
+                  ("sentiment", json.dumps({"inputs": VARIED[0]}).encode(), "application/json"),
+                  ("sentiment", b"{not json", "application/json"),
+                  ("ner", json.dumps({"inputs": VARIED[1]}).encode(), "application/json"),
+                  ("ner", json.dumps({"inputs": "word " * 80}).encode(), "application/json")]
+        assert_same_answers((url, headers), endpoint(kserve.running()), cases)
+    finally:
+        kserve.down()
