@@ -127,6 +127,13 @@ def test_one_request_never_fails_another_in_a_dynamic_batch(kserve):
     count, rows = (now - then for now, then in zip(_batches(metrics, "embednet"), before,
                                                    strict=True))
     assert (count, rows) == (1, 8)  # one full batch, not eight of one
+    # the handler's metrics with TorchServe's names and labels (its frontend adds Hostname)
+    import socket
+
+    text = requests.get(metrics, timeout=10).text
+    assert (f'servetool_requests_total{{Hostname="{socket.gethostname()}",Level="Model",'
+            'ModelName="embednet",ModelVersion="1.0",Status="2xx"}') in text
+    assert "servetool_inference_seconds_bucket{" in text and "_created" not in text
 
 
 def _batches(url: str, model: str) -> tuple[float, float]:

@@ -4,6 +4,7 @@ engine."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from prometheus_client import (
@@ -16,13 +17,16 @@ from prometheus_client import (
 
 from handlers.metrics import COUNTERS, DIMENSIONS, HISTOGRAMS
 
+# TorchServe's frontend adds the host's name to every handler metric.
+HOSTNAME = socket.gethostname()
+
 
 class _Series:
     def __init__(self, metric: Any, histogram: bool) -> None:
         self.metric, self.histogram = metric, histogram
 
     def add_or_update(self, value: float, dimension_values: list[str]) -> None:
-        series = self.metric.labels(*dimension_values)
+        series = self.metric.labels(*dimension_values, HOSTNAME)
         if self.histogram:
             series.observe(value)
         else:
@@ -37,12 +41,12 @@ class HandlerMetrics:
         self.registry = CollectorRegistry()
         self.series: dict[str, _Series] = {}
         for name in HISTOGRAMS:
-            self.series[name] = _Series(Histogram(name, name, DIMENSIONS,
+            self.series[name] = _Series(Histogram(name, name, [*DIMENSIONS, "Hostname"],
                                                   registry=self.registry), True)
         for name, extra in COUNTERS.items():
             self.series[name] = _Series(Counter(name.removesuffix("_total"), name,
-                                                [*DIMENSIONS, *extra], registry=self.registry),
-                                        False)
+                                                [*DIMENSIONS, *extra, "Hostname"],
+                                                registry=self.registry), False)
 
     def get_metric(self, name: str, kind: Any = None) -> _Series:
         return self.series[name]
