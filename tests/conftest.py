@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import yaml
 
-from servetool.export import import_file
-from servetool.package import package
-from servetool.spec import load_spec
+from servetool.convert.export import import_file
+from servetool.engines.torchserve.process import ServerOptions, free_ports
+from servetool.model.spec import load_spec
+from servetool.operate.package import package
 from servetool.targets.local import LocalTarget
-from servetool.torchserve import ServerOptions, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits"
@@ -208,7 +208,7 @@ def _which(name: str) -> bool:
 def two_versions(tmp_path_factory, model_store):
     """A server with model `mon` in versions 1.0 (the default) and 2.0, both loaded (one worker
     each): the monitoring and canary tests read and split them."""
-    from servetool.lifecycle import Lifecycle
+    from servetool.operate.lifecycle import Lifecycle
     from tests.test_lifecycle import rewrite_archive
 
     store = tmp_path_factory.mktemp("mon-store")

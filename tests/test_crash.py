@@ -10,8 +10,9 @@ import time
 import pytest
 import requests
 
-from servetool import supervise, torchserve
-from servetool.management import Client
+from servetool.engines.torchserve import process
+from servetool.engines.torchserve.management import Client
+from servetool.operate import supervise
 from servetool.targets.local import LocalTarget
 from tests.conftest import DIGITS, server_options
 from tests.test_cli import run
@@ -30,10 +31,10 @@ def target(tmp_path, model_store):
 
 def kill_jvm(target: LocalTarget) -> None:
     state = target.running()
-    pid = torchserve._member_with(state.pid, torchserve.JVM_MARK)
+    pid = process._member_with(state.pid, process.JVM_MARK)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while torchserve._member_with(state.pid, torchserve.JVM_MARK) and time.monotonic() < deadline:
+    while process._member_with(state.pid, process.JVM_MARK) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -57,7 +58,7 @@ def test_a_crash_is_reported_and_stop_leaves_no_process(target):
     assert "has crashed" in status.stdout and "ts_log.log" in status.stdout
     stopped = run("stop", "--run-dir", str(target.opts.run_dir))
     assert stopped.returncode == 0 and "had crashed" in stopped.stdout
-    assert torchserve.group_members(pgid) == []
+    assert process.group_members(pgid) == []
     assert target.condition() == "stopped"
     assert "no TorchServe running" in run("status", "--run-dir", str(target.opts.run_dir)).stdout
 

@@ -17,13 +17,13 @@ import pytest
 import requests
 import yaml
 
-from servetool import lifecycle
 from servetool.bench.serve import run_load
-from servetool.lifecycle import DeployError, Lifecycle
-from servetool.sources import BucketSource, FolderSource, SourceError, safe_target
+from servetool.engines.torchserve.process import free_ports
+from servetool.operate import lifecycle
+from servetool.operate.lifecycle import DeployError, Lifecycle
+from servetool.operate.sources import BucketSource, FolderSource, SourceError, safe_target
+from servetool.operate.watch import Watcher, describe
 from servetool.targets.local import LocalTarget
-from servetool.torchserve import free_ports
-from servetool.watch import Watcher, describe
 from tests.conftest import DIGITS, server_options, write_spec
 
 ONE = {"min": 1, "max": 1}
@@ -422,6 +422,6 @@ def test_deploy_watch_serves_a_published_version(server, archives, tmp_path):
         assert bad.returncode == 1 and bad.stderr.startswith("error: lcw 9.9 is not loaded")
         assert len(bad.stderr.strip().splitlines()) == 1
     finally:
-        from servetool import watch
+        from servetool.operate import watch
 
         assert watch.daemon(Path(server.opts.run_dir)).stop() is True

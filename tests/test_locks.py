@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from servetool import lifecycle, runfiles
-from servetool.management import Client
+from servetool import runfiles
+from servetool.engines.torchserve.management import Client
+from servetool.operate import lifecycle
 from servetool.runfiles import LockBusy, RunFileError
 from servetool.targets.local import LocalTarget
 from tests.conftest import ROOT, server_options
@@ -46,7 +47,7 @@ class Holder:
         code = textwrap.dedent(f"""
             import sys
             from pathlib import Path
-            from servetool import lifecycle
+            from servetool.operate import lifecycle
             with lifecycle.locked(Path({str(run_dir)!r}), timeout_s=30):
                 print("held", flush=True)
                 sys.stdin.readline()

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from servetool import export
+from servetool.convert import export
 from servetool.errors import ServetoolError
-from servetool.package import convert
-from servetool.spec import SpecError, load_spec
+from servetool.model.spec import SpecError, load_spec
+from servetool.operate.package import convert
 from tests.conftest import DIGITS, write_spec
 from tests.test_cli import run
 

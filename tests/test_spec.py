@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servetool.spec import SpecError, find_specs, load_spec
+from servetool.model.spec import SpecError, find_specs, load_spec
 from tests.conftest import DIGITS, write_spec
 
 

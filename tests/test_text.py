@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handlers.text import TextEncoder
-from servetool import export
-from servetool.package import convert
-from servetool.spec import SpecError, load_spec
+from servetool.convert import export
+from servetool.model.samples import sample_texts, text_batch
+from servetool.model.spec import SpecError, load_spec
+from servetool.operate.package import convert
 from servetool.targets.local import LocalTarget
-from servetool.text_samples import sample_texts, text_batch
 from tests.conftest import ROOT, package_all, server_options
 
 MINILM = ROOT / "models" / "minilm"
@@ -340,7 +340,7 @@ def test_token_classification_over_http(text_server):
 @pytest.mark.docker
 def test_a_text_model_serves_from_the_docker_image(tmp_path, docker_engine, text_store):
     """The image carries the tokenizer library for a text archive (and not transformers)."""
-    from servetool.torchserve import free_ports
+    from servetool.engines.torchserve.process import free_ports
     from tests.conftest import LOCAL_BASE_IMAGE
     from tests.test_docker import cli, port_args
 

@@ -21,12 +21,12 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from servetool import lifecycle, watch
-from servetool.lifecycle import DeployError, Lifecycle
-from servetool.management import APIError
-from servetool.sources import MODEL_FOLDER, FolderSource, Published, SourceError, bucket_transient
+from servetool.engines.torchserve.management import APIError
+from servetool.operate import lifecycle, watch
+from servetool.operate.lifecycle import DeployError, Lifecycle
+from servetool.operate.sources import MODEL_FOLDER, FolderSource, Published, SourceError, bucket_transient
+from servetool.operate.watch import Watcher, describe, transient_reason
 from servetool.targets.local import LocalTarget
-from servetool.watch import Watcher, describe, transient_reason
 from tests.conftest import server_options
 from tests.test_lifecycle import answering, bucket, publish, rewrite_archive  # noqa: F401
 
@@ -298,7 +298,7 @@ def test_a_failed_version_published_again_with_the_same_bytes_is_tried_again(
 
     # a bucket: the same bytes uploaded again keep their ETag, LastModified tells
     s3, endpoint = bucket
-    from servetool.sources import BucketSource
+    from servetool.operate.sources import BucketSource
 
     mar = version_of(archives, "4.0")
     key = f"team/{MODEL}/4.0"
@@ -398,7 +398,7 @@ def test_a_watcher_killed_mid_install_leaves_record_and_engine_agreeing(server, 
     source = tmp_path / "published"
     source.mkdir()
     start = {"endpoint_url": None, "interval_s": 0.3, "keep": None, "metrics_port": 0}
-    watcher = ("-m", "servetool.watch", str(run_dir))
+    watcher = ("-m", "servetool.operate.watch", str(run_dir))
     watch.launch(server, str(source), **start)
     try:
         publish(source, MODEL, "6.0", version_of(archives, "6.0", slow=6))
@@ -433,9 +433,9 @@ def test_a_deploy_killed_mid_install_is_undone_by_the_crash_restore(server, arch
     store = Path(server.opts.model_store)
     log = tmp_path / "install.log"
     script = ("import json, sys; from pathlib import Path; "
-              "from servetool.lifecycle import Lifecycle; "
+              "from servetool.operate.lifecycle import Lifecycle; "
               "from servetool.targets.local import LocalTarget; "
-              "from servetool.torchserve import ServerOptions; "
+              "from servetool.engines.torchserve.process import ServerOptions; "
               "run, store, ports, path = sys.argv[1:]; "
               "target = LocalTarget(ServerOptions(run_dir=Path(run), model_store=Path(store), "
               "ports=json.loads(ports)), lambda m: print(m, flush=True)); "

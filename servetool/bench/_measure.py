@@ -66,12 +66,12 @@ def main() -> None:
     baseline = rss_mb()
     t0 = time.perf_counter()
     if req["kind"] == "eager":
-        from servetool import export
-        from servetool.spec import load_spec
+        from servetool.convert import export
+        from servetool.model.spec import load_spec
 
         run = export.runner_for(export.load_original(load_spec(req["spec"])))
     else:
-        from servetool.export import artifact_runner
+        from servetool.convert.export import artifact_runner
 
         run = artifact_runner(req["runtime"], req["artifact"], req["threads"], req["options"],
                               list(samples))

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from servetool import export
+from servetool.convert import export
 from servetool.errors import ServetoolError
-from servetool.formats import FORMATS
-from servetool.package import convert
-from servetool.spec import ModelSpec
+from servetool.model.formats import FORMATS
+from servetool.operate.package import convert
+from servetool.model.spec import ModelSpec
 
 COLUMNS = ["format", "precision", "accuracy", "accuracy_drop_points", "map50", "gate", "p50_ms", "p90_ms",
            "p50_long_ms", "throughput", "size_mb", "peak_rss_mb", "load_ms", "speedup_vs_eager"]
@@ -92,7 +92,7 @@ def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, itera
     result = {"model": spec.name, "threads": threads, "batch": batch, "rows": rows,
               "task": spec.task}
     if spec.task == "object-detection":
-        from servetool.coco_eval import SETTINGS
+        from servetool.model.coco_eval import SETTINGS
 
         result["evaluator"] = SETTINGS
     if spec.is_text():
@@ -104,7 +104,7 @@ def save_text_sets(spec: ModelSpec, folder: Path) -> tuple[dict[str, Path], dict
     """The sample sentences as the short set; long texts (several sentences joined, cut at the
     model's max_length) as the long one. Each an .npz padded to its longest, with lengths."""
     from servetool.bench._measure import LENGTHS
-    from servetool.text_samples import collate_texts, encode_texts, sample_texts
+    from servetool.model.samples import collate_texts, encode_texts, sample_texts
 
     short = sample_texts(spec, 64)
     joined = " ".join(short)
@@ -124,7 +124,7 @@ def _source_size(spec: ModelSpec) -> int:
     if path is None:
         return 0
     if path.is_dir():  # a Hugging Face folder: its weights
-        from servetool import hf
+        from servetool.model import hf
 
         return sum((path / name).stat().st_size for name in hf.WEIGHTS if (path / name).is_file())
     return path.stat().st_size
@@ -136,11 +136,11 @@ def _eager_accuracy(spec: ModelSpec, original) -> float | tuple[float, float] | 
     if spec.validation is None:
         return None
     if spec.task == "object-detection":
-        from servetool import detection_gate
+        from servetool.convert import detection_gate
 
         found = detection_gate.original_map(spec, export.runner_for(original))
         return (found["map"], found["map50"]) if found else None
-    from servetool.validate import top1_accuracy
+    from servetool.convert.gate import top1_accuracy
 
     x, y = spec.load_data(spec.validation)
     if y is None:

@@ -12,10 +12,10 @@ from typing import Any
 import click
 
 from servetool import __version__
+from servetool.engines.torchserve.management import check_name, check_version
+from servetool.engines.torchserve.process import ServerOptions
 from servetool.errors import ServetoolError
-from servetool.formats import FORMATS
-from servetool.management import check_name, check_version
-from servetool.torchserve import ServerOptions
+from servetool.model.formats import FORMATS
 
 RUN_DIR_DEFAULT = ".servetool"
 FORMAT_NAMES = list(FORMATS)
@@ -135,7 +135,7 @@ def make_target(run_dir: Path, model_store: Path, target: str = "local", docker_
 
 def server_setting(state: Any, key: str) -> str | None:
     """A setting of the server's rendered config.properties (local target), if it says one."""
-    from servetool.torchserve import read_properties
+    from servetool.engines.torchserve.process import read_properties
 
     config = Path(state.run_dir) / "config.properties"
     return read_properties(config).get(key) if config.is_file() else None

@@ -18,9 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from servetool import image, lifecycle, runfiles, split, torchserve
+from servetool import runfiles
+from servetool.engines.torchserve import process, split
+from servetool.engines.torchserve.management import APIError, Client
 from servetool.errors import first_line
-from servetool.management import APIError, Client
+from servetool.operate import lifecycle
+from servetool.targets import image
 from servetool.targets.local import DeployError, LocalTarget, find_archives, stop_watcher
 
 STATE_FILE = "docker.json"
@@ -101,13 +104,13 @@ def split_env(network: str, ports: dict[str, int]) -> tuple[dict[str, str], int]
     """The container's environment for the split (its HAProxy config rendered for the container's
     paths), and the host port of the split's metrics."""
     if network == "host":  # the host's ports: all chosen free here
-        inner = torchserve.free_ports(("upstream", "split_metrics", "exporter"))
+        inner = process.free_ports(("upstream", "split_metrics", "exporter"))
         listen, metrics_host = ("127.0.0.1", ports["inference"]), "127.0.0.1"
         published = inner["split_metrics"]
     else:
         inner = dict(CONTAINER_SPLIT_PORTS)
         listen, metrics_host = ("0.0.0.0", image.CONTAINER_PORTS["inference"]), "0.0.0.0"
-        published = torchserve.free_ports(("split_metrics",))["split_metrics"]
+        published = process.free_ports(("split_metrics",))["split_metrics"]
     text = split.render_text(split.SplitOptions(
         Path(image.CONTAINER_WORK), listen, ("127.0.0.1", inner["upstream"]),
         (metrics_host, inner["split_metrics"]), inner["exporter"]))
@@ -134,7 +137,7 @@ def check_readable(model_store: Path, uid: int = 1000) -> None:
 class DockerTarget(LocalTarget):
     name = "docker"
 
-    def __init__(self, opts: torchserve.ServerOptions, docker_opts: DockerOptions | None = None,
+    def __init__(self, opts: process.ServerOptions, docker_opts: DockerOptions | None = None,
                  progress: Callable[[str], None] = lambda _: None) -> None:
         super().__init__(opts, progress)
         self.docker_opts = docker_opts or DockerOptions(image.ImageOptions(opts.model_store))
@@ -176,8 +179,8 @@ class DockerTarget(LocalTarget):
             self.state_file.unlink(missing_ok=True)
             return None
 
-    def _state(self, record: dict[str, Any]) -> torchserve.ServerState:
-        return torchserve.ServerState(**record["server"])
+    def _state(self, record: dict[str, Any]) -> process.ServerState:
+        return process.ServerState(**record["server"])
 
     def condition(self) -> str:
         container = self.container()
@@ -194,25 +197,25 @@ class DockerTarget(LocalTarget):
         return (f"container {container.name} is {container.status} (exit code {code}).\n"
                 + self.failure_logs())
 
-    def running(self) -> torchserve.ServerState | None:
+    def running(self) -> process.ServerState | None:
         container = self.container()
         if container is None or container.status != "running":
             return None
         return self._state(self._record())
 
-    def make_client(self, state: torchserve.ServerState) -> Client:
+    def make_client(self, state: process.ServerState) -> Client:
         container = self.container()
         if container is None:
             raise DeployError("the servetool container is gone: `servetool deploy --target docker`")
         return Client(state, keys=ContainerKeys(container),
                       keys_where=f"{KEY_FILE} in container {container.short_id}")
 
-    def failure_logs(self, state: torchserve.ServerState | None = None) -> str:
+    def failure_logs(self, state: process.ServerState | None = None) -> str:
         container = self.container()
         if container is None:
             return "(the container is gone)"
         text = container.logs(tail=200).decode(errors="replace").splitlines()
-        lines = torchserve.telling_lines(text, "container", 10)
+        lines = process.telling_lines(text, "container", 10)
         return f"From `docker logs {container.short_id}`:\n" + "\n".join(f"  {x}" for x in lines)
 
     def default_workers(self) -> int:
@@ -235,7 +238,7 @@ class DockerTarget(LocalTarget):
                    "config_baked": img_opts.bake_config}
         return result
 
-    def up(self) -> tuple[torchserve.ServerState, bool]:
+    def up(self) -> tuple[process.ServerState, bool]:
         container = self.container()
         if container is not None and container.status == "running" and self._image is not None \
                 and container.image.id == self._image["id"] \
@@ -259,14 +262,14 @@ class DockerTarget(LocalTarget):
     def _mounted_config(self) -> Path:
         return (self.docker_opts.image.out_dir / image.CONFIG_IN_CONTEXT).resolve()
 
-    def _run(self) -> torchserve.ServerState:
+    def _run(self) -> process.ServerState:
         import docker
 
         assert self._image is not None
         opts, dopts = self.opts, self.docker_opts
         if dopts.network == "host":
             for api, port in opts.ports.items():
-                if torchserve.port_in_use("127.0.0.1", port):
+                if process.port_in_use("127.0.0.1", port):
                     raise DeployError(f"port {port} ({api} API) is already in use on this machine; "
                                       f"pick another with --{api.replace('_', '-')}-port")
         if dopts.network != "host" and not self.engine.networks.list(names=["bridge"]):
@@ -281,7 +284,7 @@ class DockerTarget(LocalTarget):
             volumes[str(self._mounted_config())] = {"bind": image.CONTAINER_CONFIG, "mode": "ro"}
         env, split_metrics = container_env(dopts.network, opts.ports), None
         if opts.split:  # a new container's split starts at 0: an automatic canary ends unjudged
-            from servetool.canary import on_server_start
+            from servetool.operate.canary import on_server_start
 
             on_server_start(opts.run_dir)
             more, split_metrics = split_env(dopts.network, opts.ports)
@@ -300,9 +303,9 @@ class DockerTarget(LocalTarget):
         except docker.errors.APIError as exc:
             raise DeployError(f"docker could not start the container: {exc.explanation or exc}") from None
         rendered = dopts.image.out_dir / "runtime" / "config.properties"
-        state = torchserve.ServerState(run_dir=str(opts.run_dir.resolve()), pid=0, host="127.0.0.1",
+        state = process.ServerState(run_dir=str(opts.run_dir.resolve()), pid=0, host="127.0.0.1",
                                        ports=dict(opts.ports), model_store=str(opts.model_store.resolve()),
-                                       token_auth=torchserve.token_auth_enabled(rendered),
+                                       token_auth=process.token_auth_enabled(rendered),
                                        split_metrics_port=split_metrics)
         runfiles.private_folder(opts.run_dir)
         if dopts.image.bake_models:  # a new image holds only the archives it was built with
@@ -327,7 +330,7 @@ class DockerTarget(LocalTarget):
                               "remove it or pick another --container-name")
         old.remove(force=True)
 
-    def _wait_healthy(self, container: Any, state: torchserve.ServerState, timeout_s: float) -> None:
+    def _wait_healthy(self, container: Any, state: process.ServerState, timeout_s: float) -> None:
         client = Client(state, keys=ContainerKeys(container, ttl_s=0))
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from servetool import image, kubecheck, manifests, split_runtime
+from servetool.engines.torchserve import split_runtime
 from servetool.errors import ServetoolError, first_line
+from servetool.targets import image, kubecheck, manifests
 from servetool.targets.local import find_archives
 
 FIELD_MANAGER = "servetool"

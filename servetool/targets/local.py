@@ -2,14 +2,14 @@
 
 Deploying is idempotent: an archive already registered with the same digest is left alone, a new
 version is registered beside the serving one, smoke-tested, made the default, and what the keep
-policy drops is unloaded after it drained (servetool/lifecycle.py), and the server is started only
+policy drops is unloaded after it drained (servetool/operate/lifecycle.py), and the server is started only
 when none is running.
 
 What should be serving is recorded in the run folder (deployed.json: every version, each model's
 default and history, kept up to date by `deploy`, `scale`, `promote`, `rollback` and the watcher).
 When `deploy` finds the server crashed or stopped, it starts it again and registers all of that, not
 only the archives it was named; `deploy --restart-on-crash` leaves a supervisor
-(servetool/supervise.py) doing the same.
+(servetool/operate/supervise.py) doing the same.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from servetool import archive, lifecycle, pod, torchserve
+from servetool.engines.torchserve import archive, pod, process
+from servetool.engines.torchserve.management import APIError, Client
 from servetool.errors import ServetoolError
-from servetool.lifecycle import DeployError, version_key, wait_ready
-from servetool.management import APIError, Client
+from servetool.operate import lifecycle
+from servetool.operate.lifecycle import DeployError, version_key, wait_ready
 
 __all__ = ["DeployError", "LocalTarget", "find_archives", "version_key"]
 
@@ -53,16 +54,16 @@ class LocalTarget:
     keep: int | None = None  # the keep policy deploy sets for the models it installs
     promote: bool = True  # False: deploy loads new versions beside the default (for a canary)
 
-    def __init__(self, opts: torchserve.ServerOptions,
+    def __init__(self, opts: process.ServerOptions,
                  progress: Callable[[str], None] = lambda _: None) -> None:
         self.opts = opts
         self.progress = progress
 
     # --- server ----------------------------------------------------------------------------------
-    def running(self) -> torchserve.ServerState | None:
-        return torchserve.running_state(self.opts.run_dir)
+    def running(self) -> process.ServerState | None:
+        return process.running_state(self.opts.run_dir)
 
-    def require_running(self) -> torchserve.ServerState:
+    def require_running(self) -> process.ServerState:
         state = self.running()
         if state is None:
             raise DeployError(f"no TorchServe is running from {self.opts.run_dir}: "
@@ -73,55 +74,55 @@ class LocalTarget:
         """Workers for a model left on auto: one per core of the machine that serves it."""
         return default_workers()
 
-    def make_client(self, state: torchserve.ServerState) -> Client:
+    def make_client(self, state: process.ServerState) -> Client:
         return Client(state)
 
     def client(self) -> Client:
         return self.make_client(self.require_running())
 
-    def failure_logs(self, state: torchserve.ServerState) -> str:
+    def failure_logs(self, state: process.ServerState) -> str:
         """What the server logged about a failure, quoted for an error message."""
-        tail = torchserve.log_tail(state, ("model_log.log", "ts_log.log"))
+        tail = process.log_tail(state, ("model_log.log", "ts_log.log"))
         quoted = "\n".join(f"  {line}" for line in tail)
         return f"From the logs in {state.log_dir}:\n{quoted}"
 
-    def up(self) -> tuple[torchserve.ServerState, bool]:
+    def up(self) -> tuple[process.ServerState, bool]:
         state = self.running()
         if state is not None:
             return state, False
         if self.opts.split:  # an automatic canary does not outlive the server unjudged
-            from servetool.canary import on_server_start
+            from servetool.operate.canary import on_server_start
 
             on_server_start(self.opts.run_dir)
-        return torchserve.start(self.opts, self.progress), True
+        return process.start(self.opts, self.progress), True
 
     def set_split(self, model: str, version: str, weight: int) -> None:
         """Send `weight`% of MODEL's unversioned requests to VERSION at the split (deploy --split)."""
-        from servetool import split
+        from servetool.engines.torchserve import split
 
         split.set_canary(Path(self.require_running().run_dir), model, version, weight)
 
     def down(self) -> bool:
-        from servetool import supervise
+        from servetool.operate import supervise
 
         supervise.stop(self.opts.run_dir)  # first, or it would bring the server back
         stop_watcher(self.opts.run_dir)
-        return torchserve.stop(self.opts.run_dir)
+        return process.stop(self.opts.run_dir)
 
     def supervise(self) -> int:
         """Start the crash supervisor for this run folder; its pid."""
-        from servetool import supervise
+        from servetool.operate import supervise
 
         return supervise.launch(self.opts)
 
     # --- models ----------------------------------------------------------------------------------
     def condition(self) -> str:
         """running, starting, crashed or stopped."""
-        return torchserve.condition(self.opts.run_dir)[0]
+        return process.condition(self.opts.run_dir)[0]
 
     def crash_detail(self) -> str:
-        state = torchserve.load_state(self.opts.run_dir)
-        return torchserve.crash_report(state) if state else "no server recorded"
+        state = process.load_state(self.opts.run_dir)
+        return process.crash_report(state) if state else "no server recorded"
 
     def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
         started = time.perf_counter()
@@ -174,15 +175,15 @@ class LocalTarget:
         state, _ = self.up()
         return {"models": lifecycle.Lifecycle(self, state).restore(timeout_s)}
 
-    def _check_size_limits(self, state: torchserve.ServerState) -> None:
+    def _check_size_limits(self, state: process.ServerState) -> None:
         """max_request_size is fixed when the server starts: say so when a model needs more."""
         config = Path(state.run_dir) / "config.properties"
         if not config.is_file():
             return
-        props = torchserve.read_properties(config)
+        props = process.read_properties(config)
         for key, needed in zip(("max_request_size", "max_response_size"), self.opts.sizes,
                                strict=True):
-            limit = int(props.get(key) or torchserve.DEFAULT_MAX_REQUEST_SIZE)
+            limit = int(props.get(key) or process.DEFAULT_MAX_REQUEST_SIZE)
             if needed and needed > limit:
                 self.progress(f"warning: these models need a {key} of {needed} bytes, but the "
                               f"running server's is {limit}: `servetool stop`, then deploy "
@@ -291,37 +292,38 @@ def default_workers() -> int:
     return available_cores()
 
 
-def endpoints(state: torchserve.ServerState) -> dict[str, str]:
+def endpoints(state: process.ServerState) -> dict[str, str]:
     found = {"inference": state.url("inference"), "management": state.url("management"),
              "metrics": f"{state.url('metrics')}/metrics"}
     if state.split_metrics_port:  # HAProxy's exporter, when the canary split fronts inference
         found["split_metrics"] = f"http://127.0.0.1:{state.split_metrics_port}/metrics"
-    if state.clients_port:  # OpenAI's /v1/embeddings, TEI's /embed, /rerank (servetool/clients.py)
-        found["clients"] = f"http://{torchserve._url_host(state.host)}:{state.clients_port}"
+    # OpenAI's /v1/embeddings, TEI's /embed, /rerank (servetool/engines/torchserve/clients.py)
+    if state.clients_port:
+        found["clients"] = f"http://{process._url_host(state.host)}:{state.clients_port}"
     return found
 
 
 def supervisor_pid(run_dir: Path) -> int | None:
     """The pid of this run folder's crash supervisor, if one is alive."""
-    from servetool import supervise
+    from servetool.operate import supervise
 
     return supervise.running_pid(run_dir)
 
 
 def stop_watcher(run_dir: Path) -> bool:
     """End the background watcher of a run folder (`deploy --watch`), if one runs."""
-    from servetool import watch
+    from servetool.operate import watch
 
     return watch.daemon(run_dir).stop()
 
 
 def watcher_status(run_dir: Path) -> dict[str, Any] | None:
-    from servetool import watch
+    from servetool.operate import watch
 
     return watch.describe(run_dir.resolve())
 
 
 def canary_state(run_dir: Path) -> dict[str, Any] | None:
-    from servetool.canary import read_state
+    from servetool.operate.canary import read_state
 
     return read_state(run_dir)

@@ -1,0 +1,87 @@
+"""Training and validation data for compress, read through the spec's own loaders: an .npz of
+model inputs, or an image folder decoded and preprocessed exactly as the served handler does
+(handlers/preprocess.py via ModelSpec), so the model learns on the pixels it will be served."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from servetool.convert import export
+from servetool.convert.compress.common import CompressError
+from servetool.model.spec import DataRef, ModelSpec
+
+# Image folders whose decoded inputs fit this are decoded once; larger ones batch by batch.
+DECODED_LIMIT_BYTES = 1 << 30
+
+
+@dataclass
+class Samples:
+    """Inputs (decoded, or decoded on demand from image files) and their labels, if any."""
+
+    count: int
+    y: np.ndarray | None
+    arrays: np.ndarray | None = None
+    files: list[Path] | None = None
+    spec: ModelSpec | None = None
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        if self.arrays is not None:
+            return self.arrays[index]
+        task = self.spec.image_task()
+        return np.stack([task.preprocess(self.files[i].read_bytes()) for i in index])
+
+
+def training_set(spec: ModelSpec, ref: DataRef) -> Samples:
+    """compress.distill.train: every example, labels where the data has them."""
+    if ref.images and _decoded_bytes(spec, ref) > DECODED_LIMIT_BYTES:
+        return _lazy_images(spec, ref)
+    x, y = spec.load_data(ref)
+    x = np.asarray(export.as_input_dtypes(spec, x))
+    if len(x) == 0:
+        raise CompressError(f"no training data: {ref.path} holds no examples")
+    if tuple(x.shape[1:]) != tuple(spec.input_shape):
+        raise CompressError(f"{ref.path}: training inputs are {list(x.shape[1:])}, the model "
+                            f"takes {list(spec.input_shape)}")
+    return Samples(len(x), _labels(spec, ref, y, len(x)), arrays=x)
+
+
+def validation_set(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The spec's labelled validation set: what the compression gate and early stopping judge."""
+    if spec.validation is None:
+        raise CompressError(f"{spec.spec_file}: the compression gate needs a labelled validation "
+                            "set: add validation: {images: FOLDER} (one sub-folder per label) or "
+                            "{data: FILE.npz} (x and y)")
+    x, y = spec.load_data(spec.validation)
+    if y is None:
+        raise CompressError(f"{spec.validation.path}: the compression gate needs labels (y in the "
+                            ".npz, or one sub-folder per label)")
+    return np.asarray(export.as_input_dtypes(spec, x)), np.asarray(y, np.int64)
+
+
+def _labels(spec: ModelSpec, ref: DataRef, y, count: int) -> np.ndarray | None:
+    if y is None:
+        return None
+    y = np.asarray(y)
+    classes = len(spec.label_names() or ()) or None
+    if y.shape != (count,) or not np.issubdtype(y.dtype, np.integer) or (
+            classes and (y.min() < 0 or y.max() >= classes)):
+        raise CompressError(f"{ref.path}: y must hold one class index per example"
+                            + (f" (0 to {classes - 1})" if classes else ""))
+    return y.astype(np.int64)
+
+
+def _decoded_bytes(spec: ModelSpec, ref: DataRef) -> int:
+    return len(ref.image_files()) * int(np.prod(spec.input_shape)) * 4
+
+
+def _lazy_images(spec: ModelSpec, ref: DataRef) -> Samples:
+    names = spec.label_names() or []
+    files, labels = [], []
+    for path, label in ref.image_files():
+        files.append(path)
+        labels.append(names.index(label) if label in names else -1)
+    y = np.array(labels, np.int64) if labels and min(labels) >= 0 else None
+    return Samples(len(files), y, files=files, spec=spec)

@@ -1,0 +1,2 @@
+"""The engines layer: the model servers servetool runs (TorchServe today).
+"""
