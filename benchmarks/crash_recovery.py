@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cli  # noqa: E402
 from servetool.engines.torchserve import process  # noqa: E402
+from servetool.engines.torchserve.state import load_state  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
         times = []
         try:
             for i in range(args.crashes):
-                state = process.load_state(work / ".servetool")
+                state = load_state(work / ".servetool")
                 os.kill(state.jvm_pid, signal.SIGKILL)
                 killed = time.perf_counter()
                 while True:

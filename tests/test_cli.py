@@ -184,7 +184,7 @@ def test_a_name_with_a_newline_is_refused_by_every_check(tmp_path):
         check_version,
         model_path,
     )
-    from servetool.engines.torchserve.process import ServerState
+    from servetool.engines.torchserve.state import ServerState
     from servetool.model import spec
     from servetool.targets import kubecheck, manifests
 

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 from servetool import runfiles
 from servetool.engines.torchserve import archive
 from servetool.engines.torchserve.management import APIError, Client
-from servetool.engines.torchserve.process import ServerState
+from servetool.engines.torchserve.state import ServerState
 from servetool.errors import ServetoolError
 
 RECORD_FILE = "deployed.json"

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from servetool.engines.torchserve.management import Client
-from servetool.engines.torchserve.process import ServerState
+from servetool.engines.torchserve.state import ServerState
 from servetool.operate.lifecycle import DeployError
 
 HEALTH_WAIT_S = 600.0

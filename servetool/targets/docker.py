@@ -21,6 +21,7 @@ from typing import Any
 from servetool import runfiles
 from servetool.engines.torchserve import process, split
 from servetool.engines.torchserve.management import APIError, Client
+from servetool.engines.torchserve.state import ServerState
 from servetool.errors import first_line
 from servetool.operate import lifecycle
 from servetool.targets import image
@@ -179,8 +180,8 @@ class DockerTarget(LocalTarget):
             self.state_file.unlink(missing_ok=True)
             return None
 
-    def _state(self, record: dict[str, Any]) -> process.ServerState:
-        return process.ServerState(**record["server"])
+    def _state(self, record: dict[str, Any]) -> ServerState:
+        return ServerState(**record["server"])
 
     def condition(self) -> str:
         container = self.container()
@@ -197,20 +198,20 @@ class DockerTarget(LocalTarget):
         return (f"container {container.name} is {container.status} (exit code {code}).\n"
                 + self.failure_logs())
 
-    def running(self) -> process.ServerState | None:
+    def running(self) -> ServerState | None:
         container = self.container()
         if container is None or container.status != "running":
             return None
         return self._state(self._record())
 
-    def make_client(self, state: process.ServerState) -> Client:
+    def make_client(self, state: ServerState) -> Client:
         container = self.container()
         if container is None:
             raise DeployError("the servetool container is gone: `servetool deploy --target docker`")
         return Client(state, keys=ContainerKeys(container),
                       keys_where=f"{KEY_FILE} in container {container.short_id}")
 
-    def failure_logs(self, state: process.ServerState | None = None) -> str:
+    def failure_logs(self, state: ServerState | None = None) -> str:
         container = self.container()
         if container is None:
             return "(the container is gone)"
@@ -238,7 +239,7 @@ class DockerTarget(LocalTarget):
                    "config_baked": img_opts.bake_config}
         return result
 
-    def up(self) -> tuple[process.ServerState, bool]:
+    def up(self) -> tuple[ServerState, bool]:
         container = self.container()
         if container is not None and container.status == "running" and self._image is not None \
                 and container.image.id == self._image["id"] \
@@ -262,7 +263,7 @@ class DockerTarget(LocalTarget):
     def _mounted_config(self) -> Path:
         return (self.docker_opts.image.out_dir / image.CONFIG_IN_CONTEXT).resolve()
 
-    def _run(self) -> process.ServerState:
+    def _run(self) -> ServerState:
         import docker
 
         assert self._image is not None
@@ -303,7 +304,7 @@ class DockerTarget(LocalTarget):
         except docker.errors.APIError as exc:
             raise DeployError(f"docker could not start the container: {exc.explanation or exc}") from None
         rendered = dopts.image.out_dir / "runtime" / "config.properties"
-        state = process.ServerState(run_dir=str(opts.run_dir.resolve()), pid=0, host="127.0.0.1",
+        state = ServerState(run_dir=str(opts.run_dir.resolve()), pid=0, host="127.0.0.1",
                                        ports=dict(opts.ports), model_store=str(opts.model_store.resolve()),
                                        token_auth=process.token_auth_enabled(rendered),
                                        split_metrics_port=split_metrics)
@@ -330,7 +331,7 @@ class DockerTarget(LocalTarget):
                               "remove it or pick another --container-name")
         old.remove(force=True)
 
-    def _wait_healthy(self, container: Any, state: process.ServerState, timeout_s: float) -> None:
+    def _wait_healthy(self, container: Any, state: ServerState, timeout_s: float) -> None:
         client = Client(state, keys=ContainerKeys(container, ttl_s=0))
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"

@@ -21,6 +21,7 @@ from typing import Any
 
 from servetool.engines.torchserve import archive, pod, process
 from servetool.engines.torchserve.management import APIError, Client
+from servetool.engines.torchserve.state import DEFAULT_MAX_REQUEST_SIZE, ServerState, load_state, url_host
 from servetool.errors import ServetoolError
 from servetool.operate import lifecycle
 from servetool.operate.lifecycle import DeployError, version_key, wait_ready
@@ -60,10 +61,10 @@ class LocalTarget:
         self.progress = progress
 
     # --- server ----------------------------------------------------------------------------------
-    def running(self) -> process.ServerState | None:
+    def running(self) -> ServerState | None:
         return process.running_state(self.opts.run_dir)
 
-    def require_running(self) -> process.ServerState:
+    def require_running(self) -> ServerState:
         state = self.running()
         if state is None:
             raise DeployError(f"no TorchServe is running from {self.opts.run_dir}: "
@@ -74,19 +75,19 @@ class LocalTarget:
         """Workers for a model left on auto: one per core of the machine that serves it."""
         return default_workers()
 
-    def make_client(self, state: process.ServerState) -> Client:
+    def make_client(self, state: ServerState) -> Client:
         return Client(state)
 
     def client(self) -> Client:
         return self.make_client(self.require_running())
 
-    def failure_logs(self, state: process.ServerState) -> str:
+    def failure_logs(self, state: ServerState) -> str:
         """What the server logged about a failure, quoted for an error message."""
         tail = process.log_tail(state, ("model_log.log", "ts_log.log"))
         quoted = "\n".join(f"  {line}" for line in tail)
         return f"From the logs in {state.log_dir}:\n{quoted}"
 
-    def up(self) -> tuple[process.ServerState, bool]:
+    def up(self) -> tuple[ServerState, bool]:
         state = self.running()
         if state is not None:
             return state, False
@@ -121,7 +122,7 @@ class LocalTarget:
         return process.condition(self.opts.run_dir)[0]
 
     def crash_detail(self) -> str:
-        state = process.load_state(self.opts.run_dir)
+        state = load_state(self.opts.run_dir)
         return process.crash_report(state) if state else "no server recorded"
 
     def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
@@ -175,7 +176,7 @@ class LocalTarget:
         state, _ = self.up()
         return {"models": lifecycle.Lifecycle(self, state).restore(timeout_s)}
 
-    def _check_size_limits(self, state: process.ServerState) -> None:
+    def _check_size_limits(self, state: ServerState) -> None:
         """max_request_size is fixed when the server starts: say so when a model needs more."""
         config = Path(state.run_dir) / "config.properties"
         if not config.is_file():
@@ -183,7 +184,7 @@ class LocalTarget:
         props = process.read_properties(config)
         for key, needed in zip(("max_request_size", "max_response_size"), self.opts.sizes,
                                strict=True):
-            limit = int(props.get(key) or process.DEFAULT_MAX_REQUEST_SIZE)
+            limit = int(props.get(key) or DEFAULT_MAX_REQUEST_SIZE)
             if needed and needed > limit:
                 self.progress(f"warning: these models need a {key} of {needed} bytes, but the "
                               f"running server's is {limit}: `servetool stop`, then deploy "
@@ -292,14 +293,14 @@ def default_workers() -> int:
     return available_cores()
 
 
-def endpoints(state: process.ServerState) -> dict[str, str]:
+def endpoints(state: ServerState) -> dict[str, str]:
     found = {"inference": state.url("inference"), "management": state.url("management"),
              "metrics": f"{state.url('metrics')}/metrics"}
     if state.split_metrics_port:  # HAProxy's exporter, when the canary split fronts inference
         found["split_metrics"] = f"http://127.0.0.1:{state.split_metrics_port}/metrics"
     # OpenAI's /v1/embeddings, TEI's /embed, /rerank (servetool/engines/torchserve/clients.py)
     if state.clients_port:
-        found["clients"] = f"http://{process._url_host(state.host)}:{state.clients_port}"
+        found["clients"] = f"http://{url_host(state.host)}:{state.clients_port}"
     return found
 
 

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import requests
 
-from servetool.engines.torchserve.process import DEFAULT_MAX_REQUEST_SIZE, ServerState
+from servetool.engines.torchserve.state import DEFAULT_MAX_REQUEST_SIZE, ServerState
 from servetool.errors import ServetoolError
 
 # TorchServe's archiver accepts model names of this form; versions are ours (spec.VERSION_RE).

@@ -26,12 +26,19 @@ import requests
 import servetool
 from servetool import runfiles
 from servetool.engines.torchserve import pod
+from servetool.engines.torchserve.management import Client
+from servetool.engines.torchserve.state import (
+    DEFAULT_MAX_REQUEST_SIZE,
+    STATE_FILE,
+    ServerState,
+    load_state,
+    url_host,
+)
 from servetool.errors import ServetoolError
 
 RESOURCES = Path(servetool.__file__).with_name("resources")
-STATE_FILE = "server.json"
 # TorchServe's own management API listens on a Unix socket in this folder (mode 700); servetool's
-# management front (servetool/engines/torchserve/pod.py) takes the management port. See pod.py for why.
+# management front (pod.py) takes the management port. See pod.py for why.
 PRIVATE_DIR = "private"
 MANAGEMENT_SOCKET = "management.sock"
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
@@ -46,38 +53,6 @@ JAVA_HINT = ("TorchServe's frontend needs Java 11 or newer: install a JRE, e.g. 
 
 class ServerError(ServetoolError):
     pass
-
-
-@dataclass
-class ServerState:
-    """What servetool records about a server it started (run_dir/server.json)."""
-
-    run_dir: str
-    pid: int  # the launcher, leader of the process group that holds the JVM and its workers
-    host: str
-    ports: dict[str, int]
-    model_store: str
-    token_auth: bool = True
-    started_at: float = field(default_factory=time.time)
-    front: bool = False  # management through servetool's front (front_key.json beside the keys)
-    jvm_pid: int | None = None  # recorded once the server is healthy
-    split_metrics_port: int | None = None  # HAProxy's exporter, when the split fronts inference
-    clients_port: int | None = None  # the OpenAI/TEI clients' front (servetool/engines/torchserve/clients.py)
-
-    def url(self, api: str) -> str:
-        return f"http://{_url_host(self.host)}:{self.ports[api]}"
-
-    @property
-    def key_file(self) -> Path:
-        return Path(self.run_dir) / "key_file.json"
-
-    @property
-    def front_key_file(self) -> Path | None:
-        return Path(self.run_dir) / pod.FRONT_KEY_FILE if self.front else None
-
-    @property
-    def log_dir(self) -> Path:
-        return Path(self.run_dir) / "logs"
 
 
 @dataclass
@@ -96,10 +71,6 @@ class ServerOptions:
     # the OpenAI and TEI clients' paths (servetool/engines/torchserve/clients.py) on this port;
     # None: not served
     clients_port: int | None = None
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def java_version() -> int:
@@ -129,7 +100,6 @@ def read_properties(path: Path) -> dict[str, str]:
     return pod.parse_properties(path.read_text())
 
 
-DEFAULT_MAX_REQUEST_SIZE = 6553500  # TorchServe's (and max_response_size's), when unset
 # servetool's defaults for TorchServe, whatever folder a deployment starts from; a user's
 # config.properties overrides any of them. The frontend's own CPU is taken from the workers on a
 # small machine: one netty thread for clients and one for workers, the serial GC and the C1 JIT
@@ -160,10 +130,10 @@ def server_properties(base: dict[str, str], host: str, ports: dict[str, int], st
     user_vmargs = props["vmargs"]
     props = {
         **props,
-        "inference_address": f"http://{_url_host(host)}:{ports['inference']}",
+        "inference_address": f"http://{url_host(host)}:{ports['inference']}",
         "management_address": f"unix:{management_socket}" if management_socket else
-                              f"http://{_url_host(host)}:{ports['management']}",
-        "metrics_address": f"http://{_url_host(host)}:{ports['metrics']}",
+                              f"http://{url_host(host)}:{ports['management']}",
+        "metrics_address": f"http://{url_host(host)}:{ports['metrics']}",
         "grpc_inference_address": host,
         "grpc_management_address": host,
         "grpc_inference_port": str(ports["grpc_inference"]),
@@ -241,16 +211,6 @@ def private_dir(run_dir: Path) -> Path:
 
 def token_auth_enabled(config_file: Path) -> bool:
     return read_properties(config_file).get("disable_token_authorization", "false").lower() != "true"
-
-
-def load_state(run_dir: Path) -> ServerState | None:
-    path = run_dir / STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return ServerState(**json.loads(path.read_text()))
-    except (ValueError, TypeError):
-        return None
 
 
 # A server whose JVM was never recorded healthy is starting while its launcher lives, for at most
@@ -369,7 +329,7 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
     env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(logs),
            "METRICS_LOCATION": str(logs), "SERVETOOL_WORK_DIR": str(run_dir),
            "SERVETOOL_TS_CONFIG": str(config_file),
-           "SERVETOOL_FRONT_LISTEN": f"{_url_host(opts.host)}:{opts.ports['management']}",
+           "SERVETOOL_FRONT_LISTEN": f"{url_host(opts.host)}:{opts.ports['management']}",
            **split_env, **clients_env(opts)}
     # pod.py exec starts servetool's management front, then becomes TorchServe's launcher: one
     # process group holds the launcher, the JVM, its workers and the front.
@@ -403,13 +363,11 @@ def clients_env(opts: ServerOptions) -> dict[str, str]:
     if not opts.clients_port:
         return {}
     upstream = opts.host if opts.host not in ("0.0.0.0", "::", "localhost") else "127.0.0.1"
-    return {"SERVETOOL_CLIENTS_LISTEN": f"{_url_host(opts.host)}:{opts.clients_port}",
-            "SERVETOOL_CLIENTS_UPSTREAM": f"{_url_host(upstream)}:{opts.ports['inference']}"}
+    return {"SERVETOOL_CLIENTS_LISTEN": f"{url_host(opts.host)}:{opts.clients_port}",
+            "SERVETOOL_CLIENTS_UPSTREAM": f"{url_host(upstream)}:{opts.ports['inference']}"}
 
 
 def wait_healthy(state: ServerState, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    from servetool.engines.torchserve.management import Client  # late: management imports this module's types
-
     client = Client(state)
     deadline = time.monotonic() + timeout_s
     last = "no answer yet"
