@@ -14,6 +14,7 @@ from servetool.convert import export, gate
 from servetool.convert.export import ExportError
 from servetool.convert.export import onnx as onnx_export
 from servetool.convert.gate import ValidationError, check_accuracy, check_parity, limits_for
+from servetool.model.samples import load_data
 from servetool.model.spec import load_spec
 from servetool.operate.package import convert, package
 from tests.conftest import DIGITS, write_spec
@@ -104,7 +105,7 @@ def test_the_gate_catches_a_corrupted_onnx_export_and_names_the_drift(tmp_path, 
 def test_the_accuracy_gate_catches_a_model_that_lost_accuracy(tmp_path, original):
     rng = np.random.default_rng(0)
     broken = corrupted_onnx(tmp_path, original, lambda w: rng.permutation(w.ravel()).reshape(w.shape))
-    x, y = SPEC.load_data(SPEC.validation)
+    x, y = load_data(SPEC, SPEC.validation)
     report = gate.ValidationReport(format="onnx", limits=limits_for("onnx"))
     check_accuracy(export.runner_for(original), broken, x, y, limits_for("onnx"), report)
     assert report.accuracy.drop_points > 5

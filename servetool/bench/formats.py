@@ -24,6 +24,7 @@ from servetool.errors import ServetoolError
 from servetool.model.formats import FORMATS
 from servetool.operate.package import convert
 from servetool.model.spec import ModelSpec
+from servetool.model.samples import load_data
 
 COLUMNS = ["format", "precision", "accuracy", "accuracy_drop_points", "map50", "gate", "p50_ms", "p90_ms",
            "p50_long_ms", "throughput", "size_mb", "peak_rss_mb", "load_ms", "speedup_vs_eager"]
@@ -142,7 +143,7 @@ def _eager_accuracy(spec: ModelSpec, original) -> float | tuple[float, float] | 
         return (found["map"], found["map50"]) if found else None
     from servetool.convert.gate import top1_accuracy
 
-    x, y = spec.load_data(spec.validation)
+    x, y = load_data(spec, spec.validation)
     if y is None:
         return None
     return top1_accuracy(export.runner_for(original), export.as_input_dtypes(spec, x), y)

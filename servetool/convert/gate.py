@@ -26,6 +26,7 @@ from handlers.batching import apply, batch_size, take
 from servetool.convert.export import as_input_dtypes
 from servetool.errors import ServetoolError
 from servetool.model.formats import get_format
+from servetool.model.samples import load_data
 from servetool.model.spec import ModelSpec, Tolerance
 
 ACCURACY_BATCH = 64
@@ -283,7 +284,7 @@ def validate(spec: ModelSpec, original, artifact, fmt: str, limits: Limits,
             report.detection = found.as_dict() if found else None
         return report
     if spec.validation is not None and report.outputs:
-        x, y = spec.load_data(spec.validation)
+        x, y = load_data(spec, spec.validation)
         if y is not None:
             check_accuracy(original, artifact, as_input_dtypes(spec, x), y, limits, report)
     return report

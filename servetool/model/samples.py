@@ -1,17 +1,17 @@
-"""Sample sentences as model inputs: what the gate, calibration and benchmarks feed a text model,
-tokenized by the handler's own encoder so they see exactly what the worker will."""
+"""Sample inputs of a model: its validation and calibration data as model inputs (images
+preprocessed, texts tokenized, exactly as the handler does them), and the sentences the gate,
+calibration and benchmarks feed a text model, tokenized by the handler's own encoder so they see
+exactly what the worker will. Built on the spec, never imported by it."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 import servetool
-
-if TYPE_CHECKING:  # the spec loads labelled texts through this module
-    from servetool.model.spec import ModelSpec
+from servetool.model.spec import DataRef, ModelSpec, SpecError
 
 SENTENCES = Path(servetool.__file__).with_name("resources") / "sentences.txt"
 
@@ -80,3 +80,40 @@ def collate_texts(spec: ModelSpec, encoded: list) -> dict[str, np.ndarray]:
 def text_batch(spec: ModelSpec, texts: list[str]) -> dict[str, np.ndarray]:
     """Texts as one batch of the model's feeds, padded to the longest as the handler pads."""
     return collate_texts(spec, encode_texts(spec, texts))
+
+
+def load_data(spec: ModelSpec, ref: DataRef) -> tuple[Any, Any]:
+    """Model inputs (and labels, where known) of a validation or calibration set."""
+    if ref.texts:
+        return _load_texts(spec, ref)
+    if ref.coco or (ref.images and spec.task == "object-detection"):
+        # a detector's images, letterboxed as served (their boxes: detection_gate), all at
+        # the full input size (one array)
+        task = spec.detector(full_canvas=True)
+        return np.stack([task.preprocess(data).examples[0][task.input_name]
+                         for data in ref.detector_images()[0]]), None
+    if not ref.images:
+        return ref.load([i.name for i in spec.inputs])
+    task = spec.image_task()
+    names = spec.label_names() or []
+    xs, ys = [], []
+    for path, label in ref.image_files():
+        xs.append(task.preprocess(path.read_bytes()))
+        if label is not None:
+            if label not in names:
+                raise SpecError(f"{path}: folder {label!r} is not a label in {spec.labels}")
+            ys.append(names.index(label))
+    y = np.array(ys, np.int64) if ys and len(ys) == len(xs) else None
+    return np.stack(xs), y
+
+
+def _load_texts(spec: ModelSpec, ref: DataRef) -> tuple[Any, Any]:
+    """Labelled texts, tokenized as the worker tokenizes them (one padded batch)."""
+    names = spec.label_names() or []
+    pairs = ref.labelled_texts()
+    unknown = sorted({label for label, _ in pairs if label not in names})
+    if unknown:
+        raise SpecError(f"{ref.path}: label(s) {', '.join(map(repr, unknown[:5]))} are not "
+                        f"the model's ({', '.join(names[:10])})")
+    x = text_batch(spec, [text for _, text in pairs])
+    return x, np.array([names.index(label) for label, _ in pairs], np.int64)

@@ -363,21 +363,6 @@ class ModelSpec:
     def is_text(self) -> bool:
         return self.task in TEXT_TASKS
 
-    def _load_texts(self, ref: DataRef) -> tuple[Any, Any]:
-        """Labelled texts, tokenized as the worker tokenizes them (one padded batch)."""
-        import numpy as np
-
-        from servetool.model.samples import text_batch
-
-        names = self.label_names() or []
-        pairs = ref.labelled_texts()
-        unknown = sorted({label for label, _ in pairs if label not in names})
-        if unknown:
-            raise SpecError(f"{ref.path}: label(s) {', '.join(map(repr, unknown[:5]))} are not "
-                            f"the model's ({', '.join(names[:10])})")
-        x = text_batch(self, [text for _, text in pairs])
-        return x, np.array([names.index(label) for label, _ in pairs], np.int64)
-
     def detector(self, full_canvas: bool = False):
         """The serving task of a detector (handlers/detection.py): the gate, validation and
         calibration preprocess and decode exactly as the handler does. `full_canvas`: a
@@ -409,32 +394,6 @@ class ModelSpec:
                 return list(self.label_list)
             return list(self.text.labels) if self.text and self.text.labels else None
         return [line.strip() for line in self.labels.read_text().splitlines() if line.strip()]
-
-    def load_data(self, ref: DataRef) -> tuple[Any, Any]:
-        """Model inputs (and labels, where known) of a validation or calibration set."""
-        if ref.texts:
-            return self._load_texts(ref)
-        import numpy as np
-
-        if ref.coco or (ref.images and self.task == "object-detection"):
-            # a detector's images, letterboxed as served (their boxes: detection_gate), all at
-            # the full input size (one array)
-            task = self.detector(full_canvas=True)
-            return np.stack([task.preprocess(data).examples[0][task.input_name]
-                             for data in ref.detector_images()[0]]), None
-        if not ref.images:
-            return ref.load([i.name for i in self.inputs])
-        task = self.image_task()
-        names = self.label_names() or []
-        xs, ys = [], []
-        for path, label in ref.image_files():
-            xs.append(task.preprocess(path.read_bytes()))
-            if label is not None:
-                if label not in names:
-                    raise SpecError(f"{path}: folder {label!r} is not a label in {self.labels}")
-                ys.append(names.index(label))
-        y = np.array(ys, np.int64) if ys and len(ys) == len(xs) else None
-        return np.stack(xs), y
 
 
 class _Reader:

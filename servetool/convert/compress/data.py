@@ -11,6 +11,7 @@ import numpy as np
 
 from servetool.convert import export
 from servetool.convert.compress.common import CompressError
+from servetool.model.samples import load_data
 from servetool.model.spec import DataRef, ModelSpec
 
 # Image folders whose decoded inputs fit this are decoded once; larger ones batch by batch.
@@ -38,7 +39,7 @@ def training_set(spec: ModelSpec, ref: DataRef) -> Samples:
     """compress.distill.train: every example, labels where the data has them."""
     if ref.images and _decoded_bytes(spec, ref) > DECODED_LIMIT_BYTES:
         return _lazy_images(spec, ref)
-    x, y = spec.load_data(ref)
+    x, y = load_data(spec, ref)
     x = np.asarray(export.as_input_dtypes(spec, x))
     if len(x) == 0:
         raise CompressError(f"no training data: {ref.path} holds no examples")
@@ -54,7 +55,7 @@ def validation_set(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
         raise CompressError(f"{spec.spec_file}: the compression gate needs a labelled validation "
                             "set: add validation: {images: FOLDER} (one sub-folder per label) or "
                             "{data: FILE.npz} (x and y)")
-    x, y = spec.load_data(spec.validation)
+    x, y = load_data(spec, spec.validation)
     if y is None:
         raise CompressError(f"{spec.validation.path}: the compression gate needs labels (y in the "
                             ".npz, or one sub-folder per label)")

@@ -20,6 +20,7 @@ import numpy as np
 from handlers.batching import take
 from servetool.errors import ServetoolError, whole_cause
 from servetool.model.formats import Format, get_format
+from servetool.model.samples import load_data, sample_texts, text_batch
 from servetool.model.spec import ModelSpec
 
 
@@ -177,12 +178,10 @@ def sample_inputs(spec: ModelSpec, count: int = 64) -> np.ndarray:
     """Realistic inputs where the spec has data (quantized formats are judged on real data), else
     random ones. A text model's are its sample sentences, tokenized."""
     if spec.is_text():
-        from servetool.model.samples import sample_texts, text_batch
-
         return text_batch(spec, sample_texts(spec, count))
     for ref in (spec.validation, spec.calibration):
         if ref is not None:
-            x, _ = spec.load_data(ref)
+            x, _ = load_data(spec, ref)
             return as_input_dtypes(spec, take(x, 0, count))
     return example_batch(spec, count, seed=7)
 

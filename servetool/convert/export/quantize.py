@@ -19,6 +19,7 @@ import numpy as np
 
 from servetool.convert.export import Artifact, ExportError
 from servetool.model.formats import Format
+from servetool.model.samples import load_data
 from servetool.model.spec import ModelSpec, calibration_hint
 
 CALIBRATION_SAMPLES = 256
@@ -65,7 +66,7 @@ def calibration_inputs(spec: ModelSpec) -> np.ndarray:
     if ref is None:
         raise ExportError(f"{spec.name}: onnx-int8-static needs calibration data; add "
                           f"{calibration_hint(spec.task)} to {spec.spec_file}")
-    x, _ = spec.load_data(ref)
+    x, _ = load_data(spec, ref)
     if tuple(x.shape[1:]) != spec.input_shape:
         raise ExportError(f"{ref.path}: calibration inputs have shape {list(x.shape[1:])}, the "
                           f"model takes {list(spec.input_shape)}")
