@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from servetool.bench.serve import load_payloads, payload_files, run_load, run_wrk, wrk_path  # noqa: E402
 from servetool.convert import export  # noqa: E402
+from servetool.convert.pipeline import package  # noqa: E402
 from servetool.engines.torchserve.process import ServerOptions, free_ports  # noqa: E402
 from servetool.model.spec import ModelSpec, load_spec  # noqa: E402
-from servetool.operate.package import package  # noqa: E402
 from servetool.targets.local import LocalTarget  # noqa: E402
 
 
@@ -84,8 +84,8 @@ def _limit_worker(artifact: str, runtime: str, config: dict, bodies: list[bytes]
 def in_process_limit(spec: ModelSpec, fmt: str, bodies: list[bytes], seconds: float) -> dict[str, Any]:
     """decode + preprocess + inference (in batches of the spec's size), one process per core with
     one thread each."""
+    from servetool.convert.pipeline import convert
     from servetool.engines.torchserve import archive
-    from servetool.operate.package import convert
 
     tmp = Path(tempfile.mkdtemp(prefix="servetool-limit-"))
     artifact, _ = convert(spec, fmt, tmp)

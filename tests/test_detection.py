@@ -320,9 +320,9 @@ def test_a_model_of_each_layout_is_exported_and_served_with_boxes_in_image_pixel
     import yaml
 
     from servetool.convert import export
+    from servetool.convert.pipeline import check_task
     from servetool.engines.torchserve import archive
     from servetool.model.spec import load_spec
-    from servetool.operate.package import check_task
     from tests.conftest import serve_in_process
 
     (tmp_path / "model.py").write_text(LAYOUT_MODEL.format(true=TRUE))
@@ -360,8 +360,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "models" / "digits-detect"
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
     """models/digits-detect packaged (ONNX, gated on the held-out canvases' mAP) and deployed."""
+    from servetool.convert.pipeline import package
     from servetool.model.spec import load_spec
-    from servetool.operate.package import package
     from servetool.targets.local import LocalTarget
     from tests.conftest import server_options
 
@@ -498,8 +498,8 @@ def test_int8_keeps_the_detectors_map_within_a_point(tmp_path):
     point of mAP@0.5:0.95 in the gate; dynamic int8, which only quantizes MatMul/Gemm, refuses a
     model that has none rather than ship fp32 called int8."""
     from servetool.convert.export import ExportError
+    from servetool.convert.pipeline import convert
     from servetool.model.spec import load_spec
-    from servetool.operate.package import convert
 
     spec = load_spec(EXAMPLE / "servetool.yaml")
     artifact, report = convert(spec, "onnx-int8-static", tmp_path / "static")
@@ -516,9 +516,9 @@ def test_a_torchvision_style_head_with_three_outputs(tmp_path):
     import yaml
 
     from servetool.convert import export
+    from servetool.convert.pipeline import check_task
     from servetool.engines.torchserve import archive
     from servetool.model.spec import load_spec
-    from servetool.operate.package import check_task
     from tests.conftest import serve_in_process
 
     (tmp_path / "model.py").write_text(f'''
@@ -560,8 +560,8 @@ def test_without_labels_the_gate_compares_boxes_with_the_original(tmp_path):
     """Unlabelled images as the validation set: the gate judges box agreement alone."""
     import yaml
 
+    from servetool.convert.pipeline import convert
     from servetool.model.spec import load_spec
-    from servetool.operate.package import convert
 
     raw = yaml.safe_load((EXAMPLE / "servetool.yaml").read_text())
     raw["source"] = {k: str(EXAMPLE / v) if k != "class" else v for k, v in raw["source"].items()}

@@ -184,7 +184,7 @@ def test_a_detection_shaped_model_is_refused_by_image_classification(tmp_path):
 
 
 def test_parity_fits_the_output_no_top1_for_a_model_that_is_not_a_classifier(tmp_path):
-    from servetool.operate.package import convert
+    from servetool.convert.pipeline import convert
 
     spec = load_spec(fragile_spec(tmp_path / "spec", "ExpNet", [3], "float32", "onnx"))
     _, report = convert(spec, "onnx", tmp_path / "out")

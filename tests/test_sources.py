@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from servetool.convert import export
+from servetool.convert.pipeline import convert
 from servetool.errors import ServetoolError
 from servetool.model.spec import SpecError, load_spec
-from servetool.operate.package import convert
 from tests.conftest import DIGITS, write_spec
 from tests.test_cli import run
 

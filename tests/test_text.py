@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from handlers.text import TextEncoder
 from servetool.convert import export
+from servetool.convert.pipeline import convert
 from servetool.model.samples import sample_texts, text_batch
 from servetool.model.spec import SpecError, load_spec
-from servetool.operate.package import convert
 from servetool.targets.local import LocalTarget
 from tests.conftest import ROOT, package_all, server_options
 

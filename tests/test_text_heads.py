@@ -78,8 +78,8 @@ def archives(tmp_path_factory, folders) -> dict[str, tuple[Path, dict]]:
     TorchScript, whose export takes seconds where ONNX's takes half a minute on a busy machine:
     name -> (the unpacked archive, its model-config). The cross-encoder's one export serves two
     specs (text-reranking, and text-classification, its score head)."""
+    from servetool.convert.pipeline import convert
     from servetool.engines.torchserve import archive
-    from servetool.operate.package import convert
 
     work = tmp_path_factory.mktemp("archives")
     wanted = {"rerank": ("cross", "text-reranking"), "score": ("cross", "text-classification"),

@@ -17,9 +17,9 @@ import yaml
 
 from servetool.convert import export
 from servetool.convert.export.quantize import dynamic_int8, per_row_int8
+from servetool.convert.pipeline import convert
 from servetool.model.samples import text_batch
 from servetool.model.spec import load_spec
-from servetool.operate.package import convert
 from tests.test_text import MINILM, minilm_folder, small_classifier
 
 USER_TEXT = "Quarterly churn fell to 2.1% after the zebra-striped onboarding flow shipped."

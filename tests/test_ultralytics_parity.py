@@ -90,10 +90,10 @@ def references(model: str) -> tuple[list[str], list[bytes], list[Reference]]:
 def packaged(request, tmp_path_factory):
     """One fixture model packaged by servetool.operate.package.package, its report, and the unpacked
     archive's handler (reference.served.ServedPath)."""
+    from servetool.convert.pipeline import package
     from servetool.convert.reference.served import ServedPath
     from servetool.engines.torchserve import archive
     from servetool.model.spec import load_spec
-    from servetool.operate.package import package
 
     model = request.param
     root = tmp_path_factory.mktemp(f"ul-{model}")
@@ -299,8 +299,8 @@ def test_normalised_boxes_under_a_pixel_layout_are_refused(tmp_path):
     pixels, would answer every object as a speck in the corner: package refuses it, naming the
     key that fixes it; with that key set, it is read."""
     from servetool.convert import export
+    from servetool.convert.pipeline import TaskMismatch, check_task
     from servetool.model.spec import load_spec
-    from servetool.operate.package import TaskMismatch, check_task
 
     (tmp_path / "model.py").write_text(NORMALISED)
     (tmp_path / "labels.txt").write_text("\n".join(str(i) for i in range(10)) + "\n")

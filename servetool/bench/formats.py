@@ -22,7 +22,7 @@ import numpy as np
 from servetool.convert import export
 from servetool.errors import ServetoolError
 from servetool.model.formats import FORMATS
-from servetool.operate.package import convert
+from servetool.convert.pipeline import convert
 from servetool.model.spec import ModelSpec
 from servetool.model.samples import load_data
 

@@ -252,7 +252,7 @@ class Run:
 
     def _result_rows(self, new_spec: ModelSpec, model: torch.nn.Module, accept: bool) -> None:
         """The saved model's row (its ONNX export through package's gate), and int8's."""
-        from servetool.operate.package import convert
+        from servetool.convert.pipeline import convert
 
         self.say("gating the saved program's ONNX export against the program (as package does)")
         artifact, checked = convert(new_spec, "onnx", self.tmp / "result", accept_drift=accept)
