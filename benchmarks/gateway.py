@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from servetool.bench.serve import load_payloads, payload_files, run_load, run_wrk, wrk_path  # noqa: E402
-from servetool.convert.pipeline import package  # noqa: E402
 from servetool.engines.torchserve.process import ServerOptions, free_ports  # noqa: E402
 from servetool.model.spec import load_spec  # noqa: E402
+from servetool.operate.package import package  # noqa: E402
 from servetool.targets.local import LocalTarget  # noqa: E402
 
 

@@ -24,9 +24,9 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servetool.convert.pipeline import package  # noqa: E402
 from servetool.engines.torchserve.process import ServerOptions, free_ports  # noqa: E402
 from servetool.model.spec import load_spec  # noqa: E402
+from servetool.operate.package import package  # noqa: E402
 from servetool.targets.local import LocalTarget  # noqa: E402
 
 

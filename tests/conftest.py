@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from servetool.convert.export import import_file
-from servetool.convert.pipeline import package
 from servetool.engines.torchserve.process import ServerOptions, free_ports
 from servetool.model.spec import load_spec
+from servetool.operate.package import package
 from servetool.targets.local import LocalTarget
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -236,7 +236,7 @@ def test_the_gate_refuses_a_model_that_lost_too_much_unless_accepted(tiny, tmp_p
 def test_compress_package_deploy_and_predict_over_http(tiny, tmp_path):
     """The CLI prunes in two steps, distils, puts int8 on top; the new version packages, deploys
     and answers HTTP requests for real digits."""
-    from servetool.convert.pipeline import package
+    from servetool.operate.package import package
     from servetool.targets.local import LocalTarget
 
     folder = spec_folder(tiny, tmp_path / "m", {

@@ -14,9 +14,10 @@ import torch
 import yaml
 
 from servetool.convert import export
-from servetool.convert.pipeline import convert, package
+from servetool.convert.pipeline import convert
 from servetool.engines.torchserve import archive
 from servetool.model.spec import SpecError, load_spec
+from servetool.operate.package import package
 from servetool.targets.local import LocalTarget
 from tests.conftest import serve_in_process, server_options
 from tests.test_cli import run

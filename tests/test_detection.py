@@ -360,8 +360,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "models" / "digits-detect"
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
     """models/digits-detect packaged (ONNX, gated on the held-out canvases' mAP) and deployed."""
-    from servetool.convert.pipeline import package
     from servetool.model.spec import load_spec
+    from servetool.operate.package import package
     from servetool.targets.local import LocalTarget
     from tests.conftest import server_options
 

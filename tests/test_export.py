@@ -14,9 +14,10 @@ from servetool.convert import export, gate
 from servetool.convert.export import ExportError
 from servetool.convert.export import onnx as onnx_export
 from servetool.convert.gate import ValidationError, check_accuracy, check_parity, limits_for
-from servetool.convert.pipeline import convert, package
+from servetool.convert.pipeline import convert
 from servetool.model.samples import load_data
 from servetool.model.spec import load_spec
+from servetool.operate.package import package
 from tests.conftest import DIGITS, write_spec
 
 SPEC = load_spec(DIGITS)

@@ -21,8 +21,9 @@ from torch import nn
 from handlers.runtimes import OnnxRuntime
 from servetool.convert import export
 from servetool.convert.export import onnx as onnx_export
-from servetool.convert.pipeline import convert, package
+from servetool.convert.pipeline import convert
 from servetool.model.spec import load_spec
+from servetool.operate.package import package
 from tests.conftest import serve_in_process
 from tests.test_cli import run
 

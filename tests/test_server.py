@@ -210,7 +210,7 @@ def test_redeploy_is_idempotent_and_picks_up_changed_archives(served, tmp_path):
 
     # a new version of digits_ts: registered beside the old one and made default; the old one
     # stays loaded (the keep policy: 2), so a rollback is instant
-    from servetool.convert.pipeline import package
+    from servetool.operate.package import package
     from tests.conftest import write_spec
 
     spec = load_spec(write_spec(tmp_path / "v2", name="digits_ts", format="torchscript",
@@ -569,7 +569,7 @@ def test_served_answers_on_non_square_images_match_torchvision_preprocessing(ser
 
 def test_deploy_raises_the_request_and_response_limits_to_what_a_tensor_model_needs(tmp_path):
     """A [3, 256, 512] float input as JSON is ~8 MB, over TorchServe's 6.5 MB default both ways."""
-    from servetool.convert.pipeline import package
+    from servetool.operate.package import package
     from tests.test_isolation import fragile_spec
 
     spec = load_spec(fragile_spec(tmp_path / "spec", "ExpNet", [3, 256, 512], "float32", "onnx"))

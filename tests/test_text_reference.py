@@ -23,11 +23,11 @@ import pytest
 import yaml
 
 from servetool.convert import export, reference
-from servetool.convert.pipeline import package
 from servetool.convert.reference import ReferenceMismatch
 from servetool.convert.reference.text import HARD_TEXTS
 from servetool.engines.torchserve import archive
 from servetool.model.spec import ModelSpec, load_spec
+from servetool.operate.package import package
 from tests.conftest import ROOT
 from tests.test_text_heads import LABELS8, bert_folder
 

@@ -21,8 +21,8 @@ TOLERANCE = 1e-3  # probabilities; measured here: see test_served_answers_equal_
 
 @pytest.fixture(scope="module", params=MODELS)
 def packaged(request, tmp_path_factory):
-    from servetool.convert.pipeline import package
     from servetool.model.spec import load_spec
+    from servetool.operate.package import package
 
     folder = tmp_path_factory.mktemp(request.param)
     for name in ("model.onnx", "config.json"):

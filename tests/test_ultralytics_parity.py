@@ -90,10 +90,10 @@ def references(model: str) -> tuple[list[str], list[bytes], list[Reference]]:
 def packaged(request, tmp_path_factory):
     """One fixture model packaged by servetool.operate.package.package, its report, and the unpacked
     archive's handler (reference.served.ServedPath)."""
-    from servetool.convert.pipeline import package
     from servetool.convert.reference.served import ServedPath
     from servetool.engines.torchserve import archive
     from servetool.model.spec import load_spec
+    from servetool.operate.package import package
 
     model = request.param
     root = tmp_path_factory.mktemp(f"ul-{model}")

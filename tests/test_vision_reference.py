@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from servetool.convert.pipeline import package
 from servetool.convert.reference import NOT_CHECKED, ReferenceMismatch
 from servetool.engines.torchserve.archive import archive_manifest
 from servetool.model.spec import SpecError, load_spec
+from servetool.operate.package import package
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

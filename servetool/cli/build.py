@@ -82,8 +82,8 @@ def package(model_dirs: tuple[Path, ...], model_store: Path, models_root: Path,
 
     MODEL_DIRS are folders holding a servetool.yaml (default: every model under --models-root).
     """
-    from servetool.convert.pipeline import package as package_model
     from servetool.model.spec import find_specs
+    from servetool.operate.package import package as package_model
 
     specs = find_specs([str(d) for d in model_dirs], models_root)
     results = [package_model(spec, model_store, atol=atol, accept_drift=accept_drift,

@@ -1,10 +1,9 @@
-"""spec -> export -> gate -> archive: `servetool convert` and `servetool package` for one model."""
+"""spec -> export -> gate: one format of one model, converted and checked against the original
+(`servetool convert`; `servetool package` and `servetool compress` build on it)."""
 
 from __future__ import annotations
 
 import contextlib
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,7 @@ from typing import Any
 import numpy as np
 
 from handlers.batching import batch_size, take
-from servetool.convert import export, gate, reference
-from servetool.engines.torchserve import archive
+from servetool.convert import export, gate
 from servetool.errors import ServetoolError, whole_cause
 from servetool.model.formats import get_format
 from servetool.model.samples import collate_texts, encode_texts, representative_texts
@@ -23,7 +21,7 @@ PARITY_BATCH_SIZES = (1, 4, 16)  # more than one, so a batch axis frozen at expo
 Progress = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
+def quiet(_: str) -> None:
     pass
 
 
@@ -177,7 +175,7 @@ def fixed_batch_line(spec: ModelSpec, fixed: int) -> str:
 
 
 def convert(spec: ModelSpec, fmt: str, out_dir: Path, *, original=None, atol: float | None = None,
-            accept_drift: bool = False, progress: Progress = _quiet
+            accept_drift: bool = False, progress: Progress = quiet
             ) -> tuple[export.Artifact, gate.ValidationReport]:
     """Export one format into out_dir and put it through the gate (raises on failure)."""
     preflight_format(fmt)
@@ -225,34 +223,4 @@ def describe(artifact: export.Artifact, report: gate.ValidationReport) -> dict[s
         "size_bytes": artifact.size_bytes,
         "notes": artifact.notes,
         "gate": report.as_dict(),
-    }
-
-
-def package(spec: ModelSpec, model_store: Path, *, atol: float | None = None,
-            accept_drift: bool = False, progress: Progress = _quiet) -> dict[str, Any]:
-    """Convert to the spec's format, gate, archive and pre-flight one model; returns a summary."""
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"servetool-export-{spec.name}-") as tmp:
-        artifact, report = convert(spec, spec.format, Path(tmp), atol=atol,
-                                   accept_drift=accept_drift, progress=progress)
-        progress(f"{spec.name}: archiving and pre-flighting the handler")
-        checked: list[str] = []
-
-        def against_library(folder: Path, config: dict[str, Any]) -> None:
-            checked.extend(reference.check(spec, folder, config, progress))
-
-        mar = archive.build_archive(spec, artifact, model_store, verify=against_library)
-        converted = describe(artifact, report)
-    return {
-        "name": spec.name,
-        "version": spec.version,
-        "format": spec.format,
-        "task": spec.task,
-        "archive": str(mar),
-        "archive_bytes": mar.stat().st_size,
-        "artifact_bytes": converted["size_bytes"],
-        "notes": converted["notes"],
-        "parity": converted["gate"],
-        "reference": checked,
-        "seconds": round(time.perf_counter() - started, 2),
     }

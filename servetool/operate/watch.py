@@ -393,8 +393,8 @@ class Watcher:
                                      f"names {want[:16]}...: a partial or altered upload")
         elif kind == "folder":
             try:
-                from servetool.convert.pipeline import package
                 from servetool.model.spec import load_spec
+                from servetool.operate.package import package
             except ImportError as exc:
                 raise WatchError(f"a model folder is packaged by the full servetool, and this "
                                  f"watcher runs without its export tools ({exc}; a Kubernetes "
