@@ -28,7 +28,7 @@ from servetool.targets.local import LocalTarget
 from tests.conftest import ROOT, server_options
 from tests.test_gateway import start_gateway
 
-POD = ROOT / "servetool" / "pod.py"
+POD = ROOT / "servetool" / "engines" / "torchserve" / "pod.py"
 
 
 @pytest.fixture(scope="module")

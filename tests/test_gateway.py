@@ -15,7 +15,7 @@ import requests
 from servetool.engines.torchserve.process import free_ports
 from tests.conftest import ROOT, png_bytes
 
-POD = ROOT / "servetool" / "pod.py"
+POD = ROOT / "servetool" / "engines" / "torchserve" / "pod.py"
 
 
 def start_gateway(run_dir: Path, config: Path, keys: Path) -> tuple[subprocess.Popen, str]:
