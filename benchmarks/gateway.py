@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from servetool.bench.serve import load_payloads, payload_files, run_load, run_wrk, wrk_path  # noqa: E402
 from servetool.engines.torchserve.process import ServerOptions, free_ports  # noqa: E402
 from servetool.model.spec import load_spec  # noqa: E402
+from servetool.operate import lifecycle  # noqa: E402
 from servetool.operate.package import package  # noqa: E402
 from servetool.targets.local import LocalTarget  # noqa: E402
 
@@ -53,10 +54,10 @@ def deploy_scratch(model_dir: Path, tmp: Path) -> tuple[LocalTarget, dict]:
     package(load_spec(model_dir), store)
     target = LocalTarget(ServerOptions(run_dir=run, model_store=store, ports=free_ports(),
                                        base_config=ROOT / "config.properties"))
-    return target, target.deploy([])
+    return target, lifecycle.deploy(target, [])
 
 
-def start_gateway(run: Path, keys: Path, pod: Path = ROOT / "servetool" / "pod.py",
+def start_gateway(run: Path, keys: Path, pod: Path = ROOT / "servetool" / "engines" / "torchserve" / "pod.py",
                   ) -> tuple[subprocess.Popen, str, str]:
     """servetool's Python gateway (as each pod runs it) in front of the local server of `run`:
     (its process, its base URL, the key it accepts), once it answers ready."""

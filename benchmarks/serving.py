@@ -37,6 +37,7 @@ from servetool.bench.serve import load_payloads, payload_files, run_load, run_wr
 from servetool.convert import export  # noqa: E402
 from servetool.engines.torchserve.process import ServerOptions, free_ports  # noqa: E402
 from servetool.model.spec import ModelSpec, load_spec  # noqa: E402
+from servetool.operate import lifecycle  # noqa: E402
 from servetool.operate.package import package  # noqa: E402
 from servetool.targets.local import LocalTarget  # noqa: E402
 
@@ -280,7 +281,7 @@ def servetool_default(spec: ModelSpec, workdir: Path) -> tuple[LocalTarget, str,
     ports = free_ports()
     target = LocalTarget(ServerOptions(run_dir=workdir / "servetool_run", model_store=store,
                                        base_config=ROOT / "config.properties", ports=ports))
-    target.deploy([spec.name])
+    lifecycle.deploy(target, [spec.name])
     client = target.client()
     headers = {"Authorization": f"Bearer {client.token('inference')}"}
     return target, f"{target.running().url('inference')}/predictions/{spec.name}", headers

@@ -19,7 +19,9 @@ from PIL import Image
 
 from servetool.bench.serve import run_load
 from servetool.engines.torchserve import split, split_runtime
+from servetool.operate import lifecycle
 from servetool.operate.canary import Bounds, Canary, CanaryError, judge
+from servetool.operate.companions import COMPANIONS
 from servetool.operate.lifecycle import Lifecycle
 from servetool.targets.local import LocalTarget
 from tests.conftest import server_options
@@ -60,9 +62,9 @@ def fronted(tmp_path_factory, model_store):
     # ONNX Runtime (one worker): TorchScript re-profiles each new batch size, which blurs timings
     v1 = rewrite_archive(model_store / "digits_fp16.mar", store / "can.mar", name="can")
     opts = dataclasses.replace(server_options(tmp_path_factory.mktemp("can-run"), store), split=True)
-    target = LocalTarget(opts)
+    target = LocalTarget(opts, companions=COMPANIONS)  # as deploy: status shows the canary
     try:  # a failed setup must not leave the server (and HAProxy) running
-        target.deploy(["can"])
+        lifecycle.deploy(target, ["can"])
         life = Lifecycle(target)
         for version, archive in (
                 ("2.0", rewrite_archive(v1, built / "2" / "can.mar", version="2.0")),

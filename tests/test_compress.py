@@ -21,6 +21,7 @@ from servetool.convert import export
 from servetool.convert.compress import CompressError, compress, gate, prune
 from servetool.model.spec import PruneOptions, SpecError, load_spec
 from servetool.model.torch_files import PROGRAM, saved_as
+from servetool.operate import lifecycle
 from tests.conftest import ROOT, png_bytes, server_options
 
 SERVETOOL = str(Path(sys.executable).with_name("servetool"))
@@ -264,7 +265,7 @@ def test_compress_package_deploy_and_predict_over_http(tiny, tmp_path):
     package(spec, store)
     target = LocalTarget(server_options(tmp_path / "run", store))
     try:
-        target.deploy([])
+        lifecycle.deploy(target, [])
         state = target.client().state
         key = json.loads(Path(state.key_file).read_text())["inference"]["key"]
         with np.load(tiny / "val.npz") as val:

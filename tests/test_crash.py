@@ -12,7 +12,8 @@ import requests
 
 from servetool.engines.torchserve import process
 from servetool.engines.torchserve.management import Client
-from servetool.operate import supervise
+from servetool.operate import lifecycle, supervise
+from servetool.operate.companions import COMPANIONS
 from servetool.targets.local import LocalTarget
 from tests.conftest import DIGITS, server_options
 from tests.test_cli import run
@@ -24,7 +25,8 @@ SAMPLE = (DIGITS / "samples" / "digit_7.png").read_bytes()
 
 @pytest.fixture
 def target(tmp_path, model_store):
-    target = LocalTarget(server_options(tmp_path / "run", model_store))
+    # as `servetool deploy` makes it: its status shows the supervisor, and stop ends it first
+    target = LocalTarget(server_options(tmp_path / "run", model_store), companions=COMPANIONS)
     yield target
     target.down()
 
@@ -39,7 +41,7 @@ def kill_jvm(target: LocalTarget) -> None:
 
 
 def deploy_and_scale(target: LocalTarget) -> None:
-    target.deploy(["digits_ts", "digits_tensor"])
+    lifecycle.deploy(target, ["digits_ts", "digits_tensor"])
     assert len(target.scale("digits_ts", 2)["workers"]) == 2
 
 
@@ -67,7 +69,7 @@ def test_deploy_after_a_crash_restores_every_model_with_its_workers(target):
     deploy_and_scale(target)
     before = workers_of(target)
     kill_jvm(target)
-    result = target.deploy(["digits_tensor"])  # names one model; both come back
+    result = lifecycle.deploy(target, ["digits_tensor"])  # names one model; both come back
     assert result["server_started"] is True
     assert {m["name"]: m["action"] for m in result["models"]} == {"digits_tensor": "restored",
                                                                   "digits_ts": "restored"}
@@ -78,7 +80,7 @@ def test_deploy_after_a_crash_restores_every_model_with_its_workers(target):
 
 def test_the_supervisor_brings_a_crashed_server_back_unasked(target):
     deploy_and_scale(target)
-    pid = target.supervise()
+    pid = supervise.launch(target.opts)
     assert supervise.running_pid(target.opts.run_dir) == pid and target.status()["supervised"]
     kill_jvm(target)
     crashed = time.monotonic()

@@ -25,6 +25,7 @@ from handlers.detection import (
 )
 from handlers.errors import RequestError
 from servetool.model.coco_eval import Found, Labelled, coco_map
+from servetool.operate import lifecycle
 
 LABELS = [str(d) for d in range(10)]
 
@@ -370,7 +371,7 @@ def detector(tmp_path_factory):
     summary = package(spec, store)
     target = LocalTarget(server_options(tmp_path_factory.mktemp("detect-run"), store))
     try:
-        target.deploy(["digits-detect"])
+        lifecycle.deploy(target, ["digits-detect"])
         yield spec, summary, target
     finally:
         target.down()

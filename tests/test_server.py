@@ -23,7 +23,9 @@ from servetool.engines.torchserve import process
 from servetool.engines.torchserve.management import APIError, Client
 from servetool.engines.torchserve.process import ServerError
 from servetool.model.spec import load_spec
-from servetool.targets.local import DeployError, LocalTarget
+from servetool.operate import lifecycle
+from servetool.targets.common import DeployError
+from servetool.targets.local import LocalTarget
 from tests.conftest import DIGITS, FORMAT_TWINS, ROOT, png_bytes, server_options
 
 pytestmark = pytest.mark.server
@@ -204,7 +206,7 @@ def test_scale_to_two_workers_and_back(served):
 
 def test_redeploy_is_idempotent_and_picks_up_changed_archives(served, tmp_path):
     target, _ = served
-    again = target.deploy(["digits", "digits_ts"])
+    again = lifecycle.deploy(target, ["digits", "digits_ts"])
     assert [m["action"] for m in again["models"]] == ["unchanged", "unchanged"]
     assert again["server_started"] is False
 
@@ -216,7 +218,7 @@ def test_redeploy_is_idempotent_and_picks_up_changed_archives(served, tmp_path):
     spec = load_spec(write_spec(tmp_path / "v2", name="digits_ts", format="torchscript",
                                 version="2.0", top_k=1))
     package(spec, Path(target.opts.model_store))
-    upgraded = target.deploy(["digits_ts"])["models"][0]
+    upgraded = lifecycle.deploy(target, ["digits_ts"])["models"][0]
     assert (upgraded["action"], upgraded["version"]) == ("upgraded", "2.0")
     versions = [m for m in target.status()["models"] if m["name"] == "digits_ts"]
     assert sorted((m["version"], m["default"]) for m in versions) == [("1.0", False), ("2.0", True)]
@@ -241,7 +243,7 @@ def test_a_handler_that_fails_to_import_gives_a_clear_deploy_error(served, tmp_p
             dst.writestr(item, data)
     try:
         with pytest.raises(DeployError) as err:
-            target.deploy(["broken"], timeout_s=120)
+            lifecycle.deploy(target, ["broken"], timeout_s=120)
         message = str(err.value)
         assert "registering broken 1.0 failed" in message
         assert "module_nobody_installed" in message
@@ -265,7 +267,7 @@ def test_start_failures_are_explained(tmp_path, model_store):
 
 def test_stop_leaves_no_process_behind(tmp_path, model_store):
     target = LocalTarget(server_options(tmp_path / "run", model_store))
-    result = target.deploy(["digits"])
+    result = lifecycle.deploy(target, ["digits"])
     state = target.running()
     members = process.group_members(state.pid)
     assert len(members) >= 3  # launcher, JVM, one worker
@@ -362,7 +364,7 @@ def test_predict_and_bench_serve_keep_working_across_key_expiries(tmp_path, mode
     opts = with_base_config(server_options(tmp_path / "run", store), tmp_path,
                             "token_expiration_min=0.1")
     target = LocalTarget(opts)
-    target.deploy([])
+    lifecycle.deploy(target, [])
     where = ["--run-dir", str(opts.run_dir), "--model-store", str(store)]
     sample = DIGITS / "samples" / "digit_7.png"
     try:
@@ -443,7 +445,7 @@ def test_deploy_refuses_a_model_store_the_running_server_does_not_use(served, tm
                                                  model_store=tmp_path, ports=target.opts.ports))
     (tmp_path / "digits.mar").write_bytes((Path(target.opts.model_store) / "digits.mar").read_bytes())
     with pytest.raises(DeployError, match="serves archives from"):
-        other.deploy(["digits"])
+        lifecycle.deploy(other, ["digits"])
 
 
 def test_one_request_never_fails_another_in_a_real_batch(served):
@@ -490,7 +492,7 @@ def test_an_image_that_makes_the_decoder_raise_fails_alone(served, held_out):
 
 
 def test_archives_of_one_model_are_ordered_by_version_not_file_name(tmp_path, model_store):
-    from servetool.targets.local import version_key
+    from servetool.operate.lifecycle import version_key
     from tests.test_lifecycle import rewrite_archive
 
     assert sorted(["10.0", "9.1", "1.0", "2", "1.0-rc1", "1.0.1"], key=version_key) == \
@@ -503,7 +505,7 @@ def test_archives_of_one_model_are_ordered_by_version_not_file_name(tmp_path, mo
     target = LocalTarget(server_options(tmp_path / "run", store))
     try:
         for _ in range(2):  # a second deploy must not "upgrade" 2.0 to 1.0
-            result = target.deploy([])
+            result = lifecycle.deploy(target, [])
             assert [(m["name"], m["version"]) for m in result["models"]] == [("digits_ts", "2.0")]
         versions = [m["version"] for m in target.status()["models"]]
         assert versions == ["2.0"]
@@ -576,7 +578,7 @@ def test_deploy_raises_the_request_and_response_limits_to_what_a_tensor_model_ne
     package(spec, tmp_path / "store")
     target = LocalTarget(server_options(tmp_path / "run", tmp_path / "store"))
     try:
-        target.deploy([])
+        lifecycle.deploy(target, [])
         state = target.running()
         props = process.read_properties(Path(state.run_dir) / "config.properties")
         need = 3 * 256 * 512 * 24 + 64 * 1024

@@ -24,6 +24,7 @@ from servetool.convert import export
 from servetool.convert.pipeline import convert
 from servetool.model.samples import sample_texts, text_batch
 from servetool.model.spec import SpecError, load_spec
+from servetool.operate import lifecycle
 from servetool.targets.local import LocalTarget
 from tests.conftest import ROOT, package_all, server_options
 
@@ -243,7 +244,7 @@ def text_store(tmp_path_factory) -> tuple[Path, Path]:
 def text_server(tmp_path_factory, text_store):
     store, work = text_store
     target = LocalTarget(server_options(tmp_path_factory.mktemp("text_run"), store))
-    target.deploy([])
+    lifecycle.deploy(target, [])
     state = target.running()
     headers = {"Authorization": f"Bearer {target.client().token('inference')}"}
     yield state.url("inference"), headers, work

@@ -20,6 +20,7 @@ import yaml
 from handlers.errors import RequestError
 from handlers.text import TextEncoder
 from servetool.engines.torchserve.process import free_ports
+from servetool.operate import lifecycle
 from servetool.targets.local import LocalTarget
 from tests.conftest import ROOT, package_all, server_options
 from tests.test_text import write_text_spec
@@ -65,7 +66,7 @@ def clients(tmp_path_factory, cross_encoder):
     opts = replace(server_options(tmp_path_factory.mktemp("run"), store),
                    clients_port=free_ports(("clients",))["clients"])
     target = LocalTarget(opts)
-    target.deploy([])
+    lifecycle.deploy(target, [])
     state = target.running()
     url = f"http://127.0.0.1:{state.clients_port}"
     key = target.client().token("inference")

@@ -123,14 +123,19 @@ def make_target(run_dir: Path, model_store: Path, target: str = "local", docker_
             "this command talks to one TorchServe; on kubernetes use `servetool scale --target "
             "kubernetes`, `servetool token --target kubernetes`, or kubectl (port-forward the "
             "Service for predictions; `kubectl get pods -l app.kubernetes.io/name=servetool`)")
+    # the crash supervisor, the watcher and a canary's controller: started and stopped around the
+    # target's verbs, reported by its status
+    from servetool.operate.companions import COMPANIONS
+
     if target == "docker":
         from servetool.targets.docker import DockerTarget
 
         opts = ServerOptions(run_dir=run_dir / "docker", model_store=model_store, **kwargs)
-        return DockerTarget(opts, docker_opts, progress)
+        return DockerTarget(opts, docker_opts, progress, COMPANIONS)
     from servetool.targets.local import LocalTarget
 
-    return LocalTarget(ServerOptions(run_dir=run_dir, model_store=model_store, **kwargs), progress)
+    return LocalTarget(ServerOptions(run_dir=run_dir, model_store=model_store, **kwargs), progress,
+                       COMPANIONS)
 
 
 def server_setting(state: Any, key: str) -> str | None:

@@ -44,7 +44,7 @@ def versions(model: str, run_dir: Path, model_store: Path, target: str, as_json:
     """List MODEL's versions: which is the default, workers, when loaded, archive digest; and
     those the watcher could not serve, with why and when it tries again."""
     from servetool.operate import watch as watching
-    from servetool.operate.lifecycle import DeployError
+    from servetool.targets.common import DeployError
 
     check_model_args(model, None)
     life = _lifecycle(run_dir, model_store, target)

@@ -32,6 +32,7 @@ from servetool.cli.lifecycle import keep_option, watch_options
 from servetool.engines.torchserve.management import explain_failure
 from servetool.engines.torchserve.process import DEFAULT_PORTS
 from servetool.errors import ServetoolError
+from servetool.operate import lifecycle
 
 
 @main.command()
@@ -179,9 +180,11 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
     if keep is not None:
         tgt.keep = keep
     tgt.promote = not no_promote
-    result = tgt.deploy(models, timeout_s=timeout)
-    if restart_on_crash and target == "local":
-        result["supervisor_pid"] = tgt.supervise()
+    result = lifecycle.deploy(tgt, models, timeout_s=timeout)
+    if restart_on_crash and target == "local":  # the crash supervisor, beside the server
+        from servetool.operate import supervise
+
+        result["supervisor_pid"] = supervise.launch(tgt.opts)
     if watch_source:
         from servetool.operate import watch
 
@@ -270,8 +273,8 @@ def image_command(models: tuple[str, ...], model_store: Path, base_config: Path 
     The image `deploy --target docker` runs and `deploy --target kubernetes --image` names: push it
     to a registry your cluster pulls from (`docker push TAG`).
     """
+    from servetool.targets.common import find_archives
     from servetool.targets.image import DEFAULT_BASE_IMAGE, ImageOptions, build_image
-    from servetool.targets.local import find_archives
 
     base_config = base_config or default_config()
     archives = find_archives(models, model_store)

@@ -2,7 +2,8 @@
 
 A layer above the targets: it speaks to any target that registers archives from a model store
 (local, Docker) through the same verbs (register a version, set the default, unregister), and
-keeps the desired state in one file per run folder, `deployed.json`:
+keeps the desired state in one file per run folder, `deployed.json` (read, written and locked by
+servetool/targets/record.py):
 
     {"format": 2, "models": {NAME: {"default": "2.0", "history": ["1.0", "2.0"], "keep": 2,
                                     "versions": {"1.0": {"archive", "digest", "workers",
@@ -31,40 +32,37 @@ agree again. A failure inside install undoes the same way at once.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from servetool import runfiles
 from servetool.engines.torchserve import archive
 from servetool.engines.torchserve.management import APIError, Client
 from servetool.engines.torchserve.state import ServerState
-from servetool.errors import ServetoolError
+from servetool.targets.common import DeployError, endpoints, find_archives, wait_ready
+from servetool.targets.record import (
+    DEFAULT_KEEP,
+    PINNED,
+    locked,
+    pinned_name,
+    read_record,
+    recorded_archives,
+    write_record,
+)
 
-RECORD_FILE = "deployed.json"
 # A model's install in progress, in the record from before the engine changes until it committed:
 # {"version", "archive", "digest", "origin", "since", "pid", "replaces"}
 INTENT = "installing"
-LOCK_FILE = "lifecycle.lock"
-FORMAT = 2
-DEFAULT_KEEP = 2
 HISTORY_LIMIT = 50
 DRAIN_TIMEOUT_S = 60.0
 # After a version's queue is empty, the batch its workers hold may still be running.
 DRAIN_GRACE_S = 1.0
 SMOKE_TIMEOUT_S = 60.0
-PINNED = re.compile(r"^(?P<name>.+)--(?P<version>[A-Za-z0-9_.-]+)--(?P<digest>[0-9a-f]{12})\.mar$")
-
-
-class DeployError(ServetoolError):
-    pass
 
 
 class Target(Protocol):
@@ -96,15 +94,6 @@ def version_key(version: str) -> tuple:
     return (*parts, (1, 0, ""))
 
 
-def pinned_name(name: str, version: str, digest: str) -> str:
-    # '+' would reach TorchServe's query decoder as a space
-    return f"{name}--{version.replace('+', '_')}--{digest[:12]}.mar"
-
-
-def is_pinned(path: Path) -> bool:
-    return PINNED.match(path.name) is not None
-
-
 def pin(path: Path, store: Path, name: str, version: str, digest: str) -> Path:
     """The archive under its pinned name in the store (a hard link, else a copy; atomic)."""
     target = store / pinned_name(name, version, digest)
@@ -131,60 +120,6 @@ def refuse_link(path: Path, what: str = "archive") -> None:
         raise DeployError(f"the {what} {path} is a symbolic link (to {os.readlink(path)}): refused, "
                           "servetool registers only regular files of the model store; copy the "
                           "archive there instead")
-
-
-# --- the record ----------------------------------------------------------------------------------
-def read_record(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """{model: {default, history, keep, versions: {version: {...}}}}, upgraded from the first
-    format ({model: {version, digest, archive, workers}}) where an older servetool wrote it."""
-    try:
-        raw = json.loads((run_dir / RECORD_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(raw, dict):
-        return {}
-    if raw.get("format") == FORMAT:
-        return raw.get("models") or {}
-    models = {}
-    for name, entry in raw.items():
-        if isinstance(entry, dict) and entry.get("version"):
-            version = str(entry["version"])
-            models[name] = {"default": version, "history": [version], "keep": DEFAULT_KEEP,
-                            "versions": {version: {k: entry.get(k) for k in
-                                                   ("archive", "digest", "workers")}}}
-    return models
-
-
-def write_record(run_dir: Path, models: dict[str, dict[str, Any]]) -> None:
-    runfiles.write_private(run_dir / RECORD_FILE,
-                           json.dumps({"format": FORMAT, "models": models}, indent=2) + "\n")
-
-
-def recorded_archives(run_dir: Path, model_store: Path) -> list[Path]:
-    """Every recorded version's archive that the store still holds."""
-    found = []
-    for model in read_record(run_dir).values():
-        for entry in model.get("versions", {}).values():
-            path = model_store / str(entry.get("archive") or "")
-            if path.suffix == ".mar" and path.is_file():
-                found.append(path)
-    return found
-
-
-@contextlib.contextmanager
-def locked(run_dir: Path, say: Callable[[str], None] | None = None,
-           timeout_s: float | None = None) -> Iterator[dict[str, dict[str, Any]]]:
-    """The record, under an exclusive lock of the run folder; written back on the way out.
-    Take it before changing the engine, and keep it until the record says what was changed. A lock
-    held elsewhere is waited for (saying by whom) at most `timeout_s` (runfiles.lock_timeout_s(),
-    60 s by default), then runfiles.LockBusy; another user's lock file is refused at once."""
-    runfiles.private_folder(run_dir)
-    with runfiles.exclusive(run_dir / LOCK_FILE, timeout_s=timeout_s, say=say):
-        models = read_record(run_dir)
-        try:
-            yield models
-        finally:
-            write_record(run_dir, models)
 
 
 def _model(models: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
@@ -626,17 +561,80 @@ class Lifecycle:
                 "predictions_url": f"{self.state.url('inference')}/predictions/{name}"}
 
 
-def wait_ready(client: Client, name: str, version: str, timeout_s: float,
-               expect: int | None = None) -> list[dict[str, Any]]:
-    """Poll until the version's workers are all READY (and `expect` of them, when given)."""
-    deadline = time.monotonic() + timeout_s
-    workers: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        described = client.describe(name, version)[0]
-        workers = described.get("workers", [])
-        want = expect if expect is not None else described.get("minWorkers", 1)
-        if len(workers) == want and all(w["status"] == "READY" for w in workers):
-            return [{"id": w["id"], "status": w["status"], "pid": w.get("pid")} for w in workers]
-        time.sleep(0.2)
-    states = ", ".join(f"{w['id']}={w['status']}" for w in workers) or "none"
-    raise DeployError(f"{name} {version}: workers not READY within {timeout_s:.0f} s ({states})")
+# --- a deployment: its target's server up, then the record, then the archives named ----------------
+def deploy(target: Any, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
+    """`servetool deploy` on a target that runs one server (local, docker). Idempotent: an archive
+    already registered with the same digest is left alone, a new version is installed (registered
+    beside the serving one, smoke-tested, made the default, what the keep policy drops unloaded
+    after it drained), and the server is started only when none is running. When it was crashed
+    or stopped, what the record says should serve comes back first, not only the archives named."""
+    archives = find_archives(names, target.opts.model_store)
+    target.prepare(archives)
+    started = time.perf_counter()
+    recorded = recorded_archives(target.opts.run_dir, target.opts.model_store)
+    target.opts.sizes = archive.archive_sizes(archives + recorded)
+    state, fresh = target.up()
+    if not fresh:
+        target.check_size_limits(state)
+    if Path(state.model_store) != target.opts.model_store.resolve():
+        raise DeployError(f"the running TorchServe serves archives from {state.model_store}, not "
+                          f"{target.opts.model_store.resolve()}: use that model store, or "
+                          "`servetool stop` first")
+    life = Lifecycle(target, state)
+    # what the record says should serve comes back first (every version, each default): after
+    # a restart that is exactly what was serving, not only the archives named here
+    results = {(r["name"], r["version"]): r for r in life.restore(timeout_s)}
+    record = read_record(Path(state.run_dir))
+    for path in newest_per_model(archives, target.progress):
+        if not names and behind_default(path, record, target.progress):
+            continue
+        result = life.install(path, keep=target.keep, timeout_s=timeout_s,
+                              make_default=target.promote)
+        results.setdefault((result["name"], result["version"]), result)
+    return {
+        "target": target.name,
+        "server_started": fresh,
+        "run_dir": state.run_dir,
+        "endpoints": endpoints(state),
+        "token_auth": state.token_auth,
+        "models": list(results.values()),
+        "seconds": round(time.perf_counter() - started, 2),
+    } | target.deployed()
+
+
+def restore_server(target: Any, timeout_s: float = 300) -> dict[str, Any]:
+    """The server up with every recorded version and default (the crash supervisor's job)."""
+    state, _ = target.up()
+    return {"models": Lifecycle(target, state).restore(timeout_s)}
+
+
+def behind_default(path: Path, record: dict[str, Any], say: Callable[[str], None]) -> bool:
+    """An archive in the store older than its model's serving default is not deployed unless
+    named: a plain `deploy` after a rollback or a watcher's upgrade must not undo it."""
+    meta = archive.archive_manifest(path)["manifest"]["model"]
+    model = record.get(meta["modelName"], {})
+    version, default = str(meta["modelVersion"]), model.get("default")
+    if not default or version in model.get("versions", {}) or \
+            version_key(version) >= version_key(default):
+        return False
+    say(f"{meta['modelName']}: {path.name} ({version}) is older than the serving default "
+        f"{default}; left out (name it to deploy it)")
+    return True
+
+
+def newest_per_model(archives: list[Path], say: Callable[[str], None]) -> list[Path]:
+    """One archive per model: the highest version (numeric-aware: 10.0 after 9.1), whatever
+    the file names; an older one found beside it is left out, and said so."""
+    newest: dict[str, tuple[tuple, Path]] = {}
+    for path in archives:
+        meta = archive.archive_manifest(path)["manifest"]["model"]
+        key = version_key(str(meta["modelVersion"]))
+        name = meta["modelName"]
+        if name in newest and newest[name][0] >= key:
+            say(f"{name}: {path.name} ({meta['modelVersion']}) is older than "
+                f"{newest[name][1].name}; left out")
+            continue
+        if name in newest:
+            say(f"{name}: {newest[name][1].name} is older than {path.name}; left out")
+        newest[name] = (key, path)
+    return [path for _, path in newest.values()]

@@ -25,7 +25,7 @@ from typing import Any
 
 from servetool.engines.torchserve.management import Client
 from servetool.engines.torchserve.state import ServerState
-from servetool.operate.lifecycle import DeployError
+from servetool.targets.common import DeployError
 
 HEALTH_WAIT_S = 600.0
 

@@ -21,7 +21,10 @@ from pathlib import Path
 
 from servetool.engines.torchserve import process
 from servetool.errors import ServetoolError
+from servetool.operate import canary, lifecycle
 from servetool.operate.daemon import Daemon
+from servetool.targets.common import Companions
+from servetool.targets.local import LocalTarget
 
 POLL_S = 1.0
 MAX_BACKOFF_S = 60.0
@@ -63,10 +66,10 @@ def _options(run_dir: Path) -> process.ServerOptions:
 
 
 def restore(opts: process.ServerOptions) -> dict:
-    """Start the crashed server again with every recorded version and default."""
-    from servetool.targets.local import LocalTarget
-
-    return LocalTarget(opts, _say).restore()
+    """Start the crashed server again with every recorded version and default (a split's
+    automatic canary ends: its controller may be gone with the server)."""
+    target = LocalTarget(opts, _say, Companions(split_starting=canary.on_server_start))
+    return lifecycle.restore_server(target)
 
 
 def main(run_dir: Path) -> int:

@@ -62,6 +62,7 @@ from servetool.operate.sources import (
     SourceError,
     open_source,
 )
+from servetool.targets import record
 
 STATE_FILE = "watch-state.json"
 DEFAULT_METRICS_PORT = 8090
@@ -270,7 +271,7 @@ class Watcher:
         the record and TorchServe agree, before anything else is done. An install still running
         in another process (a person's `deploy`) is left to it."""
         stale = [f"{name} {intent.get('version')} (pid {intent.get('pid')})"
-                 for name, model in lifecycle.read_record(self.run_dir).items()
+                 for name, model in record.read_record(self.run_dir).items()
                  if isinstance(intent := model.get(lifecycle.INTENT), dict)
                  and (intent.get("pid") == os.getpid() or not _alive(intent.get("pid")))]
         if not stale:
@@ -333,7 +334,7 @@ class Watcher:
         new = [p for p in due if not p.refused]
         if not new:
             return events
-        recorded = lifecycle.read_record(self.run_dir).get(model, {})
+        recorded = record.read_record(self.run_dir).get(model, {})
         default = recorded.get("default")
         winner = None
         for item in sorted(new, key=lambda p: lifecycle.version_key(p.version), reverse=True):
@@ -419,7 +420,7 @@ class Watcher:
     def _check_immutable(self, item: Published, path: Path) -> None:
         """A version that serves keeps its bytes: re-registering it would leave a gap (and a
         client could not tell the two apart by X-Model-Version). A change is a new version."""
-        recorded = lifecycle.read_record(self.run_dir).get(item.model, {}).get("versions", {})
+        recorded = record.read_record(self.run_dir).get(item.model, {}).get("versions", {})
         known = recorded.get(item.version, {}).get("digest")
         if known and known != archive.archive_digest(path):
             raise WatchError(f"version {item.version} is loaded with other content; versions are "
@@ -428,7 +429,7 @@ class Watcher:
     def _check_removed(self, by_model: dict[str, list[Published]]) -> list[dict[str, Any]]:
         """Versions this source put in service and no longer holds are unloaded (never the last)."""
         events = []
-        for model, recorded in lifecycle.read_record(self.run_dir).items():
+        for model, recorded in record.read_record(self.run_dir).items():
             present = {p.version for p in by_model.get(model, [])}
             if MODEL_FOLDER in present:  # its folder is a link now: refused, nothing unloaded
                 continue

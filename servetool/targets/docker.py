@@ -23,9 +23,8 @@ from servetool.engines.torchserve import process, split
 from servetool.engines.torchserve.management import APIError, Client
 from servetool.engines.torchserve.state import ServerState
 from servetool.errors import first_line
-from servetool.operate import lifecycle
-from servetool.targets import image
-from servetool.targets.local import DeployError, LocalTarget, find_archives, stop_watcher
+from servetool.targets import image, record
+from servetool.targets.common import Companions, DeployError, ServerTarget
 
 STATE_FILE = "docker.json"
 KEY_FILE = f"{image.CONTAINER_WORK}/key_file.json"
@@ -135,12 +134,13 @@ def check_readable(model_store: Path, uid: int = 1000) -> None:
                               "archives, or bake the archives into the image (the default)")
 
 
-class DockerTarget(LocalTarget):
+class DockerTarget(ServerTarget):
     name = "docker"
 
     def __init__(self, opts: process.ServerOptions, docker_opts: DockerOptions | None = None,
-                 progress: Callable[[str], None] = lambda _: None) -> None:
-        super().__init__(opts, progress)
+                 progress: Callable[[str], None] = lambda _: None,
+                 companions: Companions | None = None) -> None:
+        super().__init__(opts, progress, companions)
         self.docker_opts = docker_opts or DockerOptions(image.ImageOptions(opts.model_store))
         self._engine: Any = None
         self._image: dict[str, Any] | None = None
@@ -227,17 +227,18 @@ class DockerTarget(LocalTarget):
         return super().default_workers()
 
     # --- deploy ----------------------------------------------------------------------------------
-    def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
-        archives = find_archives(names, self.opts.model_store)
+    def prepare(self, archives: list[Path]) -> None:
+        """The image for these archives (built when its context changed)."""
         img_opts = self.docker_opts.image
         img_opts.with_split = img_opts.with_split or self.opts.split
         self._image = image.build_image(img_opts, archives, self.progress)
-        result = super().deploy(names, timeout_s)
+
+    def deployed(self) -> dict[str, Any]:
         container = self.container()
-        result |= {"image": self._image, "container": container.name if container else None,
-                   "network": self.docker_opts.network, "models_baked": img_opts.bake_models,
-                   "config_baked": img_opts.bake_config}
-        return result
+        img_opts = self.docker_opts.image
+        return {"image": self._image, "container": container.name if container else None,
+                "network": self.docker_opts.network, "models_baked": img_opts.bake_models,
+                "config_baked": img_opts.bake_config}
 
     def up(self) -> tuple[ServerState, bool]:
         container = self.container()
@@ -285,9 +286,7 @@ class DockerTarget(LocalTarget):
             volumes[str(self._mounted_config())] = {"bind": image.CONTAINER_CONFIG, "mode": "ro"}
         env, split_metrics = container_env(dopts.network, opts.ports), None
         if opts.split:  # a new container's split starts at 0: an automatic canary ends unjudged
-            from servetool.operate.canary import on_server_start
-
-            on_server_start(opts.run_dir)
+            self.companions.split_starting(opts.run_dir)
             more, split_metrics = split_env(dopts.network, opts.ports)
             env |= more
         self.progress(f"starting container {dopts.container_name} from {self._image['tag']}")
@@ -310,7 +309,7 @@ class DockerTarget(LocalTarget):
                                        split_metrics_port=split_metrics)
         runfiles.private_folder(opts.run_dir)
         if dopts.image.bake_models:  # a new image holds only the archives it was built with
-            with lifecycle.locked(opts.run_dir, self.progress) as models:
+            with record.locked(opts.run_dir, self.progress) as models:
                 models.clear()
         runfiles.write_private(self.state_file, json.dumps({
             "container_id": container.id, "name": container.name, "image": self._image,
@@ -364,7 +363,7 @@ class DockerTarget(LocalTarget):
                                    f"{model} {version} {weight}%: {out.decode(errors='replace').strip()}")
 
     def down(self) -> bool:
-        stop_watcher(self.opts.run_dir)
+        self.companions.stopping(self.opts.run_dir)
         container = self.container()
         if container is None:
             return False
