@@ -178,8 +178,8 @@ def test_minilm_formats_pass_the_gate_on_real_sentences(tmp_path, monkeypatch, f
 
 
 def test_bench_text_sets_are_short_and_long_and_never_padded_alone(tmp_path):
-    from servetool.bench._measure import load_samples
     from servetool.bench.formats import save_text_sets
+    from servetool.convert.measure import load_samples
 
     paths, tokens = save_text_sets(load_spec(MINILM), tmp_path)
     assert tokens["long"] == 256 and tokens["short"] < 40

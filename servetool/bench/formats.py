@@ -9,9 +9,6 @@ PyTorch measured the same way.
 from __future__ import annotations
 
 import csv
-import json
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,32 +17,15 @@ from typing import Any
 import numpy as np
 
 from servetool.convert import export
+from servetool.convert.measure import measure
+from servetool.convert.pipeline import convert
 from servetool.errors import ServetoolError
 from servetool.model.formats import FORMATS
-from servetool.convert.pipeline import convert
-from servetool.model.spec import ModelSpec
 from servetool.model.samples import load_data
+from servetool.model.spec import ModelSpec
 
 COLUMNS = ["format", "precision", "accuracy", "accuracy_drop_points", "map50", "gate", "p50_ms", "p90_ms",
            "p50_long_ms", "throughput", "size_mb", "peak_rss_mb", "load_ms", "speedup_vs_eager"]
-
-
-class BenchError(ServetoolError):
-    pass
-
-
-def measure(request: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(request, f)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "servetool.bench._measure", f.name],
-                              capture_output=True, text=True, timeout=timeout_s)
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-4:])
-        raise BenchError(f"measuring {request.get('runtime', 'eager')} failed:\n{tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, iterations: int = 300,
@@ -104,7 +84,7 @@ def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, itera
 def save_text_sets(spec: ModelSpec, folder: Path) -> tuple[dict[str, Path], dict[str, int]]:
     """The sample sentences as the short set; long texts (several sentences joined, cut at the
     model's max_length) as the long one. Each an .npz padded to its longest, with lengths."""
-    from servetool.bench._measure import LENGTHS
+    from servetool.convert.measure import LENGTHS
     from servetool.model.samples import collate_texts, encode_texts, sample_texts
 
     short = sample_texts(spec, 64)

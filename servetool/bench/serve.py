@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from servetool.errors import ServetoolError
 from servetool.engines.torchserve.management import key_refused
+from servetool.errors import ServetoolError
 
 Payload = tuple[bytes, str]  # body, content type
 CONTENT_TYPES = {".json": "application/json"}

@@ -2,7 +2,7 @@
 result, int8 on top) with parameters, MACs, file size, bare ONNX Runtime latency at batch 1 and
 16 and top-1 accuracy; written as JSON, CSV and a PNG of accuracy against latency.
 
-Latency is measured as `bench formats` measures it (servetool.bench.formats.measure: each model
+Latency is measured as `bench formats` measures it (servetool.convert.measure: each model
 in its own process after a warm-up, on the same real inputs), on each step's ONNX export.
 """
 
@@ -58,7 +58,7 @@ def latency(onnx: Path, spec: ModelSpec, bench: Bench, options: dict[str, Any] |
     """p50 ms of a batch of 1, and the mean ms of a batch of 16, in ONNX Runtime."""
     if not bench.seconds:
         return {}
-    from servetool.bench.formats import measure
+    from servetool.convert.measure import measure
 
     numbers = measure({"kind": "runtime", "runtime": "onnx", "artifact": str(onnx),
                        "options": options or {}, "inputs": str(bench.inputs_for(spec)),

@@ -1,17 +1,44 @@
 """Measure one format in a fresh process: load time, batch-1 latency, batched throughput, peak RSS.
 
-Run by bench/formats.py as `python -m servetool.bench._measure REQUEST.json`; prints one JSON line.
-A process per format keeps their thread pools, caches and memory peaks from touching each other.
+measure(REQUEST) runs `python -m servetool.convert.measure REQUEST.json`, which prints one JSON
+line (`servetool bench formats` and compress's report measure through it). A process per format
+keeps their thread pools, caches and memory peaks from touching each other.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from servetool.errors import ServetoolError
+
+
+class MeasureError(ServetoolError):
+    pass
+
+
+def measure(request: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
+    """The figures of one request (an artifact and its runtime, or the eager model) measured in a
+    fresh interpreter."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(request, f)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "servetool.convert.measure", f.name],
+                              capture_output=True, text=True, timeout=timeout_s)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-4:])
+        raise MeasureError(f"measuring {request.get('runtime', 'eager')} failed:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def rss_mb() -> float:
