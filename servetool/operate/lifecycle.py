@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from servetool.engines.base import Engine
 from servetool.engines.torchserve import archive
 from servetool.engines.torchserve.management import APIError, Client
 from servetool.engines.torchserve.state import ServerState
@@ -70,6 +71,7 @@ class Target(Protocol):
 
     progress: Callable[[str], None]
     pins_archives: bool
+    engine: Engine
 
     def require_running(self) -> ServerState: ...
     def make_client(self, state: ServerState) -> Client: ...
@@ -133,6 +135,7 @@ class Lifecycle:
         self.target = target
         self.state = state or target.require_running()
         self.client = target.make_client(self.state)
+        self.engine = target.engine  # registers, sets defaults and unregisters through the client
         self.say = target.progress
         self.run_dir = Path(self.state.run_dir)
         self.store = Path(self.state.model_store)
@@ -271,7 +274,7 @@ class Lifecycle:
                     loaded.append(version)
                     results.append(self._result(name, version, "restored", file, timeout_s))
                 if default in loaded and self.server_default(name) != default:
-                    self.client.set_default(name, default)
+                    self.engine.set_default(self.client, name, default)
                     self.say(f"{name}: default set back to {default}")
         return results
 
@@ -377,7 +380,7 @@ class Lifecycle:
             elif to == current:
                 raise DeployError(f"{name} {to} is already the default")
             self._ensure_loaded(model, name, to, loaded, timeout_s)
-            self.client.set_default(name, to)
+            self.engine.set_default(self.client, name, to)
             while model["history"] and model["history"][-1] == current:
                 model["history"].pop()  # rolled back from: not a target of the next rollback
             if not model["history"] or model["history"][-1] != to:
@@ -443,14 +446,14 @@ class Lifecycle:
         workers = workers if workers is not None else int(declared or self.target.default_workers())
         self.say(f"{name} {version}: registering {file.name} and starting {workers} worker(s)")
         try:
-            self.client.register(file.name, name, workers,
-                                 timeout=float(config.get("responseTimeout", 120)) + 120)
+            self.engine.register(self.client, file.name, name, version, workers,
+                                 float(config.get("responseTimeout", 120)) + 120)
         except APIError as exc:
             raise DeployError(f"registering {name} {version} failed: {exc}\n"
                               + self.target.failure_logs(self.state)) from None
         if declared is not None and int(declared) != workers:
             # registration keeps to the archive's min/max; a count set by `scale` may lie outside
-            self.client.scale(name, workers, workers, version)
+            self.engine.scale(self.client, name, workers, version)
         wait_ready(self.client, name, version, timeout_s, expect=workers)
         return workers
 
@@ -489,7 +492,7 @@ class Lifecycle:
         loaded.append(version)
 
     def _make_default(self, model: dict[str, Any], name: str, version: str) -> None:
-        self.client.set_default(name, version)
+        self.engine.set_default(self.client, name, version)
         previous = model.get("default")
         model["default"] = version
         if not model["history"] or model["history"][-1] != version:
@@ -521,16 +524,16 @@ class Lifecycle:
         if others and self.server_default(name) == version:
             fallback = next((v for v in reversed(model["history"]) if v in others),
                             max(others, key=version_key))
-            self.client.set_default(name, fallback)
+            self.engine.set_default(self.client, name, fallback)
             model["default"] = fallback
             self.say(f"{name}: default is {fallback} while {version} goes")
         self.drain(name, version)
-        self.client.unregister(name, version)
+        self.engine.unregister(self.client, name, version)
 
     def _drop(self, name: str, version: str) -> None:
         """Unregister a version that failed before taking traffic (it may be the only one)."""
         try:
-            self.client.unregister(name, version)
+            self.engine.unregister(self.client, name, version)
         except APIError as exc:
             self.say(f"{name} {version}: could not unregister it after its failure: {exc}")
 
@@ -558,7 +561,7 @@ class Lifecycle:
                 timeout_s: float) -> dict[str, Any]:
         return {"name": name, "version": version, "action": action, "archive": str(file),
                 "workers": wait_ready(self.client, name, version, timeout_s),
-                "predictions_url": f"{self.state.url('inference')}/predictions/{name}"}
+                "predictions_url": self.engine.predictions_url(self.state, name)}
 
 
 # --- a deployment: its target's server up, then the record, then the archives named ----------------
@@ -595,7 +598,7 @@ def deploy(target: Any, names: list[str] | tuple[str, ...], timeout_s: float = 3
         "target": target.name,
         "server_started": fresh,
         "run_dir": state.run_dir,
-        "endpoints": endpoints(state),
+        "endpoints": endpoints(state, target.engine),
         "token_auth": state.token_auth,
         "models": list(results.values()),
         "seconds": round(time.perf_counter() - started, 2),

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from servetool import engines
 from servetool.convert import reference
 from servetool.convert.pipeline import Progress, convert, describe, quiet
-from servetool.engines.torchserve import archive
 from servetool.model.spec import ModelSpec
 
 
@@ -27,7 +27,7 @@ def package(spec: ModelSpec, model_store: Path, *, atol: float | None = None,
         def against_library(folder: Path, config: dict[str, Any]) -> None:
             checked.extend(reference.check(spec, folder, config, progress))
 
-        mar = archive.build_archive(spec, artifact, model_store, verify=against_library)
+        mar = engines.get("torchserve").build(spec, artifact, model_store, verify=against_library)
         converted = describe(artifact, report)
     return {
         "name": spec.name,

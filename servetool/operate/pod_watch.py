@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from servetool import engines
 from servetool.engines.torchserve.management import Client
 from servetool.engines.torchserve.state import ServerState
 from servetool.targets.common import DeployError
@@ -50,6 +51,7 @@ class PodTarget:
     def __init__(self, say: Any, helper: Any | None = None) -> None:
         self.pod = helper or pod_helper()
         self.progress = say
+        self.engine = engines.get("torchserve")
         config = self.pod.config()
         store = config.get("model_store", "/home/model-server/model-store")
         front = os.environ.get("SERVETOOL_FRONT_LISTEN", "127.0.0.1:8081").rpartition(":")[2]

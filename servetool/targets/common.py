@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from servetool import engines
+from servetool.engines.base import Engine
 from servetool.engines.torchserve import pod
 from servetool.engines.torchserve.management import APIError, Client
 from servetool.engines.torchserve.process import ServerOptions, read_properties
@@ -73,9 +75,9 @@ def default_workers() -> int:
     return available_cores()
 
 
-def endpoints(state: ServerState) -> dict[str, str]:
+def endpoints(state: ServerState, engine: Engine) -> dict[str, str]:
     found = {"inference": state.url("inference"), "management": state.url("management"),
-             "metrics": f"{state.url('metrics')}/metrics"}
+             "metrics": engine.metrics_url(state)}
     if state.split_metrics_port:  # HAProxy's exporter, when the canary split fronts inference
         found["split_metrics"] = f"http://127.0.0.1:{state.split_metrics_port}/metrics"
     # OpenAI's /v1/embeddings, TEI's /embed, /rerank (servetool/engines/torchserve/clients.py)
@@ -119,6 +121,7 @@ class ServerTarget(ABC):
         self.opts = opts
         self.progress = progress
         self.companions = companions or Companions()
+        self.engine: Engine = engines.get("torchserve")  # the model server it runs
 
     # --- what each target says -------------------------------------------------------------------
     @abstractmethod
@@ -255,7 +258,7 @@ class ServerTarget(ABC):
                                  "memory_bytes": w.get("memoryUsage")} for w in m.get("workers", [])],
                 })
         return {"target": self.name, "running": True, "state": cond, "run_dir": state.run_dir,
-                "pid": state.pid, "endpoints": endpoints(state), "token_auth": state.token_auth,
+                "pid": state.pid, "endpoints": endpoints(state, self.engine), "token_auth": state.token_auth,
                 "supervised": self.companions.supervised(self.opts.run_dir), "models": models,
                 "watcher": self.companions.watcher(self.opts.run_dir),
                 "split": bool(state.split_metrics_port),

@@ -142,7 +142,7 @@ class DockerTarget(ServerTarget):
                  companions: Companions | None = None) -> None:
         super().__init__(opts, progress, companions)
         self.docker_opts = docker_opts or DockerOptions(image.ImageOptions(opts.model_store))
-        self._engine: Any = None
+        self._docker_engine: Any = None
         self._image: dict[str, Any] | None = None
 
     @property
@@ -151,12 +151,12 @@ class DockerTarget(ServerTarget):
         baked = self._record().get("run_config", {}).get("baked", self.docker_opts.image.bake_models)
         return not baked
 
-    # --- the engine and the container ------------------------------------------------------------
+    # --- the Docker engine and the container ------------------------------------------------------
     @property
-    def engine(self) -> Any:
-        if self._engine is None:
-            self._engine = image.docker_client()
-        return self._engine
+    def docker_engine(self) -> Any:
+        if self._docker_engine is None:
+            self._docker_engine = image.docker_client()
+        return self._docker_engine
 
     @property
     def state_file(self) -> Path:
@@ -175,7 +175,7 @@ class DockerTarget(ServerTarget):
         if not record:
             return None
         try:
-            return self.engine.containers.get(record["container_id"])
+            return self.docker_engine.containers.get(record["container_id"])
         except docker.errors.NotFound:
             self.state_file.unlink(missing_ok=True)
             return None
@@ -274,7 +274,7 @@ class DockerTarget(ServerTarget):
                 if process.port_in_use("127.0.0.1", port):
                     raise DeployError(f"port {port} ({api} API) is already in use on this machine; "
                                       f"pick another with --{api.replace('_', '-')}-port")
-        if dopts.network != "host" and not self.engine.networks.list(names=["bridge"]):
+        if dopts.network != "host" and not self.docker_engine.networks.list(names=["bridge"]):
             raise DeployError("this Docker engine has no bridge network, so published ports would "
                               "reach nothing: use --network host")
         self._remove_stale(dopts.container_name)
@@ -291,7 +291,7 @@ class DockerTarget(ServerTarget):
             env |= more
         self.progress(f"starting container {dopts.container_name} from {self._image['tag']}")
         try:
-            container = self.engine.containers.run(
+            container = self.docker_engine.containers.run(
                 self._image["tag"], detach=True, name=dopts.container_name,
                 labels={LABEL: "docker"}, environment=env | dopts.extra_env,
                 network_mode="host" if dopts.network == "host" else None,
@@ -322,7 +322,7 @@ class DockerTarget(ServerTarget):
         import docker
 
         try:
-            old = self.engine.containers.get(name)
+            old = self.docker_engine.containers.get(name)
         except docker.errors.NotFound:
             return
         if old.labels.get(LABEL) != "docker":

@@ -38,7 +38,7 @@ class LocalTarget(ServerTarget):
             return state, False
         if self.opts.split:  # an automatic canary does not outlive the server unjudged
             self.companions.split_starting(self.opts.run_dir)
-        return process.start(self.opts, self.progress), True
+        return self.engine.start(self.opts, self.progress), True
 
     def set_split(self, model: str, version: str, weight: int) -> None:
         """Send `weight`% of MODEL's unversioned requests to VERSION at the split (deploy --split)."""
@@ -48,7 +48,7 @@ class LocalTarget(ServerTarget):
 
     def down(self) -> bool:
         self.companions.stopping(self.opts.run_dir)  # first: a supervisor would bring it back
-        return process.stop(self.opts.run_dir)
+        return self.engine.stop(self.opts.run_dir)
 
     def condition(self) -> str:
         """running, starting, crashed or stopped."""
