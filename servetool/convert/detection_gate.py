@@ -1,14 +1,15 @@
 """The gate for detectors: a converted detector is judged on its boxes, not only its raw numbers.
 
-Raw-output parity (validate.py) says whether a format computes the same tensor; a detector's user
+Raw-output parity (gate.py) says whether a format computes the same tensor; a detector's user
 cares whether the same objects come out. So, on the spec's validation images, through the serving
 task's own letterboxing, decoding and NMS (handlers/detection.py):
 - box agreement with the original, at the served thresholds: the share of the original's boxes
   the converted model finds again (same class, IoU >= 0.5), their lowest and mean IoU, and the
   largest score difference; for models without labelled data this is the whole judgement;
-- with a COCO file of true boxes, mAP@0.5:0.95 and mAP@0.5 of both (pycocotools, servetool/
-  coco_eval.py) at evaluation thresholds (confidence 0.001, 100 boxes an image), and the drop in
-  points against the format's allowance (formats.py, or the spec's tolerance.max_map_drop).
+- with a COCO file of true boxes, mAP@0.5:0.95 and mAP@0.5 of both (pycocotools,
+  servetool/model/coco_eval.py) at evaluation thresholds (confidence 0.001, 100 boxes an image),
+  and the drop in points against the format's allowance (model/formats.py, or the spec's
+  tolerance.max_map_drop).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """ModelSpec -> a serving artifact, and the original model to check it by.
 
-Export and validation are separate steps (see validate.py): an exporter never judges its own output,
+Export and validation are separate steps (see gate.py): an exporter never judges its own output,
 except where a format's construction needs a decision (TorchScript's trace-or-script choice).
 """
 
@@ -29,7 +29,7 @@ class ExportError(ServetoolError):
 
 
 # A callable from a batch's feeds ({input name: array}, or one array for one input) to a list of
-# numpy outputs: how validate.py sees any model.
+# numpy outputs: how the gate (gate.py) sees any model.
 Runner = Callable[[Any], list[np.ndarray]]
 EXAMPLE_LENGTH = 7  # of a dynamic axis in sample inputs (other lengths probe it, see lengths_for)
 

@@ -44,7 +44,7 @@ def disagreement(model, candidate, inputs: list[np.ndarray], atol: float) -> str
             if e.shape != a.shape:
                 return f"output {i} has shape {list(a.shape)} instead of {list(e.shape)}"
             diff = float(np.abs(e - a).max()) if e.size else 0.0
-            # scaled as the gate scales it (validate.py): pixel-valued outputs reorder sums too
+            # scaled as the gate scales it (gate.py): pixel-valued outputs reorder sums too
             bound = atol * max(1.0, float(np.abs(e).max())) if e.size else atol
             if not diff <= bound:
                 return (f"output {i} differs by {diff:.3g} (> {bound:.3g}) on a batch of "
