@@ -5,7 +5,7 @@ As a user runs it, from a scratch folder outside this repository: `servetool pac
 `deploy --split`, a version 2.0 loaded beside it (`deploy --no-promote`), Prometheus (Debian's)
 on the configuration `servetool monitor` writes, a steady load (4 clients, 1 in 20 requests a bad
 body), then `servetool canary digits 2.0 --auto --steps 10,25,50,100 --interval 15`. Afterwards
-every panel of the Grafana dashboard (servetool/dashboard.py) is read from Prometheus over the run
+every panel of the Grafana dashboard (servetool/operate/dashboard.py) is read from Prometheus over the run
 (query_range, the same PromQL) and drawn with matplotlib, because Grafana itself does not install
 here; the PNG shows what the dashboard shows.
 """
@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import SERVETOOL, cli  # noqa: E402
 from servetool.bench.serve import run_load  # noqa: E402
-from servetool.dashboard import PANELS, expressions  # noqa: E402
-from servetool.torchserve import free_ports  # noqa: E402
+from servetool.engines.torchserve.process import free_ports  # noqa: E402
+from servetool.operate.dashboard import PANELS, expressions  # noqa: E402
 from tests.test_lifecycle import rewrite_archive  # noqa: E402
 
 

@@ -1,6 +1,6 @@
-"""What fronting TorchServe for a canary costs: direct, HAProxy with the split on (servetool/split.py,
-10% to version 2.0, servetool's exporter reading its log lines), and servetool's Python gateway (no
-split), side by side in one run.
+"""What fronting TorchServe for a canary costs: direct, HAProxy with the split on
+(servetool/engines/torchserve/split.py, 10% to version 2.0, servetool's exporter reading its log
+lines), and servetool's Python gateway (no split), side by side in one run.
 
 Run: .venv/bin/python benchmarks/canary_proxy.py [--model digits|resnet18] [--seconds 15]
        [--clients 8] [--rounds 2]
@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gateway import deploy_scratch, load, start_gateway  # noqa: E402
-from servetool import split  # noqa: E402
-from servetool.lifecycle import Lifecycle  # noqa: E402
-from servetool.torchserve import free_ports  # noqa: E402
+from servetool.engines.torchserve import split  # noqa: E402
+from servetool.engines.torchserve.process import free_ports  # noqa: E402
+from servetool.operate.lifecycle import Lifecycle  # noqa: E402
 from tests.test_lifecycle import rewrite_archive  # noqa: E402
 
 

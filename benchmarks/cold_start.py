@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cli  # noqa: E402
-from servetool import torchserve  # noqa: E402
+from servetool.engines.torchserve import process  # noqa: E402
 
 WORKER_LOAD = re.compile(r'^WorkerLoadTime\{WorkerName="W-\d+-[^"]*".*\}\s+([0-9.]+)', re.M)
 
@@ -77,7 +77,7 @@ def main() -> None:
         work = Path(tmp)
         print(f"packaging {args.model} ...", file=sys.stderr)
         cli("package", str(folder), cwd=work)
-        ports = torchserve.free_ports()
+        ports = process.free_ports()
         runs = []
         for i in range(args.runs + (1 if args.docker else 0)):
             run = one_run(work, args.model, sample, target_args, ports)

@@ -25,8 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servetool.package import convert  # noqa: E402
-from servetool.spec import load_spec  # noqa: E402
+from servetool.convert.pipeline import convert  # noqa: E402
+from servetool.model.spec import load_spec  # noqa: E402
 
 BATCHES = (1, 16)
 

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cli  # noqa: E402
-from servetool import torchserve  # noqa: E402
+from servetool.engines.torchserve import process  # noqa: E402
+from servetool.engines.torchserve.state import load_state  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     sample = (ROOT / "models/digits/samples/digit_3.png").read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ports = torchserve.free_ports()
+        ports = process.free_ports()
         port_args = [f"--{api.replace('_', '-')}-port={port}" for api, port in ports.items()]
         cli("package", str(ROOT / "models/digits"), cwd=work, timeout_s=600)
         print("deploying (supervised) ...", file=sys.stderr)
@@ -46,7 +47,7 @@ def main() -> None:
         times = []
         try:
             for i in range(args.crashes):
-                state = torchserve.load_state(work / ".servetool")
+                state = load_state(work / ".servetool")
                 os.kill(state.jvm_pid, signal.SIGKILL)
                 killed = time.perf_counter()
                 while True:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.serving import measure, say  # noqa: E402
 from benchmarks.text_serving import in_process_limit, tree_cpu, write_bodies  # noqa: E402
 from servetool.bench.serve import payload_files  # noqa: E402
-from servetool.torchserve import free_ports  # noqa: E402
+from servetool.engines.torchserve.process import free_ports  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("servetool"))
 ENGINES = ("torchserve", "kserve")

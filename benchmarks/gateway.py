@@ -1,13 +1,14 @@
 """What the Kubernetes gateway costs: the same TorchServe loaded directly and through servetool's
-gateway (servetool/pod.py, as each pod runs it), side by side in one run.
+gateway (servetool/engines/torchserve/pod.py, as each pod runs it), side by side in one run.
 
 Run: .venv/bin/python benchmarks/gateway.py [--model digits|resnet18] [--seconds 15] [--clients 8]
                                              [--compare OTHER_POD_PY]
 Packages the model into a scratch store, deploys it locally on free ports, starts the gateway in
 front of it (its own process, as in a pod), and loads both paths with the same load generator
 (wrk when installed). Prints throughput, p50 and p99 of each and the ratios. --compare adds a
-row per file: the gateway of another pod.py (e.g. `git show REV:servetool/pod.py > /tmp/old_pod.py`),
-so two gateway implementations are measured side by side in one run.
+row per file: the gateway of another pod.py (e.g.
+`git show REV:servetool/engines/torchserve/pod.py > /tmp/old_pod.py`), so two gateway
+implementations are measured side by side in one run.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from servetool.bench.serve import load_payloads, payload_files, run_load, run_wrk, wrk_path  # noqa: E402
-from servetool.package import package  # noqa: E402
-from servetool.spec import load_spec  # noqa: E402
+from servetool.engines.torchserve.process import ServerOptions, free_ports  # noqa: E402
+from servetool.model.spec import load_spec  # noqa: E402
+from servetool.operate import lifecycle  # noqa: E402
+from servetool.operate.package import package  # noqa: E402
 from servetool.targets.local import LocalTarget  # noqa: E402
-from servetool.torchserve import ServerOptions, free_ports  # noqa: E402
 
 
 def load(url: str, samples: Path, key: str, clients: int, seconds: float) -> dict:
@@ -52,10 +54,10 @@ def deploy_scratch(model_dir: Path, tmp: Path) -> tuple[LocalTarget, dict]:
     package(load_spec(model_dir), store)
     target = LocalTarget(ServerOptions(run_dir=run, model_store=store, ports=free_ports(),
                                        base_config=ROOT / "config.properties"))
-    return target, target.deploy([])
+    return target, lifecycle.deploy(target, [])
 
 
-def start_gateway(run: Path, keys: Path, pod: Path = ROOT / "servetool" / "pod.py",
+def start_gateway(run: Path, keys: Path, pod: Path = ROOT / "servetool" / "engines" / "torchserve" / "pod.py",
                   ) -> tuple[subprocess.Popen, str, str]:
     """servetool's Python gateway (as each pod runs it) in front of the local server of `run`:
     (its process, its base URL, the key it accepts), once it answers ready."""

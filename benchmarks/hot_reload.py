@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import SERVETOOL, cli  # noqa: E402
 from servetool.bench.serve import run_load  # noqa: E402
-from servetool.torchserve import free_ports  # noqa: E402
+from servetool.engines.torchserve.process import free_ports  # noqa: E402
 from tests.test_lifecycle import moto_server, rewrite_archive  # noqa: E402
 
 

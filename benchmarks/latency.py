@@ -24,10 +24,11 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servetool.package import package  # noqa: E402
-from servetool.spec import load_spec  # noqa: E402
+from servetool.engines.torchserve.process import ServerOptions, free_ports  # noqa: E402
+from servetool.model.spec import load_spec  # noqa: E402
+from servetool.operate import lifecycle  # noqa: E402
+from servetool.operate.package import package  # noqa: E402
 from servetool.targets.local import LocalTarget  # noqa: E402
-from servetool.torchserve import ServerOptions, free_ports  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
                                            base_config=ROOT / "config.properties", ports=ports))
         try:
             t0 = time.perf_counter()
-            target.deploy(["digits"])
+            lifecycle.deploy(target, ["digits"])
             t_ready = time.perf_counter()
             client = target.client()
             # how long TorchServe holds a lone request for a batch to fill (the spec's

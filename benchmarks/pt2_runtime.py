@@ -24,8 +24,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servetool import export  # noqa: E402
-from servetool.spec import load_spec  # noqa: E402
+from servetool.convert import export  # noqa: E402
+from servetool.model.spec import load_spec  # noqa: E402
 
 MODELS = ("resnet18", "digits")
 BATCHES = (1, 16)

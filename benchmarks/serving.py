@@ -33,12 +33,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servetool import export  # noqa: E402
 from servetool.bench.serve import load_payloads, payload_files, run_load, run_wrk, wrk_path  # noqa: E402
-from servetool.package import package  # noqa: E402
-from servetool.spec import ModelSpec, load_spec  # noqa: E402
+from servetool.convert import export  # noqa: E402
+from servetool.engines.torchserve.process import ServerOptions, free_ports  # noqa: E402
+from servetool.model.spec import ModelSpec, load_spec  # noqa: E402
+from servetool.operate import lifecycle  # noqa: E402
+from servetool.operate.package import package  # noqa: E402
 from servetool.targets.local import LocalTarget  # noqa: E402
-from servetool.torchserve import ServerOptions, free_ports  # noqa: E402
 
 
 def say(message: str) -> None:
@@ -84,8 +85,8 @@ def _limit_worker(artifact: str, runtime: str, config: dict, bodies: list[bytes]
 def in_process_limit(spec: ModelSpec, fmt: str, bodies: list[bytes], seconds: float) -> dict[str, Any]:
     """decode + preprocess + inference (in batches of the spec's size), one process per core with
     one thread each."""
-    from servetool import archive
-    from servetool.package import convert
+    from servetool.convert.pipeline import convert
+    from servetool.engines.torchserve import archive
 
     tmp = Path(tempfile.mkdtemp(prefix="servetool-limit-"))
     artifact, _ = convert(spec, fmt, tmp)
@@ -119,8 +120,8 @@ FLASK_APP = textwrap.dedent('''
     from flask import Flask, request, jsonify
     from PIL import Image
     sys.path.insert(0, sys.argv[2])
-    from servetool.export import load_original
-    from servetool.spec import load_spec
+    from servetool.convert.export import load_original
+    from servetool.model.spec import load_spec
 
     spec = load_spec(sys.argv[1])
     model = load_original(spec)
@@ -280,7 +281,7 @@ def servetool_default(spec: ModelSpec, workdir: Path) -> tuple[LocalTarget, str,
     ports = free_ports()
     target = LocalTarget(ServerOptions(run_dir=workdir / "servetool_run", model_store=store,
                                        base_config=ROOT / "config.properties", ports=ports))
-    target.deploy([spec.name])
+    lifecycle.deploy(target, [spec.name])
     client = target.client()
     headers = {"Authorization": f"Bearer {client.token('inference')}"}
     return target, f"{target.running().url('inference')}/predictions/{spec.name}", headers

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cli  # noqa: E402
-from servetool import torchserve  # noqa: E402
 from servetool.bench.serve import payload_files, wrk_path  # noqa: E402
+from servetool.engines.torchserve import process  # noqa: E402
 
 JVM_MARK = "org.pytorch.serve.ModelServer"
 WORKER_MARK = "model_service_worker"
@@ -124,7 +124,7 @@ def _cpu_seconds(pid: int) -> float:
 def served(work: Path, model: str, body: Path, seconds: float, clients: int) -> dict[str, Any]:
     import psutil
 
-    ports = torchserve.free_ports()
+    ports = process.free_ports()
     cli("deploy", *(f"--{api.replace('_', '-')}-port={port}" for api, port in ports.items()),
         cwd=work)
     try:

@@ -23,10 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servetool import export  # noqa: E402
-from servetool.export.quantize import _preprocessed, dynamic_int8, per_row_int8  # noqa: E402
-from servetool.spec import load_spec  # noqa: E402
-from servetool.text_samples import representative_texts, text_batch  # noqa: E402
+from servetool.convert import export  # noqa: E402
+from servetool.convert.export.quantize import _preprocessed, dynamic_int8, per_row_int8  # noqa: E402
+from servetool.model.samples import representative_texts, text_batch  # noqa: E402
+from servetool.model.spec import load_spec  # noqa: E402
 
 HELD_OUT = ["Plain English, nothing special.", "naïve façade coöperate — déjà vu ÀÉÎÕÜ",
             "東京は日本の首都です。我今天很高兴见到你。서울의 겨울", "Emoji 😍🔥👍🏽 and a flag 🇫🇷",

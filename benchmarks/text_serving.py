@@ -12,7 +12,7 @@ Both are packaged once with `servetool package` in a scratch project folder outs
 repository (onnx-transformer, each through the gate and the reference check) and served by one
 `servetool deploy` there (no flags but free ports: every worker count and thread as a user gets
 them). The same archives give the in-process limit: the unpacked archive's own handler
-(servetool.reference.served.ServedPath: the same tokenizer, ONNX model and postprocessing, JSON
+(servetool.convert.reference.served.ServedPath: the same tokenizer, ONNX model and postprocessing, JSON
 answers included) run on the same request bodies one after another, one process per core with
 one thread each, no server; run before serving and again after, the better run counts (other
 jobs on a shared machine only slow it down). Each served row is over HTTP with wrk (8 clients,
@@ -60,9 +60,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import SERVETOOL, cli  # noqa: E402
 from benchmarks.serving import measure, per_core, say, stop, wait_http  # noqa: E402
-from servetool.spec import load_spec  # noqa: E402
-from servetool.text_samples import sample_texts  # noqa: E402
-from servetool.torchserve import free_ports  # noqa: E402
+from servetool.engines.torchserve.process import free_ports  # noqa: E402
+from servetool.model.samples import sample_texts  # noqa: E402
+from servetool.model.spec import load_spec  # noqa: E402
 
 MODEL = ROOT / "models" / "minilm"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -128,8 +128,8 @@ def _limit_worker(mar: str, payloads: list[bytes], seconds: float, queue) -> Non
     """The unpacked archive's handler, one request after another, one thread: requests/s."""
     import zipfile
 
-    from servetool.archive import archive_manifest
-    from servetool.reference.served import ServedPath
+    from servetool.convert.reference.served import ServedPath
+    from servetool.engines.torchserve.archive import archive_manifest
 
     folder = Path(tempfile.mkdtemp(prefix="servetool-text-limit-"))
     try:

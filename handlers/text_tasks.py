@@ -7,7 +7,7 @@ Answers (every list is per text, in request order):
   "truncated": [...]}; for an OpenAI-shaped request, OpenAI's {"object": "list", "data":
   [{"object": "embedding", "index": i, "embedding": [...]}], "model": name, "usage": {...}}.
   The exported model already pools (and normalises, where the spec says so): see
-  servetool/export/transformers.py.
+  servetool/convert/export/transformers.py.
 - text-classification (and text-reranking), by the head config.json declares (text.head):
   {"predictions": [...], "activation", "tokens", "truncated"} with, per text or pair,
   classes: the top_k [{"label", "score"}] by softmax; multi_label: every label whose sigmoid is

@@ -232,7 +232,7 @@ def write_fixture(name: str, onnx_file: Path, images: list[Path], note: str,
     stages.npz. A model that finds no box on the images (trained too briefly) leaves the folder
     as it was: the test needs boxes to compare."""
     sys.path.insert(0, str(ROOT))
-    from servetool.reference.detection import library_answers
+    from servetool.convert.reference.detection import library_answers
 
     if onnx_file.stat().st_size > MAX_BYTES:
         print(f"{name}: skipped, {onnx_file.stat().st_size} bytes > {MAX_BYTES}")

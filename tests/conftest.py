@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import yaml
 
-from servetool.export import import_file
-from servetool.package import package
-from servetool.spec import load_spec
+from servetool.convert.export import import_file
+from servetool.engines.torchserve.process import ServerOptions, free_ports
+from servetool.model.spec import load_spec
+from servetool.operate import lifecycle
+from servetool.operate.package import package
 from servetool.targets.local import LocalTarget
-from servetool.torchserve import ServerOptions, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits"
@@ -122,7 +123,7 @@ def model_store(tmp_path_factory) -> Path:
 def served(tmp_path_factory, model_store):
     """One real TorchServe with every test archive registered; stopped (and checked) at the end."""
     target = LocalTarget(server_options(tmp_path_factory.mktemp("run"), model_store))
-    result = target.deploy([])
+    result = lifecycle.deploy(target, [])
     yield target, result
     target.down()
 
@@ -208,13 +209,13 @@ def _which(name: str) -> bool:
 def two_versions(tmp_path_factory, model_store):
     """A server with model `mon` in versions 1.0 (the default) and 2.0, both loaded (one worker
     each): the monitoring and canary tests read and split them."""
-    from servetool.lifecycle import Lifecycle
+    from servetool.operate.lifecycle import Lifecycle
     from tests.test_lifecycle import rewrite_archive
 
     store = tmp_path_factory.mktemp("mon-store")
     v1 = rewrite_archive(model_store / "digits_ts.mar", store / "mon.mar", name="mon")
     target = LocalTarget(server_options(tmp_path_factory.mktemp("mon-run"), store))
-    target.deploy(["mon"])
+    lifecycle.deploy(target, ["mon"])
     life = Lifecycle(target)
     life.install(rewrite_archive(v1, tmp_path_factory.mktemp("v2") / "mon.mar", version="2.0"))
     life.promote("mon", "1.0")

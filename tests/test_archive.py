@@ -7,9 +7,10 @@ import zipfile
 import pytest
 import yaml
 
-from servetool import archive, export, preflight
-from servetool.preflight import PreflightError
-from servetool.spec import load_spec
+from servetool.convert import export
+from servetool.engines.torchserve import archive, preflight
+from servetool.engines.torchserve.preflight import PreflightError
+from servetool.model.spec import load_spec
 from tests.conftest import DIGITS
 
 
@@ -70,7 +71,7 @@ def test_preflight_rejects_a_handler_that_needs_servetool(model_store, tmp_path)
     folder = unpack(model_store / "digits.mar", tmp_path / "leaky")
     entry = folder / "entry.py"
     entry.write_text(entry.read_text().replace("import numpy as np\n",
-                                          "import numpy as np\nimport servetool.spec\n"))
+                                          "import numpy as np\nimport servetool.model.spec\n"))
     with pytest.raises(PreflightError, match="imports servetool"):
         preflight.run(folder, load_spec(DIGITS))
 

@@ -17,10 +17,12 @@ import pytest
 import requests
 from PIL import Image
 
-from servetool import split, split_runtime
 from servetool.bench.serve import run_load
-from servetool.canary import Bounds, Canary, CanaryError, judge
-from servetool.lifecycle import Lifecycle
+from servetool.engines.torchserve import split, split_runtime
+from servetool.operate import lifecycle
+from servetool.operate.canary import Bounds, Canary, CanaryError, judge
+from servetool.operate.companions import COMPANIONS
+from servetool.operate.lifecycle import Lifecycle
 from servetool.targets.local import LocalTarget
 from tests.conftest import server_options
 from tests.test_lifecycle import IMAGE, rewrite_archive
@@ -60,9 +62,9 @@ def fronted(tmp_path_factory, model_store):
     # ONNX Runtime (one worker): TorchScript re-profiles each new batch size, which blurs timings
     v1 = rewrite_archive(model_store / "digits_fp16.mar", store / "can.mar", name="can")
     opts = dataclasses.replace(server_options(tmp_path_factory.mktemp("can-run"), store), split=True)
-    target = LocalTarget(opts)
+    target = LocalTarget(opts, companions=COMPANIONS)  # as deploy: status shows the canary
     try:  # a failed setup must not leave the server (and HAProxy) running
-        target.deploy(["can"])
+        lifecycle.deploy(target, ["can"])
         life = Lifecycle(target)
         for version, archive in (
                 ("2.0", rewrite_archive(v1, built / "2" / "can.mar", version="2.0")),
@@ -124,7 +126,7 @@ def test_judge_waits_for_evidence_then_compares_with_the_default():
 def test_a_restart_ends_an_unjudged_automatic_canary_but_keeps_a_manual_weight(tmp_path):
     import json
 
-    from servetool.canary import on_server_start
+    from servetool.operate.canary import on_server_start
 
     for status, after in (("running", "other 5\ncan 0\n"), ("manual", "can 30\nother 5\n")):
         (tmp_path / split.WEIGHTS).write_text("can 30\nother 5\n")
@@ -154,7 +156,7 @@ def test_a_canary_whose_controller_is_gone_reads_orphaned_and_one_controller_run
     import subprocess
     import sys
 
-    from servetool.canary import read_state
+    from servetool.operate.canary import read_state
 
     run_dir = Path(fronted.running().run_dir)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -180,7 +182,7 @@ def test_a_controller_that_is_killed_or_hung_up_sends_everything_back_first(fron
     import subprocess
     import sys
 
-    from servetool.canary import read_state
+    from servetool.operate.canary import read_state
 
     run_dir = Path(fronted.running().run_dir)
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -277,8 +279,8 @@ def test_every_dashboard_panel_reads_real_data_from_prometheus(fronted, tmp_path
 
     from grafana_foundation_sdk.models.dashboard import Dashboard
 
-    from servetool.dashboard import expressions
-    from servetool.torchserve import free_ports
+    from servetool.engines.torchserve.process import free_ports
+    from servetool.operate.dashboard import expressions
     from tests.test_monitoring import prometheus_binary, query
 
     binary = prometheus_binary()
@@ -333,7 +335,7 @@ def test_every_dashboard_panel_reads_real_data_from_prometheus(fronted, tmp_path
 def test_a_pods_weights_file_never_stops_the_split(tmp_path, capsys):
     """What a pod's split does with its canary ConfigMap's file: nothing while it is absent, one
     complaint (not one per poll) for a file it cannot use, and a retry while HAProxy is not up."""
-    from servetool.split_runtime import apply_weights_file
+    from servetool.engines.torchserve.split_runtime import apply_weights_file
 
     path = tmp_path / "weights.json"
     assert apply_weights_file(tmp_path, path, {}) == {}

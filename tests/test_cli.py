@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from servetool.torchserve import free_ports
+from servetool.engines.torchserve.process import free_ports
 from tests.conftest import DIGITS, ROOT, write_spec
 
 SERVETOOL = str(Path(sys.executable).with_name("servetool"))
@@ -176,9 +176,17 @@ def newline_forms(good: str) -> list[str]:
 def test_a_name_with_a_newline_is_refused_by_every_check(tmp_path):
     """The management client's checks (before anything is sent), the spec, the split's labels and
     the Kubernetes names: each matches the whole string, so a trailing newline is refused."""
-    from servetool import kubecheck, manifests, spec, split_runtime
-    from servetool.management import APIError, Client, check_name, check_version, model_path
-    from servetool.torchserve import ServerState
+    from servetool.engines.torchserve import split_runtime
+    from servetool.engines.torchserve.management import (
+        APIError,
+        Client,
+        check_name,
+        check_version,
+        model_path,
+    )
+    from servetool.engines.torchserve.state import ServerState
+    from servetool.model import spec
+    from servetool.targets import kubecheck, manifests
 
     state = ServerState(run_dir=str(tmp_path), pid=0, host="127.0.0.1", ports={"management": 9},
                         model_store=str(tmp_path), token_auth=False)
@@ -211,7 +219,7 @@ def test_a_deployment_outside_the_repository_gets_the_same_frontend_settings(tmp
     """servetool's tuning is its own default, not this repository's config.properties."""
     import shutil
 
-    from servetool import torchserve
+    from servetool.engines.torchserve import process
 
     scratch = tmp_path / "project"
     (scratch / "model_store").mkdir(parents=True)
@@ -221,13 +229,13 @@ def test_a_deployment_outside_the_repository_gets_the_same_frontend_settings(tmp
                    cwd=scratch)
     try:
         assert deployed.returncode == 0, deployed.stderr
-        outside = torchserve.read_properties(scratch / ".servetool" / "config.properties")
+        outside = process.read_properties(scratch / ".servetool" / "config.properties")
     finally:
         run("stop", cwd=scratch)
-    inside_file = torchserve.render_config(torchserve.ServerOptions(
+    inside_file = process.render_config(process.ServerOptions(
         run_dir=tmp_path / "inside", model_store=scratch / "model_store",
         base_config=ROOT / "config.properties"))
-    inside = torchserve.read_properties(inside_file)
+    inside = process.read_properties(inside_file)
     for key in ("number_of_netty_threads", "netty_client_threads", "vmargs", "async_logging",
                 "job_queue_size", "default_response_timeout", "metrics_mode"):
         assert outside[key] == inside[key], key

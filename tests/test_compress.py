@@ -18,10 +18,11 @@ import requests
 import torch
 import yaml
 
-from servetool import export
-from servetool.compress import CompressError, compress, gate, prune
-from servetool.spec import PruneOptions, SpecError, load_spec
-from servetool.torch_files import PROGRAM, saved_as
+from servetool.convert import export
+from servetool.convert.compress import CompressError, compress, gate, prune
+from servetool.model.spec import PruneOptions, SpecError, load_spec
+from servetool.model.torch_files import PROGRAM, saved_as
+from servetool.operate import lifecycle
 from tests.conftest import ROOT, png_bytes, server_options
 
 SERVETOOL = str(Path(sys.executable).with_name("servetool"))
@@ -169,7 +170,7 @@ def test_distillation_lowers_the_loss_and_a_rerun_resumes_from_the_checkpoint(ti
     """A student class distilled from the original on an image folder (decoded batch by batch,
     as a folder too large to hold decoded is); the first run is interrupted after its first
     epoch, the rerun goes on from the second (the checkpoint reads with weights_only=True)."""
-    from servetool.compress import data
+    from servetool.convert.compress import data
 
     monkeypatch.setattr(data, "DECODED_LIMIT_BYTES", 0)
     folder = spec_folder(tiny, tmp_path / "m", {
@@ -212,7 +213,7 @@ def test_distillation_lowers_the_loss_and_a_rerun_resumes_from_the_checkpoint(ti
 
 
 def test_early_stopping_holds_out_part_of_the_training_data_not_the_validation_set(tiny):
-    from servetool.compress import data, metric
+    from servetool.convert.compress import data, metric
 
     spec = load_spec(spec_folder(tiny, tiny / "split-spec", None))
     samples = data.training_set(spec, replace(spec.validation, path=tiny / "train.npz"))
@@ -296,7 +297,7 @@ def test_the_gate_refuses_a_model_that_lost_too_much_unless_accepted(tiny, tmp_p
 def test_compress_package_deploy_and_predict_over_http(tiny, tmp_path):
     """The CLI prunes in two steps, distils, puts int8 on top; the new version packages, deploys
     and answers HTTP requests for real digits."""
-    from servetool.package import package
+    from servetool.operate.package import package
     from servetool.targets.local import LocalTarget
 
     folder = spec_folder(tiny, tmp_path / "m", {
@@ -326,14 +327,14 @@ def test_compress_package_deploy_and_predict_over_http(tiny, tmp_path):
 
     # the original serves as 1.0; the compressed folder is installed as 2.0 beside it (as the
     # watcher installs a published version), rolled back and promoted like any other version
-    from servetool.lifecycle import Lifecycle
+    from servetool.operate.lifecycle import Lifecycle
 
     store = tmp_path / "store"
     package(load_spec(folder), store)
     compressed = package(spec, tmp_path / "staged")["archive"]
     target = LocalTarget(server_options(tmp_path / "run", store))
     try:
-        target.deploy([])
+        lifecycle.deploy(target, [])
         life = Lifecycle(target)
         assert life.install(Path(compressed))["version"] == "2.0"
         state = target.client().state

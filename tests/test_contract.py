@@ -13,9 +13,12 @@ import pytest
 import torch
 import yaml
 
-from servetool import archive, export
-from servetool.package import convert, package
-from servetool.spec import SpecError, load_spec
+from servetool.convert import export
+from servetool.convert.pipeline import convert
+from servetool.engines.torchserve import archive
+from servetool.model.spec import SpecError, load_spec
+from servetool.operate import lifecycle
+from servetool.operate.package import package
 from servetool.targets.local import LocalTarget
 from tests.conftest import serve_in_process, server_options
 from tests.test_cli import run
@@ -111,7 +114,7 @@ def test_an_onnx_source_is_read_for_its_inputs_and_served_over_http(exported, tm
     package(load_spec(ts_folder), store)
     target = LocalTarget(server_options(tmp_path / "run", store))
     try:
-        target.deploy([])
+        lifecycle.deploy(target, [])
         state = target.running()
         bodies = [request([1, 2, 3]), request([7] * 9), request([4]), request([2, 3])]
         alone = [http_predict(state, "fromonnx", json.dumps(b).encode(), "application/json").json()

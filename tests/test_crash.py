@@ -10,8 +10,10 @@ import time
 import pytest
 import requests
 
-from servetool import supervise, torchserve
-from servetool.management import Client
+from servetool.engines.torchserve import process
+from servetool.engines.torchserve.management import Client
+from servetool.operate import lifecycle, supervise
+from servetool.operate.companions import COMPANIONS
 from servetool.targets.local import LocalTarget
 from tests.conftest import DIGITS, server_options
 from tests.test_cli import run
@@ -23,22 +25,23 @@ SAMPLE = (DIGITS / "samples" / "digit_7.png").read_bytes()
 
 @pytest.fixture
 def target(tmp_path, model_store):
-    target = LocalTarget(server_options(tmp_path / "run", model_store))
+    # as `servetool deploy` makes it: its status shows the supervisor, and stop ends it first
+    target = LocalTarget(server_options(tmp_path / "run", model_store), companions=COMPANIONS)
     yield target
     target.down()
 
 
 def kill_jvm(target: LocalTarget) -> None:
     state = target.running()
-    pid = torchserve._member_with(state.pid, torchserve.JVM_MARK)
+    pid = process._member_with(state.pid, process.JVM_MARK)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while torchserve._member_with(state.pid, torchserve.JVM_MARK) and time.monotonic() < deadline:
+    while process._member_with(state.pid, process.JVM_MARK) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
 def deploy_and_scale(target: LocalTarget) -> None:
-    target.deploy(["digits_ts", "digits_tensor"])
+    lifecycle.deploy(target, ["digits_ts", "digits_tensor"])
     assert len(target.scale("digits_ts", 2)["workers"]) == 2
 
 
@@ -57,7 +60,7 @@ def test_a_crash_is_reported_and_stop_leaves_no_process(target):
     assert "has crashed" in status.stdout and "ts_log.log" in status.stdout
     stopped = run("stop", "--run-dir", str(target.opts.run_dir))
     assert stopped.returncode == 0 and "had crashed" in stopped.stdout
-    assert torchserve.group_members(pgid) == []
+    assert process.group_members(pgid) == []
     assert target.condition() == "stopped"
     assert "no TorchServe running" in run("status", "--run-dir", str(target.opts.run_dir)).stdout
 
@@ -66,7 +69,7 @@ def test_deploy_after_a_crash_restores_every_model_with_its_workers(target):
     deploy_and_scale(target)
     before = workers_of(target)
     kill_jvm(target)
-    result = target.deploy(["digits_tensor"])  # names one model; both come back
+    result = lifecycle.deploy(target, ["digits_tensor"])  # names one model; both come back
     assert result["server_started"] is True
     assert {m["name"]: m["action"] for m in result["models"]} == {"digits_tensor": "restored",
                                                                   "digits_ts": "restored"}
@@ -77,7 +80,7 @@ def test_deploy_after_a_crash_restores_every_model_with_its_workers(target):
 
 def test_the_supervisor_brings_a_crashed_server_back_unasked(target):
     deploy_and_scale(target)
-    pid = target.supervise()
+    pid = supervise.launch(target.opts)
     assert supervise.running_pid(target.opts.run_dir) == pid and target.status()["supervised"]
     kill_jvm(target)
     crashed = time.monotonic()

@@ -24,7 +24,8 @@ from handlers.detection import (
     to_original,
 )
 from handlers.errors import RequestError
-from servetool.coco_eval import Found, Labelled, coco_map
+from servetool.model.coco_eval import Found, Labelled, coco_map
+from servetool.operate import lifecycle
 
 LABELS = [str(d) for d in range(10)]
 
@@ -319,9 +320,10 @@ def test_a_model_of_each_layout_is_exported_and_served_with_boxes_in_image_pixel
     image; a bad image in the same batch fails alone."""
     import yaml
 
-    from servetool import archive, export
-    from servetool.package import check_task
-    from servetool.spec import load_spec
+    from servetool.convert import export
+    from servetool.convert.pipeline import check_task
+    from servetool.engines.torchserve import archive
+    from servetool.model.spec import load_spec
     from tests.conftest import serve_in_process
 
     (tmp_path / "model.py").write_text(LAYOUT_MODEL.format(true=TRUE))
@@ -359,8 +361,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "models" / "digits-detect"
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
     """models/digits-detect packaged (ONNX, gated on the held-out canvases' mAP) and deployed."""
-    from servetool.package import package
-    from servetool.spec import load_spec
+    from servetool.model.spec import load_spec
+    from servetool.operate.package import package
     from servetool.targets.local import LocalTarget
     from tests.conftest import server_options
 
@@ -369,7 +371,7 @@ def detector(tmp_path_factory):
     summary = package(spec, store)
     target = LocalTarget(server_options(tmp_path_factory.mktemp("detect-run"), store))
     try:
-        target.deploy(["digits-detect"])
+        lifecycle.deploy(target, ["digits-detect"])
         yield spec, summary, target
     finally:
         target.down()
@@ -377,7 +379,7 @@ def detector(tmp_path_factory):
 
 def in_process_boxes(spec, data: bytes):
     """What the original PyTorch model finds on an image, decoded by the same task code."""
-    from servetool import export
+    from servetool.convert import export
 
     task = spec.detector()
     rows = task.preprocess(data)
@@ -391,7 +393,7 @@ _ORIGINALS: dict = {}
 
 
 def _original(spec):
-    from servetool import export
+    from servetool.convert import export
 
     if spec.name not in _ORIGINALS:
         _ORIGINALS[spec.name] = export.load_original(spec)
@@ -418,7 +420,7 @@ def test_served_boxes_equal_the_original_model_on_non_square_images(detector):
     boxes match the in-process original's, same classes, IoU >= 0.99."""
     import requests
 
-    from servetool.coco_eval import read_coco
+    from servetool.model.coco_eval import read_coco
 
     spec, _, target = detector
     url = f"{target.running().url('inference')}/predictions/digits-detect"
@@ -496,9 +498,9 @@ def test_int8_keeps_the_detectors_map_within_a_point(tmp_path):
     """Static int8 of the example (its convolutions; the decoding stays fp32) loses at most one
     point of mAP@0.5:0.95 in the gate; dynamic int8, which only quantizes MatMul/Gemm, refuses a
     model that has none rather than ship fp32 called int8."""
-    from servetool.export import ExportError
-    from servetool.package import convert
-    from servetool.spec import load_spec
+    from servetool.convert.export import ExportError
+    from servetool.convert.pipeline import convert
+    from servetool.model.spec import load_spec
 
     spec = load_spec(EXAMPLE / "servetool.yaml")
     artifact, report = convert(spec, "onnx-int8-static", tmp_path / "static")
@@ -514,9 +516,10 @@ def test_a_torchvision_style_head_with_three_outputs(tmp_path):
     suppressed: found as such from the three outputs, thresholded, mapped back."""
     import yaml
 
-    from servetool import archive, export
-    from servetool.package import check_task
-    from servetool.spec import load_spec
+    from servetool.convert import export
+    from servetool.convert.pipeline import check_task
+    from servetool.engines.torchserve import archive
+    from servetool.model.spec import load_spec
     from tests.conftest import serve_in_process
 
     (tmp_path / "model.py").write_text(f'''
@@ -558,8 +561,8 @@ def test_without_labels_the_gate_compares_boxes_with_the_original(tmp_path):
     """Unlabelled images as the validation set: the gate judges box agreement alone."""
     import yaml
 
-    from servetool.package import convert
-    from servetool.spec import load_spec
+    from servetool.convert.pipeline import convert
+    from servetool.model.spec import load_spec
 
     raw = yaml.safe_load((EXAMPLE / "servetool.yaml").read_text())
     raw["source"] = {k: str(EXAMPLE / v) if k != "class" else v for k, v in raw["source"].items()}
@@ -588,7 +591,7 @@ def test_ultralytics_metadata_sets_the_reading_and_package_says_so(tmp_path):
     import torch
     import yaml
 
-    from servetool.spec import SpecError, load_spec
+    from servetool.model.spec import SpecError, load_spec
 
     class Head(torch.nn.Module):
         def forward(self, x):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from servetool import image
-from servetool.torchserve import free_ports, read_properties
+from servetool.engines.torchserve.process import free_ports, read_properties
+from servetool.targets import image
 from tests.conftest import LOCAL_BASE_IMAGE, ROOT, png_bytes
 from tests.test_cli import assert_clean_error, run
 
@@ -246,7 +246,7 @@ def test_the_split_in_a_container_fronts_the_inference_port_and_publishes_its_me
     """With --split, HAProxy takes the container's inference port and TorchServe moves behind it
     on loopback; the split's metrics port is published on the host's loopback. The config,
     rendered for the container's paths, is one HAProxy accepts (once those paths exist)."""
-    from servetool import split
+    from servetool.engines.torchserve import split
     from servetool.targets.docker import CONTAINER_SPLIT_PORTS, published_ports, split_env
 
     ports = {"inference": 18080, "management": 18081, "metrics": 18082}
@@ -392,7 +392,7 @@ def check_split_in_container(env: dict, tmp_path: Path, common: list[str], url: 
     servetool's) answer on the host's loopback and count each version's answers."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from servetool.split import EXPORTER_PATH
+    from servetool.engines.torchserve.split import EXPORTER_PATH
     from tests.test_lifecycle import IMAGE
 
     token = cli("token", env=env, cwd=tmp_path).stdout.strip()

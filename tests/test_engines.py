@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import requests
 
-from servetool.lifecycle import Lifecycle
-from servetool.management import Client
+from servetool.engines.torchserve.management import Client
+from servetool.engines.torchserve.process import ServerOptions, free_ports
+from servetool.operate import lifecycle
+from servetool.operate.lifecycle import Lifecycle
 from servetool.targets.local import LocalTarget
-from servetool.torchserve import ServerOptions, free_ports
 from tests.conftest import ROOT, png_bytes
 
 pytestmark = pytest.mark.server
@@ -31,7 +32,7 @@ def kserve(tmp_path_factory, model_store):
                                        model_store=model_store,
                                        base_config=ROOT / "config.properties", ports=free_ports(),
                                        engine="kserve"))
-    result = target.deploy([])
+    result = lifecycle.deploy(target, [])
     yield target, result
     target.down()
 
@@ -41,7 +42,7 @@ def kserve_beside(store: Path, run_dir: Path) -> LocalTarget:
     target = LocalTarget(ServerOptions(run_dir=run_dir, model_store=store,
                                        base_config=ROOT / "config.properties", ports=free_ports(),
                                        engine="kserve"))
-    target.deploy([])
+    lifecycle.deploy(target, [])
     return target
 
 
@@ -137,7 +138,7 @@ def test_one_request_never_fails_another_in_a_dynamic_batch(kserve):
 
 
 def _batches(url: str, model: str) -> tuple[float, float]:
-    from servetool.top import read_metrics
+    from servetool.operate.top import read_metrics
 
     figures = read_metrics(url)
     key = ((model, "1.0"), "batch_size")

@@ -10,12 +10,14 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from servetool import export, validate
-from servetool.export import ExportError
-from servetool.export import onnx as onnx_export
-from servetool.package import convert, package
-from servetool.spec import load_spec
-from servetool.validate import ValidationError, check_accuracy, check_parity, limits_for
+from servetool.convert import export, gate
+from servetool.convert.export import ExportError
+from servetool.convert.export import onnx as onnx_export
+from servetool.convert.gate import ValidationError, check_accuracy, check_parity, limits_for
+from servetool.convert.pipeline import convert
+from servetool.model.samples import load_data
+from servetool.model.spec import load_spec
+from servetool.operate.package import package
 from tests.conftest import DIGITS, write_spec
 
 SPEC = load_spec(DIGITS)
@@ -35,7 +37,7 @@ def test_every_cpu_format_passes_the_gate_with_its_accuracy_reported(tmp_path, o
     assert artifact.path.is_file() and artifact.format.name == fmt
     out = report.outputs[0]
     assert out.max_abs_diff <= out.bound and out.shape == [10]
-    assert out.top1_agreement >= validate.limits_for(fmt).min_top1_agreement
+    assert out.top1_agreement >= gate.limits_for(fmt).min_top1_agreement
     # the digits validation set: 360 held-out images, accuracy of original vs converted
     assert report.accuracy.samples == 360
     assert report.accuracy.original > 0.99
@@ -91,7 +93,7 @@ def test_the_gate_catches_a_corrupted_onnx_export_and_names_the_drift(tmp_path, 
     report = check_parity(export.runner_for(original), broken, batches, "onnx")
     assert not report.ok
     with pytest.raises(ValidationError) as err:
-        validate.require(report, "digits")
+        gate.require(report, "digits")
     message = str(err.value)
     assert "output 'output_0' drifted: max abs diff" in message
     # digits' logits reach ~17: the absolute bound scales with them, and the message says how
@@ -104,8 +106,8 @@ def test_the_gate_catches_a_corrupted_onnx_export_and_names_the_drift(tmp_path, 
 def test_the_accuracy_gate_catches_a_model_that_lost_accuracy(tmp_path, original):
     rng = np.random.default_rng(0)
     broken = corrupted_onnx(tmp_path, original, lambda w: rng.permutation(w.ravel()).reshape(w.shape))
-    x, y = SPEC.load_data(SPEC.validation)
-    report = validate.ValidationReport(format="onnx", limits=limits_for("onnx"))
+    x, y = load_data(SPEC, SPEC.validation)
+    report = gate.ValidationReport(format="onnx", limits=limits_for("onnx"))
     check_accuracy(export.runner_for(original), broken, x, y, limits_for("onnx"), report)
     assert report.accuracy.drop_points > 5
     assert "top-1 accuracy fell from 99.72% to" in report.problems[0]
@@ -294,7 +296,7 @@ def test_a_box_moved_by_one_pixel_fails_naming_the_output_and_both_numbers(tmp_p
     assert out.max_abs_diff == pytest.approx(1.0, abs=1e-3)
     assert out.values_outside == 5  # the bumped value in each of the 5 examples, nothing else
     with pytest.raises(ValidationError) as err:
-        validate.require(report, "boxes")
+        gate.require(report, "boxes")
     message = str(err.value)
     assert "output 'boxes' drifted: max abs diff 1, max rel diff " in message
     assert f"5 of {5 * 400} values break |converted - original| <= atol {out.atol:.3g} " \

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from servetool import pod
+from servetool.engines.torchserve import pod
 from servetool.targets.local import LocalTarget
 from tests.conftest import ROOT, server_options
 from tests.test_gateway import start_gateway
 
-POD = ROOT / "servetool" / "pod.py"
+POD = ROOT / "servetool" / "engines" / "torchserve" / "pod.py"
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_a_head_sent_a_byte_at_a_time_does_not_hold_the_connection(server, tmp_p
 
 
 def pod_free_port() -> int:
-    from servetool.torchserve import free_ports
+    from servetool.engines.torchserve.process import free_ports
 
     return free_ports(("front",))["front"]
 

@@ -20,7 +20,7 @@ import ts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from servetool import pod
+from servetool.engines.torchserve import pod
 
 JAR = Path(ts.__file__).parent / "frontend" / "model-server.jar"
 PARSER = Path(__file__).parent / "torchserve_parse" / "TargetParse.java"

@@ -1,5 +1,5 @@
-"""servetool's Kubernetes gateway (servetool/pod.py) in front of a real local TorchServe, as each pod
-runs it: the shared keys, probes, forwarding, and the bodies it refuses."""
+"""servetool's Kubernetes gateway (servetool/engines/torchserve/pod.py) in front of a real local
+TorchServe, as each pod runs it: the shared keys, probes, forwarding, and the bodies it refuses."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from servetool.torchserve import free_ports
+from servetool.engines.torchserve.process import free_ports
 from tests.conftest import ROOT, png_bytes
 
-POD = ROOT / "servetool" / "pod.py"
+POD = ROOT / "servetool" / "engines" / "torchserve" / "pod.py"
 
 
 def start_gateway(run_dir: Path, config: Path, keys: Path) -> tuple[subprocess.Popen, str]:

@@ -16,9 +16,10 @@ from ts.context import Context
 from handlers.entry import ServeHandler, quiet_request_lines
 from handlers.runtimes import threads_per_worker
 from handlers.tasks import ImageClassification, RequestError, Tensor, request_payload
-from servetool import archive, export
-from servetool.formats import get_format
-from servetool.spec import load_spec
+from servetool.convert import export
+from servetool.engines.torchserve import archive
+from servetool.model.formats import get_format
+from servetool.model.spec import load_spec
 from tests.conftest import DIGITS, png_bytes, serve_in_process, write_spec
 
 SPEC = load_spec(DIGITS)

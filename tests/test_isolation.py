@@ -14,9 +14,10 @@ from PIL import Image
 
 from handlers.imaging import decode, default_max_pixels
 from handlers.tasks import ImageClassification, RequestError, Tensor
-from servetool import archive, export
-from servetool.formats import get_format
-from servetool.spec import load_spec
+from servetool.convert import export
+from servetool.engines.torchserve import archive
+from servetool.model.formats import get_format
+from servetool.model.spec import load_spec
 from tests.conftest import DIGITS, serve_in_process
 
 FRAGILE = Path(__file__).with_name("models") / "fragile.py"
@@ -183,7 +184,7 @@ def test_a_detection_shaped_model_is_refused_by_image_classification(tmp_path):
 
 
 def test_parity_fits_the_output_no_top1_for_a_model_that_is_not_a_classifier(tmp_path):
-    from servetool.package import convert
+    from servetool.convert.pipeline import convert
 
     spec = load_spec(fragile_spec(tmp_path / "spec", "ExpNet", [3], "float32", "onnx"))
     _, report = convert(spec, "onnx", tmp_path / "out")

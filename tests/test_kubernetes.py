@@ -21,10 +21,11 @@ import pytest
 import requests
 import yaml
 
-from servetool import image, kubecheck, manifests, split
-from servetool.pod import parse_properties
+from servetool.engines.torchserve import split
+from servetool.engines.torchserve.pod import parse_properties
+from servetool.engines.torchserve.process import free_ports, port_in_use
+from servetool.targets import image, kubecheck, manifests
 from servetool.targets.kubernetes import set_workers
-from servetool.torchserve import free_ports, port_in_use
 from tests.conftest import LOCAL_BASE_IMAGE, ROOT, png_bytes
 from tests.test_cli import assert_clean_error, run
 
@@ -301,7 +302,8 @@ def test_set_workers_edits_only_that_model():
 def test_the_watcher_loads_the_pod_helper_as_the_image_ships_it(monkeypatch):
     """The watcher container loads servetool_pod.py from a file (it is pod.py, copied alone into the
     image); the module must work loaded that way, dataclasses included, or the container exits."""
-    from servetool import pod, pod_watch
+    from servetool.engines.torchserve import pod
+    from servetool.operate import pod_watch
     monkeypatch.setenv("SERVETOOL_POD_HELPER", pod.__file__)
     helper = pod_watch.pod_helper()
     assert helper.canonical_target("/models?url=a.mar").params == {"url": "a.mar"}

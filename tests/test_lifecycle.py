@@ -17,13 +17,15 @@ import pytest
 import requests
 import yaml
 
-from servetool import lifecycle
 from servetool.bench.serve import run_load
-from servetool.lifecycle import DeployError, Lifecycle
-from servetool.sources import BucketSource, FolderSource, SourceError, safe_target
+from servetool.engines.torchserve.process import free_ports
+from servetool.operate import lifecycle
+from servetool.operate.lifecycle import Lifecycle
+from servetool.operate.sources import BucketSource, FolderSource, SourceError, safe_target
+from servetool.operate.watch import Watcher, describe
+from servetool.targets.common import DeployError
 from servetool.targets.local import LocalTarget
-from servetool.torchserve import free_ports
-from servetool.watch import Watcher, describe
+from servetool.targets.record import is_pinned, pinned_name, read_record
 from tests.conftest import DIGITS, server_options, write_spec
 
 ONE = {"min": 1, "max": 1}
@@ -95,7 +97,7 @@ def server(tmp_path_factory, archives):
     store = tmp_path_factory.mktemp("lc-store")
     (store / "lc.mar").write_bytes(archives["1.0"].read_bytes())
     target = LocalTarget(server_options(tmp_path_factory.mktemp("lc-run"), store))
-    target.deploy(["lc"])
+    lifecycle.deploy(target, ["lc"])
     yield target
     target.down()
 
@@ -137,15 +139,15 @@ def loaded(target: LocalTarget, model: str) -> dict[str, bool]:
 def test_versions_sort_by_number_and_pinned_names_are_recognised():
     assert sorted(["10.0", "9.1", "1.0", "2", "1.0-rc1", "1.0.1"], key=lifecycle.version_key) == \
         ["1.0-rc1", "1.0", "1.0.1", "2", "9.1", "10.0"]
-    name = lifecycle.pinned_name("digits", "2.0+cpu", "ab" * 32)
+    name = pinned_name("digits", "2.0+cpu", "ab" * 32)
     assert name == "digits--2.0_cpu--abababababab.mar"
-    assert lifecycle.is_pinned(Path(name)) and not lifecycle.is_pinned(Path("digits.mar"))
+    assert is_pinned(Path(name)) and not is_pinned(Path("digits.mar"))
 
 
 def test_a_first_format_record_is_read_as_versions(tmp_path):
     (tmp_path / "deployed.json").write_text(json.dumps(
         {"digits": {"version": "1.0", "digest": "d", "archive": "digits.mar", "workers": 3}}))
-    assert lifecycle.read_record(tmp_path) == {"digits": {
+    assert read_record(tmp_path) == {"digits": {
         "default": "1.0", "history": ["1.0"], "keep": 2,
         "versions": {"1.0": {"archive": "digits.mar", "digest": "d", "workers": 3}}}}
 
@@ -284,7 +286,7 @@ def test_a_restart_restores_every_version_and_the_default_that_served(server, ar
     before = loaded(server, "lc")
     default = next(v for v, is_default in before.items() if is_default)
     server.down()
-    result = server.deploy([])  # the store's lc.mar is 1.0, older than the default: left out
+    result = lifecycle.deploy(server, [])  # the store's lc.mar is 1.0, older than the default: left out
     assert result["server_started"] is True
     assert loaded(server, "lc") == before
     assert answering(server, "lc") == default
@@ -422,6 +424,6 @@ def test_deploy_watch_serves_a_published_version(server, archives, tmp_path):
         assert bad.returncode == 1 and bad.stderr.startswith("error: lcw 9.9 is not loaded")
         assert len(bad.stderr.strip().splitlines()) == 1
     finally:
-        from servetool import watch
+        from servetool.operate import watch
 
         assert watch.daemon(Path(server.opts.run_dir)).stop() is True

@@ -22,7 +22,7 @@ from servetool.bench.serve import (
     write_outputs,
     wrk_path,
 )
-from servetool.management import APIError
+from servetool.engines.torchserve.management import APIError
 
 
 class Known(BaseHTTPRequestHandler):

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from servetool import lifecycle, runfiles
-from servetool.management import Client
+from servetool import runfiles
+from servetool.engines.torchserve.management import Client
+from servetool.operate import lifecycle
 from servetool.runfiles import LockBusy, RunFileError
 from servetool.targets.local import LocalTarget
+from servetool.targets.record import LOCK_FILE, RECORD_FILE, locked, read_record
 from tests.conftest import ROOT, server_options
 from tests.test_cli import run
 
@@ -46,8 +48,8 @@ class Holder:
         code = textwrap.dedent(f"""
             import sys
             from pathlib import Path
-            from servetool import lifecycle
-            with lifecycle.locked(Path({str(run_dir)!r}), timeout_s=30):
+            from servetool.targets.record import locked
+            with locked(Path({str(run_dir)!r}), timeout_s=30):
                 print("held", flush=True)
                 sys.stdin.readline()
         """)
@@ -75,15 +77,15 @@ def test_a_lock_held_by_another_process_times_out_naming_it(tmp_path):
     said: list[str] = []
     with Holder(run_dir) as holder:
         started = time.monotonic()
-        with pytest.raises(LockBusy) as caught, lifecycle.locked(run_dir, said.append, timeout_s=1):
+        with pytest.raises(LockBusy) as caught, locked(run_dir, said.append, timeout_s=1):
             pytest.fail("the lock was had while another process held it")
         waited = time.monotonic() - started
     assert 1 <= waited < 10
     assert f"held by pid {holder.pid}" in str(caught.value)
-    assert str(run_dir / lifecycle.LOCK_FILE) in str(caught.value)
+    assert str(run_dir / LOCK_FILE) in str(caught.value)
     assert said and said[0].startswith(f"waiting for the lock held by pid {holder.pid}")
     # once let go, it is had at once
-    with lifecycle.locked(run_dir, said.append, timeout_s=0):
+    with locked(run_dir, said.append, timeout_s=0):
         pass
 
 
@@ -91,11 +93,11 @@ def test_another_users_lock_file_is_refused_at_once(tmp_path):
     if os.getuid() != 0:
         pytest.skip("making a file another user's takes root")
     run_dir = runfiles.private_folder(tmp_path / "run")
-    lock = run_dir / lifecycle.LOCK_FILE
+    lock = run_dir / LOCK_FILE
     lock.touch()
     os.chown(lock, NOBODY, NOBODY)
     started = time.monotonic()
-    with pytest.raises(RunFileError) as caught, lifecycle.locked(run_dir, timeout_s=30):
+    with pytest.raises(RunFileError) as caught, locked(run_dir, timeout_s=30):
         pytest.fail("another user's lock file was used")
     assert time.monotonic() - started < 5  # refused, not waited for
     message = str(caught.value)
@@ -109,14 +111,14 @@ def test_a_lock_file_that_is_a_link_or_not_a_file_is_refused(tmp_path):
     elsewhere = tmp_path / "victim"
     elsewhere.write_text("keep me\n")
     os.chmod(elsewhere, 0o644)
-    (run_dir / lifecycle.LOCK_FILE).symlink_to(elsewhere)
-    with pytest.raises(RunFileError, match="symbolic link"), lifecycle.locked(run_dir, timeout_s=1):
+    (run_dir / LOCK_FILE).symlink_to(elsewhere)
+    with pytest.raises(RunFileError, match="symbolic link"), locked(run_dir, timeout_s=1):
         pass
     assert elsewhere.read_text() == "keep me\n" and mode(elsewhere) == 0o644
-    (run_dir / lifecycle.LOCK_FILE).unlink()
-    os.mkfifo(run_dir / lifecycle.LOCK_FILE)
+    (run_dir / LOCK_FILE).unlink()
+    os.mkfifo(run_dir / LOCK_FILE)
     with pytest.raises(RunFileError, match="not a regular file"), \
-            lifecycle.locked(run_dir, timeout_s=1):
+            locked(run_dir, timeout_s=1):
         pass
 
 
@@ -143,11 +145,11 @@ def server(tmp_path_factory, model_store):
     run_dir = tmp_path_factory.mktemp("locks") / "run"
     run_dir.mkdir(mode=0o755)
     run_dir.chmod(0o755)
-    old_lock = run_dir / lifecycle.LOCK_FILE
+    old_lock = run_dir / LOCK_FILE
     old_lock.touch()
     old_lock.chmod(0o644)
     target = LocalTarget(server_options(run_dir, model_store))
-    target.deploy([MODEL])
+    lifecycle.deploy(target, [MODEL])
     yield target
     target.down()
 
@@ -158,7 +160,7 @@ def workers(target: LocalTarget) -> int:
 
 
 def recorded_workers(target: LocalTarget) -> int | None:
-    model = lifecycle.read_record(target.opts.run_dir)[MODEL]
+    model = read_record(target.opts.run_dir)[MODEL]
     return model["versions"][model["default"]]["workers"]
 
 
@@ -167,7 +169,7 @@ def test_lock_state_and_key_files_are_private_in_a_private_run_folder(server):
     server.scale(MODEL, 1)
     run_dir = server.opts.run_dir
     assert mode(run_dir) == 0o700  # it was 0755: fixed when servetool started in it
-    for name in (lifecycle.LOCK_FILE, lifecycle.RECORD_FILE, "server.json", "key_file.json",
+    for name in (LOCK_FILE, RECORD_FILE, "server.json", "key_file.json",
                  "front_key.json"):
         assert mode(run_dir / name) == 0o600, name
         assert os.stat(run_dir / name).st_uid == os.getuid()
@@ -175,7 +177,7 @@ def test_lock_state_and_key_files_are_private_in_a_private_run_folder(server):
     if os.getuid() != 0:
         return
     # the probe's attacker: another local user can no longer open the lock (nor read a key)
-    for name in (lifecycle.LOCK_FILE, "key_file.json"):
+    for name in (LOCK_FILE, "key_file.json"):
         tried = subprocess.run(["cat", str(run_dir / name)], preexec_fn=as_nobody,
                                capture_output=True, text=True, timeout=30)
         assert tried.returncode != 0 and "Permission denied" in tried.stderr, tried
@@ -222,7 +224,7 @@ def test_a_scale_that_cannot_have_the_lock_fails_and_changes_nothing(server, mon
         waiting, error = scaled.stderr.strip().splitlines()[0], scaled.stderr.strip().splitlines()[-1]
         assert waiting.startswith(f"... waiting for the lock held by pid {holder.pid}"), waiting
         assert error.startswith("error: ") and f"held by pid {holder.pid}" in error
-        assert str(server.opts.run_dir / lifecycle.LOCK_FILE) in error
+        assert str(server.opts.run_dir / LOCK_FILE) in error
     assert workers(server) == 1 and recorded_workers(server) == 1
-    record = json.loads((server.opts.run_dir / lifecycle.RECORD_FILE).read_text())
+    record = json.loads((server.opts.run_dir / RECORD_FILE).read_text())
     assert record["models"][MODEL]["default"]

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import pytest
 
-from servetool import pod, torchserve
+from servetool.engines.torchserve import pod, process
 from servetool.targets.local import LocalTarget
 from tests.conftest import server_options
 
@@ -129,7 +129,7 @@ def test_every_way_around_the_model_store_is_refused(served, outside, model_stor
 
 def test_torchserve_management_is_reachable_only_through_the_front(served):
     state = served[0].running()
-    props = torchserve.read_properties(Path(state.run_dir) / "config.properties")
+    props = process.read_properties(Path(state.run_dir) / "config.properties")
     socket_path = Path(state.run_dir) / "private" / "management.sock"
     assert props["management_address"] == f"unix:{socket_path}"
     assert props["workflow_store"] == f"{state.model_store}/.servetool-no-workflows"
@@ -186,7 +186,7 @@ def test_properties_are_read_as_java_reads_them(text, expected):
 def test_properties_written_by_servetool_read_back_unchanged():
     values = {"allowed_urls": "file:///a\\.b/[^/]+\\.mar", "vmargs": " -Xss1m", "x:y": "a=b#c",
               "models": json.dumps({"m": {"1.0": {"marName": "m.mar"}}})}
-    text = torchserve.format_properties(values, "header")
+    text = process.format_properties(values, "header")
     assert pod.parse_properties(text) == values
 
 

@@ -17,8 +17,8 @@ import pytest
 import requests
 
 from servetool.bench.serve import run_load
-from servetool.monitor import queries
-from servetool.torchserve import free_ports
+from servetool.engines.torchserve.process import free_ports
+from servetool.operate.monitor import queries
 from tests.test_lifecycle import IMAGE
 
 CI = os.environ.get("SERVETOOL_CI") == "1"
@@ -137,7 +137,7 @@ def test_prometheus_reads_p99_and_error_ratio_per_version(two_versions, tmp_path
 
 
 def test_top_interpolates_quantiles_as_prometheus_does():
-    from servetool.top import quantile
+    from servetool.operate.top import quantile
 
     before = {0.005: 10.0, 0.01: 10.0, float("inf"): 10.0}
     after = {0.005: 60.0, 0.01: 110.0, float("inf"): 110.0}  # 50 new in each bucket

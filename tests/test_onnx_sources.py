@@ -19,10 +19,11 @@ import yaml
 from torch import nn
 
 from handlers.runtimes import OnnxRuntime
-from servetool import export
-from servetool.export import onnx as onnx_export
-from servetool.package import convert, package
-from servetool.spec import load_spec
+from servetool.convert import export
+from servetool.convert.export import onnx as onnx_export
+from servetool.convert.pipeline import convert
+from servetool.model.spec import load_spec
+from servetool.operate.package import package
 from tests.conftest import serve_in_process
 from tests.test_cli import run
 

@@ -14,7 +14,7 @@ from handlers.errors import RequestError
 from handlers.imaging import decode
 from handlers.preprocess import letterbox
 from handlers.tasks import ImageClassification
-from servetool.spec import SpecError, load_spec
+from servetool.model.spec import SpecError, load_spec
 from tests.conftest import write_spec
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

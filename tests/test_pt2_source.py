@@ -19,12 +19,13 @@ import yaml
 from torch import nn
 
 from handlers.runtimes import ExportedProgramRuntime
-from servetool import export
-from servetool.archive import build_archive
-from servetool.export.pickled import PickleSourceError, load_pickled_module
-from servetool.package import convert, package
-from servetool.reference.served import ServedPath
-from servetool.spec import SpecError, load_spec
+from servetool.convert import export
+from servetool.convert.export.pickled import PickleSourceError, load_pickled_module
+from servetool.convert.pipeline import convert
+from servetool.convert.reference.served import ServedPath
+from servetool.engines.torchserve.archive import build_archive
+from servetool.model.spec import SpecError, load_spec
+from servetool.operate.package import package
 from tests.conftest import DIGITS
 
 SHAPE = (3, 8, 8)

@@ -18,11 +18,14 @@ import torch
 from sklearn.datasets import load_digits
 
 from handlers.runtimes import available_cores
-from servetool import export, torchserve
-from servetool.management import APIError, Client
-from servetool.spec import load_spec
-from servetool.targets.local import DeployError, LocalTarget
-from servetool.torchserve import ServerError
+from servetool.convert import export
+from servetool.engines.torchserve import process
+from servetool.engines.torchserve.management import APIError, Client
+from servetool.engines.torchserve.process import ServerError
+from servetool.model.spec import load_spec
+from servetool.operate import lifecycle
+from servetool.targets.common import DeployError
+from servetool.targets.local import LocalTarget
 from tests.conftest import DIGITS, FORMAT_TWINS, ROOT, png_bytes, server_options
 
 pytestmark = pytest.mark.server
@@ -153,7 +156,7 @@ def batches_seen(state, model: str, at_least: float = 0, version: str = "1.0") -
     """(batches, requests in them) the model's handler has recorded (handlers/metrics.py's
     servetool_batch_size histogram, on TorchServe's metrics port), once it holds `at_least`
     requests: the frontend reads the handler's metric lines a moment after the answers."""
-    from servetool.top import read_metrics
+    from servetool.operate.top import read_metrics
 
     key = ((model, version), "batch_size")
     deadline = time.monotonic() + 30
@@ -203,19 +206,19 @@ def test_scale_to_two_workers_and_back(served):
 
 def test_redeploy_is_idempotent_and_picks_up_changed_archives(served, tmp_path):
     target, _ = served
-    again = target.deploy(["digits", "digits_ts"])
+    again = lifecycle.deploy(target, ["digits", "digits_ts"])
     assert [m["action"] for m in again["models"]] == ["unchanged", "unchanged"]
     assert again["server_started"] is False
 
     # a new version of digits_ts: registered beside the old one and made default; the old one
     # stays loaded (the keep policy: 2), so a rollback is instant
-    from servetool.package import package
+    from servetool.operate.package import package
     from tests.conftest import write_spec
 
     spec = load_spec(write_spec(tmp_path / "v2", name="digits_ts", format="torchscript",
                                 version="2.0", top_k=1))
     package(spec, Path(target.opts.model_store))
-    upgraded = target.deploy(["digits_ts"])["models"][0]
+    upgraded = lifecycle.deploy(target, ["digits_ts"])["models"][0]
     assert (upgraded["action"], upgraded["version"]) == ("upgraded", "2.0")
     versions = [m for m in target.status()["models"] if m["name"] == "digits_ts"]
     assert sorted((m["version"], m["default"]) for m in versions) == [("1.0", False), ("2.0", True)]
@@ -240,7 +243,7 @@ def test_a_handler_that_fails_to_import_gives_a_clear_deploy_error(served, tmp_p
             dst.writestr(item, data)
     try:
         with pytest.raises(DeployError) as err:
-            target.deploy(["broken"], timeout_s=120)
+            lifecycle.deploy(target, ["broken"], timeout_s=120)
         message = str(err.value)
         assert "registering broken 1.0 failed" in message
         assert "module_nobody_installed" in message
@@ -258,29 +261,29 @@ def test_start_failures_are_explained(tmp_path, model_store):
         blocker.listen()
         with pytest.raises(ServerError, match=f"port {opts.ports['management']} on 127.0.0.1 "
                                               r"\(management API\) is already in use"):
-            torchserve.start(opts)
-    assert torchserve.running_state(opts.run_dir) is None
+            process.start(opts)
+    assert process.running_state(opts.run_dir) is None
 
 
 def test_stop_leaves_no_process_behind(tmp_path, model_store):
     target = LocalTarget(server_options(tmp_path / "run", model_store))
-    result = target.deploy(["digits"])
+    result = lifecycle.deploy(target, ["digits"])
     state = target.running()
-    members = torchserve.group_members(state.pid)
+    members = process.group_members(state.pid)
     assert len(members) >= 3  # launcher, JVM, one worker
     worker_pid = result["models"][0]["workers"][0]["pid"]
     assert worker_pid in members
     assert target.down() is True
-    assert torchserve.group_members(state.pid) == []
+    assert process.group_members(state.pid) == []
     assert target.running() is None
     for port in state.ports.values():
-        assert not torchserve.port_in_use("127.0.0.1", port)
+        assert not process.port_in_use("127.0.0.1", port)
     assert target.down() is False
 
 
 def test_readme_curl_line_and_config_are_secure(served):
     state = served[0].running()
-    rendered = torchserve.read_properties(Path(state.run_dir) / "config.properties")
+    rendered = process.read_properties(Path(state.run_dir) / "config.properties")
     for key in ("inference_address", "metrics_address"):
         assert rendered[key].startswith("http://127.0.0.1:")
     # management: TorchServe on a private socket, servetool's front on 127.0.0.1
@@ -312,17 +315,17 @@ def test_a_jvm_that_dies_at_start_is_quoted_not_waited_for(tmp_path):
     opts = with_base_config(server_options(tmp_path / "run", tmp_path), tmp_path,
                             "vmargs=-XX:+NoSuchJvmOptionForServetool")
     with pytest.raises(ServerError) as err:
-        torchserve.start(opts)
+        process.start(opts)
     # seen exiting, not waited for until the start-up timeout ("was not healthy within ...")
     assert "exited during start-up" in str(err.value)
     assert "NoSuchJvmOptionForServetool" in str(err.value)
-    assert torchserve.running_state(opts.run_dir) is None
+    assert process.running_state(opts.run_dir) is None
 
 
 def test_keys_are_renewed_only_once_expired_and_a_failed_renewal_is_reported(tmp_path):
     opts = with_base_config(server_options(tmp_path / "run", tmp_path), tmp_path,
                             "token_expiration_min=0.2")  # 12 seconds
-    state = torchserve.start(opts)
+    state = process.start(opts)
     try:
         inference = json.loads(state.key_file.read_text())["inference"]
         first = inference["key"]
@@ -345,7 +348,7 @@ def test_keys_are_renewed_only_once_expired_and_a_failed_renewal_is_reported(tmp
                                            "answered 400"):
             Client(state).ping()
     finally:
-        torchserve.stop(opts.run_dir)
+        process.stop(opts.run_dir)
 
 
 def test_predict_and_bench_serve_keep_working_across_key_expiries(tmp_path, model_store):
@@ -361,7 +364,7 @@ def test_predict_and_bench_serve_keep_working_across_key_expiries(tmp_path, mode
     opts = with_base_config(server_options(tmp_path / "run", store), tmp_path,
                             "token_expiration_min=0.1")
     target = LocalTarget(opts)
-    target.deploy([])
+    lifecycle.deploy(target, [])
     where = ["--run-dir", str(opts.run_dir), "--model-store", str(store)]
     sample = DIGITS / "samples" / "digit_7.png"
     try:
@@ -438,11 +441,11 @@ def test_wrk_gets_the_key_from_its_environment_not_its_command_line(served):
 
 def test_deploy_refuses_a_model_store_the_running_server_does_not_use(served, tmp_path):
     target, _ = served
-    other = LocalTarget(torchserve.ServerOptions(run_dir=Path(target.opts.run_dir),
+    other = LocalTarget(process.ServerOptions(run_dir=Path(target.opts.run_dir),
                                                  model_store=tmp_path, ports=target.opts.ports))
     (tmp_path / "digits.mar").write_bytes((Path(target.opts.model_store) / "digits.mar").read_bytes())
     with pytest.raises(DeployError, match="serves archives from"):
-        other.deploy(["digits"])
+        lifecycle.deploy(other, ["digits"])
 
 
 def test_one_request_never_fails_another_in_a_real_batch(served):
@@ -489,7 +492,7 @@ def test_an_image_that_makes_the_decoder_raise_fails_alone(served, held_out):
 
 
 def test_archives_of_one_model_are_ordered_by_version_not_file_name(tmp_path, model_store):
-    from servetool.targets.local import version_key
+    from servetool.operate.lifecycle import version_key
     from tests.test_lifecycle import rewrite_archive
 
     assert sorted(["10.0", "9.1", "1.0", "2", "1.0-rc1", "1.0.1"], key=version_key) == \
@@ -502,7 +505,7 @@ def test_archives_of_one_model_are_ordered_by_version_not_file_name(tmp_path, mo
     target = LocalTarget(server_options(tmp_path / "run", store))
     try:
         for _ in range(2):  # a second deploy must not "upgrade" 2.0 to 1.0
-            result = target.deploy([])
+            result = lifecycle.deploy(target, [])
             assert [(m["name"], m["version"]) for m in result["models"]] == [("digits_ts", "2.0")]
         versions = [m["version"] for m in target.status()["models"]]
         assert versions == ["2.0"]
@@ -525,7 +528,7 @@ def test_a_body_over_max_request_size_is_explained(served, tmp_path):
 
 
 def test_torchserve_answers_that_say_too_little_are_explained():
-    from servetool.management import explain_failure
+    from servetool.engines.torchserve.management import explain_failure
 
     queue = explain_failure(503, 'Model "digits" has no worker to serve inference request. Please '
                                  "use scale workers API to add workers.", 10)
@@ -568,16 +571,16 @@ def test_served_answers_on_non_square_images_match_torchvision_preprocessing(ser
 
 def test_deploy_raises_the_request_and_response_limits_to_what_a_tensor_model_needs(tmp_path):
     """A [3, 256, 512] float input as JSON is ~8 MB, over TorchServe's 6.5 MB default both ways."""
-    from servetool.package import package
+    from servetool.operate.package import package
     from tests.test_isolation import fragile_spec
 
     spec = load_spec(fragile_spec(tmp_path / "spec", "ExpNet", [3, 256, 512], "float32", "onnx"))
     package(spec, tmp_path / "store")
     target = LocalTarget(server_options(tmp_path / "run", tmp_path / "store"))
     try:
-        target.deploy([])
+        lifecycle.deploy(target, [])
         state = target.running()
-        props = torchserve.read_properties(Path(state.run_dir) / "config.properties")
+        props = process.read_properties(Path(state.run_dir) / "config.properties")
         need = 3 * 256 * 512 * 24 + 64 * 1024
         assert int(props["max_request_size"]) == need and int(props["max_response_size"]) == need
         x = np.random.default_rng(0).standard_normal((3, 256, 512)).astype(np.float32)

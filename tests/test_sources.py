@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 
-from servetool import export
+from servetool.convert import export
+from servetool.convert.pipeline import convert
 from servetool.errors import ServetoolError
-from servetool.package import convert
-from servetool.spec import SpecError, load_spec
+from servetool.model.spec import SpecError, load_spec
+from servetool.operate import lifecycle
 from tests.conftest import DIGITS, write_spec
 from tests.test_cli import run
 
@@ -151,7 +152,7 @@ def test_a_whole_module_with_the_opt_in_is_packaged_and_served(tmp_path):
     assert proc.returncode == 0, proc.stderr
     target = LocalTarget(server_options(tmp_path / "run", tmp_path / "store"))
     try:
-        target.deploy([])
+        lifecycle.deploy(target, [])
         reply = http_predict(target.running(), "digits_pickled",
                              (DIGITS / "samples" / "digit_7.png").read_bytes())
         assert reply.status_code == 200 and next(iter(reply.json())) == "seven"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servetool.spec import SpecError, find_specs, load_spec
+from servetool.model.samples import load_data
+from servetool.model.spec import SpecError, find_specs, load_spec
 from tests.conftest import DIGITS, write_spec
 
 
@@ -135,6 +136,6 @@ def test_bad_conversion_settings_name_the_key(tmp_path, overrides, key, words):
 def test_resnet18_spec_calibrates_on_real_photographs():
     spec = load_spec(DIGITS.parent / "resnet18")
     assert spec.source.kind == "random_weights" and spec.source.path is None
-    x, y = spec.load_data(spec.calibration)
+    x, y = load_data(spec, spec.calibration)
     assert x.shape == (16, 3, 224, 224) and y is None
     assert abs(float(x.mean())) < 2 and float(x.std()) > 0.3  # normalised photographs, not blanks

@@ -20,11 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handlers.text import TextEncoder
-from servetool import export
-from servetool.package import convert
-from servetool.spec import SpecError, load_spec
+from servetool.convert import export
+from servetool.convert.pipeline import convert
+from servetool.model.samples import sample_texts, text_batch
+from servetool.model.spec import SpecError, load_spec
+from servetool.operate import lifecycle
 from servetool.targets.local import LocalTarget
-from servetool.text_samples import sample_texts, text_batch
 from tests.conftest import ROOT, package_all, server_options
 
 MINILM = ROOT / "models" / "minilm"
@@ -177,8 +178,8 @@ def test_minilm_formats_pass_the_gate_on_real_sentences(tmp_path, monkeypatch, f
 
 
 def test_bench_text_sets_are_short_and_long_and_never_padded_alone(tmp_path):
-    from servetool.bench._measure import load_samples
     from servetool.bench.formats import save_text_sets
+    from servetool.convert.measure import load_samples
 
     paths, tokens = save_text_sets(load_spec(MINILM), tmp_path)
     assert tokens["long"] == 256 and tokens["short"] < 40
@@ -243,7 +244,7 @@ def text_store(tmp_path_factory) -> tuple[Path, Path]:
 def text_server(tmp_path_factory, text_store):
     store, work = text_store
     target = LocalTarget(server_options(tmp_path_factory.mktemp("text_run"), store))
-    target.deploy([])
+    lifecycle.deploy(target, [])
     state = target.running()
     headers = {"Authorization": f"Bearer {target.client().token('inference')}"}
     yield state.url("inference"), headers, work
@@ -340,7 +341,7 @@ def test_token_classification_over_http(text_server):
 @pytest.mark.docker
 def test_a_text_model_serves_from_the_docker_image(tmp_path, docker_engine, text_store):
     """The image carries the tokenizer library for a text archive (and not transformers)."""
-    from servetool.torchserve import free_ports
+    from servetool.engines.torchserve.process import free_ports
     from tests.conftest import LOCAL_BASE_IMAGE
     from tests.test_docker import cli, port_args
 

@@ -1,8 +1,9 @@
 """The clients people use against a servetool deployment: the OpenAI Python SDK and TEI-style
-HTTP calls, on the clients' front (servetool/clients.py) beside a real TorchServe serving the real
-all-MiniLM-L6-v2 and a small cross-encoder (random weights, MiniLM's tokenizer), compared with
-sentence-transformers (SentenceTransformer, CrossEncoder) on the same texts; and the tokenizer's
-guards (huge texts cut before tokenizing, lone surrogates refused in words)."""
+HTTP calls, on the clients' front (servetool/engines/torchserve/clients.py) beside a real
+TorchServe serving the real all-MiniLM-L6-v2 and a small cross-encoder (random weights, MiniLM's
+tokenizer), compared with sentence-transformers (SentenceTransformer, CrossEncoder) on the same
+texts; and the tokenizer's guards (huge texts cut before tokenizing, lone surrogates refused in
+words)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import yaml
 
 from handlers.errors import RequestError
 from handlers.text import TextEncoder
+from servetool.engines.torchserve.process import free_ports
+from servetool.operate import lifecycle
 from servetool.targets.local import LocalTarget
-from servetool.torchserve import free_ports
 from tests.conftest import ROOT, package_all, server_options
 from tests.test_text import write_text_spec
 from tests.test_text_heads import PASSAGES, QUERY, bert_folder
@@ -64,7 +66,7 @@ def clients(tmp_path_factory, cross_encoder):
     opts = replace(server_options(tmp_path_factory.mktemp("run"), store),
                    clients_port=free_ports(("clients",))["clients"])
     target = LocalTarget(opts)
-    target.deploy([])
+    lifecycle.deploy(target, [])
     state = target.running()
     url = f"http://127.0.0.1:{state.clients_port}"
     key = target.client().token("inference")
@@ -226,7 +228,7 @@ def test_the_cut_tokenization_equals_the_whole_one():
 
 def test_the_clients_front_shapes_without_a_server():
     """What needs no server: the model chosen per path, TEI bodies, error shapes."""
-    from servetool import clients as front
+    from servetool.engines.torchserve import clients as front
 
     assert front.fits(front.RERANK, "text-classification", "score")
     assert not front.fits(front.RERANK, "text-classification", "classes")

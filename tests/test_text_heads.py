@@ -5,7 +5,7 @@ for every aggregation strategy.
 
 The models are small BERTs built from config with random weights and MiniLM's WordPiece
 tokenizer, packaged as a user would (package: export, gate, archive, pre-flight), and served by
-the unpacked archive's own handler in-process (servetool.reference.served.ServedPath).
+the unpacked archive's own handler in-process (servetool.convert.reference.served.ServedPath).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from servetool.reference.served import ServedPath
-from servetool.spec import SpecError, load_spec
+from servetool.convert.reference.served import ServedPath
+from servetool.model.spec import SpecError, load_spec
 from tests.test_text import minilm_folder, write_text_spec
 
 QUERY = "how do plants make food"
@@ -78,8 +78,8 @@ def archives(tmp_path_factory, folders) -> dict[str, tuple[Path, dict]]:
     TorchScript, whose export takes seconds where ONNX's takes half a minute on a busy machine:
     name -> (the unpacked archive, its model-config). The cross-encoder's one export serves two
     specs (text-reranking, and text-classification, its score head)."""
-    from servetool import archive
-    from servetool.package import convert
+    from servetool.convert.pipeline import convert
+    from servetool.engines.torchserve import archive
 
     work = tmp_path_factory.mktemp("archives")
     wanted = {"rerank": ("cross", "text-reranking"), "score": ("cross", "text-classification"),

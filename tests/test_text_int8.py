@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from servetool import export
-from servetool.export.quantize import dynamic_int8, per_row_int8
-from servetool.package import convert
-from servetool.spec import load_spec
-from servetool.text_samples import text_batch
+from servetool.convert import export
+from servetool.convert.export.quantize import dynamic_int8, per_row_int8
+from servetool.convert.pipeline import convert
+from servetool.model.samples import text_batch
+from servetool.model.spec import load_spec
 from tests.test_text import MINILM, minilm_folder, small_classifier
 
 USER_TEXT = "Quarterly churn fell to 2.1% after the zebra-striped onboarding flow shipped."
@@ -94,7 +94,7 @@ def test_int8_reads_a_text_the_same_alone_and_in_any_batch(tmp_path, task):
 def test_the_gate_refuses_a_model_that_depends_on_its_batch(tmp_path):
     """ONNX Runtime's dynamic int8 of the real MiniLM (a tiny random BERT barely moves with its
     batch): the gate's check names the text and the cosine between its two readings."""
-    from servetool.validate import ValidationReport, check_batch_independence, limits_for
+    from servetool.convert.gate import ValidationReport, check_batch_independence, limits_for
 
     spec = load_spec(MINILM)
     base = export.export(spec, export.load_original(spec), tmp_path / "fp32", "onnx").path

@@ -1,4 +1,4 @@
-"""Reference parity for text models (servetool/reference/text.py): `package` compares the archive's
+"""Reference parity for text models (servetool/convert/reference/text.py): `package` compares the archive's
 handler, in-process, with transformers' and sentence-transformers' own inference, and stops on a
 tokenizer that differs from the one transformers builds, naming the text and the stage.
 
@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 import yaml
 
-from servetool import archive, export, reference
-from servetool.package import package
-from servetool.reference import ReferenceMismatch
-from servetool.reference.text import HARD_TEXTS
-from servetool.spec import ModelSpec, load_spec
+from servetool.convert import export, reference
+from servetool.convert.reference import ReferenceMismatch
+from servetool.convert.reference.text import HARD_TEXTS
+from servetool.engines.torchserve import archive
+from servetool.model.spec import ModelSpec, load_spec
+from servetool.operate.package import package
 from tests.conftest import ROOT
 from tests.test_text_heads import LABELS8, bert_folder
 
@@ -63,7 +64,7 @@ def spec_dir(root: Path, folder: Path, task: str, **fields) -> Path:
 
 
 def library_check(spec: ModelSpec, work: Path, lines: list[str] | None = None) -> list[str]:
-    """What `package`'s reference step says for `spec` (servetool.reference.check, as package
+    """What `package`'s reference step says for `spec` (servetool.convert.reference.check, as package
     calls it, with the handler run in-process) without the gate, the archive and the pre-flight:
     the spec's format exported into `work`, where the handler finds the files the archive would
     hold beside the artifact (the tokenizer, labels.txt) under the names its model-config gives."""

@@ -21,8 +21,8 @@ TOLERANCE = 1e-3  # probabilities; measured here: see test_served_answers_equal_
 
 @pytest.fixture(scope="module", params=MODELS)
 def packaged(request, tmp_path_factory):
-    from servetool.package import package
-    from servetool.spec import load_spec
+    from servetool.model.spec import load_spec
+    from servetool.operate.package import package
 
     folder = tmp_path_factory.mktemp(request.param)
     for name in ("model.onnx", "config.json"):
@@ -68,7 +68,7 @@ def test_the_report_says_it_was_not_checked_against_timm(packaged):
 def test_served_answers_equal_timms(packaged):
     """Each raw file through the archive's own handler: the same labels in the same order and
     probabilities within TOLERANCE of timm's."""
-    from servetool.reference.served import ServedPath
+    from servetool.convert.reference.served import ServedPath
 
     name, spec, _, _, unpacked, config = packaged
     expected = json.loads((FIXTURES / name / "answers.json").read_text())["answers"]

@@ -10,7 +10,7 @@ imported in this one.
 
 Each model is packaged from a spec that names only the file and the task (everything else comes
 from the file's metadata), every image is answered by the unpacked archive's handler in-process,
-and servetool.reference.detection.compare (what `package` runs when ultralytics is importable)
+and servetool.convert.reference.detection.compare (what `package` runs when ultralytics is importable)
 matches the boxes: as many, the same classes, IoU >= 0.9, scores within 0.01. The stage
 diagnosis is checked against spec variants that differ in one stage each. Also: the guard that
 refuses normalised boxes read as pixels.
@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import yaml
 
-from servetool.reference import ReferenceMismatch
-from servetool.reference.detection import (
+from servetool.convert.reference import ReferenceMismatch
+from servetool.convert.reference.detection import (
     MAX_SCORE_DIFF,
     MIN_IOU,
     Mismatch,
@@ -88,12 +88,12 @@ def references(model: str) -> tuple[list[str], list[bytes], list[Reference]]:
 
 @pytest.fixture(scope="module", params=MODELS)
 def packaged(request, tmp_path_factory):
-    """One fixture model packaged by servetool.package.package, its report, and the unpacked
+    """One fixture model packaged by servetool.operate.package.package, its report, and the unpacked
     archive's handler (reference.served.ServedPath)."""
-    from servetool import archive
-    from servetool.package import package
-    from servetool.reference.served import ServedPath
-    from servetool.spec import load_spec
+    from servetool.convert.reference.served import ServedPath
+    from servetool.engines.torchserve import archive
+    from servetool.model.spec import load_spec
+    from servetool.operate.package import package
 
     model = request.param
     root = tmp_path_factory.mktemp(f"ul-{model}")
@@ -132,7 +132,7 @@ def test_package_reads_the_file_and_says_ultralytics_was_not_checked_here(packag
 def test_served_boxes_match_ultralytics_own_predictions(packaged, capsys):
     """Every fixture image as a raw file through the packaged handler: the same boxes as
     ultralytics' predictor (count, classes, IoU >= 0.9, scores within 0.01)."""
-    from servetool import export
+    from servetool.convert import export
 
     model, spec, _, _, served = packaged
     names, bodies, refs = references(model)
@@ -181,8 +181,8 @@ def test_rect_inputs_are_ultralytics_own_and_batches_keep_one_size(packaged):
 def test_a_fixed_input_refuses_rect_and_the_dynamic_one_takes_the_square(tmp_path):
     """detection.fit letterbox-rect on the fixed 160x160 export is refused, naming the fix; the
     dynamic export set to fit: letterbox letterboxes every image to the full square."""
-    from servetool import export
-    from servetool.spec import SpecError, load_spec
+    from servetool.convert import export
+    from servetool.model.spec import SpecError, load_spec
 
     if not {"yolov8", "yolov8-dynamic"} <= set(MODELS):
         pytest.skip("needs the yolov8 and yolov8-dynamic fixtures")
@@ -234,8 +234,8 @@ def test_the_stage_that_differs_is_named(tmp_path, variant, stage):
     """servetool's stages one by one against ultralytics' on the raw YOLOv8 fixture: a spec that
     resizes with Pillow, pads in black, skips the /255, keeps fewer boxes or reads the box
     columns as corners is told apart, on every image where the answers differ."""
-    from servetool import export
-    from servetool.spec import load_spec
+    from servetool.convert import export
+    from servetool.model.spec import load_spec
 
     if "yolov8" not in MODELS:
         pytest.skip("no yolov8 fixture")
@@ -262,8 +262,8 @@ def answers_differ(task, run, body: bytes, ref: Reference) -> bool:
 
 
 def test_channel_order_is_named(tmp_path):
-    from servetool import export
-    from servetool.spec import load_spec
+    from servetool.convert import export
+    from servetool.model.spec import load_spec
 
     if "yolov8" not in MODELS:
         pytest.skip("no yolov8 fixture")
@@ -298,9 +298,9 @@ def test_normalised_boxes_under_a_pixel_layout_are_refused(tmp_path):
     """A head whose boxes are all within [0, 1] of a 96x96 input, read as the yolov8 layout's
     pixels, would answer every object as a speck in the corner: package refuses it, naming the
     key that fixes it; with that key set, it is read."""
-    from servetool import export
-    from servetool.package import TaskMismatch, check_task
-    from servetool.spec import load_spec
+    from servetool.convert import export
+    from servetool.convert.pipeline import TaskMismatch, check_task
+    from servetool.model.spec import load_spec
 
     (tmp_path / "model.py").write_text(NORMALISED)
     (tmp_path / "labels.txt").write_text("\n".join(str(i) for i in range(10)) + "\n")

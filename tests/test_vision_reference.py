@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from servetool.archive import archive_manifest
-from servetool.package import package
-from servetool.reference import NOT_CHECKED, ReferenceMismatch
-from servetool.spec import SpecError, load_spec
+from servetool.convert.reference import NOT_CHECKED, ReferenceMismatch
+from servetool.engines.torchserve.archive import archive_manifest
+from servetool.model.spec import SpecError, load_spec
+from servetool.operate.package import package
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -155,7 +155,7 @@ def test_a_processor_config_beside_an_onnx_file_is_read_and_checked(tmp_path):
     """An ONNX export with the folder's preprocessor_config.json and config.json beside it (as
     optimum writes them): preprocessing and labels read, the ONNX file checked against
     transformers' processor on the same image files."""
-    from servetool.export.hf_vision import wrap
+    from servetool.convert.export.hf_vision import wrap
 
     folder = vit_folder(tmp_path)
     model = transformers.ViTForImageClassification.from_pretrained(folder, attn_implementation="eager")

@@ -21,12 +21,14 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from servetool import lifecycle, watch
-from servetool.lifecycle import DeployError, Lifecycle
-from servetool.management import APIError
-from servetool.sources import MODEL_FOLDER, FolderSource, Published, SourceError, bucket_transient
+from servetool.engines.torchserve.management import APIError
+from servetool.operate import lifecycle, watch
+from servetool.operate.lifecycle import Lifecycle
+from servetool.operate.sources import MODEL_FOLDER, FolderSource, Published, SourceError, bucket_transient
+from servetool.operate.watch import Watcher, describe, transient_reason
+from servetool.targets.common import DeployError
 from servetool.targets.local import LocalTarget
-from servetool.watch import Watcher, describe, transient_reason
+from servetool.targets.record import locked, read_record
 from tests.conftest import server_options
 from tests.test_lifecycle import answering, bucket, publish, rewrite_archive  # noqa: F401
 
@@ -180,7 +182,7 @@ def server(tmp_path_factory, archives, store):
     path = store[0]
     (path / f"{MODEL}.mar").write_bytes(archives["1.0"].read_bytes())
     target = LocalTarget(server_options(tmp_path_factory.mktemp("wr-run"), path))
-    target.deploy([MODEL])
+    lifecycle.deploy(target, [MODEL])
     yield target
     target.down()
 
@@ -216,7 +218,7 @@ def next_events(watcher: Watcher, timeout_s: float = 60) -> list[dict]:
 def agree(target: LocalTarget) -> dict:
     """deployed.json and TorchServe say the same: versions, default, no install half done."""
     life = Lifecycle(target)
-    record = lifecycle.read_record(Path(target.opts.run_dir))
+    record = read_record(Path(target.opts.run_dir))
     for name, model in record.items():
         assert lifecycle.INTENT not in model, model
         assert set(model["versions"]) == set(life.registered(name)), (name, model)
@@ -298,7 +300,7 @@ def test_a_failed_version_published_again_with_the_same_bytes_is_tried_again(
 
     # a bucket: the same bytes uploaded again keep their ETag, LastModified tells
     s3, endpoint = bucket
-    from servetool.sources import BucketSource
+    from servetool.operate.sources import BucketSource
 
     mar = version_of(archives, "4.0")
     key = f"team/{MODEL}/4.0"
@@ -354,7 +356,7 @@ def test_symbolic_links_in_a_watched_folder_and_the_store_are_refused(server, ar
 
 
 def intent_of(run_dir: Path) -> dict | None:
-    return lifecycle.read_record(run_dir).get(MODEL, {}).get(lifecycle.INTENT)
+    return read_record(run_dir).get(MODEL, {}).get(lifecycle.INTENT)
 
 
 def processes(*argv: str) -> list[int]:
@@ -389,7 +391,7 @@ def kill_mid_install(run_dir: Path, log: Path, pid: int, version: str) -> None:
     os.kill(pid, signal.SIGKILL)
     while Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes():
         time.sleep(0.05)
-    record = lifecycle.read_record(run_dir)[MODEL]
+    record = read_record(run_dir)[MODEL]
     assert record[lifecycle.INTENT]["version"] == version and version not in record["versions"]
 
 
@@ -398,7 +400,7 @@ def test_a_watcher_killed_mid_install_leaves_record_and_engine_agreeing(server, 
     source = tmp_path / "published"
     source.mkdir()
     start = {"endpoint_url": None, "interval_s": 0.3, "keep": None, "metrics_port": 0}
-    watcher = ("-m", "servetool.watch", str(run_dir))
+    watcher = ("-m", "servetool.operate.watch", str(run_dir))
     watch.launch(server, str(source), **start)
     try:
         publish(source, MODEL, "6.0", version_of(archives, "6.0", slow=6))
@@ -433,9 +435,9 @@ def test_a_deploy_killed_mid_install_is_undone_by_the_crash_restore(server, arch
     store = Path(server.opts.model_store)
     log = tmp_path / "install.log"
     script = ("import json, sys; from pathlib import Path; "
-              "from servetool.lifecycle import Lifecycle; "
+              "from servetool.operate.lifecycle import Lifecycle; "
               "from servetool.targets.local import LocalTarget; "
-              "from servetool.torchserve import ServerOptions; "
+              "from servetool.engines.torchserve.process import ServerOptions; "
               "run, store, ports, path = sys.argv[1:]; "
               "target = LocalTarget(ServerOptions(run_dir=Path(run), model_store=Path(store), "
               "ports=json.loads(ports)), lambda m: print(m, flush=True)); "
@@ -450,7 +452,7 @@ def test_a_deploy_killed_mid_install_is_undone_by_the_crash_restore(server, arch
     finally:
         proc.kill()
         proc.wait()
-    server.restore()
+    lifecycle.restore_server(server)
     record = agree(server)
     assert record["default"] == before["default"] and "7.0" not in record["versions"]
     assert set(record["versions"]) == set(before["versions"])
@@ -467,7 +469,7 @@ def test_an_install_interrupted_after_it_became_the_default_is_completed(server,
     default = record["default"]
     previous = next(v for v in reversed(record["history"]) if v != default)
     assert previous in record["versions"]  # kept loaded by the policy
-    with lifecycle.locked(run_dir) as models:
+    with locked(run_dir) as models:
         model = models[MODEL]
         entry = model["versions"].pop(default)
         model[lifecycle.INTENT] = {"version": default, "archive": entry["archive"],
@@ -475,7 +477,7 @@ def test_an_install_interrupted_after_it_became_the_default_is_completed(server,
                                    "pid": 1 << 22, "replaces": None}
         model["default"] = previous
         model["history"] = [v for v in model["history"] if v != default]
-    server.restore()
+    lifecycle.restore_server(server)
     record = agree(server)
     assert record["default"] == default and record["history"][-1] == default
     assert record["versions"][default]["digest"] == entry["digest"]

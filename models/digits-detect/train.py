@@ -26,7 +26,7 @@ from data import FILL, INPUT, SEED, Canvas, canvases  # noqa: E402
 from model import DigitsDetector  # noqa: E402
 
 from handlers.detection import ObjectDetection, Thresholds  # noqa: E402
-from servetool.coco_eval import SETTINGS, Found, Labelled, coco_map, write_coco  # noqa: E402
+from servetool.model.coco_eval import SETTINGS, Found, Labelled, coco_map, write_coco  # noqa: E402
 
 TRAIN, HELD_OUT = 4000, 250
 EPOCHS, BATCH, LR = 30, 32, 2e-3

@@ -9,9 +9,6 @@ PyTorch measured the same way.
 from __future__ import annotations
 
 import csv
-import json
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,33 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from servetool import export
+from servetool.convert import export
+from servetool.convert.measure import measure
+from servetool.convert.pipeline import convert
 from servetool.errors import ServetoolError
-from servetool.formats import FORMATS
-from servetool.package import convert
-from servetool.spec import ModelSpec
+from servetool.model.formats import FORMATS
+from servetool.model.samples import load_data
+from servetool.model.spec import ModelSpec
 
 COLUMNS = ["format", "precision", "accuracy", "accuracy_drop_points", "map50", "gate", "p50_ms", "p90_ms",
            "p50_long_ms", "throughput", "size_mb", "peak_rss_mb", "load_ms", "speedup_vs_eager"]
-
-
-class BenchError(ServetoolError):
-    pass
-
-
-def measure(request: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(request, f)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "servetool.bench._measure", f.name],
-                              capture_output=True, text=True, timeout=timeout_s)
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    if proc.returncode != 0:  # the exception's own line (the last), not its traceback
-        lines = proc.stderr.strip().splitlines()
-        raise BenchError(f"measuring {request.get('runtime', 'eager')} failed: "
-                         f"{lines[-1].strip() if lines else f'exit {proc.returncode}'}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, iterations: int = 300,
@@ -95,7 +75,7 @@ def bench_formats(spec: ModelSpec, formats: list[str], *, batch: int = 32, itera
     result = {"model": spec.name, "threads": threads, "batch": batch, "rows": rows,
               "task": spec.task}
     if spec.task == "object-detection":
-        from servetool.coco_eval import SETTINGS
+        from servetool.model.coco_eval import SETTINGS
 
         result["evaluator"] = SETTINGS
     if spec.is_text():
@@ -140,8 +120,8 @@ def _renamed(inputs: Path, spec: ModelSpec, other: ModelSpec, tmp: Path) -> Path
 def save_text_sets(spec: ModelSpec, folder: Path) -> tuple[dict[str, Path], dict[str, int]]:
     """The sample sentences as the short set; long texts (several sentences joined, cut at the
     model's max_length) as the long one. Each an .npz padded to its longest, with lengths."""
-    from servetool.bench._measure import LENGTHS
-    from servetool.text_samples import collate_texts, encode_texts, sample_texts
+    from servetool.convert.measure import LENGTHS
+    from servetool.model.samples import collate_texts, encode_texts, sample_texts
 
     short = sample_texts(spec, 64)
     joined = " ".join(short)
@@ -161,7 +141,7 @@ def _source_size(spec: ModelSpec) -> int:
     if path is None:
         return 0
     if path.is_dir():  # a Hugging Face folder: its weights
-        from servetool import hf
+        from servetool.model import hf
 
         return sum((path / name).stat().st_size for name in hf.WEIGHTS if (path / name).is_file())
     return path.stat().st_size
@@ -173,13 +153,13 @@ def _eager_accuracy(spec: ModelSpec, original) -> float | tuple[float, float] | 
     if spec.validation is None:
         return None
     if spec.task == "object-detection":
-        from servetool import detection_gate
+        from servetool.convert import detection_gate
 
         found = detection_gate.original_map(spec, export.runner_for(original))
         return (found["map"], found["map50"]) if found else None
-    from servetool.validate import top1_accuracy
+    from servetool.convert.gate import top1_accuracy
 
-    x, y = spec.load_data(spec.validation)
+    x, y = load_data(spec, spec.validation)
     if y is None:
         return None
     return top1_accuracy(export.runner_for(original), export.as_input_dtypes(spec, x), y)

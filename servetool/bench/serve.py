@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from servetool.engines.torchserve.management import key_refused
 from servetool.errors import ServetoolError
-from servetool.management import key_refused
 
 Payload = tuple[bytes, str]  # body, content type
 CONTENT_TYPES = {".json": "application/json"}
@@ -52,7 +52,7 @@ RENEW_PAUSE_S = 1.0  # after a renewal gave nothing new, no other try for this l
 class Auth:
     """The Authorization header a load sends, shared by its clients and renewed when the server
     refuses it: `renew` reads the server's key file again and renews an expired key (through the
-    management API: servetool.management.Client.token), returning the header to send."""
+    management API: servetool.engines.torchserve.management.Client.token), returning the header to send."""
 
     def __init__(self, header: str | None, renew: Callable[[], str | None] | None = None) -> None:
         self.header = header

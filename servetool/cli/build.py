@@ -19,8 +19,8 @@ from servetool.cli.common import (
     progress,
     server_options,
 )
+from servetool.engines.torchserve.management import model_path
 from servetool.errors import ServetoolError
-from servetool.management import model_path
 
 atol_option = click.option(
     "--atol", type=float, default=None,
@@ -82,8 +82,8 @@ def package(model_dirs: tuple[Path, ...], model_store: Path, models_root: Path,
 
     MODEL_DIRS are folders holding a servetool.yaml (default: every model under --models-root).
     """
-    from servetool.package import package as package_model
-    from servetool.spec import find_specs
+    from servetool.model.spec import find_specs
+    from servetool.operate.package import package as package_model
 
     specs = find_specs([str(d) for d in model_dirs], models_root)
     results = [package_model(spec, model_store, atol=atol, accept_drift=accept_drift,
@@ -111,10 +111,10 @@ def convert(model_dir: Path, formats: tuple[str, ...], out: Path, atol: float | 
     Every artifact passes the gate (parity on sample inputs with the format's tolerance, and top-1
     accuracy on the spec's validation set) or the command fails naming the drift.
     """
-    from servetool import export
-    from servetool.package import convert as convert_model
-    from servetool.package import describe
-    from servetool.spec import load_spec
+    from servetool.convert import export
+    from servetool.convert.pipeline import convert as convert_model
+    from servetool.convert.pipeline import describe
+    from servetool.model.spec import load_spec
 
     spec = load_spec(model_dir)
     original = export.load_original(spec)
@@ -162,7 +162,7 @@ def bench_formats_command(model_dir: Path, formats: tuple[str, ...], batch: int,
     warm-up, with the speedup against eager PyTorch measured the same way.
     """
     from servetool.bench.formats import DEFAULT_FORMATS, bench_formats, markdown_table, write_outputs
-    from servetool.spec import load_spec
+    from servetool.model.spec import load_spec
 
     spec = load_spec(model_dir)
     result = bench_formats(spec, list(formats) or DEFAULT_FORMATS, batch=batch,
@@ -272,9 +272,9 @@ def compress(model_dir: Path, out: Path | None, model_version: str | None, accep
     original's. A report per step goes to OUT (compress-report.json, .csv, .png). An interrupted
     or refused run resumes from its checkpoint in OUT/.compress/.
     """
-    from servetool.compress import compress as compress_model
-    from servetool.compress.report import table
-    from servetool.spec import load_spec
+    from servetool.convert.compress import compress as compress_model
+    from servetool.convert.compress.report import table
+    from servetool.model.spec import load_spec
 
     result = compress_model(load_spec(model_dir), out, version=model_version, accept=accept,
                             latency_seconds=latency_seconds, threads=threads, progress=progress)

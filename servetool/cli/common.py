@@ -12,10 +12,10 @@ from typing import Any
 import click
 
 from servetool import __version__
+from servetool.engines.torchserve.management import check_name, check_version
+from servetool.engines.torchserve.process import ServerOptions
 from servetool.errors import ServetoolError
-from servetool.formats import FORMATS
-from servetool.management import check_name, check_version
-from servetool.torchserve import ServerOptions
+from servetool.model.formats import FORMATS
 
 RUN_DIR_DEFAULT = ".servetool"
 FORMAT_NAMES = list(FORMATS)
@@ -123,19 +123,24 @@ def make_target(run_dir: Path, model_store: Path, target: str = "local", docker_
             "this command talks to one TorchServe; on kubernetes use `servetool scale --target "
             "kubernetes`, `servetool token --target kubernetes`, or kubectl (port-forward the "
             "Service for predictions; `kubectl get pods -l app.kubernetes.io/name=servetool`)")
+    # the crash supervisor, the watcher and a canary's controller: started and stopped around the
+    # target's verbs, reported by its status
+    from servetool.operate.companions import COMPANIONS
+
     if target == "docker":
         from servetool.targets.docker import DockerTarget
 
         opts = ServerOptions(run_dir=run_dir / "docker", model_store=model_store, **kwargs)
-        return DockerTarget(opts, docker_opts, progress)
+        return DockerTarget(opts, docker_opts, progress, COMPANIONS)
     from servetool.targets.local import LocalTarget
 
-    return LocalTarget(ServerOptions(run_dir=run_dir, model_store=model_store, **kwargs), progress)
+    return LocalTarget(ServerOptions(run_dir=run_dir, model_store=model_store, **kwargs), progress,
+                       COMPANIONS)
 
 
 def server_setting(state: Any, key: str) -> str | None:
     """A setting of the server's rendered config.properties (local target), if it says one."""
-    from servetool.torchserve import read_properties
+    from servetool.engines.torchserve.process import read_properties
 
     config = Path(state.run_dir) / "config.properties"
     return read_properties(config).get(key) if config.is_file() else None

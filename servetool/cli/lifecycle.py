@@ -30,7 +30,7 @@ keep_option = click.option(
 
 
 def _lifecycle(run_dir: Path, model_store: Path, target: str):
-    from servetool.lifecycle import Lifecycle
+    from servetool.operate.lifecycle import Lifecycle
 
     return Lifecycle(make_target(run_dir, model_store, target))
 
@@ -43,8 +43,8 @@ def _lifecycle(run_dir: Path, model_store: Path, target: str):
 def versions(model: str, run_dir: Path, model_store: Path, target: str, as_json: bool) -> None:
     """List MODEL's versions: which is the default, workers, when loaded, archive digest; and
     those the watcher could not serve, with why and when it tries again."""
-    from servetool import watch as watching
-    from servetool.lifecycle import DeployError
+    from servetool.operate import watch as watching
+    from servetool.targets.common import DeployError
 
     check_model_args(model, None)
     life = _lifecycle(run_dir, model_store, target)
@@ -153,7 +153,7 @@ def watch(source: str, endpoint_url: str | None, interval_s: float | None,
     again, the same bytes too. Symbolic links in SOURCE are refused. `servetool versions MODEL`
     shows why a version failed and when it is retried. Runs in the foreground until Ctrl-C.
     """
-    from servetool import watch as watching
+    from servetool.operate import watch as watching
 
     tgt = make_target(run_dir, model_store, target)
     tgt.require_running()
@@ -235,7 +235,7 @@ def canary(model: str, version: str | None, weight: int | None, auto: bool, step
     On kubernetes (--name): --weight and --abort write the canary ConfigMap every pod's split
     follows; --auto is not offered there (its judgement needs every pod's figures together:
     watch them in Prometheus and step by hand)."""
-    from servetool.canary import Bounds, Canary, read_state
+    from servetool.operate.canary import Bounds, Canary, read_state
 
     check_model_args(model, version)
     if target == "kubernetes":

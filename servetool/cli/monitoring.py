@@ -38,7 +38,7 @@ def monitor(prometheus_file: Path | None, scrape_interval: float, model: str | N
     """Monitoring for a running deployment: its Prometheus scrape targets (TorchServe's metrics
     port with servetool's per-version handler metrics, the watcher's), a configuration for them,
     and the queries for request rate, error ratio, p50/p99 and bad requests per version."""
-    from servetool import monitor as monitoring
+    from servetool.operate import monitor as monitoring
 
     tgt = make_target(run_dir, model_store, target)
     status = tgt.status()
@@ -55,7 +55,7 @@ def monitor(prometheus_file: Path | None, scrape_interval: float, model: str | N
         result["prometheus_config"] = str(prometheus_file)
         lines.append(f"wrote {prometheus_file}: prometheus --config.file={prometheus_file}")
     if grafana_dir:
-        from servetool.dashboard import provisioning
+        from servetool.operate.dashboard import provisioning
 
         result["grafana"] = provisioning(prometheus_url, grafana_dir)
         lines.append(f"wrote the dashboard {result['grafana']['dashboard']}; Grafana reads "
@@ -81,7 +81,7 @@ def top(interval_s: float, once: bool, run_dir: Path, model_store: Path, target:
     from rich.console import Console
     from rich.live import Live
 
-    from servetool import top as view
+    from servetool.operate import top as view
 
     tgt = make_target(run_dir, model_store, target)
     status = tgt.status()

@@ -29,9 +29,10 @@ from servetool.cli.common import (
     store_options,
 )
 from servetool.cli.lifecycle import keep_option, watch_options
+from servetool.engines.torchserve.management import explain_failure
+from servetool.engines.torchserve.process import DEFAULT_PORTS
 from servetool.errors import ServetoolError
-from servetool.management import explain_failure
-from servetool.torchserve import DEFAULT_PORTS
+from servetool.operate import lifecycle
 
 ENGINES = ["torchserve", "kserve"]
 
@@ -152,8 +153,8 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
     if watch_source and target == "docker":
         mount_models = True  # the watcher adds archives to the store the container reads
     if target == "kubernetes":
-        from servetool.manifests import WatchSpec
         from servetool.targets.kubernetes import KubeRequest, deploy_kubernetes
+        from servetool.targets.manifests import WatchSpec
 
         watching = WatchSpec(watch_source, endpoint_url, watch_secret, interval_s, keep) \
             if watch_source else None
@@ -174,8 +175,8 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
              "grpc_inference": grpc_inference_port, "grpc_management": grpc_management_port}
     docker_opts = None
     if target == "docker":
-        from servetool.image import DEFAULT_BASE_IMAGE, ImageOptions
         from servetool.targets.docker import DockerOptions
+        from servetool.targets.image import DEFAULT_BASE_IMAGE, ImageOptions
 
         docker_opts = DockerOptions(
             ImageOptions(model_store=model_store, base_image=base_image or DEFAULT_BASE_IMAGE,
@@ -193,11 +194,13 @@ def deploy(models: tuple[str, ...], target: str, run_dir: Path, model_store: Pat
     if keep is not None:
         tgt.keep = keep
     tgt.promote = not no_promote
-    result = tgt.deploy(models, timeout_s=timeout)
-    if restart_on_crash and target == "local":
-        result["supervisor_pid"] = tgt.supervise()
+    result = lifecycle.deploy(tgt, models, timeout_s=timeout)
+    if restart_on_crash and target == "local":  # the crash supervisor, beside the server
+        from servetool.operate import supervise
+
+        result["supervisor_pid"] = supervise.launch(tgt.opts)
     if watch_source:
-        from servetool import watch
+        from servetool.operate import watch
 
         result["watcher_pid"] = watch.launch(
             tgt, watch_source, endpoint_url=endpoint_url, interval_s=interval_s, keep=keep,
@@ -297,8 +300,8 @@ def image_command(models: tuple[str, ...], model_store: Path, base_config: Path 
     The image `deploy --target docker` runs and `deploy --target kubernetes --image` names: push it
     to a registry your cluster pulls from (`docker push TAG`).
     """
-    from servetool.image import DEFAULT_BASE_IMAGE, ImageOptions, build_image
-    from servetool.targets.local import find_archives
+    from servetool.targets.common import find_archives
+    from servetool.targets.image import DEFAULT_BASE_IMAGE, ImageOptions, build_image
 
     base_config = base_config or default_config()
     archives = find_archives(models, model_store)
@@ -484,7 +487,7 @@ def token(kind: str, as_header: bool, run_dir: Path, model_store: Path, target: 
     header from a file or a pipe, `curl -H @<(servetool token --header) ...`.
     """
     if target == "kubernetes":
-        from servetool.manifests import read_key
+        from servetool.targets.manifests import read_key
 
         overlay = manifests_dir / "overlays" / require_name(deployment_name)
         key = read_key(overlay) if kind == "inference" else None

@@ -18,10 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from servetool import image, lifecycle, runfiles, split, torchserve
+from servetool import runfiles
+from servetool.engines.torchserve import process, split
+from servetool.engines.torchserve.management import APIError, Client
+from servetool.engines.torchserve.state import ServerState
 from servetool.errors import first_line
-from servetool.management import APIError, Client
-from servetool.targets.local import DeployError, LocalTarget, find_archives, stop_watcher
+from servetool.targets import image, record
+from servetool.targets.common import Companions, DeployError, ServerTarget
 
 STATE_FILE = "docker.json"
 KEY_FILE = f"{image.CONTAINER_WORK}/key_file.json"
@@ -109,13 +112,13 @@ def split_env(network: str, ports: dict[str, int]) -> tuple[dict[str, str], int]
     """The container's environment for the split (its HAProxy config rendered for the container's
     paths), and the host port of the split's metrics."""
     if network == "host":  # the host's ports: all chosen free here
-        inner = torchserve.free_ports(("upstream", "split_metrics", "exporter"))
+        inner = process.free_ports(("upstream", "split_metrics", "exporter"))
         listen, metrics_host = ("127.0.0.1", ports["inference"]), "127.0.0.1"
         published = inner["split_metrics"]
     else:
         inner = dict(CONTAINER_SPLIT_PORTS)
         listen, metrics_host = ("0.0.0.0", image.CONTAINER_PORTS["inference"]), "0.0.0.0"
-        published = torchserve.free_ports(("split_metrics",))["split_metrics"]
+        published = process.free_ports(("split_metrics",))["split_metrics"]
     text = split.render_text(split.SplitOptions(
         Path(image.CONTAINER_WORK), listen, ("127.0.0.1", inner["upstream"]),
         (metrics_host, inner["split_metrics"]), inner["exporter"]))
@@ -139,14 +142,15 @@ def check_readable(model_store: Path, uid: int = 1000) -> None:
                               "archives, or bake the archives into the image (the default)")
 
 
-class DockerTarget(LocalTarget):
+class DockerTarget(ServerTarget):
     name = "docker"
 
-    def __init__(self, opts: torchserve.ServerOptions, docker_opts: DockerOptions | None = None,
-                 progress: Callable[[str], None] = lambda _: None) -> None:
-        super().__init__(opts, progress)
+    def __init__(self, opts: process.ServerOptions, docker_opts: DockerOptions | None = None,
+                 progress: Callable[[str], None] = lambda _: None,
+                 companions: Companions | None = None) -> None:
+        super().__init__(opts, progress, companions)
         self.docker_opts = docker_opts or DockerOptions(image.ImageOptions(opts.model_store))
-        self._engine: Any = None
+        self._docker_engine: Any = None
         self._image: dict[str, Any] | None = None
 
     @property
@@ -155,12 +159,12 @@ class DockerTarget(LocalTarget):
         baked = self._record().get("run_config", {}).get("baked", self.docker_opts.image.bake_models)
         return not baked
 
-    # --- the engine and the container ------------------------------------------------------------
+    # --- the Docker engine and the container ------------------------------------------------------
     @property
-    def engine(self) -> Any:
-        if self._engine is None:
-            self._engine = image.docker_client()
-        return self._engine
+    def docker_engine(self) -> Any:
+        if self._docker_engine is None:
+            self._docker_engine = image.docker_client()
+        return self._docker_engine
 
     @property
     def state_file(self) -> Path:
@@ -179,13 +183,13 @@ class DockerTarget(LocalTarget):
         if not record:
             return None
         try:
-            return self.engine.containers.get(record["container_id"])
+            return self.docker_engine.containers.get(record["container_id"])
         except docker.errors.NotFound:
             self.state_file.unlink(missing_ok=True)
             return None
 
-    def _state(self, record: dict[str, Any]) -> torchserve.ServerState:
-        return torchserve.ServerState(**record["server"])
+    def _state(self, record: dict[str, Any]) -> ServerState:
+        return ServerState(**record["server"])
 
     def condition(self) -> str:
         container = self.container()
@@ -202,25 +206,25 @@ class DockerTarget(LocalTarget):
         return (f"container {container.name} is {container.status} (exit code {code}).\n"
                 + self.failure_logs())
 
-    def running(self) -> torchserve.ServerState | None:
+    def running(self) -> ServerState | None:
         container = self.container()
         if container is None or container.status != "running":
             return None
         return self._state(self._record())
 
-    def make_client(self, state: torchserve.ServerState) -> Client:
+    def make_client(self, state: ServerState) -> Client:
         container = self.container()
         if container is None:
             raise DeployError("the servetool container is gone: `servetool deploy --target docker`")
         return Client(state, keys=ContainerKeys(container, engine=state.engine),
                       keys_where=f"{KEY_FILE} in container {container.short_id}")
 
-    def failure_logs(self, state: torchserve.ServerState | None = None) -> str:
+    def failure_logs(self, state: ServerState | None = None) -> str:
         container = self.container()
         if container is None:
             return "(the container is gone)"
         text = container.logs(tail=200).decode(errors="replace").splitlines()
-        lines = torchserve.telling_lines(text, "container", 10)
+        lines = process.telling_lines(text, "container", 10)
         return f"From `docker logs {container.short_id}`:\n" + "\n".join(f"  {x}" for x in lines)
 
     def default_workers(self) -> int:
@@ -231,8 +235,8 @@ class DockerTarget(LocalTarget):
         return super().default_workers()
 
     # --- deploy ----------------------------------------------------------------------------------
-    def deploy(self, names: list[str] | tuple[str, ...], timeout_s: float = 300) -> dict[str, Any]:
-        archives = find_archives(names, self.opts.model_store)
+    def prepare(self, archives: list[Path]) -> None:
+        """The image for these archives (built when its context changed)."""
         img_opts = self.docker_opts.image
         img_opts.with_split = img_opts.with_split or self.opts.split
         img_opts.engine = self.opts.engine
@@ -240,14 +244,15 @@ class DockerTarget(LocalTarget):
             raise DeployError("--engine kserve has no canary split (--split) yet: deploy the "
                               "split on TorchServe")
         self._image = image.build_image(img_opts, archives, self.progress)
-        result = super().deploy(names, timeout_s)
-        container = self.container()
-        result |= {"image": self._image, "container": container.name if container else None,
-                   "network": self.docker_opts.network, "models_baked": img_opts.bake_models,
-                   "config_baked": img_opts.bake_config}
-        return result
 
-    def up(self) -> tuple[torchserve.ServerState, bool]:
+    def deployed(self) -> dict[str, Any]:
+        container = self.container()
+        img_opts = self.docker_opts.image
+        return {"image": self._image, "container": container.name if container else None,
+                "network": self.docker_opts.network, "models_baked": img_opts.bake_models,
+                "config_baked": img_opts.bake_config}
+
+    def up(self) -> tuple[ServerState, bool]:
         container = self.container()
         if container is not None and container.status == "running" and self._image is not None \
                 and container.image.id == self._image["id"] \
@@ -271,17 +276,17 @@ class DockerTarget(LocalTarget):
     def _mounted_config(self) -> Path:
         return (self.docker_opts.image.out_dir / image.CONFIG_IN_CONTEXT).resolve()
 
-    def _run(self) -> torchserve.ServerState:
+    def _run(self) -> ServerState:
         import docker
 
         assert self._image is not None
         opts, dopts = self.opts, self.docker_opts
         if dopts.network == "host":
             for api, port in opts.ports.items():
-                if torchserve.port_in_use("127.0.0.1", port):
+                if process.port_in_use("127.0.0.1", port):
                     raise DeployError(f"port {port} ({api} API) is already in use on this machine; "
                                       f"pick another with --{api.replace('_', '-')}-port")
-        if dopts.network != "host" and not self.engine.networks.list(names=["bridge"]):
+        if dopts.network != "host" and not self.docker_engine.networks.list(names=["bridge"]):
             raise DeployError("this Docker engine has no bridge network, so published ports would "
                               "reach nothing: use --network host")
         self._remove_stale(dopts.container_name)
@@ -293,14 +298,12 @@ class DockerTarget(LocalTarget):
             volumes[str(self._mounted_config())] = {"bind": image.CONTAINER_CONFIG, "mode": "ro"}
         env, split_metrics = container_env(dopts.network, opts.ports, opts.engine), None
         if opts.split:  # a new container's split starts at 0: an automatic canary ends unjudged
-            from servetool.canary import on_server_start
-
-            on_server_start(opts.run_dir)
+            self.companions.split_starting(opts.run_dir)
             more, split_metrics = split_env(dopts.network, opts.ports)
             env |= more
         self.progress(f"starting container {dopts.container_name} from {self._image['tag']}")
         try:
-            container = self.engine.containers.run(
+            container = self.docker_engine.containers.run(
                 self._image["tag"], detach=True, name=dopts.container_name,
                 labels={LABEL: "docker"}, environment=env | dopts.extra_env,
                 network_mode="host" if dopts.network == "host" else None,
@@ -315,15 +318,15 @@ class DockerTarget(LocalTarget):
             token_auth = json.loads((dopts.image.out_dir / image.KSERVE_CONFIG).read_text())[
                 "token_auth"]
         else:
-            token_auth = torchserve.token_auth_enabled(
+            token_auth = process.token_auth_enabled(
                 dopts.image.out_dir / "runtime" / "config.properties")
-        state = torchserve.ServerState(run_dir=str(opts.run_dir.resolve()), pid=0, host="127.0.0.1",
-                                       ports=dict(opts.ports), model_store=str(opts.model_store.resolve()),
-                                       token_auth=token_auth, split_metrics_port=split_metrics,
-                                       engine=opts.engine)
+        state = ServerState(run_dir=str(opts.run_dir.resolve()), pid=0, host="127.0.0.1",
+                            ports=dict(opts.ports), model_store=str(opts.model_store.resolve()),
+                            token_auth=token_auth, split_metrics_port=split_metrics,
+                            engine=opts.engine)
         runfiles.private_folder(opts.run_dir)
         if dopts.image.bake_models:  # a new image holds only the archives it was built with
-            with lifecycle.locked(opts.run_dir, self.progress) as models:
+            with record.locked(opts.run_dir, self.progress) as models:
                 models.clear()
         runfiles.write_private(self.state_file, json.dumps({
             "container_id": container.id, "name": container.name, "image": self._image,
@@ -336,7 +339,7 @@ class DockerTarget(LocalTarget):
         import docker
 
         try:
-            old = self.engine.containers.get(name)
+            old = self.docker_engine.containers.get(name)
         except docker.errors.NotFound:
             return
         if old.labels.get(LABEL) != "docker":
@@ -344,7 +347,7 @@ class DockerTarget(LocalTarget):
                               "remove it or pick another --container-name")
         old.remove(force=True)
 
-    def _wait_healthy(self, container: Any, state: torchserve.ServerState, timeout_s: float) -> None:
+    def _wait_healthy(self, container: Any, state: ServerState, timeout_s: float) -> None:
         client = Client(state, keys=ContainerKeys(container, ttl_s=0, engine=state.engine))
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"
@@ -377,7 +380,7 @@ class DockerTarget(LocalTarget):
                                    f"{model} {version} {weight}%: {out.decode(errors='replace').strip()}")
 
     def down(self) -> bool:
-        stop_watcher(self.opts.run_dir)
+        self.companions.stopping(self.opts.run_dir)
         container = self.container()
         if container is None:
             return False

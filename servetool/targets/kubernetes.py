@@ -17,9 +17,10 @@ from typing import Any
 
 import yaml
 
-from servetool import image, kubecheck, manifests, split_runtime
+from servetool.engines.torchserve import split_runtime
 from servetool.errors import ServetoolError, first_line
-from servetool.targets.local import find_archives
+from servetool.targets import image, kubecheck, manifests
+from servetool.targets.common import find_archives
 
 FIELD_MANAGER = "servetool"
 POD_HELPER = ["python3", "/opt/servetool/servetool_pod.py"]

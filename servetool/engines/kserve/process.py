@@ -1,6 +1,8 @@
 """Starting the KServe engine's server for a run folder (the local target; the Docker image runs
 the same module): its config, its process group, and the state file that every other command
-reads, in the same form as TorchServe's (servetool.torchserve.ServerState, engine "kserve")."""
+reads, in the same form as TorchServe's (ServerState of servetool/engines/torchserve/state.py,
+engine "kserve"). The process helpers (condition, stop, health) are TorchServe's process
+module's: one process group either way."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from servetool import runfiles, torchserve
-from servetool.torchserve import ServerError, ServerOptions, ServerState
+from servetool import runfiles
+from servetool.engines.torchserve import process as torchserve
+from servetool.engines.torchserve.process import ServerError, ServerOptions
+from servetool.engines.torchserve.state import DEFAULT_MAX_REQUEST_SIZE, STATE_FILE, ServerState
 
 ENGINE = "kserve"
 MARK = b"servetool.engines.kserve.server"
@@ -31,7 +35,7 @@ def server_settings(host: str, ports: dict[str, int], store: str | Path, run_dir
             "model_store": str(store), "run_dir": str(run_dir),
             "token_auth": props.get("disable_token_authorization", "false").lower() != "true",
             "max_request_size": max([*(s for s in sizes if s),
-                                     torchserve.DEFAULT_MAX_REQUEST_SIZE])}
+                                     DEFAULT_MAX_REQUEST_SIZE])}
 
 
 def config(opts: ServerOptions) -> dict:
@@ -81,7 +85,7 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
     state = ServerState(run_dir=str(opts.run_dir), pid=proc.pid, host=opts.host,
                         ports=dict(opts.ports), model_store=str(opts.model_store),
                         token_auth=config(opts)["token_auth"], engine=ENGINE)
-    runfiles.write_private(opts.run_dir / torchserve.STATE_FILE,
+    runfiles.write_private(opts.run_dir / STATE_FILE,
                            json.dumps(asdict(state), indent=2) + "\n")
     try:
         torchserve.wait_healthy(state, opts.startup_timeout_s, proc)
@@ -89,6 +93,6 @@ def start(opts: ServerOptions, progress: Callable[[str], None] = lambda _: None)
         torchserve.stop(opts.run_dir)
         raise
     state = replace(state, jvm_pid=proc.pid)  # from now on, its absence is a crash
-    runfiles.write_private(opts.run_dir / torchserve.STATE_FILE,
+    runfiles.write_private(opts.run_dir / STATE_FILE,
                            json.dumps(asdict(state), indent=2) + "\n")
     return state
