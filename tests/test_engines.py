@@ -222,3 +222,32 @@ def test_versions_scale_promote_and_rollback_through_the_same_client(kserve, mod
     assert len(Client(state).describe("lc", "1.0")[0]["workers"]) == 2
     rows = {r["version"]: r for r in life.versions("lc")}
     assert rows["1.0"]["default"] and len(rows["1.0"]["workers"]) == 2
+
+
+def test_package_and_deploy_with_the_cli_from_a_scratch_folder(tmp_path):
+    """`servetool package --engine kserve && servetool deploy --engine kserve` as a user runs
+    them (ports and run folder from SERVETOOL_* variables), then predict, status and stop."""
+    import os
+
+    from tests.test_cli import run
+
+    env = {**os.environ, "SERVETOOL_ENGINE": "kserve", "SERVETOOL_RUN_DIR": str(tmp_path / "run"),
+           **{f"SERVETOOL_{api.upper()}_PORT": str(port) for api, port in free_ports().items()}}
+    env.pop("SERVETOOL_ENGINE")
+    packaged = run("package", str(ROOT / "models" / "digits"), "--engine", "kserve", "--json",
+                   env=env, cwd=tmp_path)
+    assert packaged.returncode == 0 and json.loads(packaged.stdout)["models"][0]["engine"] == \
+        "kserve", packaged.stderr
+    env["SERVETOOL_ENGINE"] = "kserve"
+    deployed = run("deploy", env=env, cwd=tmp_path)
+    try:
+        assert deployed.returncode == 0, deployed.stderr
+        assert deployed.stdout.startswith("KServe engine started")
+        predicted = run("predict", "digits", str(ROOT / "models/digits/samples/digit_3.png"),
+                        env=env, cwd=tmp_path)
+        assert predicted.returncode == 0 and next(iter(json.loads(predicted.stdout))) == "three"
+        assert run("status", env=env, cwd=tmp_path).stdout.startswith("KServe engine running")
+    finally:
+        stopped = run("stop", env=env, cwd=tmp_path)
+    assert stopped.stdout.startswith("The KServe engine stopped"), stopped.stdout
+    assert not (tmp_path / "run" / "server.json").exists()

@@ -19,6 +19,7 @@ from servetool.cli.common import (
     progress,
     server_options,
 )
+from servetool.engines import NAMES as ENGINE_NAMES
 from servetool.engines.torchserve.management import model_path
 from servetool.errors import ServetoolError
 
@@ -72,11 +73,15 @@ def detection_summary(found: dict[str, Any]) -> list[str]:
               default="model_store", show_default=True, help="Where to write the .mar archives.")
 @click.option("--models-root", type=click.Path(path_type=Path), default="models", show_default=True,
               help="Where to look for models when no MODEL_DIR is given.")
+@click.option("--engine", type=click.Choice(ENGINE_NAMES), envvar="SERVETOOL_ENGINE",
+              default="torchserve", show_default=True,
+              help="The engine the archive is built for: both serve the same .mar (the handler "
+                   "and its pre-flight are shared), so this names the deploy it is meant for.")
 @atol_option
 @accept_option
 @json_option
 @friendly_errors
-def package(model_dirs: tuple[Path, ...], model_store: Path, models_root: Path,
+def package(model_dirs: tuple[Path, ...], model_store: Path, models_root: Path, engine: str,
             atol: float | None, accept_drift: bool, as_json: bool) -> None:
     """Convert each model to its spec's format, gate it, and build its .mar.
 
@@ -87,7 +92,7 @@ def package(model_dirs: tuple[Path, ...], model_store: Path, models_root: Path,
 
     specs = find_specs([str(d) for d in model_dirs], models_root)
     results = [package_model(spec, model_store, atol=atol, accept_drift=accept_drift,
-                             progress=progress) for spec in specs]
+                             engine=engine, progress=progress) for spec in specs]
     lines = [f"{r['archive']}: {r['name']} {r['version']} as {r['format']}, "
              f"{r['archive_bytes'] / 1e6:.2f} MB, {gate_summary(r['parity'])}, {r['seconds']} s"
              for r in results]

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from servetool import engines
 from servetool.cli.common import (
     TARGETS,
     check_model_args,
@@ -34,7 +35,7 @@ from servetool.engines.torchserve.process import DEFAULT_PORTS
 from servetool.errors import ServetoolError
 from servetool.operate import lifecycle
 
-ENGINES = ["torchserve", "kserve"]
+ENGINES = list(engines.NAMES)
 
 
 @main.command()

@@ -15,7 +15,8 @@ from servetool.model.spec import ModelSpec
 
 
 def package(spec: ModelSpec, model_store: Path, *, atol: float | None = None,
-            accept_drift: bool = False, progress: Progress = quiet) -> dict[str, Any]:
+            accept_drift: bool = False, engine: str = "torchserve",
+            progress: Progress = quiet) -> dict[str, Any]:
     """Convert to the spec's format, gate, archive and pre-flight one model; returns a summary."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"servetool-export-{spec.name}-") as tmp:
@@ -27,13 +28,14 @@ def package(spec: ModelSpec, model_store: Path, *, atol: float | None = None,
         def against_library(folder: Path, config: dict[str, Any]) -> None:
             checked.extend(reference.check(spec, folder, config, progress))
 
-        mar = engines.get("torchserve").build(spec, artifact, model_store, verify=against_library)
+        mar = engines.get(engine).build(spec, artifact, model_store, verify=against_library)
         converted = describe(artifact, report)
     return {
         "name": spec.name,
         "version": spec.version,
         "format": spec.format,
         "task": spec.task,
+        "engine": engine,
         "archive": str(mar),
         "archive_bytes": mar.stat().st_size,
         "artifact_bytes": converted["size_bytes"],
