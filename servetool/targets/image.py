@@ -160,14 +160,7 @@ def render(opts: ImageOptions, archives: list[Path]) -> Path:
         for package in (SERVETOOL, HANDLERS):
             shutil.copytree(package, out / "runtime" / WATCHER_LIB / package.name,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "docker"))
-    if opts.bake_models:
-        for path in archives:
-            _link_or_copy(path, out / "model-store" / path.name)
-    (out / "model-store" / ".keep").write_text("")
-    (out / "build" / "wheels").mkdir()
-    (out / "build" / "certs").mkdir()
-    _copy_certs(opts.ca_certs, out / "build" / "certs")
-    return out
+    return _add_store_and_build(opts, archives, out)
 
 
 def _render_kserve(opts: ImageOptions, archives: list[Path], out: Path) -> Path:
@@ -189,6 +182,12 @@ def _render_kserve(opts: ImageOptions, archives: list[Path], out: Path) -> Path:
                                                       "*.lua", "sentences.txt"))
     (out / "build" / "requirements.txt").write_text(
         "\n".join(requirements(archives, False, "kserve")) + "\n")
+    return _add_store_and_build(opts, archives, out)
+
+
+def _add_store_and_build(opts: ImageOptions, archives: list[Path], out: Path) -> Path:
+    """What every context ends with, whatever its engine: the archives (when baked), and the
+    build inputs (wheels found here, CA certificates)."""
     if opts.bake_models:
         for path in archives:
             _link_or_copy(path, out / "model-store" / path.name)

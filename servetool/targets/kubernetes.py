@@ -95,17 +95,7 @@ class KubernetesTarget:
                   "apply_with": f"kubectl apply --server-side -k {rendered['overlay']}"}
         if dry_run:
             return result
-        from kubernetes import dynamic
-
-        dyn = dynamic.DynamicClient(self.api())
-        for obj in objs:
-            self.progress(f"applying {obj['kind']}/{obj['metadata']['name']}")
-            resource = self._call(f"looking up {obj['kind']}", dyn.resources.get,
-                                  api_version=obj["apiVersion"], kind=obj["kind"])
-            self._call(f"applying {obj['kind']}/{obj['metadata']['name']}", dyn.server_side_apply,
-                       resource, body=obj, name=obj["metadata"]["name"],
-                       namespace=obj["metadata"]["namespace"], field_manager=FIELD_MANAGER,
-                       force_conflicts=True)
+        self._apply(objs)
         deployment = next(o for o in objs if o["kind"] == "Deployment")
         result["rollout"] = self.wait_rollout(opts.namespace, deployment["metadata"]["name"],
                                               timeout_s, at_least=opts.min_replicas)
@@ -147,19 +137,23 @@ class KubernetesTarget:
                   "apply_with": f"kubectl apply --server-side -f {folder}"}
         if dry_run:
             return result
+        self._apply(objs, " (is KServe installed in the cluster?)")
+        return result
+
+    def _apply(self, objs: list[dict[str, Any]], missing_hint: str = "") -> None:
+        """Server-side apply of each object, in order; `missing_hint` says what a kind the
+        cluster does not know means."""
         from kubernetes import dynamic
 
         dyn = dynamic.DynamicClient(self.api())
         for obj in objs:
             self.progress(f"applying {obj['kind']}/{obj['metadata']['name']}")
-            resource = self._call(f"looking up {obj['kind']} (is KServe installed in the "
-                                  "cluster?)", dyn.resources.get,
+            resource = self._call(f"looking up {obj['kind']}{missing_hint}", dyn.resources.get,
                                   api_version=obj["apiVersion"], kind=obj["kind"])
             self._call(f"applying {obj['kind']}/{obj['metadata']['name']}", dyn.server_side_apply,
                        resource, body=obj, name=obj["metadata"]["name"],
                        namespace=obj["metadata"]["namespace"], field_manager=FIELD_MANAGER,
                        force_conflicts=True)
-        return result
 
     def wait_rollout(self, namespace: str, name: str, timeout_s: float,
                      at_least: int = 1) -> dict[str, Any]:
